@@ -1,0 +1,1 @@
+"""Process definitions: YAML files → immutable, validated definitions (no database, no RatePAY)."""
