@@ -23,6 +23,8 @@ PG_ADMIN_URL = os.environ.get(
 MARIADB_ADMIN_URL = os.environ.get(
     "RATEPAY_OMS_TEST_MARIADB_URL", "mysql+pymysql://root:@127.0.0.1:3306/test"
 )
+pytest_plugins = ["ratepay_oms.sandbox.testing"]
+
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

@@ -1,42 +1,38 @@
 """The ``ratepay-oms`` console: thin commands over the public API.
 
-Each command group lives in its own module and is mounted here. User errors (``OmsError``)
-print one line and exit non-zero; they never show a traceback.
+Each command group lives in its own module (``ratepay_oms.cli.<group>``) and attaches itself to
+``cli`` when imported; ``main`` imports them all. User errors (``OmsError``) print one line and
+exit non-zero; they never show a traceback.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-import typer
+import click
 from rich.console import Console
 
 from ratepay_oms.errors import OmsError
 
-app = typer.Typer(
-    name="ratepay-oms",
-    help="Order state machine engine for RatePAY payments.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+GROUP_MODULES = ("db", "orders", "process", "tick", "sandbox", "demo", "console")
 
 
-@app.command("version")
-def version() -> None:
-    """Print the installed version. Example: ratepay-oms version"""
-    from ratepay_oms import __version__
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ratepay-oms")
+def cli() -> None:
+    """Order state machine engine for RatePAY payments.
 
-    print(__version__)
+    \b
+    Example:
+      ratepay-oms db upgrade && ratepay-oms order place order.json && ratepay-oms tick
+    """
 
 
 def _mount() -> None:
-    """Mount the command groups (imported here so ``--help`` lists all of them)."""
-    # Each group module registers itself on ``app`` when imported.
-    import importlib
-
-    for module in ("db", "orders", "process", "tick", "sandbox", "demo", "console"):
+    for module in GROUP_MODULES:
         try:
             importlib.import_module(f"ratepay_oms.cli.{module}")
         except ModuleNotFoundError as exc:
@@ -47,25 +43,18 @@ def _mount() -> None:
 def main(argv: list[str] | None = None) -> int:
     _mount()
     try:
-        app(args=argv, standalone_mode=False)
+        cli.main(args=argv, prog_name="ratepay-oms", standalone_mode=False)
     except OmsError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {exc}", markup=True)
         return exc.exit_code
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", None)
-        if code is None:
-            code = getattr(exc, "code", 0)
-        return int(code or 0)
-    except typer.Abort:
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
         err_console.print("aborted")
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
     return 0
 
 
