@@ -1,0 +1,223 @@
+"""``ratepay-oms order …`` and ``ratepay-oms event``: place orders, look at them, move them by hand.
+
+Thin over :class:`~ratepay_oms.Engine`: the engine checks the input and refuses what is wrong
+(unknown process, duplicate order ref, an event that is not manual, an item in the wrong state)
+with an ``OmsError``; ``main()`` prints that as one line and nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from ratepay_oms.cli import cli
+from ratepay_oms.cli._common import (
+    engine_from_options,
+    engine_options,
+    fmt_time,
+    print_json,
+    stderr_console,
+    stdout_console,
+    translate_db_errors,
+)
+
+log = logging.getLogger(__name__)
+
+
+@cli.group()
+def order() -> None:
+    """Place orders and look at their items, states and history.
+
+    \b
+    Example:
+      ratepay-oms order place order.json
+      ratepay-oms order show 100045
+      ratepay-oms order history 100045 --json
+    """
+
+
+def _item_retry(item: Any) -> str:
+    """The retry/error column: what the tick will do next for an item that failed."""
+    parts = []
+    if getattr(item, "retry_at", None) is not None:
+        attempts = getattr(item, "attempts", 0)
+        parts.append(f"retry {fmt_time(item.retry_at)} (attempt {attempts})")
+    if getattr(item, "last_error", None):
+        parts.append(str(item.last_error))
+    return "; ".join(parts)
+
+
+def _items_table(view: Any, *, detailed: bool) -> Table:
+    table = Table(title=f"order {view.order_ref} · {view.process}", title_justify="left")
+    table.add_column("id", justify="right")
+    table.add_column("sku")
+    if detailed:
+        table.add_column("name")
+    table.add_column("state")
+    if detailed:
+        table.add_column("since")
+        table.add_column("retry/error")
+    for item in view.items:
+        row = [str(item.id), item.sku]
+        if detailed:
+            row.append(item.name)
+        row.append(item.state)
+        if detailed:
+            row += [fmt_time(item.state_entered_at), _item_retry(item)]
+        table.add_row(*row)
+    return table
+
+
+@order.command("place")
+@engine_options
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--no-fire", is_flag=True,
+              help="Only store the order; the next tick runs the initial state's events.")
+@translate_db_errors
+def place(db_url: str | None, process_dir: Path | None, file: Path, no_fire: bool) -> None:
+    """Place the order in FILE (JSON) and start its process.
+
+    The file is checked completely first (a JSON syntax error names line and column, a wrong
+    field is named); an order ref that exists already is refused. Nothing is written on error.
+
+    \b
+    Example:
+      ratepay-oms order place order.json
+      ratepay-oms order place order.json --no-fire --db sqlite:///oms.sqlite
+    """
+    from ratepay_oms.orders import load_order_file
+
+    order_input = load_order_file(file)
+    engine = engine_from_options(db_url, process_dir)
+    view = engine.place_order(order_input, fire=not no_fire)
+    console = stdout_console()
+    console.print(
+        f"placed order {view.order_ref} ({view.process}): {len(view.items)} items", markup=False
+    )
+    console.print(_items_table(view, detailed=False))
+
+
+@order.command("show")
+@engine_options
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the order as JSON on stdout.")
+@translate_db_errors
+def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) -> None:
+    """Show the items of order REF: state, since when, and any retry or error.
+
+    \b
+    Example:
+      ratepay-oms order show 100045
+      ratepay-oms order show 100045 --json | jq '.items[].state'
+    """
+    view = engine_from_options(db_url, process_dir).order(ref)
+    if as_json:
+        print_json(view.to_json())
+        return
+    stdout_console().print(_items_table(view, detailed=True))
+
+
+@order.command("list")
+@engine_options
+@click.option("--state", default=None, help="Only orders with an item in this state.")
+@click.option("--process", "process_name", default=None, help="Only orders of this process.")
+@click.option("--json", "as_json", is_flag=True, help="Print the orders as a JSON list.")
+@translate_db_errors
+def list_orders(
+    db_url: str | None,
+    process_dir: Path | None,
+    state: str | None,
+    process_name: str | None,
+    as_json: bool,
+) -> None:
+    """List orders with how many items are in which state.
+
+    \b
+    Example:
+      ratepay-oms order list
+      ratepay-oms order list --state "payment pending" --process RatepayInvoice01 --json
+    """
+    views = engine_from_options(db_url, process_dir).orders(state=state, process=process_name)
+    if as_json:
+        print_json([v.to_json() for v in views])
+        return
+    table = Table(title=f"{len(views)} orders", title_justify="left")
+    for name in ("order", "process", "created", "items", "states"):
+        table.add_column(name, justify="right" if name == "items" else "left")
+    for v in views:
+        counts = Counter(i.state for i in v.items)
+        states = ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in sorted(counts.items()))
+        table.add_row(v.order_ref, v.process, fmt_time(v.created_at), str(len(v.items)), states)
+    stdout_console().print(table)
+
+
+@order.command("history")
+@engine_options
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the history as a JSON list.")
+@translate_db_errors
+def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) -> None:
+    """Show every state change of the items of order REF, oldest first.
+
+    \b
+    Example:
+      ratepay-oms order history 100045
+      ratepay-oms order history 100045 --json
+    """
+    entries = engine_from_options(db_url, process_dir).history(ref)
+    if as_json:
+        print_json(list(entries))
+        return
+    table = Table(title=f"history of order {ref}", title_justify="left")
+    for name in ("time", "item", "sku", "from → to", "event"):
+        table.add_column(name, justify="right" if name == "item" else "left")
+    for e in entries:
+        move = f"{e.from_state or '∅'} → {e.to_state}"
+        table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
+    stdout_console().print(table)
+
+
+@cli.command("event")
+@engine_options
+@click.argument("event_name", metavar="EVENT")
+@click.argument("ref")
+@click.option("--item", "item_ids", type=int, multiple=True, metavar="ID",
+              help="Only this item (repeat for several); default: every item that accepts EVENT.")
+@translate_db_errors
+def event(
+    db_url: str | None,
+    process_dir: Path | None,
+    event_name: str,
+    ref: str,
+    item_ids: tuple[int, ...],
+) -> None:
+    """Fire the manual EVENT on order REF (e.g. ship, cancel, refund).
+
+    Only events marked manual in the process can be fired by hand; a refusal says which item
+    is in which state and what it accepts. Prints what moved; a failing command leaves its items
+    in place with a retry scheduled and makes the exit status non-zero.
+
+    \b
+    Example:
+      ratepay-oms event ship 100045
+      ratepay-oms event cancel 100045 --item 3 --item 4
+    """
+    engine = engine_from_options(db_url, process_dir)
+    result = engine.trigger(event_name, ref, list(item_ids) or None)
+    console = stdout_console()
+    for item_id, source, target in result.moved:
+        console.print(f"item {item_id}: {source} → {target}", markup=False)
+    for item_id in result.stayed:
+        console.print(f"item {item_id}: stayed", markup=False)
+    if not result.moved and not result.stayed and not result.errors:
+        console.print("nothing moved", markup=False)
+    if result.errors:
+        err = stderr_console()
+        for message in result.errors:
+            err.print(f"error: {message}", markup=False)
+        raise click.exceptions.Exit(1)

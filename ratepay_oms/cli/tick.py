@@ -1,0 +1,183 @@
+"""``ratepay-oms tick``: the cron entry point that advances every waiting item.
+
+One run calls :meth:`Engine.tick` once (retries, timeouts, on-enter leftovers, event-less
+transitions); ``--loop`` keeps calling it every ``--interval`` seconds for a worker process and
+stops cleanly after the current tick on SIGTERM/SIGINT, so a deploy never cuts a tick in half.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ratepay_oms.cli import cli
+from ratepay_oms.cli._common import (
+    engine_from_options,
+    engine_options,
+    print_json,
+    stderr_console,
+    stdout_console,
+    translate_db_errors,
+)
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def parse_iso_time(text: str) -> datetime:
+    """ISO 8601 with or without zone, as naive UTC (what the engine stores and compares).
+
+    A value without a zone is taken as UTC already; ``Z`` and offsets are converted.
+    Raises ``ValueError`` with a message fit for the user.
+    """
+    raw = text.strip()
+    if not raw:
+        raise ValueError("empty time")
+    try:
+        parsed = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2024-05-01T12:00:00Z or 2024-05-01)"
+        ) from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+class IsoTime(click.ParamType):
+    """Click type for ``--now``: a bad value is a usage error naming the option."""
+
+    name = "ISO-TIME"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_iso_time(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes the current tick and then returns.
+
+    A ``threading.Event`` rather than a bool so the wait between ticks wakes at once.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+
+@contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """Install the handlers for the duration of the loop and put the old ones back after."""
+    previous = {sig: signal.signal(sig, flag.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: bool) -> None:
+    if not as_json and sys.stdout.isatty():
+        result = _tick_with_progress(engine, now, limit)
+    else:
+        result = engine.tick(now=now, limit=limit)
+    if as_json:
+        print_json(result)
+    else:
+        stdout_console().print(result.summary(), markup=False)
+
+
+def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None) -> Any:
+    """A Rich progress bar (terminal only): the engine reports items processed so far."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("tick"),
+        BarColumn(),
+        MofNCompleteColumn() if limit else TextColumn("{task.completed} items"),
+        TimeElapsedColumn(),
+        console=stdout_console(),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("tick", total=limit)
+        report: Callable[[int], None] = lambda done: progress.update(task, completed=done)  # noqa: E731
+        return engine.tick(now=now, limit=limit, progress=report)
+
+
+@cli.command()
+@engine_options
+@click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Process at most N items in this tick.")
+@click.option("--now", type=IsoTime(), default=None,
+              help="Run as if it were this time (ISO 8601; zone optional, UTC assumed).")
+@click.option("--loop", is_flag=True, help="Tick again every --interval seconds until stopped.")
+@click.option("--interval", type=click.FloatRange(min=0.0), default=None, metavar="S",
+              help="Seconds between ticks with --loop (default 10).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each tick's result as JSON (one document per tick).")
+@translate_db_errors
+def tick(
+    db_url: str | None,
+    process_dir: Path | None,
+    limit: int | None,
+    now: datetime | None,
+    loop: bool,
+    interval: float | None,
+    as_json: bool,
+) -> None:
+    """Advance every item that is due: retries, timeouts, on-enter events, event-less moves.
+
+    Run it from cron (once) or as a worker (--loop). Prints items moved, commands run and
+    errors; a failing command leaves its items in place with a retry scheduled.
+
+    \b
+    Example:
+      ratepay-oms tick
+      ratepay-oms tick --now 2024-08-01T00:00:00Z --limit 1000
+      ratepay-oms tick --loop --interval 30 --json
+    """
+    if interval is not None and not loop:
+        raise click.UsageError("--interval only makes sense with --loop")
+    engine = engine_from_options(db_url, process_dir)
+    if not loop:
+        _run_one(engine, now, limit, as_json)
+        return
+    flag = StopFlag()
+    pause = 10.0 if interval is None else interval
+    with stop_on_signals(flag):
+        while not flag.is_set:
+            _run_one(engine, now, limit, as_json)
+            if flag.wait(pause):
+                break
+    if not as_json:
+        stderr_console().print(f"stopped by {flag.signal_name or 'signal'} after the current tick")
+    log.info("tick loop stopped by %s", flag.signal_name)
