@@ -64,3 +64,7 @@ class ProcessDefinitionError(OmsError):
 
 def has_errors(problems: Sequence[ProcessProblem]) -> bool:
     return any(p.is_error for p in problems)
+
+
+class RenderError(OmsError):
+    """A drawing could not be rendered to an image (no Graphviz, or Graphviz failed)."""

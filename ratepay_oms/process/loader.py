@@ -102,6 +102,17 @@ def parse_timeout(text: str) -> timedelta:
     return timedelta(seconds=total)
 
 
+def format_timeout(duration: timedelta) -> str:
+    """The inverse of ``parse_timeout`` for people: ``90 days``, ``1 day 2 hours``."""
+    seconds = int(duration.total_seconds())
+    parts = []
+    for unit in ("day", "hour", "minute", "second"):
+        count, seconds = divmod(seconds, _UNIT_SECONDS[unit])
+        if count:
+            parts.append(f"{count} {unit}{'s' if count != 1 else ''}")
+    return " ".join(parts) or "0 seconds"
+
+
 @dataclass
 class _Fragment:
     """What one file contributes, after its own includes are merged in."""
