@@ -1,0 +1,122 @@
+"""Database engines, sessions and schema upgrades, the same way for every dialect.
+
+SQLite is the embedded default, so it gets the settings that make it behave under a cron and
+a console at once: WAL (readers never block the writer), foreign keys on, a busy timeout, and
+``BEGIN IMMEDIATE`` so a transaction that reads then writes takes the write lock up front
+instead of failing half way with "database is locked". The last one also makes SAVEPOINTs
+work, which the engine uses to roll back one failed command without losing its neighbours.
+
+MariaDB/MySQL run at READ COMMITTED: under InnoDB's default REPEATABLE READ, the engine's
+set-based deletes and inserts on neighbouring keys take gap locks and can deadlock two tick
+workers that never touch the same order.
+
+Schema changes go through Alembic only (``upgrade``); the models never ``create_all`` in
+production, so what runs is what the migrations say.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+DATABASE_URL_ENV = "RATEPAY_OMS_DATABASE_URL"
+DEFAULT_SQLITE_FILE = "ratepay-oms.sqlite"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def default_database_url() -> str:
+    """``$RATEPAY_OMS_DATABASE_URL``, else a SQLite file in the working directory."""
+    return os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{DEFAULT_SQLITE_FILE}"
+
+
+def migrations_dir() -> Path:
+    """The top-level ``migrations/`` folder next to the package."""
+    import ratepay_oms
+
+    return Path(ratepay_oms.__file__).resolve().parents[1] / "migrations"
+
+
+def create_db_engine(url: str | None = None, **kwargs: Any) -> Engine:
+    """An SQLAlchemy engine with the per-dialect settings described in the module docstring."""
+    url = url or default_database_url()
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        engine = create_engine(url, **kwargs)
+        _configure_sqlite(engine)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    if backend in ("mysql", "mariadb"):
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy (pysqlite's own BEGIN handling breaks
+        # SAVEPOINT), then set the pragmas every connection needs.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if engine.url.database not in (None, "", ":memory:"):
+                cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions that keep loaded rows usable after commit (views are built after it)."""
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    # ConfigParser interpolation would choke on '%' in passwords.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> None:
+    """Bring the schema at ``url`` to ``revision`` (default: the newest)."""
+    from alembic import command
+
+    url = url or default_database_url()
+    log.info("upgrading database schema to %s", revision)
+    command.upgrade(_alembic_config(url), revision)
+
+
+def current_revision(url: str | None = None) -> str | None:
+    """The Alembic revision the database is at, ``None`` for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_db_engine(url or default_database_url())
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision the migrations folder knows."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(migrations_dir())).get_current_head()

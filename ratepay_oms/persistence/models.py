@@ -1,0 +1,194 @@
+"""The OMS tables: orders, one row per item unit, and the audit trail of every move.
+
+State lives per item unit (quantity 3 → 3 rows), as in Spryker, so a partial shipment or
+cancellation is just some items taking an event and others not. Everything the tick needs to
+find work cheaply is indexed: (process, state) for on-enter and polled states, ``retry_at``
+for retries, ``oms_event_timeout.due_at`` for timeouts.
+
+All datetimes are naive UTC. On MariaDB they are stored with microseconds (``DATETIME(6)``)
+so that a retry due "now + 30 s" and the ordering of audit rows survive the round trip.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from ratepay_oms.persistence.api_log import ApiLogEntry
+from ratepay_oms.persistence.base import MONEY, Base
+
+__all__ = [
+    "ApiLogEntry",
+    "EventTimeout",
+    "Order",
+    "OrderItem",
+    "StateHistory",
+    "TransitionLog",
+]
+
+UTC_DATETIME = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+"""Naive UTC timestamp with microseconds on every dialect."""
+
+LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+"""Order documents can outgrow MariaDB's 64 KiB ``TEXT``."""
+
+TAX_RATE = Numeric(5, 2)
+NAME = String(100)
+"""Process, state, event and plugin names."""
+
+
+class Order(Base):
+    """One placed order; ``data`` keeps the full order document (``OrderInput.to_dict()``) so
+    commands can build gateway requests without a second source of truth.
+
+    ``claimed_by``/``claim_expires_at`` are the per-order lease: one worker works on one order
+    at a time, so a by-order command is never split between workers nor run twice.
+    """
+
+    __tablename__ = "oms_order"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_ref: Mapped[str] = mapped_column(String(100), nullable=False)
+    process: Mapped[str] = mapped_column(NAME, nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    customer_ref: Mapped[str | None] = mapped_column(String(100))
+    data: Mapped[str] = mapped_column(LONG_TEXT, nullable=False)
+    goods_total: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+
+    items: Mapped[list[OrderItem]] = relationship(back_populates="order", order_by="OrderItem.id")
+
+    __table_args__ = (UniqueConstraint("order_ref", name="uq_oms_order_order_ref"),)
+
+    def __repr__(self) -> str:
+        return f"<Order {self.order_ref} {self.process}>"
+
+
+class OrderItem(Base):
+    """One unit of one order line, with its own state.
+
+    ``retry_*`` and ``attempts`` describe a failed event waiting for its next try: the tick
+    re-fires ``retry_event`` once ``retry_at`` has passed, if the item still sits in the state
+    the event failed in. A successful event clears them.
+    """
+
+    __tablename__ = "oms_order_item"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(
+        ForeignKey("oms_order.id", ondelete="CASCADE"), nullable=False
+    )
+    line_no: Mapped[int] = mapped_column(Integer, nullable=False)
+    sku: Mapped[str] = mapped_column(String(100), nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    unit_price_gross: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    tax_rate: Mapped[Decimal] = mapped_column(TAX_RATE, nullable=False)
+    discount: Mapped[Decimal] = mapped_column(MONEY, nullable=False, default=Decimal("0.00"))
+    """Per unit, zero or negative."""
+    process: Mapped[str] = mapped_column(NAME, nullable=False)
+    state: Mapped[str] = mapped_column(NAME, nullable=False)
+    state_entered_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    retry_event: Mapped[str | None] = mapped_column(NAME)
+    retry_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    order: Mapped[Order] = relationship(back_populates="items")
+
+    __table_args__ = (
+        Index("ix_oms_order_item_process_state", "process", "state"),
+        Index("ix_oms_order_item_retry_at", "retry_at"),
+        Index("ix_oms_order_item_order_id", "order_id"),
+    )
+
+    def __repr__(self) -> str:
+        return f"<OrderItem {self.id} {self.sku} {self.state}>"
+
+
+class StateHistory(Base):
+    """One row per state an item entered (``from_state`` is ``None`` for the initial state)."""
+
+    __tablename__ = "oms_state_history"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("oms_order_item.id", ondelete="CASCADE"), nullable=False
+    )
+    order_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    from_state: Mapped[str | None] = mapped_column(NAME)
+    to_state: Mapped[str] = mapped_column(NAME, nullable=False)
+    event: Mapped[str | None] = mapped_column(NAME)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+
+    __table_args__ = (
+        Index("ix_oms_state_history_item_id", "item_id"),
+        Index("ix_oms_state_history_order_id", "order_id"),
+    )
+
+
+class TransitionLog(Base):
+    """What the engine did per item and event, including failures (``is_error``).
+
+    ``target_state`` is ``None`` when nothing moved (a failed command, or no condition held
+    after a command ran). ``hostname``/``argv`` say which machine and program did it, as
+    Spryker's log does, so an operator can find the cron or console run behind a row.
+    """
+
+    __tablename__ = "oms_transition_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("oms_order_item.id", ondelete="CASCADE"), nullable=False
+    )
+    order_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    process: Mapped[str] = mapped_column(NAME, nullable=False)
+    event: Mapped[str | None] = mapped_column(NAME)
+    source_state: Mapped[str] = mapped_column(NAME, nullable=False)
+    target_state: Mapped[str | None] = mapped_column(NAME)
+    command: Mapped[str | None] = mapped_column(NAME)
+    condition: Mapped[str | None] = mapped_column(NAME)
+    is_error: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    hostname: Mapped[str | None] = mapped_column(String(255))
+    argv: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+
+    __table_args__ = (
+        Index("ix_oms_transition_log_order_id", "order_id"),
+        Index("ix_oms_transition_log_item_id", "item_id"),
+    )
+
+
+class EventTimeout(Base):
+    """A timeout event armed when its item entered ``state``; dropped when the item leaves."""
+
+    __tablename__ = "oms_event_timeout"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("oms_order_item.id", ondelete="CASCADE"), nullable=False
+    )
+    state: Mapped[str] = mapped_column(NAME, nullable=False)
+    event: Mapped[str] = mapped_column(NAME, nullable=False)
+    due_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+
+    __table_args__ = (
+        UniqueConstraint("item_id", "event", name="uq_oms_event_timeout_item_id_event"),
+        Index("ix_oms_event_timeout_due_at", "due_at"),
+    )
