@@ -9,10 +9,12 @@ from ratepay_oms.process.errors import (
     ProcessDefinitionError,
     ProcessProblem,
     RenderError,
+    UnknownProcessError,
 )
 from ratepay_oms.process.loader import (
     check_files,
     default_process_dir,
+    load_named_process,
     load_process,
     load_processes,
     parse_timeout,
@@ -34,8 +36,10 @@ __all__ = [
     "SourceLocation",
     "StateDef",
     "TransitionDef",
+    "UnknownProcessError",
     "check_files",
     "default_process_dir",
+    "load_named_process",
     "load_process",
     "load_processes",
     "parse_timeout",

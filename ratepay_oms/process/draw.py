@@ -236,3 +236,23 @@ def render(dot_source: str, fmt: str = "svg", *, timeout: float = 60.0) -> bytes
         message = done.stderr.decode("utf-8", "replace").strip()
         raise RenderError(f"Graphviz 'dot' failed: {message}")
     return done.stdout
+
+
+DRAW_FORMATS = ("dot", "mermaid", *RENDER_FORMATS)
+
+
+def draw(
+    definition: ProcessDefinition,
+    fmt: str = "dot",
+    *,
+    registry: PluginLookup | None = None,
+    highlight: Mapping[str, int] | None = None,
+) -> bytes:
+    """One entry for every drawing format (``dot``, ``mermaid``, ``svg``, ``png``), as bytes
+    ready for a file or stdout; the console's draw commands all go through here."""
+    if fmt == "mermaid":
+        return to_mermaid(definition, registry=registry, highlight=highlight).encode("utf-8")
+    source = to_dot(definition, registry=registry, highlight=highlight)
+    if fmt == "dot":
+        return source.encode("utf-8")
+    return render(source, fmt)

@@ -66,5 +66,13 @@ def has_errors(problems: Sequence[ProcessProblem]) -> bool:
     return any(p.is_error for p in problems)
 
 
+class ProcessCheckFailed(OmsError):
+    """``process check`` found errors (they were printed already; this carries the count)."""
+
+
+class UnknownProcessError(OmsError):
+    """A process name nobody defined (in the processes directory that was searched)."""
+
+
 class RenderError(OmsError):
     """A drawing could not be rendered to an image (no Graphviz, or Graphviz failed)."""

@@ -33,6 +33,7 @@ from ratepay_oms.process.errors import (
     WARNING,
     ProcessDefinitionError,
     ProcessProblem,
+    UnknownProcessError,
     has_errors,
 )
 from ratepay_oms.process.model import (
@@ -621,6 +622,33 @@ def load_processes(
     loaded = _load_all(session, _main_files(session, directory), registry)
     _raise_or_warn(session.unique_problems())
     return loaded
+
+
+def load_named_process(
+    directory: str | os.PathLike[str], name: str, registry: PluginLookup | None = None
+) -> ProcessDefinition:
+    """Load only the process called ``name`` from ``directory`` (a broken sibling process does
+    not stop you from drawing or running this one). Raises ``UnknownProcessError`` listing the
+    names there are, or ``ProcessDefinitionError``."""
+    session = _Session()
+    mains = _main_files(session, directory)
+    names: dict[str, str] = {}
+    for file in mains:
+        root = session.root(file)
+        assert isinstance(root, MappingNode)  # _main_files only returns parsed mappings
+        for key, value in root.value:
+            if (
+                isinstance(key, ScalarNode)
+                and key.value == "process"
+                and isinstance(value, ScalarNode)
+            ):
+                names.setdefault(str(value.value), file)
+    if name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise UnknownProcessError(
+            f"no process {name!r} in {os.fspath(directory)} (processes there: {known})"
+        )
+    return load_process(names[name], registry)
 
 
 def check_files(
