@@ -173,7 +173,8 @@ def engine_options(func: Callable[P, R]) -> Callable[P, R]:
         metavar="DIR",
         type=click.Path(exists=True, file_okay=False, path_type=Path),
         default=None,
-        help="Folder of process YAML files (default: the shipped processes).",
+        help="Processes directory (default: $RATEPAY_OMS_PROCESS_DIR, ./processes, "
+        "the shipped one).",
     )(func)
     return db_option(func)
 
