@@ -59,6 +59,9 @@ _EVENT_KEYS = ("command", "on_enter", "manual", "timeout")
 _INCLUDE_KEYS = ("file", "prefix")
 
 _TAG = "tag:yaml.org,2002:"
+# plain scalars a name may be written as (``404`` or ``yes`` are names too); explicit tags
+# such as ``!!python/object`` are refused, never constructed
+_NAME_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "timestamp"))
 _TIMEOUT_PART = re.compile(r"\s*(\d+)\s*(second|minute|hour|day|week)s?\b", re.IGNORECASE)
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
 
@@ -227,7 +230,7 @@ class _FileReader:
                 if not optional:
                     self.report(node, f"{what} must be a name, not empty")
                 return None
-            if node.value.strip():
+            if node.tag in _NAME_TAGS and node.value.strip():
                 return str(node.value)
         self.report(node, f"{what} must be a name, not {_kind(node)}")
         return None
