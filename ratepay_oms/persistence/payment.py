@@ -1,0 +1,104 @@
+"""The RatePAY payment tables: one payment row per order, one outcome row per item and call.
+
+Spryker keeps one ``result_code`` per order and its conditions read it, so after a successful
+partial refund a failed one still "passes". Here every RatePAY command writes one
+``ratepay_item_outcome`` row per item it handled, through the engine's session, so the row
+commits together with the state change; the conditions read the newest row of *that item* for
+*that action*. The same rows are our own ledger of what was delivered, cancelled and returned
+(``action`` + ``success``), from which the shipping and voucher rules are computed.
+
+The special positions (shipping costs, order discount) are not items, so their progress is kept
+on the payment row: ``open`` → ``delivered`` → ``returned``, or ``open`` → ``cancelled``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import Mapped, mapped_column
+
+from ratepay_oms.persistence.base import Base
+
+__all__ = [
+    "ACTIONS",
+    "POSITION_STATUSES",
+    "RatepayItemOutcome",
+    "RatepayPayment",
+]
+
+_TIMESTAMP = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+# What a command did to an item (the value of ``RatepayItemOutcome.action``).
+PAYMENT_REQUEST = "payment_request"
+PAYMENT_CONFIRM = "payment_confirm"
+DELIVERY = "delivery"
+CANCELLATION = "cancellation"
+RETURN = "return"
+ACTIONS = (PAYMENT_REQUEST, PAYMENT_CONFIRM, DELIVERY, CANCELLATION, RETURN)
+
+# Progress of a special position (shipping / discount) at RatePAY.
+OPEN = "open"
+DELIVERED = "delivered"
+CANCELLED = "cancelled"
+RETURNED = "returned"
+POSITION_STATUSES = (OPEN, DELIVERED, CANCELLED, RETURNED)
+
+
+class RatepayPayment(Base):
+    """What RatePAY told us about an order's payment, kept with the order.
+
+    ``customer_message`` is RatePAY's text for the shopper (shown by the shop after a decline);
+    ``installment_plan`` is the CALCULATION_REQUEST result as JSON (money as strings).
+    """
+
+    __tablename__ = "ratepay_payment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(
+        ForeignKey("oms_order.id", ondelete="CASCADE"), nullable=False, unique=True
+    )
+    method: Mapped[str] = mapped_column(String(20), nullable=False)
+    transaction_id: Mapped[str | None] = mapped_column(String(255))
+    transaction_short_id: Mapped[str | None] = mapped_column(String(255))
+    descriptor: Mapped[str | None] = mapped_column(String(255))
+    result_code: Mapped[str | None] = mapped_column(String(20))
+    """Result code of the last PAYMENT_REQUEST (402 accepted, 401 declined, 150 failed)."""
+    reason_code: Mapped[str | None] = mapped_column(String(20))
+    customer_message: Mapped[str | None] = mapped_column(Text)
+    installment_plan: Mapped[str | None] = mapped_column(Text)
+    shipping_status: Mapped[str] = mapped_column(String(20), nullable=False, default=OPEN)
+    discount_status: Mapped[str] = mapped_column(String(20), nullable=False, default=OPEN)
+    created_at: Mapped[datetime] = mapped_column(_TIMESTAMP, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(_TIMESTAMP, nullable=False)
+
+    def __repr__(self) -> str:
+        return f"<RatepayPayment order={self.order_id} {self.method} {self.transaction_id}>"
+
+
+class RatepayItemOutcome(Base):
+    """The answer one RatePAY call gave for one item (one row per item per call)."""
+
+    __tablename__ = "ratepay_item_outcome"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("oms_order_item.id", ondelete="CASCADE"), nullable=False
+    )
+    order_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    action: Mapped[str] = mapped_column(String(20), nullable=False)
+    success: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    operation: Mapped[str] = mapped_column(String(40), nullable=False)
+    subtype: Mapped[str | None] = mapped_column(String(40))
+    result_code: Mapped[str | None] = mapped_column(String(20))
+    reason_code: Mapped[str | None] = mapped_column(String(20))
+    message: Mapped[str | None] = mapped_column(Text)
+    """RatePAY's result/reason text, or why we did not call at all."""
+    transaction_id: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(_TIMESTAMP, nullable=False)
+
+    __table_args__ = (
+        Index("ix_ratepay_item_outcome_item_id_action", "item_id", "action"),
+        Index("ix_ratepay_item_outcome_order_id", "order_id"),
+    )
