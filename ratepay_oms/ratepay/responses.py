@@ -1,0 +1,197 @@
+"""Response parsing: gateway bytes → ``RatepayResult``, or a ``RatepayTransportError``.
+
+Anything we cannot evaluate with certainty (hostile or malformed XML, wrong root or namespace,
+no ``processing`` block, no status, status OK without a result, a non-numeric code, an echoed
+operation that is not the one we sent) is a transport error, never a result — a false success
+would book goods that Ratepay never accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from decimal import Decimal
+
+from lxml import etree
+
+from ratepay_oms.ratepay.codes import SUCCESS_RESULT, Operation, Status
+from ratepay_oms.ratepay.errors import (
+    MalformedXmlError,
+    RatepayTransportError,
+    XmlSecurityError,
+)
+from ratepay_oms.ratepay.types import Exchange, InstallmentPlan, RatepayResult
+from ratepay_oms.ratepay.xml import RATEPAY_NS, parse_amount, parse_xml
+
+log = logging.getLogger(__name__)
+
+
+class _Reader:
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+
+    def path(self, path: str) -> str:
+        return "/".join(f"{{{self.ns}}}{part}" for part in path.split("/"))
+
+    def find(self, node: etree._Element | None, path: str) -> etree._Element | None:
+        if node is None:
+            return None
+        return node.find(self.path(path))
+
+    def text(self, node: etree._Element | None, path: str) -> str | None:
+        found = self.find(node, path)
+        if found is None or found.text is None:
+            return None
+        value = found.text.strip()
+        return value or None
+
+
+def _code(node: etree._Element | None, what: str, operation: str) -> int | None:
+    if node is None:
+        return None
+    raw = (node.get("code") or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or len(raw) > 6:
+        raise RatepayTransportError(
+            f"{operation}: gateway answered a non-numeric {what} code",
+            sent=True,
+            operation=operation,
+        )
+    return int(raw)
+
+
+def _text_of(node: etree._Element | None) -> str | None:
+    if node is None or node.text is None:
+        return None
+    return node.text.strip() or None
+
+
+def parse_response(
+    body: bytes,
+    *,
+    operation: Operation,
+    subtype: str | None,
+    exchange: Exchange,
+    ns: str = RATEPAY_NS,
+    max_bytes: int = 1_000_000,
+) -> RatepayResult:
+    """Evaluate one gateway answer for ``operation``.
+
+    Success = status ``OK`` and the operation's own success result code (``SUCCESS_RESULT``).
+    """
+    op = operation.value
+    try:
+        root = parse_xml(body, max_bytes=max_bytes)
+    except (XmlSecurityError, MalformedXmlError) as exc:
+        raise RatepayTransportError(
+            f"{op}: unusable gateway answer: {exc}", sent=True, operation=op
+        ) from None
+    if root.tag != f"{{{ns}}}response":
+        raise RatepayTransportError(
+            f"{op}: gateway answer is not a RatePAY response (root {root.tag!r})",
+            sent=True,
+            operation=op,
+        )
+    r = _Reader(ns)
+    head = r.find(root, "head")
+    processing = r.find(head, "processing")
+    if processing is None:
+        raise RatepayTransportError(
+            f"{op}: gateway answer has no processing block", sent=True, operation=op
+        )
+    echoed = r.text(head, "operation")
+    if echoed is not None and echoed != op:
+        raise RatepayTransportError(
+            f"{op}: gateway answered for operation {echoed[:40]!r}", sent=True, operation=op
+        )
+    status_node = r.find(processing, "status")
+    status_code = (status_node.get("code") or "").strip() if status_node is not None else ""
+    if not status_code:
+        raise RatepayTransportError(f"{op}: gateway answer has no status", sent=True, operation=op)
+    reason_node = r.find(processing, "reason")
+    result_node = r.find(processing, "result")
+    reason_code = _code(reason_node, "reason", op)
+    result_code = _code(result_node, "result", op)
+    if status_code == Status.OK and result_code is None:
+        raise RatepayTransportError(
+            f"{op}: gateway answered OK without a result code", sent=True, operation=op
+        )
+    success = status_code == Status.OK and result_code == SUCCESS_RESULT[operation]
+    content = r.find(root, "content")
+    payment = r.find(content, "payment")
+    payment_amount: Decimal | None = None
+    amount_text = r.text(payment, "amount")
+    if amount_text is not None:
+        try:
+            payment_amount = parse_amount(amount_text)
+        except MalformedXmlError:
+            log.warning("%s: ignoring unparsable payment amount in the response", op)
+    products = tuple(
+        p.get("method", "")
+        for p in (content.iterfind(r.path("products/product")) if content is not None else ())
+        if p.get("method")
+    )
+    return RatepayResult(
+        success=success,
+        operation=op,
+        subtype=subtype,
+        status_code=status_code,
+        status_text=_text_of(status_node),
+        reason_code=reason_code,
+        reason_text=_text_of(reason_node),
+        result_code=result_code,
+        result_text=_text_of(result_node),
+        customer_message=r.text(processing, "customer-message"),
+        transaction_id=r.text(head, "transaction-id"),
+        transaction_short_id=r.text(head, "transaction-short-id"),
+        response_type=r.text(head, "response-type"),
+        exchange=exchange,
+        descriptor=r.text(payment, "descriptor"),
+        payment_method=payment.get("method") if payment is not None else None,
+        payment_amount=payment_amount,
+        products=products,
+        installment_plan=_plan(r, content, op) if success else None,
+        installment_configuration=_flat(r.find(content, "installment-configuration-result")),
+        master_data=_flat(r.find(content, "master-data")),
+    )
+
+
+def _flat(node: etree._Element | None) -> dict[str, str]:
+    """Children of a settings block as ``{local-name: text}`` (values stay strings: their types
+    vary between profiles and Ratepay adds fields without notice)."""
+    if node is None:
+        return {}
+    values: dict[str, str] = {}
+    for child in node:
+        if isinstance(child.tag, str):
+            values[etree.QName(child).localname] = (child.text or "").strip()
+    return values
+
+
+def _plan(r: _Reader, content: etree._Element | None, op: str) -> InstallmentPlan | None:
+    node = r.find(content, "installment-calculation-result")
+    if node is None:
+        return None
+    values = _flat(node)
+    try:
+
+        def dec(key: str) -> Decimal:
+            return parse_amount(values.get(key))
+
+        return InstallmentPlan(
+            total_amount=dec("total-amount"),
+            amount=dec("amount"),
+            interest_amount=dec("interest-amount"),
+            service_charge=dec("service-charge"),
+            interest_rate=dec("interest-rate"),
+            annual_percentage_rate=dec("annual-percentage-rate"),
+            monthly_debit_interest=dec("monthly-debit-interest"),
+            number_of_rates=int(values.get("number-of-rates", "")),
+            rate=dec("rate"),
+            last_rate=dec("last-rate"),
+            payment_firstday=int(values.get("payment-firstday", "")),
+        )
+    except (MalformedXmlError, ValueError):
+        raise RatepayTransportError(
+            f"{op}: instalment plan in the gateway answer is incomplete", sent=True, operation=op
+        ) from None

@@ -1,0 +1,215 @@
+"""RatePAY configuration: the seed's keys, from the environment and/or a TOML file.
+
+Environment variables are ``RATEPAY_<KEY>`` (``RATEPAY_PROFILE_ID``, …,
+``RATEPAY_RATEPAY_REQUEST_VERSION``); the TOML file has a ``[ratepay]`` table with the keys as
+written (``PROFILE_ID = "…"``). The environment wins over the file, so a deployment can keep the
+secret out of the file.
+
+The security code is held in a field that ``repr``/``str`` never show; nothing in this module
+formats it into a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ratepay_oms.ratepay.errors import RatepaySettingsError
+from ratepay_oms.ratepay.xml import ENVELOPE_VERSION, MASK, RATEPAY_NS
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "RATEPAY_"
+TOML_TABLE = "ratepay"
+
+DEFAULT_TEST_URL = "https://gateway-int.ratepay.com/api/xml/1_0"
+DEFAULT_LIVE_URL = "https://gateway.ratepay.com/api/xml/1_0"
+MODES = ("test", "live")
+
+REQUIRED_KEYS = ("PROFILE_ID", "SECURITY_CODE")
+KEYS = (
+    "PROFILE_ID",
+    "SECURITY_CODE",
+    "SHOP_ID",
+    "SYSTEM_ID",
+    "MODE",
+    "CLIENT_VERSION",
+    "CLIENT_NAME",
+    "RATEPAY_REQUEST_VERSION",
+    "RATEPAY_REQUEST_XMLNS_URN",
+    "API_TEST_URL",
+    "API_LIVE_URL",
+    "STATUS_API_URL",
+    "CONNECT_TIMEOUT",
+    "READ_TIMEOUT",
+)
+
+
+@dataclass(frozen=True)
+class RatepaySettings:
+    """Validated settings; build them with ``from_env``, ``from_toml`` or ``from_mapping``."""
+
+    profile_id: str
+    security_code: str = field(repr=False)
+    system_id: str = "ratepay-oms"
+    shop_id: str | None = None
+    mode: str = "test"
+    client_name: str = "ratepay-oms"
+    client_version: str = "0.1.0"
+    request_version: str = ENVELOPE_VERSION
+    xmlns_urn: str = RATEPAY_NS
+    api_test_url: str = DEFAULT_TEST_URL
+    api_live_url: str = DEFAULT_LIVE_URL
+    status_api_url: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key in REQUIRED_KEYS:
+            if not getattr(self, key.lower()):
+                raise RatepaySettingsError(
+                    f"RatePAY setting {key} is missing: set RATEPAY_{key} or {key} in [ratepay]"
+                )
+        if self.mode not in MODES:
+            raise RatepaySettingsError(
+                f"RatePAY setting MODE must be 'test' or 'live', got {self.mode!r}"
+            )
+        for key, url in (
+            ("API_TEST_URL", self.api_test_url),
+            ("API_LIVE_URL", self.api_live_url),
+            ("STATUS_API_URL", self.status_api_url),
+        ):
+            if url is not None and urlparse(url).scheme not in ("http", "https"):
+                raise RatepaySettingsError(f"RatePAY setting {key} is not an http(s) URL: {url!r}")
+        for key, seconds in (
+            ("CONNECT_TIMEOUT", self.connect_timeout),
+            ("READ_TIMEOUT", self.read_timeout),
+        ):
+            if not seconds > 0:
+                raise RatepaySettingsError(f"RatePAY setting {key} must be > 0 seconds")
+        if self.mode == "live" and self.api_live_url.startswith("http://"):
+            log.warning("RatePAY live mode over plain http: %s", self.api_live_url)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={MASK!r}"
+            if f.name == "security_code"
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+        )
+        return f"RatepaySettings({shown})"
+
+    __str__ = __repr__
+
+    @property
+    def api_url(self) -> str:
+        """The XML gateway URL for the configured MODE."""
+        return self.api_live_url if self.mode == "live" else self.api_test_url
+
+    # --- constructors --------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RatepaySettings:
+        """Settings from a mapping keyed like the seed (``PROFILE_ID``, ``MODE``, …).
+
+        Unknown keys are refused (a typo would otherwise silently fall back to a default).
+        """
+        unknown = sorted(set(values) - set(KEYS))
+        if unknown:
+            raise RatepaySettingsError(
+                f"unknown RatePAY setting(s) {', '.join(unknown)}; known: {', '.join(KEYS)}"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None or (isinstance(value, str) and value.strip() == ""):
+                continue
+            kwargs[_FIELD_BY_KEY[key]] = _convert(key, value)
+        for key in REQUIRED_KEYS:
+            if _FIELD_BY_KEY[key] not in kwargs:
+                raise RatepaySettingsError(
+                    f"RatePAY setting {key} is missing: set RATEPAY_{key} or {key} in [ratepay]"
+                )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        toml_path: str | os.PathLike[str] | None = None,
+    ) -> RatepaySettings:
+        """Settings from ``RATEPAY_<KEY>`` variables over an optional TOML ``[ratepay]`` table."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            values.update(_read_toml(Path(toml_path)))
+        for key in KEYS:
+            raw = env.get(ENV_PREFIX + key)
+            if raw is not None and raw.strip() != "":
+                values[key] = raw.strip()
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_toml(cls, toml_path: str | os.PathLike[str]) -> RatepaySettings:
+        return cls.from_mapping(_read_toml(Path(toml_path)))
+
+
+_FIELD_BY_KEY = {
+    "PROFILE_ID": "profile_id",
+    "SECURITY_CODE": "security_code",
+    "SHOP_ID": "shop_id",
+    "SYSTEM_ID": "system_id",
+    "MODE": "mode",
+    "CLIENT_VERSION": "client_version",
+    "CLIENT_NAME": "client_name",
+    "RATEPAY_REQUEST_VERSION": "request_version",
+    "RATEPAY_REQUEST_XMLNS_URN": "xmlns_urn",
+    "API_TEST_URL": "api_test_url",
+    "API_LIVE_URL": "api_live_url",
+    "STATUS_API_URL": "status_api_url",
+    "CONNECT_TIMEOUT": "connect_timeout",
+    "READ_TIMEOUT": "read_timeout",
+}
+
+
+def _convert(key: str, value: Any) -> Any:
+    if key in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):
+        if isinstance(value, bool):
+            raise RatepaySettingsError(f"RatePAY setting {key} must be a number of seconds")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RatepaySettingsError(
+                f"RatePAY setting {key} must be a number of seconds, got {value!r}"
+            ) from None
+    if key == "MODE":
+        mode = str(value).strip().lower()
+        # Spryker's first config used MODE_TEST / MODE_LIVE; accept those spellings too.
+        return mode.removeprefix("mode_")
+    if not isinstance(value, str | int):
+        # Never echo the value: it might be the security code.
+        raise RatepaySettingsError(f"RatePAY setting {key} must be a string")
+    return str(value).strip()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise RatepaySettingsError(f"RatePAY settings file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RatepaySettingsError(
+            f"RatePAY settings file {path} is not valid TOML: {exc}"
+        ) from None
+    table = document.get(TOML_TABLE)
+    if table is None:
+        raise RatepaySettingsError(f"RatePAY settings file {path} has no [{TOML_TABLE}] table")
+    if not isinstance(table, dict):
+        raise RatepaySettingsError(f"[{TOML_TABLE}] in {path} must be a table")
+    return dict(table)

@@ -1,0 +1,183 @@
+"""HTTP transport behind the facade: a tiny protocol and a ``requests`` implementation.
+
+The facade only needs "POST these bytes, give me status and body" and "GET this URL". Keeping
+that behind ``Transport`` lets a shop plug in its own HTTP stack (proxy, mTLS) without touching
+the protocol code.
+
+Retry policy (the XML API has no idempotency key): a request is re-sent only when the
+connection was refused before a single byte went out, and only for operations that book nothing
+(PAYMENT_INIT, PROFILE_REQUEST, CONFIGURATION_REQUEST, CALCULATION_REQUEST). A lost answer to a
+PAYMENT_REQUEST, PAYMENT_CONFIRM, CONFIRMATION_DELIVER or PAYMENT_CHANGE is never re-sent here:
+it surfaces as ``RatepayTransportError(sent=True)`` and must be reconciled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+from ratepay_oms.ratepay.codes import IDEMPOTENT, Operation
+from ratepay_oms.ratepay.errors import RatepayTransportError
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/xml; charset=UTF-8"
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    body: bytes
+
+
+class Transport(Protocol):
+    """What the facade needs from HTTP. Implementations raise ``RatepayTransportError``
+    (with ``sent`` set honestly) for anything that is not an HTTP response."""
+
+    def post_xml(
+        self, url: str, body: bytes, *, operation: Operation, timeout: tuple[float, float]
+    ) -> HttpResponse: ...
+
+    def get(self, url: str, *, timeout: tuple[float, float]) -> HttpResponse: ...
+
+
+def _refused_before_sending(exc: requests.ConnectionError) -> bool:
+    """True when the TCP connection could not even be opened (nothing reached the gateway)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, MaxRetryError):
+        reason = reason.reason
+    return isinstance(reason, NewConnectionError)
+
+
+class RequestsTransport:
+    """``requests.Session`` transport with explicit connect/read timeouts and a body cap.
+
+    ``retries``/``retry_delay_s`` apply to refused connections of idempotent operations only.
+    urllib3's own retries are switched off so that nothing is re-sent behind our back.
+    """
+
+    def __init__(
+        self,
+        session: requests.Session | None = None,
+        *,
+        retries: int = 2,
+        retry_delay_s: float = 0.2,
+        max_response_bytes: int = 1_000_000,
+        verify: bool | str = True,
+    ) -> None:
+        self.session = session or requests.Session()
+        adapter = HTTPAdapter(max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.retries = retries
+        self.retry_delay_s = retry_delay_s
+        self.max_response_bytes = max_response_bytes
+        self.verify = verify
+
+    def close(self) -> None:
+        self.session.close()
+
+    def post_xml(
+        self, url: str, body: bytes, *, operation: Operation, timeout: tuple[float, float]
+    ) -> HttpResponse:
+        attempts = 1 + (self.retries if operation in IDEMPOTENT else 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._send("POST", url, body, operation.value, timeout)
+            except RatepayTransportError as exc:
+                if exc.sent or attempt == attempts:
+                    raise
+                log.info(
+                    "%s: connection refused (attempt %d of %d), retrying",
+                    operation.value,
+                    attempt,
+                    attempts,
+                )
+                time.sleep(self.retry_delay_s * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get(self, url: str, *, timeout: tuple[float, float]) -> HttpResponse:
+        return self._send("GET", url, None, "TRANSACTION_STATUS", timeout)
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        operation: str,
+        timeout: tuple[float, float],
+    ) -> HttpResponse:
+        headers = {"Accept": "text/xml, application/json"}
+        if body is not None:
+            headers["Content-Type"] = CONTENT_TYPE
+        try:
+            response = self.session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=timeout,
+                stream=True,
+                allow_redirects=False,
+                verify=self.verify,
+            )
+        except requests.ConnectionError as exc:
+            sent = not _refused_before_sending(exc)
+            kind = "read timeout" if isinstance(exc, requests.ReadTimeout) else "connection failed"
+            if isinstance(exc, requests.ConnectTimeout):
+                kind = "connect timeout"
+            raise RatepayTransportError(
+                f"{operation}: {kind} ({type(exc).__name__})", sent=sent, operation=operation
+            ) from None
+        except requests.Timeout as exc:  # ReadTimeout is not a ConnectionError
+            raise RatepayTransportError(
+                f"{operation}: read timeout after {timeout[1]}s ({type(exc).__name__})",
+                sent=True,
+                operation=operation,
+            ) from None
+        except requests.RequestException as exc:
+            raise RatepayTransportError(
+                f"{operation}: HTTP failure ({type(exc).__name__})", sent=True, operation=operation
+            ) from None
+        with response:
+            try:
+                data = self._read_capped(response, operation)
+            except requests.RequestException as exc:
+                kind = "read timeout" if isinstance(exc, requests.Timeout) else "broken answer"
+                raise RatepayTransportError(
+                    f"{operation}: {kind} while reading the answer ({type(exc).__name__})",
+                    sent=True,
+                    operation=operation,
+                    http_status=response.status_code,
+                ) from None
+        return HttpResponse(response.status_code, data)
+
+    def _read_capped(self, response: requests.Response, operation: str) -> bytes:
+        """Read at most ``max_response_bytes``; a bigger answer is refused, not truncated."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        chunks: list[bytes] = []
+        size = int(declared) if declared.isdigit() else 0
+        if size <= cap:
+            size = 0
+            for chunk in response.iter_content(chunk_size=65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > cap:
+                    break
+        if size > cap:
+            raise RatepayTransportError(
+                f"{operation}: gateway answer exceeds the cap of {cap} bytes",
+                sent=True,
+                operation=operation,
+                http_status=response.status_code,
+            )
+        return b"".join(chunks)
