@@ -1,0 +1,301 @@
+"""Everything an operator needs about one order on one screen (``order show``).
+
+Items and where they stand, the payment (method, RatePAY transaction id, short id, descriptor),
+what was delivered, cancelled and returned, what the tick will do next (armed timeouts, due
+retries) and the last gateway calls with their result codes.
+
+The payment comes from ``ratepay_payment`` (when the RatePAY plugin wrote one); the transaction
+id falls back to the API log. Delivered / cancelled / returned amounts are what RatePAY
+confirmed per item (successful ``ratepay_item_outcome`` rows), not what a person clicked; on a
+database without those tables they come from the items' history instead: an item counts once it
+took a transition guarded by the matching RatePAY condition (``SETTLED_BY``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session
+
+from ratepay_oms.console._session import ConsoleError, session_of, utc_now
+from ratepay_oms.console.apilog import api_calls, mask_text
+from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem, StateHistory
+from ratepay_oms.persistence.payment import (
+    CANCELLATION,
+    DELIVERY,
+    RETURN,
+    RatepayItemOutcome,
+    RatepayPayment,
+)
+from ratepay_oms.process.model import ProcessDefinition
+
+log = logging.getLogger(__name__)
+
+CENT = Decimal("0.01")
+DEFAULT_CALLS = 10
+
+SETTLED_BY: Mapping[str, str] = {
+    "IsDeliveryConfirmed": "delivered",
+    "IsCancellationConfirmed": "cancelled",
+    "IsRefunded": "returned",
+    "IsReturned": "returned",
+}
+"""Condition name (without the ``Ratepay/`` prefix) → amount bucket it settles."""
+
+_ACTION_BUCKET = {DELIVERY: "delivered", CANCELLATION: "cancelled", RETURN: "returned"}
+
+
+class OrderNotFound(ConsoleError):
+    pass
+
+
+def _money(value: Decimal) -> str:
+    return str(value.quantize(CENT, rounding=ROUND_HALF_UP))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def order_detail(
+    source: Any,
+    ref: str,
+    *,
+    now: datetime | None = None,
+    definitions: Mapping[str, ProcessDefinition] | None = None,
+    calls: int = DEFAULT_CALLS,
+) -> dict[str, Any]:
+    """The order ``ref`` as a JSON-able dict (shape in ``docs/console.md``).
+
+    ``source``: an ``Engine`` (its definitions are used when ``definitions`` is not given), a
+    ``sessionmaker`` or a ``Session``. Raises ``OrderNotFound`` for an unknown ref.
+    """
+    now = now or utc_now()
+    if definitions is None and hasattr(source, "definitions"):
+        definitions = source.definitions()
+    definitions = definitions or {}
+    with session_of(source) as session:
+        order = session.scalar(select(Order).where(Order.order_ref == ref))
+        if order is None:
+            raise OrderNotFound(f"no order {ref!r}")
+        items = list(
+            session.scalars(
+                select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
+            )
+        )
+        history = list(
+            session.execute(
+                select(
+                    StateHistory.item_id,
+                    StateHistory.from_state,
+                    StateHistory.to_state,
+                    StateHistory.event,
+                )
+                .where(StateHistory.order_id == order.id)
+                .order_by(StateHistory.id)
+            )
+        )
+        timeouts = (
+            list(
+                session.scalars(
+                    select(EventTimeout)
+                    .where(EventTimeout.item_id.in_([i.id for i in items]))
+                    .order_by(EventTimeout.due_at, EventTimeout.item_id)
+                )
+            )
+            if items
+            else []
+        )
+        payment = _payment_row(session, order)
+        settled = _outcome_settled(session, order)
+        if settled is None:
+            settled = _settled_items(items, history, definitions)
+        detail = _detail(order, items, settled, timeouts, payment, now, definitions)
+    gateway = [c.to_json() for c in api_calls(source, order_ref=ref, limit=calls)]
+    detail["gateway_calls"] = gateway
+    if detail["payment"]["transaction_id"] is None:
+        detail["payment"]["transaction_id"] = next(
+            (c["transaction_id"] for c in gateway if c["transaction_id"]), None
+        )
+    return detail
+
+
+def _detail(
+    order: Order,
+    items: list[OrderItem],
+    settled: dict[int, set[str]],
+    timeouts: list[EventTimeout],
+    payment: dict[str, Any] | None,
+    now: datetime,
+    definitions: Mapping[str, ProcessDefinition],
+) -> dict[str, Any]:
+    data = _order_data(order)
+    amounts = {
+        "ordered": Decimal("0"),
+        "delivered": Decimal("0"),
+        "cancelled": Decimal("0"),
+        "returned": Decimal("0"),
+    }
+    item_rows = []
+    for item in items:
+        amount = item.unit_price_gross + (item.discount or Decimal("0"))
+        amounts["ordered"] += amount
+        for bucket in settled.get(item.id, ()):
+            amounts[bucket] += amount
+        definition = definitions.get(item.process)
+        item_rows.append(
+            {
+                "id": item.id,
+                "sku": item.sku,
+                "name": item.name,
+                "line_no": item.line_no,
+                "process": item.process,
+                "state": item.state,
+                "state_entered_at": _iso(item.state_entered_at),
+                "unit_price_gross": _money(item.unit_price_gross),
+                "discount": _money(item.discount or Decimal("0")),
+                "amount": _money(amount),
+                "settled": sorted(settled.get(item.id, ())),
+                "manual_events": list(definition.manual_events(item.state)) if definition else [],
+                "retry_event": item.retry_event,
+                "retry_at": _iso(item.retry_at),
+                "attempts": item.attempts,
+                "last_error": mask_text(item.last_error),
+            }
+        )
+    shipping = data.get("shipping") or {}
+    payment_out = {
+        "method": (data.get("payment") or {}).get("method"),
+        "transaction_id": None,
+        "short_id": None,
+        "descriptor": None,
+    }
+    if payment:
+        for key, value in payment.items():
+            if value is not None:
+                payment_out[key] = value
+    lease = None
+    if order.claimed_by is not None:
+        expires = order.claim_expires_at
+        lease = {
+            "claimed_by": order.claimed_by,
+            "claim_expires_at": _iso(expires),
+            "expired": expires is None or expires <= now,
+        }
+    return {
+        "order_ref": order.order_ref,
+        "process": order.process,
+        "currency": order.currency,
+        "created_at": _iso(order.created_at),
+        "customer_ref": order.customer_ref,
+        "goods_total": _money(order.goods_total),
+        "shipping": shipping.get("unit_price_gross") if shipping else None,
+        "lease": lease,
+        "states": dict(sorted(Counter(i.state for i in items).items())),
+        "items": item_rows,
+        "payment": payment_out,
+        "amounts": {k: _money(v) for k, v in amounts.items()}
+        | {"open": _money(amounts["ordered"] - amounts["delivered"] - amounts["cancelled"])},
+        "timeouts": [
+            {
+                "item_id": t.item_id,
+                "state": t.state,
+                "event": t.event,
+                "due_at": _iso(t.due_at),
+                "overdue": t.due_at <= now,
+            }
+            for t in timeouts
+        ],
+        "retries": [
+            {
+                "item_id": i.id,
+                "state": i.state,
+                "event": i.retry_event,
+                "retry_at": _iso(i.retry_at),
+                "attempts": i.attempts,
+                "due": i.retry_at <= now,
+                "last_error": mask_text(i.last_error),
+            }
+            for i in items
+            if i.retry_at is not None
+        ],
+    }
+
+
+def _order_data(order: Order) -> dict[str, Any]:
+    try:
+        data = json.loads(order.data)
+    except (TypeError, ValueError):
+        log.warning("order %s has unreadable data", order.order_ref)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _settled_items(
+    items: list[OrderItem], history: list[Any], definitions: Mapping[str, ProcessDefinition]
+) -> dict[int, set[str]]:
+    """Which amount buckets each item reached, from the transitions its history took."""
+    process_of = {i.id: i.process for i in items}
+    settled: dict[int, set[str]] = {}
+    for item_id, source, target, event in history:
+        definition = definitions.get(process_of.get(item_id, ""))
+        if definition is None or source is None:
+            continue
+        for t in definition.transitions:
+            if t.source == source and t.target == target and t.event == event and t.condition:
+                bucket = SETTLED_BY.get(t.condition.rsplit("/", 1)[-1])
+                if bucket:
+                    settled.setdefault(item_id, set()).add(bucket)
+    return settled
+
+
+def _has_table(session: Session, name: str) -> bool:
+    try:
+        return bool(inspect(session.get_bind()).has_table(name))
+    except Exception:  # pragma: no cover - reflection trouble must not hide the order
+        log.exception("cannot look for table %s", name)
+        return False
+
+
+def _payment_row(session: Session, order: Order) -> dict[str, Any] | None:
+    """The RatePAY payment of the order (``None`` before the first call or without RatePAY)."""
+    if not _has_table(session, RatepayPayment.__tablename__):
+        return None
+    row = session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order.id))
+    if row is None:
+        return None
+    return {
+        "method": row.method,
+        "transaction_id": row.transaction_id,
+        "short_id": row.transaction_short_id,
+        "descriptor": row.descriptor,
+        "result_code": row.result_code,
+        "reason_code": row.reason_code,
+        "customer_message": row.customer_message,
+        "shipping_status": row.shipping_status,
+        "discount_status": row.discount_status,
+    }
+
+
+def _outcome_settled(session: Session, order: Order) -> dict[int, set[str]] | None:
+    """Buckets per item from RatePAY's confirmed answers (``None`` without the table)."""
+    if not _has_table(session, RatepayItemOutcome.__tablename__):
+        return None
+    rows = session.execute(
+        select(RatepayItemOutcome.item_id, RatepayItemOutcome.action).where(
+            RatepayItemOutcome.order_id == order.id, RatepayItemOutcome.success.is_(True)
+        )
+    )
+    settled: dict[int, set[str]] = {}
+    for item_id, action in rows:
+        bucket = _ACTION_BUCKET.get(action)
+        if bucket:
+            settled.setdefault(item_id, set()).add(bucket)
+    return settled
