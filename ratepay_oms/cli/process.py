@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -82,18 +83,23 @@ def list_processes(directory: Path | None, as_json: bool) -> None:
     Example:
       ratepay-oms process list --dir processes --json
     """
-    definitions = load_processes(default_process_dir(directory))
+    root = default_process_dir(directory)
+    definitions = load_processes(root)
     ordered = [d for _, d in sorted(definitions.items())]
     if as_json:
         click.echo(json.dumps([_row(d) for d in ordered], indent=2))
         return
-    table = Table(title=f"processes in {default_process_dir(directory)}")
+    table = Table(title=f"processes in {root}")
     for column in ("name", "initial", "states", "transitions", "files"):
         numeric = column in ("states", "transitions")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for d in ordered:
         table.add_row(
-            d.name, d.initial, str(len(d.states)), str(len(d.transitions)), "\n".join(d.files)
+            d.name,
+            d.initial,
+            str(len(d.states)),
+            str(len(d.transitions)),
+            "\n".join(os.path.relpath(f, root) for f in d.files),  # short: the title has root
         )
     Console(highlight=False, soft_wrap=True).print(table)
 
