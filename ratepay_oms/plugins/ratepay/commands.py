@@ -1,0 +1,347 @@
+"""The RatePAY OMS commands: thin, by order, one facade call (or chain) per group of items.
+
+Each command gathers the order data, calls the facade from ``ctx.services["ratepay"]``, and
+records one outcome row per item (``payment_store.record_outcomes``) that the conditions read.
+Two kinds of failure are kept apart on purpose:
+
+- a *business* refusal (RatePAY answered, but not with success: decline, 150/2300, …) is
+  recorded as a failed outcome and the command returns normally, so the conditions route the
+  items to ``… invalid`` (or ``payment request declined``), where a person decides;
+- *no usable answer* (``RatepayTransportError``: timeout, connection refused, HTTP 500,
+  garbage) raises, so the engine rolls back, leaves the items where they were and retries
+  with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from ratepay_oms.errors import OmsError
+from ratepay_oms.orders import Address as OrderAddress
+from ratepay_oms.orders import CustomerInput, OrderInput, PositionInput
+from ratepay_oms.persistence.payment import (
+    CANCELLATION,
+    CANCELLED,
+    DELIVERED,
+    DELIVERY,
+    PAYMENT_CONFIRM,
+    PAYMENT_REQUEST,
+    RETURN,
+    RETURNED,
+)
+from ratepay_oms.plugins.ratepay import basket as baskets
+from ratepay_oms.plugins.ratepay import payment_store as store
+from ratepay_oms.ratepay import (
+    Address,
+    BankAccount,
+    Basket,
+    BasketItem,
+    BasketPosition,
+    Customer,
+    InstallmentDetails,
+    PaymentInfo,
+    RatepayFacade,
+    RatepayResult,
+)
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.plugins import CommandContext
+    from ratepay_oms.persistence.models import Order, OrderItem
+    from ratepay_oms.persistence.payment import RatepayPayment
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "ratepay"
+"""Key of the facade in the engine's ``services``."""
+
+
+class RatepayNotConfiguredError(OmsError):
+    """The engine was built without a RatePAY facade (``services={"ratepay": facade}``)."""
+
+
+def facade_of(ctx: CommandContext) -> RatepayFacade:
+    facade = ctx.services.get(SERVICE_NAME)
+    if facade is None:
+        raise RatepayNotConfiguredError(
+            "no RatePAY facade configured: set the RATEPAY_* settings (see docs) or pass "
+            "services={'ratepay': RatepayFacade(...)} to the Engine"
+        )
+    return facade  # type: ignore[no-any-return]
+
+
+# --- mapping our order onto the facade's types ----------------------------------------------
+
+
+def _address(a: OrderAddress) -> Address:
+    return Address(
+        street=a.street,
+        zip_code=a.zip_code,
+        city=a.city,
+        country_code=a.country_code,
+        street_number=a.street_number,
+        street_additional=a.street_additional,
+        first_name=a.first_name,
+        last_name=a.last_name,
+        company=a.company,
+    )
+
+
+def to_customer(c: CustomerInput) -> Customer:
+    bank = c.bank_account
+    return Customer(
+        first_name=c.first_name,
+        last_name=c.last_name,
+        email=c.email,
+        billing_address=_address(c.billing_address),
+        gender=c.gender,
+        date_of_birth=c.date_of_birth,
+        phone=c.phone,
+        mobile=c.mobile,
+        ip_address=c.ip_address,
+        language=c.language,
+        delivery_address=_address(c.delivery_address) if c.delivery_address else None,
+        bank_account=BankAccount(bank.owner, bank.iban, bank.bic, bank.bank_name) if bank else None,
+        company_name=c.company_name,
+        vat_id=c.vat_id,
+    )
+
+
+def _position(p: PositionInput | None) -> BasketPosition | None:
+    if p is None:
+        return None
+    return BasketPosition(unit_price_gross=p.unit_price_gross, tax_rate=p.tax_rate, name=p.name)
+
+
+def to_basket(plan: baskets.BasketPlan) -> Basket:
+    return Basket(
+        items=tuple(
+            BasketItem(
+                article_number=line.article_number,
+                name=line.name,
+                quantity=line.quantity,
+                unit_price_gross=line.unit_price_gross,
+                tax_rate=line.tax_rate,
+                discount=line.discount,
+                unique_article_number=line.unique_article_number,
+                category=line.category,
+            )
+            for line in plan.lines
+        ),
+        currency=plan.currency,
+        shipping=_position(plan.shipping),
+        discount=_position(plan.discount),
+    )
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+class _ByOrder:
+    by_order = True
+
+    def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
+        raise NotImplementedError
+
+
+class PaymentRequestCommand(_ByOrder):
+    """PAYMENT_INIT + PAYMENT_REQUEST (INSTALLMENT: CALCULATION_REQUEST first).
+
+    Always starts with a fresh PAYMENT_INIT, as RatePAY asks after a failed request, so the
+    manual ``retry payment request`` is a clean new attempt.
+    """
+
+    def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
+        facade = facade_of(ctx)
+        data = store.order_input(order)
+        payment = store.ensure_payment(ctx.session, order, data.payment.method, ctx.now)
+        all_units = store.units(order.items)
+        basket = to_basket(baskets.full_basket(data, all_units))
+
+        details: InstallmentDetails | None = None
+        if data.payment.method == "INSTALLMENT":
+            details = self._calculate(ctx, facade, data, basket, order, items, payment)
+            if details is None:
+                return
+        init = facade.init_payment()
+        if not init.success or not init.transaction_id:
+            self._fail(ctx, order, items, payment, init)
+            return
+        result = facade.request_payment(
+            init.transaction_id,
+            to_customer(data.customer),
+            basket,
+            PaymentInfo(
+                method=data.payment.method,
+                installment=details,
+                debit_pay_type=data.payment.installment.debit_pay_type
+                if data.payment.installment
+                else None,
+            ),
+            order_id=data.order_ref,
+            merchant_consumer_id=data.customer.customer_ref,
+            device_token=data.device_token,
+        )
+        payment.transaction_id = result.transaction_id or init.transaction_id
+        payment.transaction_short_id = result.transaction_short_id or init.transaction_short_id
+        payment.descriptor = result.descriptor
+        payment.result_code = None if result.result_code is None else str(result.result_code)
+        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
+        payment.customer_message = result.customer_message
+        payment.updated_at = ctx.now
+        store.record_outcomes(ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result)
+
+    def _calculate(
+        self,
+        ctx: CommandContext,
+        facade: RatepayFacade,
+        data: OrderInput,
+        basket: Basket,
+        order: Order,
+        items: Sequence[OrderItem],
+        payment: RatepayPayment,
+    ) -> InstallmentDetails | None:
+        choice = data.payment.installment
+        assert choice is not None  # the order input requires it for INSTALLMENT
+        if choice.calculation_type == "calculation-by-rate":
+            calc = facade.installment_calculation(
+                basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
+            )
+        else:
+            calc = facade.installment_calculation(
+                basket.amount, months=int(choice.value), payment_firstday=choice.payment_firstday
+            )
+        if not calc.success or calc.installment_plan is None:
+            self._fail(ctx, order, items, payment, calc)
+            return None
+        payment.installment_plan = store.plan_json(calc.installment_plan)
+        return InstallmentDetails.from_plan(calc.installment_plan)
+
+    @staticmethod
+    def _fail(
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        payment: RatepayPayment,
+        result: RatepayResult,
+    ) -> None:
+        """A step before PAYMENT_REQUEST was refused: the request counts as failed."""
+        payment.result_code = None if result.result_code is None else str(result.result_code)
+        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
+        payment.customer_message = result.customer_message
+        payment.updated_at = ctx.now
+        store.record_outcomes(
+            ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result, success=False
+        )
+
+
+def _transaction(
+    ctx: CommandContext, order: Order, items: Sequence[OrderItem], action: str, operation: str
+) -> RatepayPayment | None:
+    """The order's payment with its transaction id, or a recorded failure without a call."""
+    payment = store.get_payment(ctx.session, order.id)
+    if payment is None or not payment.transaction_id:
+        store.record_outcomes(
+            ctx.session,
+            order,
+            items,
+            action,
+            ctx.now,
+            success=False,
+            operation=operation,
+            message="no accepted RatePAY transaction for this order",
+        )
+        return None
+    return payment
+
+
+class ConfirmPaymentCommand(_ByOrder):
+    """PAYMENT_CONFIRM with the order reference."""
+
+    def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
+        facade = facade_of(ctx)
+        payment = _transaction(ctx, order, items, PAYMENT_CONFIRM, "PAYMENT_CONFIRM")
+        if payment is None:
+            return
+        result = facade.confirm_payment(payment.transaction_id or "", order.order_ref)
+        store.record_outcomes(ctx.session, order, items, PAYMENT_CONFIRM, ctx.now, result=result)
+
+
+class _BookingCommand(_ByOrder):
+    """A follow-up that books positions (delivery, cancellation, return)."""
+
+    action: str
+    operation: str
+    subtype: str | None = None
+    settles_as: str
+
+    def plan(
+        self, data: OrderInput, ledger: baskets.OrderLedger, units: list[baskets.Unit]
+    ) -> baskets.BasketPlan:
+        raise NotImplementedError
+
+    def send(
+        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+    ) -> RatepayResult:
+        raise NotImplementedError
+
+    def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
+        facade = facade_of(ctx)
+        payment = _transaction(ctx, order, items, self.action, self.operation)
+        if payment is None:
+            return
+        data = store.order_input(order)
+        ledger = store.load_ledger(ctx.session, order)
+        plan = self.plan(data, ledger, store.units(items))
+        result = self.send(facade, payment.transaction_id or "", to_basket(plan), order.order_ref)
+        if result.success:
+            payment.shipping_status, payment.discount_status = baskets.settle_specials(
+                ledger, plan, self.settles_as
+            )
+            payment.updated_at = ctx.now
+        store.record_outcomes(ctx.session, order, items, self.action, ctx.now, result=result)
+
+
+class ConfirmDeliveryCommand(_BookingCommand):
+    """CONFIRMATION_DELIVER of the shipped items (shipping / voucher per basket.py)."""
+
+    action = DELIVERY
+    operation = "CONFIRMATION_DELIVER"
+    settles_as = DELIVERED
+
+    def plan(self, data, ledger, units):  # type: ignore[no-untyped-def]
+        return baskets.delivery_basket(data, ledger, units)
+
+    def send(self, facade, transaction_id, basket, order_ref):  # type: ignore[no-untyped-def]
+        return facade.confirm_delivery(transaction_id, basket, order_id=order_ref)
+
+
+class CancelOrderCommand(_BookingCommand):
+    """PAYMENT_CHANGE cancellation of exactly these (undelivered) items."""
+
+    action = CANCELLATION
+    operation = "PAYMENT_CHANGE"
+    subtype = "cancellation"
+    settles_as = CANCELLED
+
+    def plan(self, data, ledger, units):  # type: ignore[no-untyped-def]
+        return baskets.cancellation_basket(data, ledger, units)
+
+    def send(self, facade, transaction_id, basket, order_ref):  # type: ignore[no-untyped-def]
+        return facade.cancel(transaction_id, basket, order_id=order_ref)
+
+
+class RefundCommand(_BookingCommand):
+    """PAYMENT_CHANGE return of exactly these (delivered) items."""
+
+    action = RETURN
+    operation = "PAYMENT_CHANGE"
+    subtype = "return"
+    settles_as = RETURNED
+
+    def plan(self, data, ledger, units):  # type: ignore[no-untyped-def]
+        return baskets.return_basket(data, ledger, units)
+
+    def send(self, facade, transaction_id, basket, order_ref):  # type: ignore[no-untyped-def]
+        return facade.refund(transaction_id, basket, order_id=order_ref)

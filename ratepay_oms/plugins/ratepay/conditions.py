@@ -1,0 +1,61 @@
+"""The RatePAY OMS conditions: each reads what the last command recorded for *this item*.
+
+Spryker's conditions read one order-level result code, so a failed partial refund after a
+successful one still passes. Ours read the newest outcome row of the item for the action the
+command performed, written in the same transaction as the command's state change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ratepay_oms.persistence.payment import (
+    CANCELLATION,
+    DELIVERY,
+    PAYMENT_CONFIRM,
+    PAYMENT_REQUEST,
+    RETURN,
+)
+from ratepay_oms.plugins.ratepay.payment_store import latest_outcome
+from ratepay_oms.ratepay.codes import RESULT_DECLINED
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.plugins import CommandContext
+    from ratepay_oms.persistence.models import Order, OrderItem
+
+
+@dataclass(frozen=True)
+class OutcomeSucceeded:
+    """True when the item's newest outcome of ``action`` is a success."""
+
+    action: str
+
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+        outcome = latest_outcome(ctx.session, item.id, self.action)
+        return outcome is not None and outcome.success
+
+
+@dataclass(frozen=True)
+class PaymentRequestDeclined:
+    """True when RatePAY declined the item's newest payment request (result 401): a risk
+    decision, not a technical failure, so retrying is pointless; the shopper needs another
+    method (``payment.customer_message`` says so)."""
+
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+        outcome = latest_outcome(ctx.session, item.id, PAYMENT_REQUEST)
+        return (
+            outcome is not None
+            and not outcome.success
+            and outcome.result_code == str(RESULT_DECLINED)
+        )
+
+
+CONDITIONS = {
+    "Ratepay/IsPaymentRequestSuccess": OutcomeSucceeded(PAYMENT_REQUEST),
+    "Ratepay/IsPaymentRequestDeclined": PaymentRequestDeclined(),
+    "Ratepay/IsPaymentConfirmed": OutcomeSucceeded(PAYMENT_CONFIRM),
+    "Ratepay/IsDeliveryConfirmed": OutcomeSucceeded(DELIVERY),
+    "Ratepay/IsCancellationConfirmed": OutcomeSucceeded(CANCELLATION),
+    "Ratepay/IsRefunded": OutcomeSucceeded(RETURN),
+}

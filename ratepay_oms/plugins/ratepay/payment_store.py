@@ -1,0 +1,158 @@
+"""Reading and writing the RatePAY payment data of an order through the engine's session.
+
+Commands call these with ``ctx.session``: what they write commits in the same transaction as
+the items' state change (or is rolled back with it when the command raises), so an outcome
+can never exist without its state or the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ratepay_oms.orders import OrderInput, parse_order
+from ratepay_oms.persistence.models import Order, OrderItem
+from ratepay_oms.persistence.payment import (
+    CANCELLATION,
+    DELIVERY,
+    OPEN,
+    RETURN,
+    RatepayItemOutcome,
+    RatepayPayment,
+)
+from ratepay_oms.plugins.ratepay.basket import OrderLedger, Unit
+from ratepay_oms.ratepay import InstallmentPlan, RatepayResult
+
+log = logging.getLogger(__name__)
+
+
+def order_input(order: Order) -> OrderInput:
+    """The order document stored at ``place_order`` (already checked then)."""
+    data = order.data
+    if isinstance(data, str):
+        data = json.loads(data, parse_float=Decimal)
+    return parse_order(data)
+
+
+def units(items: Iterable[OrderItem]) -> list[Unit]:
+    return [
+        Unit(
+            item_id=i.id,
+            line_no=i.line_no,
+            sku=i.sku,
+            name=i.name,
+            unit_price_gross=i.unit_price_gross,
+            tax_rate=i.tax_rate,
+            discount=i.discount or Decimal("0.00"),
+        )
+        for i in items
+    ]
+
+
+def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
+    return session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+
+
+def ensure_payment(session: Session, order: Order, method: str, now: datetime) -> RatepayPayment:
+    payment = get_payment(session, order.id)
+    if payment is None:
+        payment = RatepayPayment(
+            order_id=order.id,
+            method=method,
+            shipping_status=OPEN,
+            discount_status=OPEN,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(payment)
+        session.flush()
+    return payment
+
+
+def plan_json(plan: InstallmentPlan) -> str:
+    return json.dumps({k: str(v) for k, v in asdict(plan).items()}, sort_keys=True)
+
+
+def record_outcomes(
+    session: Session,
+    order: Order,
+    items: Sequence[OrderItem],
+    action: str,
+    now: datetime,
+    *,
+    result: RatepayResult | None = None,
+    success: bool | None = None,
+    message: str | None = None,
+    operation: str | None = None,
+    subtype: str | None = None,
+    transaction_id: str | None = None,
+) -> None:
+    """One outcome row per item; without ``result`` the call was not made (``message`` says
+    why) and the outcome is a failure."""
+    ok = bool(result.success) if success is None and result is not None else bool(success)
+    text = message
+    if text is None and result is not None:
+        parts = [p for p in (result.result_text, result.reason_text) if p]
+        text = " / ".join(parts) or None
+    rows: list[dict[str, Any]] = [
+        {
+            "item_id": item.id,
+            "order_id": order.id,
+            "action": action,
+            "success": ok,
+            "operation": (result.operation if result is not None else operation) or action,
+            "subtype": result.subtype if result is not None else subtype,
+            "result_code": None if result is None or result.result_code is None
+            else str(result.result_code),
+            "reason_code": None if result is None or result.reason_code is None
+            else str(result.reason_code),
+            "message": text,
+            "transaction_id": (result.transaction_id if result is not None else None)
+            or transaction_id,
+            "created_at": now,
+        }
+        for item in items
+    ]
+    session.add_all([RatepayItemOutcome(**row) for row in rows])
+    session.flush()
+
+
+def latest_outcome(session: Session, item_id: int, action: str) -> RatepayItemOutcome | None:
+    """The newest outcome of ``action`` for one item: what the last command said about it."""
+    return session.scalar(
+        select(RatepayItemOutcome)
+        .where(RatepayItemOutcome.item_id == item_id, RatepayItemOutcome.action == action)
+        .order_by(RatepayItemOutcome.id.desc())
+        .limit(1)
+    )
+
+
+def load_ledger(session: Session, order: Order) -> OrderLedger:
+    """Our ledger of the order: item units RatePAY confirmed as delivered / cancelled /
+    returned (successful outcome rows), and the special positions' status."""
+    all_items = set(session.scalars(select(OrderItem.id).where(OrderItem.order_id == order.id)))
+    rows = session.execute(
+        select(RatepayItemOutcome.item_id, RatepayItemOutcome.action).where(
+            RatepayItemOutcome.order_id == order.id,
+            RatepayItemOutcome.success.is_(True),
+            RatepayItemOutcome.action.in_((DELIVERY, CANCELLATION, RETURN)),
+        )
+    ).all()
+    ledger = OrderLedger(all_items=all_items)
+    for item_id, action in rows:
+        {DELIVERY: ledger.delivered, CANCELLATION: ledger.cancelled, RETURN: ledger.returned}[
+            action
+        ].add(item_id)
+    payment = get_payment(session, order.id)
+    if payment is not None:
+        ledger.shipping_status = payment.shipping_status
+        ledger.discount_status = payment.discount_status
+    return ledger
