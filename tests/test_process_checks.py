@@ -363,3 +363,36 @@ def test_unsafe_yaml_tags_are_never_constructed() -> None:
         "P01.yaml:1: error: 'process' must be a name, not a python/object/apply:os.system value"
     ]
     assert not Path("pwned").exists()
+
+
+def test_one_file_included_twice_without_prefix() -> None:
+    write("sub/Ship.yaml", "subprocess: Ship\nstates:\n  shipped: {}\n")
+    text = """\
+process: P01
+include:
+  - sub/Ship.yaml
+  - sub/Ship.yaml
+states:
+  new: {}
+transitions:
+  - {source: new, target: shipped}
+"""
+    assert error_text(text) == (
+        "P01.yaml:4: 'sub/Ship.yaml' is already included at line 3; "
+        "to use a sub-process twice give each include its own prefix"
+    )
+
+
+def test_timeouts_longer_than_ten_years_are_refused() -> None:
+    text = (
+        GOOD_HEAD
+        + """\
+transitions:
+  - {source: new, target: done, event: close}
+events:
+  close: {timeout: 99999999999999 weeks}
+"""
+    )
+    assert error_text(text) == (
+        "P01.yaml:8: bad timeout '99999999999999 weeks': more than 3660 days"
+    )

@@ -76,6 +76,8 @@ def _duplicates(decl: Declarations) -> list[ProcessProblem]:
     for kind, items in (("state", decl.states), ("event", decl.events)):
         first: dict[str, StateDef | EventDef] = {}
         for item in items:
+            if item.name in first and first[item.name].location == item.location:
+                continue  # one file reached twice through includes; reported at the include
             if item.name in first:
                 problems.append(
                     _problem(

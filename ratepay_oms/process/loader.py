@@ -50,6 +50,7 @@ PROCESS_DIR_ENV = "RATEPAY_OMS_PROCESS_DIR"
 DEFAULT_INITIAL = "new"
 PREFIX_DELIMITER = " - "  # Spryker's: a prefix "Return" makes "Return - ready for refund"
 PROCESS_SUFFIXES = (".yaml", ".yml")
+MAX_TIMEOUT = timedelta(days=3660)  # ten years: a due time must stay a storable datetime
 
 _MAIN_KEYS = ("process", "initial", "include", "states", "transitions", "events")
 _SUB_KEYS = ("subprocess", "include", "states", "transitions", "events")
@@ -103,6 +104,8 @@ def parse_timeout(text: str) -> timedelta:
         raise ValueError("bad timeout '': write e.g. '90 days'")
     if total <= 0:
         raise ValueError(f"bad timeout {text!r}: it must be longer than zero")
+    if total > MAX_TIMEOUT.total_seconds():
+        raise ValueError(f"bad timeout {text!r}: more than {MAX_TIMEOUT.days} days")
     return timedelta(seconds=total)
 
 
@@ -426,7 +429,18 @@ class _Session:
             fragment.transitions += reader.transitions(sections["transitions"])
         if "events" in sections:
             fragment.events += reader.events(sections["events"])
+        included: dict[tuple[str, str | None], Node] = {}
         for inc in self._includes(reader, sections.get("include")):
+            key = (str(Path(os.path.dirname(file), inc.file).resolve()), inc.prefix)
+            if key in included:
+                first = included[key].start_mark.line + 1
+                reader.report(
+                    inc.node,
+                    f"{inc.file!r} is already included at line {first}; "
+                    "to use a sub-process twice give each include its own prefix",
+                )
+                continue
+            included[key] = inc.node
             fragment.extend(self._include(reader, file, inc, chain))
         return spec, fragment
 
@@ -465,7 +479,8 @@ class _Session:
             reader.report(inc.node, f"include cycle: {cycle}")
             return _Fragment()
         if not Path(path).is_file():
-            reader.report(inc.node, f"included file {path!r} does not exist")
+            why = "is not a file" if Path(path).exists() else "does not exist"
+            reader.report(inc.node, f"included file {path!r} {why}")
             return _Fragment()
         read = self.read(path, "subprocess", (*chain, (resolved, inc.prefix or "")))
         if read is None:
