@@ -14,7 +14,7 @@ same *shape* of answer (reference §4.9, §8.10):
 * ``annual-percentage-rate``: the effective annual rate ``(1 + m)^12 − 1`` of the monthly rate
   ``m`` at which the actual rates repay ``amount`` (bisection, Decimal), two places.
 
-For RatePAY's recorded example (230.00, 12 months, 13.7 %, charge 3.95) this gives 251.38 in
+For RatePAY's recorded example (230.00, 12 months, 13.7 %, charge 3.95) this gives 251.37 in
 total (RatePAY: 252.40): close, not identical; the sandbox is not a price calculator.
 All arithmetic is Decimal.
 """

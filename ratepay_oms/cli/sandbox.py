@@ -1,0 +1,100 @@
+"""``ratepay-oms sandbox serve``: run the offline RatePAY gateway on loopback until Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from decimal import Decimal, InvalidOperation
+
+import click
+from rich.console import Console
+
+from ratepay_oms.cli import cli
+from ratepay_oms.sandbox import DEMO_SECURITY_CODE, Fault, SandboxConfig, SandboxGateway
+from ratepay_oms.sandbox.faults import FaultSpecError
+
+logger = logging.getLogger(__name__)
+console = Console(highlight=False, soft_wrap=True)
+
+
+@cli.group()
+def sandbox() -> None:
+    """The offline RatePAY sandbox gateway."""
+
+
+def _decimal(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
+    try:
+        return Decimal(value).quantize(Decimal("0.01"))
+    except InvalidOperation:
+        raise click.BadParameter(f"not a decimal amount: {value!r}") from None
+
+
+@sandbox.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8899, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--profile-id", default="INTEGRATION_TE_DACH", show_default=True)
+@click.option(
+    "--security-code",
+    default=DEMO_SECURITY_CODE,
+    envvar="RATEPAY_SANDBOX_SECURITY_CODE",
+    show_default=False,
+    help="Credential to accept (default: the built-in demo code).",
+)
+@click.option("--decline-last-name", default="Ablehnung", show_default=True)
+@click.option("--decline-over", default="5000.00", show_default=True, callback=_decimal)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="KIND:OPERATION[/SUBTYPE][:EVERY_N|:PROBABILITY]",
+    help="Inject a fault (repeatable), e.g. timeout_after_booking:CONFIRMATION_DELIVER:2.",
+)
+@click.option("--fault-delay", default=30.0, show_default=True, help="Seconds for delay faults.")
+@click.option("--seed", type=int, default=None, help="Seed ids and fault probabilities.")
+def serve(
+    host: str,
+    port: int,
+    profile_id: str,
+    security_code: str,
+    decline_last_name: str,
+    decline_over: Decimal,
+    faults: tuple[str, ...],
+    fault_delay: float,
+    seed: int | None,
+) -> None:
+    """Serve the RatePAY XML protocol and the transaction status lookup until Ctrl-C.
+
+    \b
+    Example:
+      ratepay-oms sandbox serve --port 8899 --fault http_500:PAYMENT_CHANGE:0.2 --seed 7
+    """
+    try:
+        parsed = [Fault.parse(spec, delay_s=fault_delay) for spec in faults]
+    except FaultSpecError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
+    config = SandboxConfig(
+        profile_id=profile_id,
+        security_code=security_code,
+        decline_last_name=decline_last_name,
+        decline_over=decline_over,
+        seed=seed,
+    )
+    gateway = SandboxGateway(config)
+    for fault in parsed:
+        gateway.faults.add(fault)
+    from ratepay_oms.sandbox.server import SandboxServer
+
+    server = SandboxServer(gateway, host, port)
+    console.print(f"RatePAY sandbox listening on {server.url}")
+    console.print("Settings for the facade:")
+    console.print(f"  RATEPAY_API_TEST_URL={server.url}")
+    console.print(f"  RATEPAY_STATUS_API_URL={server.status_url}")
+    console.print(f"  RATEPAY_PROFILE_ID={profile_id}")
+    console.print("  RATEPAY_SECURITY_CODE=******** (the one you passed, or the demo code)")
+    console.print("  RATEPAY_MODE=test")
+    console.print(f"Faults: {server.faults_url} (GET / POST JSON / DELETE); active: {len(parsed)}")
+    sys.stdout.flush()  # a supervising process reads the URL before the first request
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("sandbox stopped")
