@@ -3,11 +3,19 @@ puts in the config (``upgrade(url)``), with the same engine settings the applica
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from alembic import context
 
-from ratepay_oms.persistence import models  # noqa: F401  (registers every table on Base)
+import ratepay_oms.persistence
 from ratepay_oms.persistence.base import Base
 from ratepay_oms.persistence.db import create_db_engine, default_database_url
+
+# Every module of the persistence package registers its tables on Base (autogenerate and
+# ``check`` must see them all, not only the engine's).
+for _module in pkgutil.iter_modules(ratepay_oms.persistence.__path__):
+    importlib.import_module(f"ratepay_oms.persistence.{_module.name}")
 
 config = context.config
 target_metadata = Base.metadata

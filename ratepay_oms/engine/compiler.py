@@ -1,0 +1,130 @@
+"""A process definition compiled into one shared ``transitions.Machine``.
+
+One machine per process version, built once and never given a model: ``transitions`` keeps
+every model in a list and binds methods onto it, which its maintainers advise against for
+thousands of rows. Instead the engine wraps the row being moved in a tiny :class:`Subject`
+and calls ``machine.events[event].trigger(subject)``: the machine reads the subject's state,
+tries the event's transitions from that state in the order we added them (conditional first,
+the unconditional fallback last, as ``ProcessDefinition.transitions_from`` orders them), and
+writes the winner's target back onto the subject. The database write is the engine's job.
+
+Commands are deliberately not machine callbacks: a transition's ``prepare`` runs once per
+candidate transition, and a command must run once per event.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from transitions import Machine
+
+from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.process.model import ProcessDefinition, TransitionDef
+
+if TYPE_CHECKING:
+    from ratepay_oms.persistence.models import Order, OrderItem
+
+log = logging.getLogger(__name__)
+
+TICK_TRIGGER = "__oms_eventless__"
+"""The machine's trigger for event-less transitions (polled by the tick)."""
+
+STATE_ATTRIBUTE = "oms_state"
+"""Attribute the machine reads and writes on a subject (not ``state``, which an event of a
+process could be called)."""
+
+
+@dataclass(eq=False)
+class Subject:
+    """What the shared machine moves: one item's state plus what its conditions need."""
+
+    oms_state: str
+    order: Order
+    item: OrderItem
+    ctx: CommandContext
+    chosen: TransitionDef | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class _ConditionCheck:
+    """A condition plugin as a ``transitions`` condition (``send_event=True``)."""
+
+    registry: PluginRegistry
+    name: str
+
+    def __call__(self, event_data: Any) -> bool:
+        subject: Subject = event_data.model
+        condition = self.registry.condition(self.name)
+        return bool(condition.check(subject.ctx, subject.order, subject.item))
+
+
+@dataclass(frozen=True)
+class _RecordChoice:
+    """``after`` callback: remember which transition won (its condition goes into the log)."""
+
+    transition: TransitionDef
+
+    def __call__(self, event_data: Any) -> None:
+        event_data.model.chosen = self.transition
+
+
+class CompiledProcess:
+    """A definition plus its machine; :meth:`choose` evaluates one item's transition."""
+
+    def __init__(self, definition: ProcessDefinition, registry: PluginRegistry) -> None:
+        self.definition = definition
+        states = list(definition.states)
+        for t in definition.transitions:
+            for name in (t.source, t.target):
+                if name not in states:
+                    states.append(name)
+        self.machine = Machine(
+            model=None,
+            states=states,
+            initial=definition.initial,
+            auto_transitions=False,
+            send_event=True,
+            ignore_invalid_triggers=True,
+            model_attribute=STATE_ATTRIBUTE,
+            name=f"{definition.name}: ",
+        )
+        events: list[str | None] = [*definition.events, None]
+        for event in events:
+            trigger = event if event is not None else TICK_TRIGGER
+            for state in states:
+                for t in definition.transitions_from(state, event):
+                    self.machine.add_transition(
+                        trigger,
+                        t.source,
+                        t.target,
+                        conditions=[_ConditionCheck(registry, t.condition)]
+                        if t.condition
+                        else None,
+                        after=[_RecordChoice(t)],
+                    )
+        log.debug("compiled process %s (%d states)", definition.name, len(states))
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    def choose(self, event: str | None, subject: Subject) -> TransitionDef | None:
+        """The transition ``event`` takes for ``subject`` (``None``: it stays).
+
+        A condition that raises propagates: the caller treats it like a failed command.
+        """
+        trigger = self.machine.events.get(event if event is not None else TICK_TRIGGER)
+        if trigger is None:
+            return None
+        subject.chosen = None
+        trigger.trigger(subject)
+        return subject.chosen
+
+
+def compile_processes(
+    definitions: dict[str, ProcessDefinition], registry: PluginRegistry
+) -> dict[str, CompiledProcess]:
+    """Compile every definition once (the engine keeps the result for its lifetime)."""
+    return {name: CompiledProcess(d, registry) for name, d in definitions.items()}

@@ -1,0 +1,440 @@
+"""The engine: the one door an order backend, the CLI and the console go through.
+
+``Engine`` ties the parts together: process definitions (loaded and compiled once), the plugin
+registry, the database, and the worker identity used for order leases. Its methods are whole
+units of work, each in its own transaction(s); what they return are detached snapshots
+(``ratepay_oms.engine.views``), never live ORM rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ratepay_oms.engine.claims import Claims
+from ratepay_oms.engine.clock import naive_utc
+from ratepay_oms.engine.compiler import CompiledProcess, compile_processes
+from ratepay_oms.engine.errors import (
+    ManualEventError,
+    OrderLockedError,
+    OrderNotFoundError,
+    UnknownProcessError,
+)
+from ratepay_oms.engine.persist import Origin
+from ratepay_oms.engine.plugins import PluginRegistry
+from ratepay_oms.engine.runner import Runner, RunStats, group_items
+from ratepay_oms.engine.tick import DEFAULT_BATCH_SIZE, TickRunner
+from ratepay_oms.engine.views import (
+    HistoryEntry,
+    OrderView,
+    TickResult,
+    TransitionLogEntry,
+    TriggerResult,
+)
+from ratepay_oms.errors import OmsError
+from ratepay_oms.orders import OrderInput, OrderInputError, parse_order
+from ratepay_oms.persistence.db import (
+    create_db_engine,
+    default_database_url,
+    session_factory,
+    upgrade,
+)
+from ratepay_oms.persistence.models import (
+    Order,
+    OrderItem,
+    StateHistory,
+    TransitionLog,
+)
+from ratepay_oms.process.model import ProcessDefinition
+
+log = logging.getLogger(__name__)
+
+PLUGINS_ENV = "RATEPAY_OMS_PLUGINS"
+
+
+class PluginConfigError(OmsError):
+    """``$RATEPAY_OMS_PLUGINS`` names something that cannot be imported or called."""
+
+
+def load_env_plugins(registry: PluginRegistry, spec: str | None = None) -> None:
+    """Call each ``module:function`` of ``spec`` (default ``$RATEPAY_OMS_PLUGINS``, comma
+    separated) with ``registry``, so a shop or a test subprocess adds plugins without code."""
+    spec = os.environ.get(PLUGINS_ENV, "") if spec is None else spec
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        module_name, _, func_name = entry.partition(":")
+        if not module_name or not func_name:
+            raise PluginConfigError(f"{PLUGINS_ENV}: {entry!r} is not 'package.module:function'")
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise PluginConfigError(f"{PLUGINS_ENV}: cannot load {entry!r}: {exc}") from exc
+        func(registry)
+
+
+def default_registry() -> PluginRegistry:
+    from ratepay_oms.plugins import build_default_registry
+
+    registry = build_default_registry()
+    load_env_plugins(registry)
+    return registry
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Engine:
+    """Places orders, fires manual events, runs the tick, answers read-only queries.
+
+    ``definitions`` (an addition to the contract) hands in already-built process definitions
+    instead of loading ``process_dir``: for embedding and for tests.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        process_dir: str | Path | None = None,
+        registry: PluginRegistry | None = None,
+        services: Mapping[str, Any] | None = None,
+        worker_id: str | None = None,
+        lease_seconds: int = 60,
+        definitions: Mapping[str, ProcessDefinition] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        self.database_url = database_url or default_database_url()
+        self.registry = registry if registry is not None else default_registry()
+        if definitions is None:
+            from ratepay_oms.process.loader import default_process_dir, load_processes
+
+            definitions = load_processes(default_process_dir(process_dir), self.registry)
+        self._compiled: dict[str, CompiledProcess] = compile_processes(
+            dict(definitions), self.registry
+        )
+        self.services: dict[str, Any] = dict(services or {})
+        self.worker_id = worker_id or default_worker_id()
+        self.lease_seconds = lease_seconds
+        self.batch_size = batch_size
+        self.db = create_db_engine(self.database_url)
+        self._sessions = session_factory(self.db)
+        self.claims = Claims(self._sessions, self.worker_id, lease_seconds)
+        self.origin = Origin.current()
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def upgrade_db(self) -> None:
+        upgrade(self.database_url)
+
+    def session(self) -> Session:
+        """A new session (use as a context manager) for plugins and console queries."""
+        return self._sessions()
+
+    def definitions(self) -> Mapping[str, ProcessDefinition]:
+        return {name: c.definition for name, c in self._compiled.items()}
+
+    def clear_expired_leases(self) -> int:
+        """Release leases whose worker died (``locks clear``); returns how many."""
+        return self.claims.clear_expired()
+
+    def close(self) -> None:
+        self.db.dispose()
+
+    def _definition(self, process: str) -> ProcessDefinition:
+        compiled = self._compiled.get(process)
+        if compiled is None:
+            known = ", ".join(sorted(self._compiled)) or "none loaded"
+            raise UnknownProcessError(f"unknown process {process!r} (known processes: {known})")
+        return compiled.definition
+
+    def _runner(self, session: Session, now: datetime, stats: RunStats | None = None) -> Runner:
+        return Runner(
+            session, self._compiled, self.registry, self.services, now, self.origin, stats
+        )
+
+    # -- placing orders --------------------------------------------------------------------
+
+    def place_order(
+        self,
+        order: OrderInput | Mapping[str, Any],
+        *,
+        now: datetime | None = None,
+        fire: bool = True,
+    ) -> OrderView:
+        """Store the order with one item row per unit in the process's initial state.
+
+        With ``fire`` the on-enter cascade of the initial state runs at once, in the same
+        transaction (as Spryker does at checkout); otherwise the next tick runs it.
+        """
+        order_input = order if isinstance(order, OrderInput) else parse_order(order)
+        definition = self._definition(order_input.process)
+        now = naive_utc(now)
+        try:
+            with self._sessions() as session, session.begin():
+                self._refuse_duplicate(session, order_input.order_ref)
+                row = Order(
+                    order_ref=order_input.order_ref,
+                    process=definition.name,
+                    currency=order_input.currency,
+                    customer_ref=order_input.customer.customer_ref,
+                    data=_dump(order_input.to_dict()),
+                    goods_total=order_input.goods_total,
+                    created_at=now,
+                )
+                session.add(row)
+                session.flush()
+                items = [
+                    OrderItem(
+                        order_id=row.id,
+                        line_no=line_no,
+                        sku=line.sku,
+                        name=line.name,
+                        unit_price_gross=line.unit_price_gross,
+                        tax_rate=line.tax_rate,
+                        discount=line.discount,
+                        process=definition.name,
+                        state=definition.initial,
+                        state_entered_at=now,
+                        attempts=0,
+                    )
+                    for line_no, line in enumerate(order_input.items)
+                    for _ in range(line.quantity)
+                ]
+                session.add_all(items)
+                session.flush()
+                runner = self._runner(session, now)
+                runner.writer.enter_initial(items, definition)
+                on_enter = definition.on_enter_event(definition.initial)
+                if fire and on_enter is not None:
+                    runner.run(group_items([(i, on_enter.name) for i in items], {row.id: row}))
+                session.flush()
+                view = OrderView.of(row, items)
+        except IntegrityError as exc:
+            with self._sessions() as session:
+                if session.scalar(select(Order.id).where(Order.order_ref == order_input.order_ref)):
+                    raise _duplicate(order_input.order_ref) from exc
+            raise
+        log.info("placed order %s (%s, %d items)", view.order_ref, view.process, len(view.items))
+        return view
+
+    @staticmethod
+    def _refuse_duplicate(session: Session, order_ref: str) -> None:
+        if session.scalar(select(Order.id).where(Order.order_ref == order_ref)) is not None:
+            raise _duplicate(order_ref)
+
+    # -- manual events ---------------------------------------------------------------------
+
+    def trigger(
+        self,
+        event: str,
+        order_ref: str,
+        item_ids: Sequence[int] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> TriggerResult:
+        """Fire a manual event for items of one order (default: every item that accepts it).
+
+        Refuses (``ManualEventError``, nothing written) an unknown or non-manual event and
+        items whose state does not accept it; ``OrderLockedError`` while another worker holds
+        the order's lease.
+        """
+        now = naive_utc(now)
+        with self._sessions() as session:
+            order = self._find(session, order_ref)
+            definition = self._definition(order.process)
+            items = list(session.scalars(select(OrderItem).where(OrderItem.order_id == order.id)))
+            selected = _select_for_event(definition, order_ref, event, items, item_ids)
+            order_id = order.id
+        if not self.claims.claim([order_id]):
+            holder, until = self.claims.holder(order_id)
+            raise OrderLockedError(
+                f"order {order_ref} is being worked on by {holder} (lease until {until} UTC); "
+                "try again shortly, or run 'locks clear' if that worker died"
+            )
+        stats = RunStats()
+        try:
+            with self._sessions() as session, session.begin():
+                order = session.get_one(Order, order_id)
+                items = list(
+                    session.scalars(
+                        select(OrderItem)
+                        .where(OrderItem.order_id == order_id)
+                        .order_by(OrderItem.id)
+                    )
+                )
+                # Re-check under the lease: a tick may have moved them since.
+                chosen = _select_for_event(
+                    definition, order_ref, event, items, [i.id for i in selected]
+                )
+                self._runner(session, now, stats).run(
+                    group_items([(i, event) for i in chosen], {order.id: order}),
+                    record_stays=True,
+                )
+        finally:
+            self.claims.release([order_id])
+        return TriggerResult(
+            event=event,
+            moved=list(stats.moves),
+            stayed=list(stats.stayed),
+            errors=list(stats.error_messages),
+        )
+
+    # -- the tick --------------------------------------------------------------------------
+
+    def tick(
+        self,
+        *,
+        now: datetime | None = None,
+        limit: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> TickResult:
+        """Do all due work: retries, timeouts, on-enter leftovers, event-less transitions."""
+        runner = TickRunner(
+            sessions=self._sessions,
+            compiled=self._compiled,
+            registry=self.registry,
+            services=self.services,
+            claims=self.claims,
+            origin=self.origin,
+            batch_size=self.batch_size,
+        )
+        return runner.run(naive_utc(now), limit=limit, progress=progress)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _find(session: Session, order_ref: str) -> Order:
+        order = session.scalar(select(Order).where(Order.order_ref == order_ref))
+        if order is None:
+            raise OrderNotFoundError(f"no order {order_ref!r}")
+        return order
+
+    def order(self, order_ref: str) -> OrderView:
+        with self._sessions() as session:
+            order = self._find(session, order_ref)
+            items = list(session.scalars(select(OrderItem).where(OrderItem.order_id == order.id)))
+            return OrderView.of(order, items)
+
+    def orders(self, *, state: str | None = None, process: str | None = None) -> list[OrderView]:
+        """Orders (oldest first), optionally only those of ``process`` or with an item in
+        ``state``."""
+        with self._sessions() as session:
+            query = select(Order).order_by(Order.id)
+            if process is not None:
+                query = query.where(Order.process == process)
+            if state is not None:
+                query = query.where(
+                    Order.id.in_(select(OrderItem.order_id).where(OrderItem.state == state))
+                )
+            orders = list(session.scalars(query))
+            by_order: dict[int, list[OrderItem]] = {o.id: [] for o in orders}
+            if orders:
+                item_query = select(OrderItem).order_by(OrderItem.id)
+                if process is not None or state is not None:
+                    item_query = item_query.where(OrderItem.order_id.in_(list(by_order)))
+                for item in session.scalars(item_query):
+                    if item.order_id in by_order:
+                        by_order[item.order_id].append(item)
+            return [OrderView.of(o, by_order[o.id]) for o in orders]
+
+    def history(self, order_ref: str) -> list[HistoryEntry]:
+        with self._sessions() as session:
+            order = self._find(session, order_ref)
+            rows = session.execute(
+                select(StateHistory, OrderItem.sku)
+                .join(OrderItem, OrderItem.id == StateHistory.item_id)
+                .where(StateHistory.order_id == order.id)
+                .order_by(StateHistory.id)
+            )
+            return [
+                HistoryEntry(h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at)
+                for h, sku in rows
+            ]
+
+    def transition_log(self, order_ref: str) -> list[TransitionLogEntry]:
+        with self._sessions() as session:
+            order = self._find(session, order_ref)
+            rows = session.scalars(
+                select(TransitionLog)
+                .where(TransitionLog.order_id == order.id)
+                .order_by(TransitionLog.id)
+            )
+            return [TransitionLogEntry.of(r) for r in rows]
+
+
+def _dump(data: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def _duplicate(order_ref: str) -> OrderInputError:
+    return OrderInputError(f"order_ref: an order {order_ref!r} exists already")
+
+
+def _select_for_event(
+    definition: ProcessDefinition,
+    order_ref: str,
+    event: str,
+    items: Sequence[OrderItem],
+    item_ids: Sequence[int] | None,
+) -> list[OrderItem]:
+    """The items a manual ``event`` applies to, or ``ManualEventError`` saying why none/not."""
+    event_def = definition.events.get(event)
+    if event_def is None:
+        manual = sorted(n for n, e in definition.events.items() if e.manual)
+        raise ManualEventError(
+            f"unknown event {event!r} in process {definition.name} "
+            f"(manual events: {', '.join(manual) or 'none'})"
+        )
+    if not event_def.manual:
+        how = (
+            "on entering its state"
+            if event_def.on_enter
+            else "by its timeout"
+            if event_def.timeout is not None
+            else "by the engine"
+        )
+        raise ManualEventError(
+            f"event {event!r} is not manual in process {definition.name}: it fires {how}"
+        )
+
+    def accepts(item: OrderItem) -> str:
+        names = definition.manual_events(item.state)
+        return ", ".join(names) if names else "no manual event"
+
+    if item_ids is None:
+        chosen = [i for i in items if event in definition.events_from(i.state)]
+        if not chosen:
+            states = sorted({i.state for i in items})
+            detail = "; ".join(
+                f"{s}: accepts {accepts(next(i for i in items if i.state == s))}" for s in states
+            )
+            raise ManualEventError(
+                f"no item of order {order_ref} is in a state that accepts {event!r} ({detail})"
+            )
+        return chosen
+    by_id = {i.id: i for i in items}
+    problems: list[str] = []
+    chosen = []
+    for item_id in dict.fromkeys(item_ids):
+        item = by_id.get(item_id)
+        if item is None:
+            problems.append(f"item {item_id} is not an item of order {order_ref}")
+        elif event not in definition.events_from(item.state):
+            problems.append(f"item {item_id} is in {item.state!r}, which accepts {accepts(item)}")
+        else:
+            chosen.append(item)
+    if problems:
+        raise ManualEventError(f"cannot fire {event!r}: " + "; ".join(problems))
+    return chosen

@@ -1,0 +1,313 @@
+"""The tick: everything periodic, in order, in batches, one leased order at a time.
+
+Four kinds of due work, done in this order so that one tick settles what the previous steps
+started: (1) retries whose time has come, (2) timeouts that are due, (3) items resting in a
+state that has an on-enter event (a crash or a failure left them there), (4) items in a state
+with event-less transitions (their conditions are polled). Items with a retry scheduled are
+left to step 1, so a failing timeout or on-enter command is retried with backoff instead of on
+every tick (Spryker's timeout check re-fires it every run).
+
+Each step walks the due items in batches ordered by order id (keyset, not OFFSET, so memory
+and query cost stay flat for 100,000 waiting items). A batch leases its orders first, then
+re-reads what is due *for the leased orders only* in the transaction that does the work: what
+another worker finished in the meantime is no longer due, so no command runs twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ratepay_oms.engine.claims import Claims
+from ratepay_oms.engine.compiler import CompiledProcess
+from ratepay_oms.engine.persist import Origin, chunked
+from ratepay_oms.engine.plugins import PluginRegistry
+from ratepay_oms.engine.runner import Runner, RunStats, group_items
+from ratepay_oms.engine.views import TickResult
+from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 500
+
+Pairs = list[tuple[OrderItem, str | None]]
+
+
+def _states_filter(states_by_process: Mapping[str, Sequence[str]]) -> ColumnElement[bool]:
+    clauses = [
+        and_(OrderItem.process == process, OrderItem.state.in_(states))
+        for process, states in states_by_process.items()
+        if states
+    ]
+    return or_(*clauses) if clauses else false()
+
+
+class _Step:
+    """One kind of due work: which orders have some, and which (item, event) pairs to fire."""
+
+    name = "step"
+
+    def __init__(self, definitions: Mapping[str, CompiledProcess], now: datetime) -> None:
+        self.compiled = definitions
+        self.now = now
+
+    def due(self) -> ColumnElement[bool]:
+        raise NotImplementedError
+
+    def due_orders(self, session: Session, after: int, limit: int) -> list[int]:
+        rows = session.scalars(
+            select(OrderItem.order_id)
+            .where(self.due(), OrderItem.order_id > after)
+            .order_by(OrderItem.order_id)
+            .limit(limit)
+        )
+        return list(dict.fromkeys(rows))
+
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
+        raise NotImplementedError
+
+
+class _Retries(_Step):
+    name = "retries"
+
+    def due(self) -> ColumnElement[bool]:
+        return and_(OrderItem.retry_at <= self.now, OrderItem.process.in_(list(self.compiled)))
+
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
+        pairs: Pairs = []
+        stale: list[int] = []
+        for part in chunked(list(order_ids)):
+            items = session.scalars(
+                select(OrderItem)
+                .where(OrderItem.order_id.in_(part), self.due())
+                .order_by(OrderItem.id)
+            )
+            for item in items:
+                definition = self.compiled[item.process].definition
+                event = item.retry_event
+                if event is None:
+                    applies = definition.has_eventless(item.state)
+                else:
+                    applies = event in definition.events_from(item.state)
+                if applies:
+                    pairs.append((item, event))
+                else:
+                    stale.append(item.id)
+        for part in chunked(stale):
+            # The item left the state its event failed in some other way: nothing to retry.
+            session.execute(
+                update(OrderItem)
+                .where(OrderItem.id.in_(part))
+                .values(retry_event=None, retry_at=None)
+                .execution_options(synchronize_session=False)
+            )
+        return pairs
+
+
+class _Timeouts(_Step):
+    name = "timeouts"
+
+    def due(self) -> ColumnElement[bool]:
+        return and_(
+            EventTimeout.due_at <= self.now,
+            EventTimeout.state == OrderItem.state,
+            OrderItem.retry_at.is_(None),
+            OrderItem.process.in_(list(self.compiled)),
+        )
+
+    def due_orders(self, session: Session, after: int, limit: int) -> list[int]:
+        rows = session.scalars(
+            select(OrderItem.order_id)
+            .join(EventTimeout, EventTimeout.item_id == OrderItem.id)
+            .where(self.due(), OrderItem.order_id > after)
+            .order_by(OrderItem.order_id)
+            .limit(limit)
+        )
+        return list(dict.fromkeys(rows))
+
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
+        chosen: dict[int, tuple[OrderItem, str]] = {}
+        for part in chunked(list(order_ids)):
+            rows = session.execute(
+                select(OrderItem, EventTimeout.event)
+                .join(EventTimeout, EventTimeout.item_id == OrderItem.id)
+                .where(OrderItem.order_id.in_(part), self.due())
+                .order_by(EventTimeout.due_at, EventTimeout.id)
+            )
+            for item, event in rows:
+                # Two timeouts due at once: the earlier fires now; if the item stays, the
+                # other fires on the next tick.
+                if item.id in chosen:
+                    continue
+                if event in self.compiled[item.process].definition.events_from(item.state):
+                    chosen[item.id] = (item, event)
+        return [chosen[k] for k in sorted(chosen)]
+
+
+class _StateStep(_Step):
+    """Items resting in particular states of each process (on-enter or event-less)."""
+
+    def __init__(self, definitions: Mapping[str, CompiledProcess], now: datetime) -> None:
+        super().__init__(definitions, now)
+        self.states = {
+            name: [s for s in self._states_of(c) if self._event_of(c, s) is not _NO_WORK]
+            for name, c in definitions.items()
+        }
+
+    def _states_of(self, compiled: CompiledProcess) -> list[str]:
+        found: dict[str, None] = {}
+        for t in compiled.definition.transitions:
+            found.setdefault(t.source, None)
+        return list(found)
+
+    def _event_of(self, compiled: CompiledProcess, state: str) -> Any:
+        raise NotImplementedError
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.states.values())
+
+    def due(self) -> ColumnElement[bool]:
+        return and_(_states_filter(self.states), OrderItem.retry_at.is_(None))
+
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
+        pairs: Pairs = []
+        for part in chunked(list(order_ids)):
+            items = session.scalars(
+                select(OrderItem)
+                .where(OrderItem.order_id.in_(part), self.due())
+                .order_by(OrderItem.id)
+            )
+            for item in items:
+                pairs.append((item, self._event_of(self.compiled[item.process], item.state)))
+        return pairs
+
+
+_NO_WORK = object()
+
+
+class _OnEnter(_StateStep):
+    name = "on_enter"
+
+    def _event_of(self, compiled: CompiledProcess, state: str) -> Any:
+        event = compiled.definition.on_enter_event(state)
+        return event.name if event is not None else _NO_WORK
+
+
+class _EventLess(_StateStep):
+    name = "eventless"
+
+    def _event_of(self, compiled: CompiledProcess, state: str) -> Any:
+        return None if compiled.definition.has_eventless(state) else _NO_WORK
+
+
+@dataclass
+class TickRunner:
+    """Runs one tick; built by ``Engine.tick`` with the engine's parts."""
+
+    sessions: sessionmaker[Session]
+    compiled: Mapping[str, CompiledProcess]
+    registry: PluginRegistry
+    services: Mapping[str, Any]
+    claims: Claims
+    origin: Origin
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def run(
+        self,
+        now: datetime,
+        limit: int | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> TickResult:
+        started = time.perf_counter()
+        stats = RunStats()
+        orders_seen: set[int] = set()
+        processed = 0
+        timeouts_fired = 0
+        steps: list[_Step] = [_Retries(self.compiled, now), _Timeouts(self.compiled, now)]
+        for state_step in (_OnEnter(self.compiled, now), _EventLess(self.compiled, now)):
+            if not state_step.empty:
+                steps.append(state_step)
+        for step in steps:
+            after = 0
+            while limit is None or processed < limit:
+                size = self.batch_size if limit is None else min(self.batch_size, limit - processed)
+                with self.sessions() as session:
+                    order_ids = step.due_orders(session, after, size)
+                if not order_ids:
+                    break
+                after = order_ids[-1]
+                claimed = self.claims.claim(order_ids)
+                if not claimed:
+                    continue
+                try:
+                    done, orders = self._batch(step, claimed, now, stats, limit, processed)
+                finally:
+                    self.claims.release(claimed)
+                processed += done
+                orders_seen.update(orders)
+                if step.name == "timeouts":
+                    timeouts_fired += done
+                if progress is not None:
+                    progress(processed)
+        result = TickResult(
+            items_moved=stats.items_moved,
+            commands_run=stats.commands_run,
+            errors=stats.errors,
+            retries_scheduled=stats.retries_scheduled,
+            timeouts_fired=timeouts_fired,
+            orders_seen=len(orders_seen),
+            duration_s=time.perf_counter() - started,
+            error_messages=tuple(stats.error_messages),
+        )
+        log.info("%s", result.summary())
+        return result
+
+    def _batch(
+        self,
+        step: _Step,
+        claimed: Sequence[int],
+        now: datetime,
+        stats: RunStats,
+        limit: int | None,
+        processed: int,
+    ) -> tuple[int, set[int]]:
+        with self.sessions() as session, session.begin():
+            pairs = step.due_items(session, claimed)
+            if limit is not None:
+                pairs = _whole_orders(pairs, limit - processed)
+            if not pairs:
+                return 0, set()
+            order_ids = sorted({item.order_id for item, _ in pairs})
+            orders: dict[int, Order] = {}
+            for part in chunked(order_ids):
+                orders.update(
+                    (o.id, o) for o in session.scalars(select(Order).where(Order.id.in_(part)))
+                )
+            runner = Runner(
+                session, self.compiled, self.registry, self.services, now, self.origin, stats
+            )
+            runner.run(group_items(pairs, orders))
+            return len(pairs), set(order_ids)
+
+
+def _whole_orders(pairs: Pairs, room: int) -> Pairs:
+    """At most ``room`` pairs without splitting an order (but at least one order)."""
+    if len(pairs) <= room:
+        return pairs
+    by_order: dict[int, Pairs] = {}
+    for pair in pairs:
+        by_order.setdefault(pair[0].order_id, []).append(pair)
+    kept: Pairs = []
+    for group in by_order.values():
+        if kept and len(kept) + len(group) > room:
+            break
+        kept.extend(group)
+    return kept
