@@ -30,8 +30,13 @@ def order_100045() -> Transaction:
     tx = Transaction("31-202401151000042", "K7QP.2M9X.T4ZA.8LWC", "P", NOW)
     tx.state = ledger.REQUESTED
     ledger.authorise(
-        tx, [item("SKU-100", 3, "12.50"), item("SKU-200", 1, "49.90", "-4.90"),
-             shipping("4.95"), voucher("-5.00")],
+        tx,
+        [
+            item("SKU-100", 3, "12.50"),
+            item("SKU-200", 1, "49.90", "-4.90"),
+            shipping("4.95"),
+            voucher("-5.00"),
+        ],
     )
     return tx
 
@@ -43,8 +48,13 @@ def counts(tx: Transaction, key: str) -> tuple[object, object, object, object]:
 
 def test_basket_sum_follows_the_protocol_formula() -> None:
     # RatePAY's 1.8 example: 6×10 + 1×100 + 2×(50−10) − 15 + 5 = 230.00
-    lines = [item("A", 6, "10"), item("B", 1, "100"), item("C", 2, "50", "-10"),
-             voucher("-15"), shipping("5")]
+    lines = [
+        item("A", 6, "10"),
+        item("B", 1, "100"),
+        item("C", 2, "50", "-10"),
+        voucher("-15"),
+        shipping("5"),
+    ]
     assert ledger.basket_sum(lines) == D("230.00")
 
 
@@ -90,8 +100,12 @@ def test_refused_follow_up_changes_nothing() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    [item("SKU-999", 1, "12.50"), item("SKU-100", 1, "12.00"), item("SKU-200", 1, "49.90"),
-     BasketLine("item", D("12.50"), D("7"), "SKU-100", "", 1)],
+    [
+        item("SKU-999", 1, "12.50"),
+        item("SKU-100", 1, "12.00"),
+        item("SKU-200", 1, "49.90"),
+        BasketLine("item", D("12.50"), D("7"), "SKU-100", "", 1),
+    ],
     ids=["unknown-position", "other-price", "missing-item-discount", "other-tax-rate"],
 )
 def test_position_not_as_authorised_is_refused(line: BasketLine) -> None:
@@ -127,8 +141,12 @@ def test_full_cancellation_with_an_empty_basket_books_everything_open() -> None:
     tx = order_100045()
     ledger.deliver(tx, [item("SKU-100", 1, "12.50")], NOW)
     booking = ledger.cancel(tx, [], NOW)
-    assert booking.positions == {"SKU-100": 2, "SKU-200": 1, "shipping": D("4.95"),
-                                 "discount": D("-5.00")}
+    assert booking.positions == {
+        "SKU-100": 2,
+        "SKU-200": 1,
+        "shipping": D("4.95"),
+        "discount": D("-5.00"),
+    }
     assert counts(tx, "SKU-100") == (0, 1, 2, 0)
     ledger.return_goods(tx, [], NOW)
     assert tx.state == ledger.CLOSED

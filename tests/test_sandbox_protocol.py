@@ -52,22 +52,32 @@ def init(sandbox: RunningSandbox) -> str:
 def authorised(sandbox: RunningSandbox, last_name: str = "Beispiel") -> tuple[str, etree._Element]:
     tx = init(sandbox)
     basket = basket_xml(ORDER, shipping="4.95", discount="-5.00")
-    root = post(sandbox, request_xml(
-        "PAYMENT_REQUEST", sandbox.settings, transaction_id=tx, order_id="100045",
-        content=[customer_xml(last_name), basket, payment_xml(basket.get("amount"))],
-    ))
+    root = post(
+        sandbox,
+        request_xml(
+            "PAYMENT_REQUEST",
+            sandbox.settings,
+            transaction_id=tx,
+            order_id="100045",
+            content=[customer_xml(last_name), basket, payment_xml(basket.get("amount"))],
+        ),
+    )
     return tx, root
 
 
 def follow_up(sandbox, tx, op, basket, subtype=None) -> etree._Element:
-    return post(sandbox, request_xml(op, sandbox.settings, transaction_id=tx, subtype=subtype,
-                                     content=[basket]))
+    return post(
+        sandbox,
+        request_xml(op, sandbox.settings, transaction_id=tx, subtype=subtype, content=[basket]),
+    )
 
 
 def test_payment_init_issues_ids_in_ratepay_formats(sandbox: RunningSandbox) -> None:
     root = post(sandbox, request_xml("PAYMENT_INIT", sandbox.settings))
     assert re.fullmatch(r"\d{2}-\d{8}\d{7}", text(root, "r:head/r:transaction-id"))
-    assert re.fullmatch(r"([0-9A-Z]{4}\.){3}[0-9A-Z]{4}", text(root, "r:head/r:transaction-short-id"))
+    assert re.fullmatch(
+        r"([0-9A-Z]{4}\.){3}[0-9A-Z]{4}", text(root, "r:head/r:transaction-short-id")
+    )
     assert text(root, "r:head/r:response-type") == "STATUS_RESPONSE"
     assert text(root, "r:head/r:system-id") == sandbox.settings["SYSTEM_ID"]
     assert root.find("r:head/r:processing/r:timestamp", NS).text.endswith(".000")
@@ -97,10 +107,15 @@ def test_payment_request_declines_ablehnung_and_refuses_follow_ups(sandbox) -> N
 def test_payment_request_declines_a_basket_over_the_limit(sandbox) -> None:
     tx = init(sandbox)
     basket = basket_xml([("TV", 1, "5000.01")])
-    root = post(sandbox, request_xml(
-        "PAYMENT_REQUEST", sandbox.settings, transaction_id=tx,
-        content=[customer_xml(), basket, payment_xml("5000.01")],
-    ))
+    root = post(
+        sandbox,
+        request_xml(
+            "PAYMENT_REQUEST",
+            sandbox.settings,
+            transaction_id=tx,
+            content=[customer_xml(), basket, payment_xml("5000.01")],
+        ),
+    )
     assert outcome(root) == ("OK", 703, 401)
 
 
@@ -127,18 +142,31 @@ def test_wrong_credentials_are_refused(sandbox, mutate, expected) -> None:
 def test_head_rules(sandbox) -> None:
     s = sandbox.settings
     assert outcome(post(sandbox, request_xml("PAYMENT_INIT", s, credential=False))) == (
-        "ERROR", 121, 150)
+        "ERROR",
+        121,
+        150,
+    )
     assert outcome(post(sandbox, request_xml("PAYMENT_RUN", s)))[1] == 202
     assert outcome(post(sandbox, request_xml("", s)))[1] == 201
     assert outcome(post(sandbox, request_xml("PAYMENT_INIT", s, transaction_id="31-x")))[1] == 206
     assert outcome(post(sandbox, request_xml("PAYMENT_INIT", s, content=[])))[1] == 208
     assert outcome(post(sandbox, request_xml("PROFILE_REQUEST", s, transaction_id="1")))[1] == 206
     tx = init(sandbox)
-    assert outcome(post(sandbox, request_xml("PAYMENT_CHANGE", s, transaction_id=tx,
-                                             content=[basket_xml()])))[1] == 214
-    assert outcome(post(sandbox, request_xml("CONFIRMATION_DELIVER", s, transaction_id=tx)))[1] == 209
-    assert outcome(post(sandbox, request_xml("CONFIRMATION_DELIVER", s, content=[basket_xml()])))[
-        1] == 200  # transaction-id mandatory
+    assert (
+        outcome(
+            post(
+                sandbox, request_xml("PAYMENT_CHANGE", s, transaction_id=tx, content=[basket_xml()])
+            )
+        )[1]
+        == 214
+    )
+    assert (
+        outcome(post(sandbox, request_xml("CONFIRMATION_DELIVER", s, transaction_id=tx)))[1] == 209
+    )
+    assert (
+        outcome(post(sandbox, request_xml("CONFIRMATION_DELIVER", s, content=[basket_xml()])))[1]
+        == 200
+    )  # transaction-id mandatory
     assert outcome(post(sandbox, request_xml("CALCULATION_REQUEST", s)))[1] == 234
 
 
@@ -155,14 +183,27 @@ def test_head_rules(sandbox) -> None:
         (lambda b: [customer_xml(), b, payment_xml("82.45", method="ELV")], 230),
         (lambda b: [customer_xml(), b, payment_xml("82.40")], 200),
     ],
-    ids=["no-customer", "no-last-name", "no-contacts", "no-addresses", "no-birth-date",
-         "no-basket", "no-payment", "elv-without-bank", "payment-amount-mismatch"],
+    ids=[
+        "no-customer",
+        "no-last-name",
+        "no-contacts",
+        "no-addresses",
+        "no-birth-date",
+        "no-basket",
+        "no-payment",
+        "elv-without-bank",
+        "payment-amount-mismatch",
+    ],
 )
 def test_payment_request_mandatory_content(sandbox, content, reason) -> None:
     tx = init(sandbox)
     basket = basket_xml(ORDER, shipping="4.95", discount="-5.00")
-    root = post(sandbox, request_xml("PAYMENT_REQUEST", sandbox.settings, transaction_id=tx,
-                                     content=content(basket)))
+    root = post(
+        sandbox,
+        request_xml(
+            "PAYMENT_REQUEST", sandbox.settings, transaction_id=tx, content=content(basket)
+        ),
+    )
     assert outcome(root) == ("ERROR", reason, 150)
     # a failed PAYMENT_REQUEST burns the transaction: RatePAY wants a new one
     assert sandbox.gateway.transactions[tx].state == "failed"
@@ -177,14 +218,19 @@ def test_basket_sum_mismatch_is_validation_error_200(sandbox) -> None:
 
 def test_worked_example_over_http_and_status_lookup(sandbox) -> None:
     tx, _ = authorised(sandbox)
-    confirm = post(sandbox, request_xml("PAYMENT_CONFIRM", sandbox.settings, transaction_id=tx,
-                                        order_id="100045"))
+    confirm = post(
+        sandbox,
+        request_xml("PAYMENT_CONFIRM", sandbox.settings, transaction_id=tx, order_id="100045"),
+    )
     assert outcome(confirm) == ("OK", 303, 400)
     steps = [
-        ("CONFIRMATION_DELIVER", None, basket_xml([("SKU-100", 2, "12.50")], shipping="4.95"),
-         ("OK", 303, 404)),
-        ("PAYMENT_CHANGE", "cancellation", basket_xml([("SKU-100", 1, "12.50")]),
-         ("OK", 700, 403)),
+        (
+            "CONFIRMATION_DELIVER",
+            None,
+            basket_xml([("SKU-100", 2, "12.50")], shipping="4.95"),
+            ("OK", 303, 404),
+        ),
+        ("PAYMENT_CHANGE", "cancellation", basket_xml([("SKU-100", 1, "12.50")]), ("OK", 700, 403)),
         ("CONFIRMATION_DELIVER", None, basket_xml([ORDER[1]], discount="-5.00"), ("OK", 303, 404)),
         ("PAYMENT_CHANGE", "return", basket_xml([("SKU-100", 1, "12.50")]), ("OK", 700, 403)),
         ("PAYMENT_CHANGE", "credit", basket_xml(discount="-7.50"), ("OK", 700, 403)),
@@ -200,8 +246,12 @@ def test_worked_example_over_http_and_status_lookup(sandbox) -> None:
     for op, subtype, basket in refused:
         assert outcome(follow_up(sandbox, tx, op, basket, subtype)) == ("ERROR", 2300, 150)
     led = sandbox.gateway.ledger(tx)
-    assert (led["SKU-100"].open, led["SKU-100"].delivered, led["SKU-100"].cancelled,
-            led["SKU-100"].returned) == (0, 2, 1, 1)
+    assert (
+        led["SKU-100"].open,
+        led["SKU-100"].delivered,
+        led["SKU-100"].cancelled,
+        led["SKU-100"].returned,
+    ) == (0, 2, 1, 1)
     assert (led["SKU-200"].open, led["SKU-200"].delivered) == (0, 1)
     assert led["shipping"].delivered == Decimal("4.95")
     assert led["discount"].delivered == Decimal("-5.00")
@@ -235,8 +285,9 @@ def test_full_cancellation_with_empty_basket(sandbox) -> None:
 
 def test_change_order(sandbox) -> None:
     tx, _ = authorised(sandbox)
-    basket = basket_xml([("SKU-100", 3, "12.50"), ("SKU-210", 1, "30.00")], shipping="4.95",
-                        discount="-5.00")
+    basket = basket_xml(
+        [("SKU-100", 3, "12.50"), ("SKU-210", 1, "30.00")], shipping="4.95", discount="-5.00"
+    )
     assert basket.get("amount") == "67.45"
     root = follow_up(sandbox, tx, "PAYMENT_CHANGE", basket, "change-order")
     assert outcome(root) == ("OK", 700, 403)
@@ -246,8 +297,16 @@ def test_change_order(sandbox) -> None:
 
 def test_payment_query_lists_products(sandbox) -> None:
     tx = init(sandbox)
-    root = post(sandbox, request_xml("PAYMENT_QUERY", sandbox.settings, transaction_id=tx,
-                                     subtype="full", content=[customer_xml(), basket_xml(ORDER)]))
+    root = post(
+        sandbox,
+        request_xml(
+            "PAYMENT_QUERY",
+            sandbox.settings,
+            transaction_id=tx,
+            subtype="full",
+            content=[customer_xml(), basket_xml(ORDER)],
+        ),
+    )
     assert outcome(root) == ("OK", 700, 402)
     assert text(root, "r:head/r:response-type") == "PAYMENT_PRODUCTS"
     methods = [p.get("method") for p in root.iterfind("r:content/r:products/r:product", NS)]
@@ -270,9 +329,12 @@ def calc(sandbox, subtype: str, amount: str, tag: str, value: str) -> etree._Ele
     c = etree.Element(f"{{{RATEPAY_NS}}}installment-calculation")
     etree.SubElement(c, f"{{{RATEPAY_NS}}}amount").text = amount
     wrapper = etree.SubElement(c, f"{{{RATEPAY_NS}}}calculation-{tag}")
-    etree.SubElement(wrapper, f"{{{RATEPAY_NS}}}{'month' if tag == 'time' else 'rate'}").text = value
-    return post(sandbox, request_xml("CALCULATION_REQUEST", sandbox.settings, subtype=subtype,
-                                     content=[c]))
+    etree.SubElement(
+        wrapper, f"{{{RATEPAY_NS}}}{'month' if tag == 'time' else 'rate'}"
+    ).text = value
+    return post(
+        sandbox, request_xml("CALCULATION_REQUEST", sandbox.settings, subtype=subtype, content=[c])
+    )
 
 
 def plan(root: etree._Element) -> dict[str, str]:
