@@ -33,6 +33,7 @@ from ratepay_oms.process.errors import (
     WARNING,
     ProcessDefinitionError,
     ProcessProblem,
+    Severity,
     UnknownProcessError,
     has_errors,
 )
@@ -183,9 +184,9 @@ class _FileReader:
     def loc(self, node: Node) -> SourceLocation:
         return SourceLocation(self.file, node.start_mark.line + 1)
 
-    def report(self, node: Node | None, message: str, severity: str = ERROR) -> None:
+    def report(self, node: Node | None, message: str, severity: Severity = ERROR) -> None:
         line = None if node is None else node.start_mark.line + 1
-        self.problems.append(ProcessProblem(self.file, line, message, severity))  # type: ignore[arg-type]
+        self.problems.append(ProcessProblem(self.file, line, message, severity))
 
     # -- shapes -------------------------------------------------------------------------------
     def pairs(self, node: Node, what: str) -> list[tuple[str, Node, Node]] | None:
@@ -193,12 +194,12 @@ class _FileReader:
         if not isinstance(node, MappingNode):
             self.report(node, f"{what} must be a mapping, not {_kind(node)}")
             return None
-        out = []
+        out: list[tuple[str, Node, Node]] = []
         for key, value in node.value:
             if not isinstance(key, ScalarNode) or key.tag == _TAG + "null":
                 self.report(key, f"{what}: keys must be names, not {_kind(key)}")
                 continue
-            out.append((key.value, key, value))
+            out.append((str(key.value), key, value))
         return out
 
     def fields(
