@@ -1,0 +1,238 @@
+"""Hostile and broken gateways over real HTTP: our own tiny ``http.server`` on loopback.
+
+The sandbox covers the faults a real gateway has; these servers answer what an attacker or a
+broken proxy would (XXE, billion laughs, huge bodies, foreign XML, wrong status), plus the
+retry rules for refused connections.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ratepay_oms.ratepay import (
+    MemoryApiLogSink,
+    PaymentInfo,
+    RatepayFacade,
+    RatepaySettings,
+    RatepayTransportError,
+    RequestsTransport,
+)
+from ratepay_oms.ratepay.examples import example_basket, example_customer
+from ratepay_oms.ratepay.xml import RATEPAY_NS
+
+SECRET = "0123456789abcdef0123456789abcdef"
+
+OK_INIT = f"""<?xml version="1.0" encoding="UTF-8"?>
+<response version="1.0" xmlns="{RATEPAY_NS}"><head><system-id>x</system-id>
+<transaction-id>31-202401151000042</transaction-id>
+<transaction-short-id>K7QP.2M9X.T4ZA.8LWC</transaction-short-id>
+<operation>PAYMENT_INIT</operation><response-type>STATUS_RESPONSE</response-type>
+<processing><timestamp>2024-01-15T10:12:03.000</timestamp>
+<status code="OK">Successfully</status><reason code="300">Processing successful</reason>
+<result code="350">Transaction initialized</result></processing></head></response>""".encode()
+
+XXE = f"""<?xml version="1.0"?>
+<!DOCTYPE response [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<response version="1.0" xmlns="{RATEPAY_NS}"><head><operation>PAYMENT_INIT</operation>
+<transaction-id>&xxe;</transaction-id><processing><status code="OK">Successfully</status>
+<reason code="300">x</reason><result code="350">x</result></processing></head></response>
+""".encode()
+
+LAUGHS = (
+    b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + b"".join(
+        f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">'.encode()
+        for i in range(1, 10)
+    )
+    + f']><response xmlns="{RATEPAY_NS}"><head>&lol9;</head></response>'.encode()
+)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self.server.received.append((self.headers.get("Content-Type"), self.rfile.read(length)))
+        status, body = self.server.answer()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml; charset=UTF-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, answer: Callable[[], tuple[int, bytes]], port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.answer = answer
+        self.received: list[tuple[str | None, bytes]] = []
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # the client hanging up on a huge body is the point of some tests
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/api/xml/1_0"
+
+
+def _serve(answer: Callable[[], tuple[int, bytes]], port: int = 0) -> _Server:
+    server = _Server(answer, port)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[[int, bytes], _Server]]:
+    servers: list[_Server] = []
+
+    def start(status: int, body: bytes) -> _Server:
+        server = _serve(lambda: (status, body))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _facade(url: str, log: MemoryApiLogSink, **transport) -> RatepayFacade:
+    settings = RatepaySettings(
+        profile_id="P", security_code=SECRET, api_test_url=url, read_timeout=2
+    )
+    return RatepayFacade(settings, transport=RequestsTransport(**transport), api_log=log)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "why"),
+    [
+        (200, XXE, "DOCTYPE"),
+        (200, LAUGHS, "DOCTYPE"),
+        (200, b"<response" + b" " * 1_100_000 + b"/>", "exceeds"),
+        (200, b"<response><head>", "malformed"),
+        (200, b"", "empty"),
+        (200, OK_INIT.replace(RATEPAY_NS.encode(), b"urn:ratepay/payment/1_0"), "not a RatePAY"),
+        (
+            200,
+            OK_INIT.replace(b"<processing>", b"<x>").replace(b"</processing>", b"</x>"),
+            "processing",
+        ),
+        (200, OK_INIT.replace(b'<status code="OK">', b"<status>"), "no status"),
+        (200, OK_INIT.replace(b'<result code="350">', b"<result>"), "without a result"),
+        (200, OK_INIT.replace(b'code="350"', b'code="35O"'), "non-numeric"),
+        (200, OK_INIT.replace(b">PAYMENT_INIT<", b">PAYMENT_CHANGE<"), "operation"),
+        (500, OK_INIT, "HTTP status 500"),
+        (302, b"", "HTTP status 302"),
+        (404, b"<html/>", "HTTP status 404"),
+    ],
+    ids=[
+        "xxe",
+        "billion-laughs",
+        "oversized",
+        "truncated",
+        "empty",
+        "wrong-namespace",
+        "no-processing",
+        "no-status",
+        "ok-without-result",
+        "non-numeric-code",
+        "other-operation",
+        "http-500",
+        "http-302",
+        "http-404",
+    ],
+)
+def test_hostile_or_broken_answers_are_transport_errors(hostile, status, body, why) -> None:
+    server = hostile(status, body)
+    log = MemoryApiLogSink()
+    with pytest.raises(RatepayTransportError, match=why) as caught:
+        _facade(server.url, log).init_payment()
+    assert caught.value.sent is True
+    assert len(log.records) == 1 and log.records[0].success is False
+    assert log.records[0].error and SECRET not in log.records[0].error
+    assert b"root:" not in (log.records[0].response_xml or "").encode()
+
+
+def test_a_valid_answer_parses_and_the_request_is_text_xml(hostile) -> None:
+    server = hostile(200, OK_INIT)
+    result = _facade(server.url, MemoryApiLogSink()).init_payment()
+    assert result.success and result.transaction_id == "31-202401151000042"
+    content_type, body = server.received[0]
+    assert content_type == "text/xml; charset=UTF-8"
+    assert body.startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
+
+
+def test_a_slow_gateway_raises_a_read_timeout(sandbox) -> None:
+    from ratepay_oms.sandbox import Fault
+
+    sandbox.gateway.faults.add(Fault("delay", operation="PROFILE_REQUEST", delay_s=1.5))
+    settings = RatepaySettings.from_mapping({**sandbox.settings, "READ_TIMEOUT": "0.5"})
+    log = MemoryApiLogSink()
+    started = time.monotonic()
+    with pytest.raises(RatepayTransportError, match="timeout") as caught:
+        RatepayFacade(settings, api_log=log).request_profile()
+    assert caught.value.sent is True
+    assert time.monotonic() - started < 1.4  # the read timeout, not the server, ended it
+    assert log.records[0].error and log.records[0].duration_ms >= 400
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_later(port: int, delay_s: float, servers: list[_Server]) -> None:
+    def run() -> None:
+        time.sleep(delay_s)
+        servers.append(_serve(lambda: (200, OK_INIT), port))
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_refused_connection_is_retried_for_payment_init() -> None:
+    port = _free_port()
+    servers: list[_Server] = []
+    _start_later(port, 0.3, servers)
+    log = MemoryApiLogSink()
+    try:
+        facade = _facade(f"http://127.0.0.1:{port}/api/xml/1_0", log, retries=5, retry_delay_s=0.1)
+        result = facade.init_payment()
+        assert result.success
+        assert len(log.records) == 1  # one logical call, answered after retries
+    finally:
+        time.sleep(0.35)
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def test_refused_connection_is_not_retried_for_payment_request() -> None:
+    port = _free_port()
+    servers: list[_Server] = []
+    _start_later(port, 0.3, servers)
+    log = MemoryApiLogSink()
+    try:
+        facade = _facade(f"http://127.0.0.1:{port}/api/xml/1_0", log, retries=5, retry_delay_s=0.1)
+        with pytest.raises(RatepayTransportError, match="connection failed") as caught:
+            facade.request_payment(
+                "31-202401151000042", example_customer(), example_basket(), PaymentInfo("INVOICE")
+            )
+        assert caught.value.sent is False  # nothing reached the gateway: safe to try later
+        assert log.records[0].operation == "PAYMENT_REQUEST" and log.records[0].error
+        time.sleep(0.5)
+        assert servers and servers[0].received == []  # and it was not re-sent behind our back
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
