@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,45 @@ def attach_ratepay(engine: Any, settings: RatepaySettings | dict[str, str]) -> R
     return facade
 
 
+def demo_engine(db_url: str, settings: RatepaySettings | dict[str, str]) -> Any:
+    """An ``Engine`` on ``db_url`` (schema upgraded) with the shipped processes and a RatePAY
+    facade on ``settings``: what the demo and the flow tests run against."""
+    from ratepay_oms.engine.engine import Engine
+    from ratepay_oms.process.loader import default_process_dir
+
+    engine = Engine(db_url, process_dir=default_process_dir())
+    engine.upgrade_db()
+    attach_ratepay(engine, settings)
+    return engine
+
+
+def sent_basket(request_xml: bytes) -> dict[str, Any] | None:
+    """What a request's ``shopping-basket`` said: amount, items as (key, quantity, unit price,
+    discount) and the shipping / discount amounts (``None`` when not sent); ``None`` when the
+    request had no basket. Used to show and to check what reached the gateway."""
+    from ratepay_oms.ratepay.xml import RATEPAY_NS, parse_xml
+
+    root = parse_xml(request_xml)
+    ns = {"r": RATEPAY_NS}
+    basket = root.find(".//r:shopping-basket", ns)
+    if basket is None:
+        return None
+    items = []
+    for item in basket.findall("r:items/r:item", ns):
+        key = item.get("article-number", "")
+        if item.get("unique-article-number"):
+            key += "/" + item.get("unique-article-number", "")
+        items.append(
+            (key, int(item.get("quantity", "0")), Decimal(item.get("unit-price-gross", "0")),
+             Decimal(item.get("discount", "0")))
+        )
+    special = {}
+    for tag in ("shipping", "discount"):
+        el = basket.find(f"r:{tag}", ns)
+        special[tag] = None if el is None else Decimal(el.get("unit-price-gross", "0"))
+    return {"amount": Decimal(basket.get("amount", "0")), "items": items, **special}
+
+
 # --- the flows ------------------------------------------------------------------------------
 
 
@@ -182,15 +222,14 @@ class DemoRun:
             request = ex.request_xml.decode("utf-8", "replace")
             response = (ex.response_xml or b"").decode("utf-8", "replace")
             ref = re.search(r"<order-id>([^<]*)</order-id>", request)
-            amount = re.search(r'<shopping-basket[^>]*amount="([^"]+)"', request) or re.search(
-                r"<amount>([^<]+)</amount>", request
-            )
+            basket = sent_basket(ex.request_xml)
+            amount = re.search(r"<amount>([^<]+)</amount>", request)
             result = re.search(r'<result code="(\d+)"', response)
             call = Call(
                 order_ref=ref.group(1) if ref else "",
                 operation=ex.operation or "?",
                 subtype=ex.subtype,
-                amount=amount.group(1) if amount else "",
+                amount=str(basket["amount"]) if basket else (amount.group(1) if amount else ""),
                 result=result.group(1) if result else f"HTTP {ex.http_status}",
             )
             new.append(call)
@@ -275,8 +314,6 @@ FLOWS: list[tuple[str, Callable[[DemoRun], None]]] = [
 
 def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
     """Run every flow; 0 when every item ended where it should, 1 otherwise."""
-    from ratepay_oms.engine.engine import Engine
-    from ratepay_oms.process.loader import default_process_dir
     from ratepay_oms.sandbox.testing import start_sandbox
 
     console = console or Console(highlight=False)
@@ -287,9 +324,8 @@ def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
     sandbox = start_sandbox()
     engine = None
     try:
-        engine = Engine(db_url, process_dir=default_process_dir())
-        engine.upgrade_db()
-        facade = attach_ratepay(engine, sandbox.settings)
+        engine = demo_engine(db_url, sandbox.settings)
+        facade = engine.services[SERVICE_NAME]
         console.print(f"[bold]ratepay-oms demo[/bold]  database {db_url}")
         console.print(f"sandbox gateway {sandbox.url}\n")
         now = datetime.now(UTC).replace(tzinfo=None)
