@@ -226,7 +226,7 @@ class _Writer:
         name = f"{{{self.ns}}}{tag}"
         try:
             node = (
-                etree.Element(name, nsmap={None: self.ns})
+                etree.Element(name, nsmap={None: self.ns})  # type: ignore[dict-item]
                 if parent is None
                 else etree.SubElement(parent, name)
             )
@@ -538,7 +538,7 @@ class RequestBuilder:
         op = Operation.PAYMENT_CHANGE
         transaction_id = _check_transaction_id(transaction_id, op)
         full = basket is None
-        if full:
+        if basket is None:
             if subtype not in (ChangeSubtype.CANCELLATION, ChangeSubtype.RETURN):
                 raise RatepayValidationError(f"PAYMENT_CHANGE {subtype} needs a basket")
             basket = Basket(currency=currency)
@@ -548,7 +548,6 @@ class RequestBuilder:
             _check_basket(
                 basket, f"{op} {subtype}", need_item=subtype == ChangeSubtype.CHANGE_ORDER
             )
-        assert basket is not None
         root, _ = self._envelope(
             op, subtype=subtype.value, transaction_id=transaction_id, order_id=order_id
         )

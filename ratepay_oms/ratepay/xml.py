@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any
 
 from lxml import etree
 
@@ -72,7 +73,7 @@ def parse_xml(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> etree._Elem
         raise MalformedXmlError(f"malformed XML: {exc}") from None
     except ValueError as exc:  # e.g. unicode strings with an encoding declaration
         raise MalformedXmlError(f"malformed XML: {exc}") from None
-    docinfo = root.getroottree().docinfo
+    docinfo: Any = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None:
         raise XmlSecurityError("XML document with a DOCTYPE declaration refused")
     if any(isinstance(node, etree._Entity) for node in root.iter()):
