@@ -299,7 +299,7 @@ def test_http_500_is_a_transport_error(facade, sandbox, api_log) -> None:
 def test_malformed_xml_is_a_transport_error_not_a_success(facade, sandbox, api_log) -> None:
     tx = authorised(facade)
     sandbox.gateway.faults.add(Fault("malformed_xml", operation="CONFIRMATION_DELIVER"))
-    with pytest.raises(RatepayTransportError, match="malformed|unusable"):
+    with pytest.raises(RatepayTransportError, match=r"malformed|unusable"):
         facade.confirm_delivery(tx, Basket(items=lines((MUG, 1))))
     assert api_log.records[-1].response_xml  # the broken answer is kept for support
 
