@@ -171,7 +171,7 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
     """
     entries = engine_from_options(db_url, process_dir).history(ref)
     if as_json:
-        print_json(list(entries))
+        print_json([e.to_json() for e in entries])
         return
     table = Table(title=f"history of order {ref}", title_justify="left")
     for name in ("time", "item", "sku", "from → to", "event"):

@@ -111,7 +111,7 @@ def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: b
     else:
         result = engine.tick(now=now, limit=limit)
     if as_json:
-        print_json(result)
+        print_json(result.to_json())
     else:
         stdout_console().print(result.summary(), markup=False)
 
