@@ -217,24 +217,31 @@ class DemoRun:
     def _new_calls(self) -> list[Call]:
         received = self.gateway.received[self._seen :]
         self._seen += len(received)
-        new = []
-        for ex in received:
-            request = ex.request_xml.decode("utf-8", "replace")
-            response = (ex.response_xml or b"").decode("utf-8", "replace")
-            ref = re.search(r"<order-id>([^<]*)</order-id>", request)
-            basket = sent_basket(ex.request_xml)
-            amount = re.search(r"<amount>([^<]+)</amount>", request)
-            result = re.search(r'<result code="(\d+)"', response)
-            call = Call(
+        new = calls_of(received)
+        self.calls.extend(new)
+        return new
+
+
+def calls_of(exchanges: Sequence[Any]) -> list[Call]:
+    """The sandbox's received exchanges as ``Call`` rows (order, operation, amount, result)."""
+    calls = []
+    for ex in exchanges:
+        request = ex.request_xml.decode("utf-8", "replace")
+        response = (ex.response_xml or b"").decode("utf-8", "replace")
+        ref = re.search(r"<order-id>([^<]*)</order-id>", request)
+        basket = sent_basket(ex.request_xml)
+        amount = re.search(r"<amount>([^<]+)</amount>", request)
+        result = re.search(r'<result code="(\d+)"', response)
+        calls.append(
+            Call(
                 order_ref=ref.group(1) if ref else "",
                 operation=ex.operation or "?",
                 subtype=ex.subtype,
                 amount=str(basket["amount"]) if basket else (amount.group(1) if amount else ""),
                 result=result.group(1) if result else f"HTTP {ex.http_status}",
             )
-            new.append(call)
-            self.calls.append(call)
-        return new
+        )
+    return calls
 
 
 def _flow_payment(run: DemoRun) -> None:
