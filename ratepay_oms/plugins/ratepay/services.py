@@ -107,3 +107,13 @@ def ratepay_services_if_configured(
     if not env.get("RATEPAY_PROFILE_ID"):
         return {}
     return ratepay_services(session_factory, environ=env)
+
+
+def attach_configured_ratepay(engine: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """Give ``engine`` (an ``Engine``) the facade from ``RATEPAY_*`` settings, with its API log
+    in the engine's database; ``False`` (nothing attached) when RatePAY is not configured.
+    This is what the console's ``engine_from_options`` calls, so ``ratepay-oms tick`` talks to
+    the configured gateway."""
+    services = ratepay_services_if_configured(engine.session, environ=environ)
+    engine.services.update(services)
+    return bool(services)
