@@ -150,7 +150,11 @@ def engine_from_options(db_url: str | None, process_dir: str | Path | None) -> E
     from ratepay_oms.engine.engine import Engine
 
     with database_errors(url):
-        return Engine(url, process_dir=process_dir)
+        engine = Engine(url, process_dir=process_dir)
+    from ratepay_oms.plugins.ratepay.services import attach_configured_ratepay
+
+    attach_configured_ratepay(engine)  # RATEPAY_* settings → services["ratepay"], if set
+    return engine
 
 
 def db_option(func: Callable[P, R]) -> Callable[P, R]:
@@ -192,9 +196,20 @@ def translate_db_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+PIPE_WIDTH = 200
+"""Table width when stdout is a pipe or file: wide enough that rows stay one line for grep."""
+
+
 def stdout_console() -> Console:
-    """Rich console on stdout; built per call so it sees the stream the command runs with."""
-    return Console(highlight=False, soft_wrap=False)
+    """Rich console on stdout; built per call so it sees the stream the command runs with.
+
+    On a terminal Rich fits its width; into a pipe it would fall back to 80 columns and wrap
+    table rows, so there we allow ``$COLUMNS`` or :data:`PIPE_WIDTH`.
+    """
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = PIPE_WIDTH
+    return console
 
 
 def stderr_console() -> Console:
