@@ -32,6 +32,8 @@ from ratepay_oms.cli.tick import parse_iso_time
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = Path(__file__).resolve().parent / "processes" / "cli"
 PROCESS = "TestInvoice01"
+RETRY_PROCESSES = Path(__file__).resolve().parent / "processes" / "cli_retry"
+FAILURE = "gateway unreachable (cli test)"
 
 # The shared example order (/work/shared/examples/order-invoice.json), kept here so the tests
 # do not depend on a file outside the repository; each test gives it its own order_ref.
@@ -338,6 +340,46 @@ def test_place_no_fire_stores_without_moving(cli, db: str, tmp_path: Path) -> No
     _, view = place(cli, db, tmp_path, "--no-fire")
     assert set(states(view).values()) == {"new"}
     assert len(view["items"]) == 4
+
+
+class AlwaysFails:
+    """A by-order command that always raises, for the retry/error column."""
+
+    by_order = True
+
+    def run(self, ctx: Any, order: Any, items: Any) -> None:
+        raise ConnectionError(FAILURE)
+
+
+def register_failing_command(registry: Any) -> None:
+    """Loaded by the engine through ``$RATEPAY_OMS_PLUGINS``, as a shop would."""
+    registry.register_command("CliTest/AlwaysFails", AlwaysFails())
+
+
+def test_a_failing_command_shows_its_retry_and_error(
+    cli, db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RATEPAY_OMS_PLUGINS", "tests.test_cli_engine:register_failing_command")
+    args = ("--db", db, "--processes", str(RETRY_PROCESSES))
+    path, ref = order_file(tmp_path, process="TestRetry01")
+    assert cli("order", "place", path, *args).code == 0
+
+    fired = cli("event", "invoice", ref, *args)
+    assert fired.code == 1
+    assert FAILURE in fired.err and "Traceback" not in fired.err
+    view = cli("order", "show", ref, "--json", *args).json()
+    assert {i["state"] for i in view["items"]} == {"new"}
+    assert {i["attempts"] for i in view["items"]} == {1}
+    assert all(FAILURE in i["last_error"] and i["retry_at"] for i in view["items"])
+
+    table = cli("order", "show", ref, *args)
+    assert "retry " in table.out and "(attempt 1)" in table.out and FAILURE in table.out
+
+    retried = cli("tick", "--now", "2099-01-01T00:00:00Z", "--json", *args)
+    assert retried.code == 0, retried.err
+    assert retried.json()["errors"] >= 1
+    assert {i["attempts"] for i in cli("order", "show", ref, "--json", *args).json()["items"]} \
+        == {2}
 
 
 # -- refusals write nothing ----------------------------------------------------------------

@@ -21,12 +21,17 @@ from ratepay_oms.cli._common import (
     engine_options,
     fmt_time,
     print_json,
-    stderr_console,
     stdout_console,
     translate_db_errors,
 )
+from ratepay_oms.errors import OmsError
 
 log = logging.getLogger(__name__)
+
+
+class EventCommandFailedError(OmsError):
+    """The event's command raised: its items stayed where they were and a retry is scheduled
+    (the engine logged it); the console reports it and exits non-zero."""
 
 
 @cli.group()
@@ -53,7 +58,7 @@ def _item_retry(item: Any) -> str:
 
 
 def _items_table(view: Any, *, detailed: bool) -> Table:
-    table = Table(title=f"order {view.order_ref} · {view.process}", title_justify="left")
+    table = Table()
     table.add_column("id", justify="right")
     table.add_column("sku")
     if detailed:
@@ -95,11 +100,8 @@ def place(db_url: str | None, process_dir: Path | None, file: Path, no_fire: boo
     order_input = load_order_file(file)
     engine = engine_from_options(db_url, process_dir)
     view = engine.place_order(order_input, fire=not no_fire)
-    console = stdout_console()
-    console.print(
-        f"placed order {view.order_ref} ({view.process}): {len(view.items)} items", markup=False
-    )
-    console.print(_items_table(view, detailed=False))
+    click.echo(f"placed order {view.order_ref} ({view.process}): {len(view.items)} items")
+    stdout_console().print(_items_table(view, detailed=False))
 
 
 @order.command("show")
@@ -119,6 +121,8 @@ def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) 
     if as_json:
         print_json(view.to_json())
         return
+    click.echo(f"order {view.order_ref} ({view.process}, {view.currency}), "
+               f"placed {fmt_time(view.created_at)}")
     stdout_console().print(_items_table(view, detailed=True))
 
 
@@ -146,7 +150,7 @@ def list_orders(
     if as_json:
         print_json([v.to_json() for v in views])
         return
-    table = Table(title=f"{len(views)} orders", title_justify="left")
+    table = Table(caption=f"orders: {len(views)}", caption_justify="left")
     for name in ("order", "process", "created", "items", "states"):
         table.add_column(name, justify="right" if name == "items" else "left")
     for v in views:
@@ -173,7 +177,7 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
     if as_json:
         print_json([e.to_json() for e in entries])
         return
-    table = Table(title=f"history of order {ref}", title_justify="left")
+    table = Table()
     for name in ("time", "item", "sku", "from → to", "event"):
         table.add_column(name, justify="right" if name == "item" else "left")
     for e in entries:
@@ -209,15 +213,14 @@ def event(
     """
     engine = engine_from_options(db_url, process_dir)
     result = engine.trigger(event_name, ref, list(item_ids) or None)
-    console = stdout_console()
     for item_id, source, target in result.moved:
-        console.print(f"item {item_id}: {source} → {target}", markup=False)
+        click.echo(f"item {item_id}: {source} → {target}")
     for item_id in result.stayed:
-        console.print(f"item {item_id}: stayed", markup=False)
+        click.echo(f"item {item_id}: stayed in its state (no transition applied)")
     if not result.moved and not result.stayed and not result.errors:
-        console.print("nothing moved", markup=False)
+        click.echo("nothing moved")
     if result.errors:
-        err = stderr_console()
-        for message in result.errors:
-            err.print(f"error: {message}", markup=False)
-        raise click.exceptions.Exit(1)
+        # An OmsError (not click's Exit, which main() would turn into status 0): main prints it.
+        raise EventCommandFailedError(
+            "; ".join(result.errors) + " (retry scheduled; see `ratepay-oms order show`)"
+        )

@@ -113,7 +113,7 @@ def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: b
     if as_json:
         print_json(result.to_json())
     else:
-        stdout_console().print(result.summary(), markup=False)
+        click.echo(result.summary())
 
 
 def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None) -> Any:
