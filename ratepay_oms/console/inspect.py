@@ -258,7 +258,7 @@ def _settled_items(
 
 def _has_table(session: Session, name: str) -> bool:
     try:
-        return bool(inspect(session.get_bind()).has_table(name))
+        return bool(inspect(session.connection()).has_table(name))
     except Exception:  # pragma: no cover - reflection trouble must not hide the order
         log.exception("cannot look for table %s", name)
         return False
