@@ -51,7 +51,7 @@ class PaymentRequestDeclined:
         )
 
 
-CONDITIONS = {
+CONDITIONS: dict[str, OutcomeSucceeded | PaymentRequestDeclined] = {
     "Ratepay/IsPaymentRequestSuccess": OutcomeSucceeded(PAYMENT_REQUEST),
     "Ratepay/IsPaymentRequestDeclined": PaymentRequestDeclined(),
     "Ratepay/IsPaymentConfirmed": OutcomeSucceeded(PAYMENT_CONFIRM),
