@@ -299,3 +299,21 @@ def _outcome_settled(session: Session, order: Order) -> dict[int, set[str]] | No
         if bucket:
             settled.setdefault(item_id, set()).add(bucket)
     return settled
+
+
+def order_state_counts(source: Any, ref: str, process: str | None = None) -> dict[str, int]:
+    """``{state: items}`` of order ``ref`` (only its items on ``process`` when given): the
+    highlight of ``process draw --order``. Raises ``OrderNotFound``, or ``ConsoleError`` when
+    none of the order's items run on ``process``."""
+    with session_of(source) as session:
+        order = session.scalar(select(Order).where(Order.order_ref == ref))
+        if order is None:
+            raise OrderNotFound(f"no order {ref!r}")
+        rows = session.execute(
+            select(OrderItem.process, OrderItem.state).where(OrderItem.order_id == order.id)
+        ).all()
+    counts = Counter(state for proc, state in rows if process is None or proc == process)
+    if not counts:
+        running = ", ".join(sorted({proc for proc, _ in rows})) or "no process"
+        raise ConsoleError(f"order {ref!r} has no items on {process} (its items run on {running})")
+    return dict(counts)
