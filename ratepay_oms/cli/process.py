@@ -163,7 +163,22 @@ def write_drawing(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE."
 )
 @dir_option
-def draw_process(name: str, fmt: str | None, output: Path | None, directory: Path | None) -> None:
+@click.option(
+    "--order",
+    "order_ref",
+    metavar="REF",
+    default=None,
+    help="Highlight the states where the items of order REF stand, with their counts.",
+)
+@click.option("--db", "db_url", metavar="URL", default=None, help="Database for --order.")
+def draw_process(
+    name: str,
+    fmt: str | None,
+    output: Path | None,
+    directory: Path | None,
+    order_ref: str | None,
+    db_url: str | None,
+) -> None:
     """Draw process NAME: happy path green, event-less transitions dashed, missing plugins red.
 
     SVG and PNG need Graphviz (apt-get install graphviz); dot and mermaid need nothing.
@@ -171,6 +186,14 @@ def draw_process(name: str, fmt: str | None, output: Path | None, directory: Pat
     \b
     Example:
       ratepay-oms process draw RatepayInvoice01 --format mermaid > invoice.mmd
+      ratepay-oms process draw RatepayInvoice01 --order 100045 -o order.svg
     """
     definition = load_named_process(default_process_dir(directory), name)
-    write_drawing(definition, fmt, output)
+    highlight = None
+    if order_ref is not None:
+        from ratepay_oms.cli.console import open_session
+        from ratepay_oms.console.inspect import order_state_counts
+
+        with open_session(db_url) as session:
+            highlight = order_state_counts(session, order_ref, definition.name)
+    write_drawing(definition, fmt, output, highlight)
