@@ -13,7 +13,11 @@ Leases run on the wall clock, never on a simulated ``now``.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import socket
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -22,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.clock import wall_now
 from ratepay_oms.engine.persist import chunked
+from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.models import Order
 
 log = logging.getLogger(__name__)
@@ -106,3 +111,63 @@ class Claims:
                 .execution_options(synchronize_session=False)
             )
             return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+# -- one tick worker per SQLite database --------------------------------------------------
+
+
+class SqliteWorkerBusyError(OmsError):
+    """Another tick worker is running on the same SQLite database file."""
+
+
+class SqliteWorkerLock:
+    """An exclusive ``flock`` on ``<database>.tick-lock`` for the length of one tick.
+
+    SQLite has no row locks, so two tick workers on one file would serialise on the database
+    lock, wait on each other's busy timeouts and fail in the middle of batches. Instead the
+    second worker is refused at once with a message that names the holder. The lock lives in
+    the kernel, not in a row: a worker that dies (even by SIGKILL) loses it at once, so a stale
+    lease can never block the next worker; the pid/host written into the file only serve the
+    message. A database without a file (``:memory:``) has nobody to share with: no lock.
+    """
+
+    def __init__(self, database_path: str | None) -> None:
+        self.path = f"{database_path}.tick-lock" if database_path else None
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self.path is None or self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "pid ?, host ?"
+            os.close(fd)
+            raise SqliteWorkerBusyError(
+                f"another tick worker is running on this SQLite database ({holder}); SQLite "
+                "supports one worker — use PostgreSQL or MariaDB for several"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, host {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing drops the flock
+
+
+def sqlite_worker_lock(sessions: sessionmaker[Session]) -> SqliteWorkerLock | None:
+    """The worker lock for a SQLite file database, ``None`` for servers (they have leases)."""
+    bind = sessions.kw.get("bind")
+    url = getattr(bind, "url", None)
+    if url is None or url.get_backend_name() != "sqlite":
+        return None
+    name = url.database or ""
+    if not name or name == ":memory:" or name.startswith("file:") or "mode=memory" in str(url):
+        return SqliteWorkerLock(None)
+    return SqliteWorkerLock(os.path.abspath(name))

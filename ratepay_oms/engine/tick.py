@@ -18,14 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ratepay_oms.engine.claims import Claims
+from ratepay_oms.engine.claims import Claims, sqlite_worker_lock
 from ratepay_oms.engine.compiler import CompiledProcess
 from ratepay_oms.engine.persist import Origin, chunked
 from ratepay_oms.engine.plugins import PluginRegistry
@@ -36,6 +37,8 @@ from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 500
+MAX_DB_FAILURES_IN_A_ROW = 3
+"""A tick gives up after this many batches in a row failed in the database (it is down)."""
 
 Pairs = list[tuple[OrderItem, str | None]]
 
@@ -219,6 +222,7 @@ class TickRunner:
     claims: Claims
     origin: Origin
     batch_size: int = DEFAULT_BATCH_SIZE
+    _db_failures: int = field(default=0, init=False)
 
     def run(
         self,
@@ -235,28 +239,22 @@ class TickRunner:
         for state_step in (_OnEnter(self.compiled, now), _EventLess(self.compiled, now)):
             if not state_step.empty:
                 steps.append(state_step)
-        for step in steps:
-            after = 0
-            while limit is None or processed < limit:
-                size = self.batch_size if limit is None else min(self.batch_size, limit - processed)
-                with self.sessions() as session:
-                    order_ids = step.due_orders(session, after, size)
-                if not order_ids:
-                    break
-                after = order_ids[-1]
-                claimed = self.claims.claim(order_ids)
-                if not claimed:
-                    continue
-                try:
-                    done, orders = self._batch(step, claimed, now, stats, limit, processed)
-                finally:
-                    self.claims.release(claimed)
-                processed += done
-                orders_seen.update(orders)
+        worker_lock = sqlite_worker_lock(self.sessions)
+        if worker_lock is not None:
+            worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
+        try:
+            for step in steps:
+                done_total = self._step(step, now, stats, limit, processed, orders_seen, progress)
+                processed += done_total
                 if step.name == "timeouts":
-                    timeouts_fired += done
-                if progress is not None:
-                    progress(processed)
+                    timeouts_fired += done_total
+                if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                    log.error("tick stopped: the database failed %d batches in a row",
+                              self._db_failures)
+                    break
+        finally:
+            if worker_lock is not None:
+                worker_lock.release()
         result = TickResult(
             items_moved=stats.items_moved,
             commands_run=stats.commands_run,
@@ -269,6 +267,82 @@ class TickRunner:
         )
         log.info("%s", result.summary())
         return result
+
+    def _step(
+        self,
+        step: _Step,
+        now: datetime,
+        stats: RunStats,
+        limit: int | None,
+        processed: int,
+        orders_seen: set[int],
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """Walk one step's due orders batch by batch; returns the items processed.
+
+        A database failure (dropped connection, deadlock, serialisation failure) inside a
+        batch rolls back that batch's one transaction and nothing else: its items stay as
+        they were (no history, no retry — it was not their command that failed), the error is
+        counted, and the tick goes on with the next batch on a fresh connection. The leases of
+        the failed batch are released if the database lets us, else they simply expire.
+        """
+        done_total = 0
+        after = 0
+        while limit is None or processed + done_total < limit:
+            room = None if limit is None else limit - processed - done_total
+            size = self.batch_size if room is None else min(self.batch_size, room)
+            try:
+                with self.sessions() as session:
+                    order_ids = step.due_orders(session, after, size)
+            except SQLAlchemyError as exc:
+                self._database_failed(stats, f"{step.name}: finding due orders", exc)
+                return done_total  # nothing to walk on; the next tick looks again
+            if not order_ids:
+                break
+            after = order_ids[-1]
+            try:
+                claimed = self.claims.claim(order_ids)
+            except SQLAlchemyError as exc:
+                self._database_failed(stats, f"{step.name}: leasing orders", exc)
+                if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                    return done_total
+                continue
+            if not claimed:
+                continue
+            try:
+                done, orders = self._batch(
+                    step, claimed, now, stats, limit, processed + done_total
+                )
+            except SQLAlchemyError as exc:
+                self._database_failed(
+                    stats, f"{step.name}: batch of orders {claimed[0]}..{claimed[-1]}", exc
+                )
+                done, orders = 0, set()
+            else:
+                self._db_failures = 0
+            finally:
+                try:
+                    self.claims.release(claimed)
+                except SQLAlchemyError as exc:
+                    log.warning("could not release %d leases (they expire): %s",
+                                len(claimed), exc)
+            if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                return done_total
+            done_total += done
+            orders_seen.update(orders)
+            if progress is not None:
+                progress(processed + done_total)
+        return done_total
+
+    def _database_failed(self, stats: RunStats, where: str, exc: SQLAlchemyError) -> None:
+        """Count a batch the database threw away; the message names the step, not the SQL."""
+        orig = getattr(exc, "orig", None) or exc
+        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+        message = f"database error in {where} (batch rolled back): {type(orig).__name__}: {first}"
+        log.error("%s", message)
+        stats.errors += 1
+        self._db_failures += 1
+        stats.error_messages.append(message)
 
     def _batch(
         self,
@@ -311,3 +385,4 @@ def _whole_orders(pairs: Pairs, room: int) -> Pairs:
             break
         kept.extend(group)
     return kept
+
