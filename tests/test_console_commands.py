@@ -42,9 +42,14 @@ class AlwaysFails:
         raise RuntimeError("gateway unreachable")
 
 
+def register_plugins(reg: PluginRegistry) -> None:
+    """For ``$RATEPAY_OMS_PLUGINS`` when a CLI command builds its own engine."""
+    reg.register_command("Console/AlwaysFails", AlwaysFails())
+
+
 def registry() -> PluginRegistry:
     reg = PluginRegistry()
-    reg.register_command("Console/AlwaysFails", AlwaysFails())
+    register_plugins(reg)
     return reg
 
 
@@ -212,6 +217,28 @@ def test_order_detail_lists_items_retries_timeouts_and_gateway_calls(world: Worl
     assert {t["event"] for t in delivered["timeouts"]} == {"close"}
     assert len(delivered["timeouts"]) == 3
     assert delivered["timeouts"][0]["due_at"] == (NOW + timedelta(days=10)).isoformat()
+
+
+def test_order_show_keeps_the_engine_keys_and_adds_the_detail(
+    world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("RATEPAY_OMS_PLUGINS", f"{__name__}:register_plugins")
+    ref = world.refs["B"]
+    code, out, err = run(capsys, "order", "show", ref, "--db", world.url, "--processes",
+                         world.process_dir, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["order_ref"] == ref and data["process"] == world.p1
+    assert sorted(i["state"] for i in data["items"]) == ["authorized", "shipped"]
+    assert all({"id", "sku", "state", "amount", "manual_events"} <= set(i) for i in data["items"])
+    assert data["amounts"]["ordered"] == "20.00"
+    assert data["payment"]["method"] == "INVOICE"
+    assert {i["state"]: i["manual_events"] for i in data["items"]}["authorized"] == [
+        "ship", "cancel", "invoice"]
+    code, out, _ = run(capsys, "order", "show", world.refs["E"], "--db", world.url,
+                       "--processes", world.process_dir)
+    assert code == 0
+    assert "amounts: ordered 20.00 EUR" in out and "retry" in out and "gateway unreachable" in out
 
 
 # -- process draw --order ---------------------------------------------------------------------

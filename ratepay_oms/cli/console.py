@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -424,3 +425,71 @@ def _attach_migrate() -> None:
 
 
 _attach_migrate()
+
+
+# -- order show (detail part) -----------------------------------------------------------------
+def print_order_detail(detail: Mapping[str, Any]) -> None:
+    """The parts of ``order show`` below the items table: payment, amounts, what comes next,
+    and the last gateway calls."""
+    console = stdout_console()
+    pay = detail["payment"]
+    amounts = detail["amounts"]
+    currency = detail.get("currency") or ""
+    console.print(
+        "payment: "
+        + ", ".join(
+            f"{k} {pay[k]}"
+            for k in ("method", "transaction_id", "short_id", "descriptor")
+            if pay.get(k)
+        ),
+        markup=False,
+    )
+    console.print(
+        "amounts: "
+        + ", ".join(
+            f"{k} {amounts[k]} {currency}"
+            for k in ("ordered", "delivered", "cancelled", "returned", "open")
+        ),
+        markup=False,
+    )
+    if detail.get("lease"):
+        lease = detail["lease"]
+        state = "expired" if lease["expired"] else "held"
+        console.print(
+            f"lease: {state} by {lease['claimed_by']} until {lease['claim_expires_at']}",
+            markup=False,
+        )
+    if detail["timeouts"] or detail["retries"]:
+        table = Table(title="next", title_justify="left")
+        for name in ("item", "kind", "event", "due", "note"):
+            table.add_column(name, justify="right" if name == "item" else "left")
+        for t in detail["timeouts"]:
+            table.add_row(
+                str(t["item_id"]),
+                "timeout",
+                t["event"],
+                t["due_at"],
+                "overdue" if t["overdue"] else "",
+            )
+        for r in detail["retries"]:
+            note = f"attempt {r['attempts']}" + (f": {r['last_error']}" if r["last_error"] else "")
+            table.add_row(
+                str(r["item_id"]), "retry", r["event"] or "", r["retry_at"], note, style="red"
+            )
+        console.print(table)
+    if detail["gateway_calls"]:
+        table = Table(title="last gateway calls", title_justify="left")
+        for name in ("time", "operation", "result", "http", "error"):
+            table.add_column(name)
+        for c in detail["gateway_calls"]:
+            op = c["operation"] + (f"/{c['subtype']}" if c["subtype"] else "")
+            result = " ".join(x for x in (c["result_code"], c["result_text"]) if x)
+            table.add_row(
+                c["created_at"],
+                op,
+                result,
+                str(c["http_status"] or ""),
+                c["error"] or "",
+                style="red" if c["failed"] else None,
+            )
+        console.print(table)

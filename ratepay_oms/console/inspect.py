@@ -317,3 +317,17 @@ def order_state_counts(source: Any, ref: str, process: str | None = None) -> dic
         running = ", ".join(sorted({proc for proc, _ in rows})) or "no process"
         raise ConsoleError(f"order {ref!r} has no items on {process} (its items run on {running})")
     return dict(counts)
+
+
+def merge_order_json(base: dict[str, Any], detail: Mapping[str, Any]) -> dict[str, Any]:
+    """``order show --json``: the engine's ``OrderView.to_json()`` keys stay as they are; the
+    detail adds its keys beside them and its extra per-item keys to each item."""
+    merged = dict(base)
+    for key, value in detail.items():
+        merged.setdefault(key, value)
+    extra = {item["id"]: item for item in detail.get("items", [])}
+    merged["items"] = [
+        {**{k: v for k, v in extra.get(item.get("id"), {}).items() if k not in item}, **item}
+        for item in base.get("items", [])
+    ]
+    return merged
