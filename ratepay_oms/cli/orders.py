@@ -110,20 +110,27 @@ def place(db_url: str | None, process_dir: Path | None, file: Path, no_fire: boo
 @click.option("--json", "as_json", is_flag=True, help="Print the order as JSON on stdout.")
 @translate_db_errors
 def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) -> None:
-    """Show the items of order REF: state, since when, and any retry or error.
+    """Show order REF: items (state, since when, retry or error), payment, amounts delivered,
+    cancelled and returned, pending timeouts and retries, and the last gateway calls.
 
     \b
     Example:
       ratepay-oms order show 100045
       ratepay-oms order show 100045 --json | jq '.items[].state'
     """
-    view = engine_from_options(db_url, process_dir).order(ref)
+    from ratepay_oms.cli.console import print_order_detail
+    from ratepay_oms.console.inspect import merge_order_json, order_detail
+
+    engine = engine_from_options(db_url, process_dir)
+    view = engine.order(ref)
+    detail = order_detail(engine, ref)
     if as_json:
-        print_json(view.to_json())
+        print_json(merge_order_json(view.to_json(), detail))
         return
     click.echo(f"order {view.order_ref} ({view.process}, {view.currency}), "
                f"placed {fmt_time(view.created_at)}")
     stdout_console().print(_items_table(view, detailed=True))
+    print_order_detail(detail)
 
 
 @order.command("list")
