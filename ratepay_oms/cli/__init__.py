@@ -43,7 +43,10 @@ def _mount() -> None:
 def main(argv: list[str] | None = None) -> int:
     _mount()
     try:
-        cli.main(args=argv, prog_name="ratepay-oms", standalone_mode=False)
+        # Without standalone mode Click returns ``ctx.exit(n)``'s code instead of exiting.
+        rv = cli.main(args=argv, prog_name="ratepay-oms", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):
+            return rv
     except OmsError as exc:
         err_console.print(f"[red]error:[/red] {exc}", markup=True)
         return exc.exit_code
