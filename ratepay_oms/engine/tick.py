@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -309,11 +309,21 @@ class TickRunner:
                 continue
             if not claimed:
                 continue
+            before = replace(
+                stats,
+                moves=list(stats.moves),
+                stayed=list(stats.stayed),
+                error_messages=list(stats.error_messages),
+            )
             try:
                 done, orders = self._batch(
                     step, claimed, now, stats, limit, processed + done_total
                 )
             except SQLAlchemyError as exc:
+                # What the runner counted for this batch never happened: put the figures back.
+                for name in ("items_moved", "commands_run", "errors", "retries_scheduled",
+                             "moves", "stayed", "error_messages"):
+                    setattr(stats, name, getattr(before, name))
                 self._database_failed(
                     stats, f"{step.name}: batch of orders {claimed[0]}..{claimed[-1]}", exc
                 )
