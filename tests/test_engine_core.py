@@ -366,8 +366,9 @@ def test_order_view_json_has_money_as_strings(engine: Engine) -> None:
     assert item["state"] == "authorized" and item["attempts"] == 0
     assert item["state_entered_at"] == T0.isoformat()
     assert doc["data"]["order_ref"] == r
-    assert [v.order_ref for v in engine.orders(state="authorized")] == [r]
-    assert engine.orders(state="shipped") == []
+    # The database is shared with other tests: look for this order among the others.
+    assert r in [v.order_ref for v in engine.orders(state="authorized")]
+    assert r not in [v.order_ref for v in engine.orders(state="shipped")]
 
 
 def test_engine_runs_definitions_built_in_code(url: str) -> None:

@@ -104,6 +104,15 @@ class CompiledProcess:
                         else None,
                         after=[_RecordChoice(t)],
                     )
+        # Where the first candidate has no condition, the machine's answer is fixed (conditional
+        # transitions come first, so there are none): skip the machine for those, which is
+        # most of a bulk tick.
+        self._fixed: dict[tuple[str, str | None], TransitionDef] = {}
+        for event in events:
+            for state in states:
+                candidates = definition.transitions_from(state, event)
+                if candidates and candidates[0].condition is None:
+                    self._fixed[(state, event)] = candidates[0]
         log.debug("compiled process %s (%d states)", definition.name, len(states))
 
     @property
@@ -115,6 +124,9 @@ class CompiledProcess:
 
         A condition that raises propagates: the caller treats it like a failed command.
         """
+        fixed = self._fixed.get((subject.oms_state, event))
+        if fixed is not None:
+            return fixed
         trigger = self.machine.events.get(event if event is not None else TICK_TRIGGER)
         if trigger is None:
             return None

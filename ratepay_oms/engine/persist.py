@@ -2,7 +2,8 @@
 
 A tick may move thousands of items the same way (same source, event and target), so they go
 to the database as one ``UPDATE … WHERE id IN (…)`` per such group and one multi-row INSERT for
-each audit table, not as one ORM flush per row. The ORM objects the runner still holds get the
+each audit table (plain Core on the tables: the ORM's bulk path costs more than the SQL), not as
+one ORM flush per row. The ORM objects the runner still holds get the
 written values as their *committed* state, so the session neither re-writes nor re-reads them.
 """
 
@@ -114,7 +115,7 @@ class StateWriter:
         if self._log_rows:
             rows, self._log_rows = self._log_rows, []
             for part in chunked(rows):
-                self.session.execute(insert(TransitionLog), list(part))
+                self.session.execute(insert(TransitionLog.__table__), list(part))
 
     # -- entering states -----------------------------------------------------------------
 
@@ -145,8 +146,9 @@ class StateWriter:
             item = move.item
             set_committed_value(item, "state", move.target)
             set_committed_value(item, "state_entered_at", self.now)
-            for key, value in _CLEARED_RETRY.items():
-                set_committed_value(item, key, value)
+            if item.attempts or item.retry_at is not None or item.last_error is not None:
+                for key, value in _CLEARED_RETRY.items():
+                    set_committed_value(item, key, value)
             self.log(
                 item,
                 process=move.process,
@@ -197,7 +199,7 @@ class StateWriter:
             for item, source, target, event in rows
         ]
         for part in chunked(values):
-            self.session.execute(insert(StateHistory), list(part))
+            self.session.execute(insert(StateHistory.__table__), list(part))
 
     def _arm_timeouts(
         self, entries: Sequence[tuple[OrderItem, str]], definition: ProcessDefinition
@@ -219,4 +221,4 @@ class StateWriter:
                     }
                 )
         for part in chunked(rows):
-            self.session.execute(insert(EventTimeout), list(part))
+            self.session.execute(insert(EventTimeout.__table__), list(part))
