@@ -38,6 +38,7 @@ class RunningSandbox:
             "SYSTEM_ID": SANDBOX_SYSTEM_ID,
             "MODE": "test",
             "API_TEST_URL": server.url,
+            "STATUS_API_URL": server.status_url,
             "CLIENT_NAME": "ratepay-oms",
             "CLIENT_VERSION": "0.1.0",
         }
