@@ -85,21 +85,28 @@ def test_payment_request_error_then_manual_retry_with_a_fresh_transaction(engine
             "retry payment request") in history
 
 
-def test_payment_request_transport_error_is_retried_by_the_tick(engine, sandbox):
+def test_payment_request_http_500_is_reconciled_then_sent_again_by_the_tick(engine, sandbox):
+    """A 500 may hide a booking: the request is not re-sent before the status lookup says the
+    transaction was never requested; then the tick sends it again with a fresh INIT."""
     sandbox.gateway.faults.add(Fault("http_500", operation="PAYMENT_REQUEST", times=1))
     ref = f"PR500-{uuid.uuid4().hex[:6]}"
     now = _now()
     view = engine.place_order(example_order(ref), now=now)
     assert {i.state for i in view.items} == {"payment request initialized"}
     item = engine.order(ref).items[0]
-    assert item.attempts == 1 and item.retry_at is not None and item.last_error
+    assert item.intent_id is not None and item.retry_at is None and "500" in item.last_error
+    (intent,) = engine.intents(ref)
+    assert intent.status == "pending" and intent.summary["operation"] == "PAYMENT_REQUEST"
+    assert "HTTP status 500" in intent.last_error
+    assert "may have been booked" in item.last_error
 
-    engine.tick(now=now + timedelta(seconds=5))  # backoff not over yet: nothing is sent
-    assert [op for op, _ in _calls(sandbox)] == ["PAYMENT_INIT", "PAYMENT_REQUEST"]
-
-    engine.tick(now=now + timedelta(minutes=2))
+    engine.tick(now=now + timedelta(seconds=5))
     assert {i.state for i in engine.order(ref).items} == {"ready for shipment"}
-    assert _calls(sandbox)[-3:] == [
-        ("PAYMENT_INIT", "350"), ("PAYMENT_REQUEST", "402"), ("PAYMENT_CONFIRM", "400")
+    assert _calls(sandbox) == [
+        ("PAYMENT_INIT", "350"), ("PAYMENT_REQUEST", "HTTP 500"), ("PAYMENT_INIT", "350"),
+        ("PAYMENT_REQUEST", "402"), ("PAYMENT_CONFIRM", "400"),
     ]
+    (settled,) = engine.intents(ref, open_only=False)[:1]
+    assert settled.status == "settled" and settled.resolution == "reconciled_not_booked"
+    assert engine.intents(ref) == []
     assert engine.order(ref).items[0].retry_at is None

@@ -459,6 +459,12 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
             f"lease: {state} by {lease['claimed_by']} until {lease['claim_expires_at']}",
             markup=False,
         )
+    for intent in detail.get("intents", []):
+        console.print(
+            f"waiting: intent {intent['id']} ({intent['status']}): {intent['explanation']}",
+            style="red",
+            markup=False,
+        )
     if detail["timeouts"] or detail["retries"]:
         table = Table(title="next", title_justify="left")
         for name in ("item", "kind", "event", "due", "note"):

@@ -64,6 +64,12 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _list_intents(session: Session, order_id: int) -> list[Any]:
+    from ratepay_oms.engine.intents import list_intents
+
+    return list_intents(session, order_id=order_id, open_only=True)
+
+
 def order_detail(
     source: Any,
     ref: str,
@@ -118,6 +124,10 @@ def order_detail(
         if settled is None:
             settled = _settled_items(items, history, definitions)
         detail = _detail(order, items, settled, timeouts, payment, now, definitions)
+        detail["intents"] = [
+            {**v.to_json(), "last_error": mask_text(v.last_error)}
+            for v in _list_intents(session, order.id)
+        ]
     gateway = [c.to_json() for c in api_calls(source, order_ref=ref, limit=calls)]
     detail["gateway_calls"] = gateway
     if detail["payment"]["transaction_id"] is None:

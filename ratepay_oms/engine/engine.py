@@ -31,6 +31,7 @@ from ratepay_oms.engine.errors import (
     OrderNotFoundError,
     UnknownProcessError,
 )
+from ratepay_oms.engine.intents import ExternalCalls, IntentView, list_intents
 from ratepay_oms.engine.persist import Origin
 from ratepay_oms.engine.plugins import PluginRegistry
 from ratepay_oms.engine.runner import Runner, RunStats, group_items
@@ -162,6 +163,12 @@ class Engine:
             session, self._compiled, self.registry, self.services, now, self.origin, stats
         )
 
+    def _external(self, now: datetime, stats: RunStats) -> ExternalCalls:
+        return ExternalCalls(
+            self._sessions, self._compiled, self.registry, self.services, self.origin,
+            self.claims, now, stats,
+        )
+
     # -- placing orders --------------------------------------------------------------------
 
     def place_order(
@@ -212,18 +219,28 @@ class Engine:
                 ]
                 session.add_all(items)
                 session.flush()
-                runner = self._runner(session, now)
+                stats = RunStats()
+                runner = self._runner(session, now, stats)
                 runner.writer.enter_initial(items, definition)
                 on_enter = definition.on_enter_event(definition.initial)
                 if fire and on_enter is not None:
                     runner.run(group_items([(i, on_enter.name) for i in items], {row.id: row}))
                 session.flush()
-                view = OrderView.of(row, items)
+                order_id = row.id
+                deferred = runner.deferred
         except IntegrityError as exc:
             with self._sessions() as session:
                 if session.scalar(select(Order.id).where(Order.order_ref == order_input.order_ref)):
                     raise _duplicate(order_input.order_ref) from exc
             raise
+        # External calls (the payment request) run after the order is committed; a tick that
+        # got to the order first has done them already (they are re-checked).
+        if deferred and self.claims.claim([order_id]):
+            try:
+                self._external(now, stats).run(deferred)
+            finally:
+                self.claims.release([order_id])
+        view = self.order(order_input.order_ref)
         log.info("placed order %s (%s, %d items)", view.order_ref, view.process, len(view.items))
         return view
 
@@ -276,10 +293,13 @@ class Engine:
                 chosen = _select_for_event(
                     definition, order_ref, event, items, [i.id for i in selected]
                 )
-                self._runner(session, now, stats).run(
+                runner = self._runner(session, now, stats)
+                runner.run(
                     group_items([(i, event) for i in chosen], {order.id: order}),
                     record_stays=True,
                 )
+                deferred = runner.deferred
+            self._external(now, stats).run(deferred)
         finally:
             self.claims.release([order_id])
         return TriggerResult(
@@ -298,8 +318,12 @@ class Engine:
         limit: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> TickResult:
-        """Do all due work: retries, timeouts, on-enter leftovers, event-less transitions."""
-        runner = TickRunner(
+        """Do all due work: open intents, retries, timeouts, on-enter leftovers, event-less
+        transitions."""
+        return self._tick_runner().run(naive_utc(now), limit=limit, progress=progress)
+
+    def _tick_runner(self) -> TickRunner:
+        return TickRunner(
             sessions=self._sessions,
             compiled=self._compiled,
             registry=self.registry,
@@ -308,7 +332,35 @@ class Engine:
             origin=self.origin,
             batch_size=self.batch_size,
         )
-        return runner.run(naive_utc(now), limit=limit, progress=progress)
+
+    # -- gateway-call intents -----------------------------------------------------------------
+
+    def intents(self, order_ref: str | None = None, *, open_only: bool = True) -> list[IntentView]:
+        """Gateway-call intents (default: the open ones: in flight, lost or unknown)."""
+        with self._sessions() as session:
+            order_id = self._find(session, order_ref).id if order_ref is not None else None
+            return list_intents(session, order_id=order_id, open_only=open_only)
+
+    def resolve_intent(
+        self, intent_id: int, *, booked: bool, note: str = "", now: datetime | None = None
+    ) -> TriggerResult:
+        """Settle an open intent by a person's word after checking at the gateway.
+
+        ``booked`` applies it as a success (the items move on); otherwise the items are
+        retried at once, which sends the call again.
+        """
+        stats = RunStats()
+        self._external(naive_utc(now), stats).resolve(intent_id, booked=booked, note=note)
+        return TriggerResult(
+            event="resolve",
+            moved=list(stats.moves),
+            stayed=list(stats.stayed),
+            errors=list(stats.error_messages),
+        )
+
+    def reconcile(self, *, now: datetime | None = None) -> TickResult:
+        """Only the tick's first step: settle open intents by asking the gateway."""
+        return self._tick_runner().run(naive_utc(now), limit=0)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -413,8 +465,17 @@ def _select_for_event(
         names = definition.manual_events(item.state)
         return ", ".join(names) if names else "no manual event"
 
+    def waiting(item: OrderItem) -> str:
+        return (
+            f"item {item.id} waits for the outcome of gateway call intent {item.intent_id} "
+            "(see 'ratepay-oms intents list')"
+        )
+
     if item_ids is None:
         chosen = [i for i in items if event in definition.events_from(i.state)]
+        blocked = [i for i in chosen if i.intent_id is not None]
+        if blocked:
+            raise ManualEventError(f"cannot fire {event!r}: " + "; ".join(map(waiting, blocked)))
         if not chosen:
             states = sorted({i.state for i in items})
             detail = "; ".join(
@@ -433,6 +494,8 @@ def _select_for_event(
             problems.append(f"item {item_id} is not an item of order {order_ref}")
         elif event not in definition.events_from(item.state):
             problems.append(f"item {item_id} is in {item.state!r}, which accepts {accepts(item)}")
+        elif item.intent_id is not None:
+            problems.append(waiting(item))
         else:
             chosen.append(item)
     if problems:

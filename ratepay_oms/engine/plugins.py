@@ -10,6 +10,14 @@ Commands write what they learned (outcomes per item) through ``ctx.session``: th
 commit in the same transaction as the state change, so a crash can never leave a recorded
 outcome without its state or the other way round. A command that raises leaves its items where
 they were; the engine logs the error and schedules a retry with backoff.
+
+A command whose effect lies outside the database and must happen at most once (a RatePAY
+booking) is an :class:`ExternalCommand`: it is split into ``prepare`` (decide the call, in a
+transaction that also commits an *intent*), ``send`` (the call, outside any transaction),
+``apply`` (record the answer, in the transaction that settles the intent and moves the items)
+and ``reconcile`` (ask the other side what it booked when the answer was lost). Doing the call
+inside the state change's transaction would lose the knowledge that it was made whenever that
+transaction dies after the call; re-sending it then books twice.
 """
 
 from __future__ import annotations
@@ -63,7 +71,69 @@ class ByItemCommand(Protocol):
     def run_item(self, ctx: CommandContext, order: Order, item: OrderItem) -> None: ...
 
 
-Command = ByOrderCommand | ByItemCommand
+@dataclass(frozen=True)
+class PreparedCall:
+    """What ``ExternalCommand.prepare`` decided to send.
+
+    ``summary`` is stored with the intent as JSON (operation, positions, amounts, ids): it is
+    all ``apply`` and ``reconcile`` get after a crash, so it must be enough for them.
+    ``payload`` is the in-memory request for ``send`` and is not stored.
+    """
+
+    summary: dict[str, Any]
+    payload: Any = None
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """The other side's word (or a person's) on a call whose answer was lost.
+
+    ``booked`` False means it certainly did not happen, so sending again is safe; True hands
+    ``answer`` (may be ``None``) to ``apply`` in place of the lost answer.
+    """
+
+    booked: bool
+    answer: Any = None
+    detail: str = ""
+
+
+@runtime_checkable
+class ExternalCommand(Protocol):
+    """A by-order command with an outside effect that must happen exactly once.
+
+    ``send`` raising an exception whose ``sent`` attribute is ``False`` means the request
+    certainly never left (the items get a normal retry); any other exception means it may
+    have been booked, and the intent stays open for ``reconcile``. ``reconcile`` returns
+    ``None`` when it cannot tell (no status source): the items then wait for a person.
+    """
+
+    by_order: bool  # True
+    external: bool  # True
+
+    def prepare(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> PreparedCall | None: ...
+
+    def send(self, services: dict[str, Any], call: PreparedCall) -> Any: ...
+
+    def apply(
+        self,
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        summary: dict[str, Any],
+        answer: Any,
+    ) -> None: ...
+
+    def reconcile(self, services: dict[str, Any], summary: dict[str, Any]) -> Reconciled | None:
+        ...
+
+
+def is_external(command: object) -> bool:
+    return bool(getattr(command, "external", False))
+
+
+Command = ByOrderCommand | ByItemCommand | ExternalCommand
 
 
 @runtime_checkable

@@ -6,7 +6,12 @@ chosen by the compiled machine (conditional transitions first, the unconditional
 last); then the moves are written set-based; then the on-enter events of the states the items
 landed in fire for them, grouped again, until the items rest.
 
-Everything happens inside the caller's transaction. Each command (and each item's condition
+A command with an outside effect (``ExternalCommand``, a RatePAY booking) is not run here: its
+group is handed back in ``deferred`` and the caller runs it after committing, through
+``ratepay_oms.engine.intents`` (intent, call, settle), which continues the cascade with
+:meth:`Runner.resume`.
+
+Everything else happens inside the caller's transaction. Each command (and each item's condition
 checks) runs inside a SAVEPOINT, so a command that raises is rolled back alone: its items stay
 where they were with an error row in the transition log and a retry scheduled with backoff,
 while the other groups of the same batch still commit. What a command wrote through
@@ -17,10 +22,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -28,7 +33,7 @@ from sqlalchemy.orm import Session
 from ratepay_oms.engine.clock import retry_delay
 from ratepay_oms.engine.compiler import CompiledProcess, Subject
 from ratepay_oms.engine.persist import Move, Origin, StateWriter
-from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.engine.plugins import CommandContext, PluginRegistry, is_external
 from ratepay_oms.persistence.models import Order, OrderItem
 from ratepay_oms.process.model import ProcessDefinition
 
@@ -49,6 +54,19 @@ class Group:
     state: str
     event: str | None
     items: list[OrderItem]
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A group whose external command runs after the caller's transaction committed."""
+
+    order_id: int
+    process: str
+    state: str
+    event: str | None
+    command: str
+    item_ids: tuple[int, ...]
+    record_stays: bool = False
 
 
 @dataclass
@@ -103,6 +121,7 @@ class Runner:
         self.now = now
         self.stats = stats if stats is not None else RunStats()
         self.writer = StateWriter(session, now, origin)
+        self.deferred: list[Deferred] = []
         self._definitions: dict[str, ProcessDefinition] = {
             name: c.definition for name, c in compiled.items()
         }
@@ -115,11 +134,37 @@ class Runner:
         ``record_stays``: remember items of the *first* round that stayed (manual triggers
         report them); cascade rounds only ever start from items that moved.
         """
+        self._rounds(list(groups), [], record_stays=record_stays)
+
+    def resume(
+        self,
+        group: Group,
+        command_name: str,
+        apply: Callable[[CommandContext], None] | None,
+        *,
+        record_stays: bool = False,
+    ) -> None:
+        """Go on with ``group`` after its external command: ``apply`` records the answer, then
+        conditions choose, the moves are written and the on-enter cascade runs."""
+        ctx = self.context(group)
+        if apply is not None:
+            with self.session.begin_nested():
+                apply(ctx)
+            self.stats.commands_run += 1
+        moves = self._choose(group, list(group.items), command_name, ctx, record_stays)
+        self._rounds([], moves, record_stays=False)
+
+    def finish(self) -> None:
+        """Write what is buffered (transition-log rows) without firing anything."""
+        self.writer.flush_log()
+        self.session.flush()
+
+    def _rounds(self, pending: list[Group], carried: list[Move], *, record_stays: bool) -> None:
         repeats: Counter[tuple[int, str, str | None]] = Counter()
-        pending = list(groups)
         first = True
-        while pending:
-            moves: list[Move] = []
+        while pending or carried:
+            moves: list[Move] = carried
+            carried = []
             for group in pending:
                 key = (group.order.id, group.state, group.event)
                 repeats[key] += 1
@@ -147,18 +192,51 @@ class Runner:
 
     # -- one group -----------------------------------------------------------------------
 
+    def context(self, group: Group) -> CommandContext:
+        definition = self.compiled[group.process].definition
+        return CommandContext(self.session, definition, group.event, self.now, self.services)
+
     def _fire(self, group: Group, *, record_stays: bool) -> list[Move]:
-        compiled = self.compiled[group.process]
-        definition = compiled.definition
+        definition = self.compiled[group.process].definition
         event_def = definition.events.get(group.event) if group.event is not None else None
         command_name = event_def.command if event_def is not None else None
-        candidates = definition.transitions_from(group.state, group.event)
-        ctx = CommandContext(self.session, definition, group.event, self.now, self.services)
-
+        ctx = self.context(group)
+        if command_name is not None and self._defer(group, command_name, record_stays):
+            return []
         items = self._run_command(group, command_name, ctx)
         if not items:
             return []
+        return self._choose(group, items, command_name, ctx, record_stays)
 
+    def _defer(self, group: Group, command_name: str, record_stays: bool) -> bool:
+        if not self.registry.has_command(command_name):
+            return False
+        if not is_external(self.registry.command(command_name)):
+            return False
+        self.deferred.append(
+            Deferred(
+                order_id=group.order.id,
+                process=group.process,
+                state=group.state,
+                event=group.event,
+                command=command_name,
+                item_ids=tuple(i.id for i in group.items),
+                record_stays=record_stays,
+            )
+        )
+        return True
+
+    def _choose(
+        self,
+        group: Group,
+        items: list[OrderItem],
+        command_name: str | None,
+        ctx: CommandContext,
+        record_stays: bool,
+    ) -> list[Move]:
+        """Pick each item's transition (conditions first, the fallback last)."""
+        compiled = self.compiled[group.process]
+        candidates = compiled.definition.transitions_from(group.state, group.event)
         moves: list[Move] = []
         stayed: list[OrderItem] = []
         has_conditions = any(t.condition for t in candidates)
@@ -189,7 +267,7 @@ class Runner:
                             )
             except Exception as exc:
                 failed = remaining[done]
-                self._fail(group, [failed], command_name, exc, condition_failed=True)
+                self.fail(group, [failed], command_name, exc, condition_failed=True)
                 remaining = remaining[done + 1 :]
             else:
                 remaining = []
@@ -219,14 +297,14 @@ class Runner:
         try:
             command = self.registry.command(command_name)
         except LookupError as exc:
-            self._fail(group, group.items, command_name, exc)
+            self.fail(group, group.items, command_name, exc)
             return []
         if getattr(command, "by_order", False):
             try:
                 with self.session.begin_nested():
                     command.run(ctx, group.order, list(group.items))  # type: ignore[union-attr]
             except Exception as exc:
-                self._fail(group, group.items, command_name, exc)
+                self.fail(group, group.items, command_name, exc)
                 return []
             finally:
                 self.stats.commands_run += 1
@@ -237,7 +315,7 @@ class Runner:
                 with self.session.begin_nested():
                     command.run_item(ctx, group.order, item)  # type: ignore[union-attr]
             except Exception as exc:
-                self._fail(group, [item], command_name, exc)
+                self.fail(group, [item], command_name, exc)
             else:
                 ok.append(item)
             finally:
@@ -246,7 +324,30 @@ class Runner:
 
     # -- failures --------------------------------------------------------------------------
 
-    def _fail(
+    def note_error(
+        self, group: Group, items: Sequence[OrderItem], command_name: str, message: str
+    ) -> None:
+        """Log an error for ``items`` without scheduling a retry (an open intent blocks them:
+        it is reconciled, not retried)."""
+        for item in items:
+            item.last_error = message
+            self.writer.log(
+                item,
+                process=group.process,
+                event=group.event,
+                source=group.state,
+                target=None,
+                command=command_name,
+                error=message,
+            )
+        self.stats.errors += 1
+        ids = ", ".join(str(i.id) for i in items)
+        self.stats.error_messages.append(
+            f"order {group.order.order_ref} items [{ids}] {group.event or '(event-less)'} "
+            f"in {group.state}: {message}"
+        )
+
+    def fail(
         self,
         group: Group,
         items: Sequence[OrderItem],
@@ -254,8 +355,11 @@ class Runner:
         exc: BaseException | str,
         *,
         condition_failed: bool = False,
+        retry_in: timedelta | None = None,
     ) -> None:
-        """Leave ``items`` in place, log the error and schedule a retry with backoff."""
+        """Leave ``items`` in place, log the error and schedule a retry with backoff
+        (``retry_in`` overrides the backoff: a call known not to have been booked goes again
+        at once)."""
         message = exc if isinstance(exc, str) else describe_error(exc)
         what = "condition" if condition_failed else (command_name or "event")
         log.warning(
@@ -270,7 +374,7 @@ class Runner:
         for item in items:
             attempts = (item.attempts or 0) + 1
             item.retry_event = group.event
-            item.retry_at = self.now + retry_delay(attempts)
+            item.retry_at = self.now + (retry_delay(attempts) if retry_in is None else retry_in)
             item.attempts = attempts
             item.last_error = message
             self.writer.log(
@@ -291,7 +395,7 @@ class Runner:
         )
 
     def _loop_guard(self, group: Group) -> None:
-        self._fail(
+        self.fail(
             group,
             group.items,
             None,

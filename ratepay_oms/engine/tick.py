@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.claims import Claims, sqlite_worker_lock
 from ratepay_oms.engine.compiler import CompiledProcess
+from ratepay_oms.engine.intents import ExternalCalls
 from ratepay_oms.engine.persist import Origin, chunked
 from ratepay_oms.engine.plugins import PluginRegistry
 from ratepay_oms.engine.runner import Runner, RunStats, group_items
@@ -243,6 +244,11 @@ class TickRunner:
         if worker_lock is not None:
             worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
         try:
+            # First settle gateway calls whose answer was lost: their items wait on them.
+            try:
+                self._external(now, stats).reconcile_open()
+            except SQLAlchemyError as exc:
+                self._database_failed(stats, "reconciling open intents", exc)
             for step in steps:
                 done_total = self._step(step, now, stats, limit, processed, orders_seen, progress)
                 processed += done_total
@@ -344,6 +350,12 @@ class TickRunner:
                 progress(processed + done_total)
         return done_total
 
+    def _external(self, now: datetime, stats: RunStats) -> ExternalCalls:
+        return ExternalCalls(
+            self.sessions, self.compiled, self.registry, self.services, self.origin,
+            self.claims, now, stats,
+        )
+
     def _database_failed(self, stats: RunStats, where: str, exc: SQLAlchemyError) -> None:
         """Count a batch the database threw away; the message names the step, not the SQL."""
         orig = getattr(exc, "orig", None) or exc
@@ -364,7 +376,8 @@ class TickRunner:
         processed: int,
     ) -> tuple[int, set[int]]:
         with self.sessions() as session, session.begin():
-            pairs = step.due_items(session, claimed)
+            # Items waiting on an open gateway-call intent are settled by reconciliation only.
+            pairs = [p for p in step.due_items(session, claimed) if p[0].intent_id is None]
             if limit is not None:
                 pairs = _whole_orders(pairs, limit - processed)
             if not pairs:
@@ -379,7 +392,10 @@ class TickRunner:
                 session, self.compiled, self.registry, self.services, now, self.origin, stats
             )
             runner.run(group_items(pairs, orders))
-            return len(pairs), set(order_ids)
+            deferred = runner.deferred
+        # The batch is committed; now the external calls it deferred, under the same leases.
+        self._external(now, stats).run(deferred)
+        return len(pairs), set(order_ids)
 
 
 def _whole_orders(pairs: Pairs, room: int) -> Pairs:

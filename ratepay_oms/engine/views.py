@@ -37,6 +37,8 @@ class ItemView:
     retry_at: datetime | None
     attempts: int
     last_error: str | None
+    intent_id: int | None = None
+    """Set while the item waits on an open gateway-call intent (see ``Engine.intents``)."""
 
     @classmethod
     def of(cls, item: OrderItem) -> ItemView:
@@ -55,6 +57,7 @@ class ItemView:
             retry_at=item.retry_at,
             attempts=item.attempts,
             last_error=item.last_error,
+            intent_id=item.intent_id,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -72,6 +75,7 @@ class ItemView:
             "retry_at": _iso(self.retry_at),
             "attempts": self.attempts,
             "last_error": self.last_error,
+            "intent_id": self.intent_id,
         }
 
 

@@ -34,6 +34,7 @@ from ratepay_oms.persistence.base import MONEY, Base
 __all__ = [
     "ApiLogEntry",
     "EventTimeout",
+    "Intent",
     "Order",
     "OrderItem",
     "StateHistory",
@@ -108,6 +109,8 @@ class OrderItem(Base):
     retry_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
+    intent_id: Mapped[int | None] = mapped_column(Integer)
+    """The open gateway-call intent this item waits on: no event fires for it until settled."""
 
     order: Mapped[Order] = relationship(back_populates="items")
 
@@ -115,6 +118,7 @@ class OrderItem(Base):
         Index("ix_oms_order_item_process_state", "process", "state"),
         Index("ix_oms_order_item_retry_at", "retry_at"),
         Index("ix_oms_order_item_order_id", "order_id"),
+        Index("ix_oms_order_item_intent_id", "intent_id"),
     )
 
     def __repr__(self) -> str:
@@ -192,3 +196,54 @@ class EventTimeout(Base):
         UniqueConstraint("item_id", "event", name="uq_oms_event_timeout_item_id_event"),
         Index("ix_oms_event_timeout_due_at", "due_at"),
     )
+
+
+# Intent statuses.
+INTENT_PENDING = "pending"
+"""Committed before the call; the answer is not applied yet (in flight, lost, or crashed)."""
+INTENT_UNKNOWN = "unknown"
+"""Nobody can tell whether the call was booked (no status source): a person decides."""
+INTENT_SETTLED = "settled"
+INTENT_OPEN_STATUSES = (INTENT_PENDING, INTENT_UNKNOWN)
+
+
+class Intent(Base):
+    """A call with effects outside the database (a RatePAY booking), written *before* the call.
+
+    It commits in a transaction of its own before anything is sent, and is settled in the same
+    transaction that applies the answer and moves the items. An intent still open after its
+    worker is gone (crash, lost answer) is reconciled by asking the other side what it booked,
+    never by sending again. ``summary`` is the command's JSON description of the call
+    (operation, positions, amounts); ``item_ids`` the JSON list of the items it covers.
+    ``resolution`` says how it was settled: ``answered``, ``not_sent``, ``reconciled_booked``,
+    ``reconciled_not_booked``, ``resolved_booked`` / ``resolved_not_booked`` (by a person).
+    """
+
+    __tablename__ = "oms_intent"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    process: Mapped[str] = mapped_column(NAME, nullable=False)
+    state: Mapped[str] = mapped_column(NAME, nullable=False)
+    event: Mapped[str | None] = mapped_column(NAME)
+    command: Mapped[str] = mapped_column(NAME, nullable=False)
+    item_ids: Mapped[str] = mapped_column(Text, nullable=False)
+    summary: Mapped[str] = mapped_column(LONG_TEXT, nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    resolution: Mapped[str | None] = mapped_column(String(40))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    """Reconciliation attempts so far."""
+    last_error: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    reconcile_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    settled_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+
+    __table_args__ = (
+        Index("ix_oms_intent_status", "status"),
+        Index("ix_oms_intent_order_id", "order_id"),
+    )
+
+    def __repr__(self) -> str:
+        return f"<Intent {self.id} {self.command} {self.status}>"

@@ -94,6 +94,7 @@ def record_outcomes(
     operation: str | None = None,
     subtype: str | None = None,
     transaction_id: str | None = None,
+    result_code: str | None = None,
 ) -> None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
     why) and the outcome is a failure."""
@@ -110,7 +111,8 @@ def record_outcomes(
             "success": ok,
             "operation": (result.operation if result is not None else operation) or action,
             "subtype": result.subtype if result is not None else subtype,
-            "result_code": None if result is None or result.result_code is None
+            "result_code": result_code if result is None
+            else None if result.result_code is None
             else str(result.result_code),
             "reason_code": None if result is None or result.reason_code is None
             else str(result.reason_code),
