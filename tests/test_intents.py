@@ -315,3 +315,20 @@ def test_cli_intents_list_is_empty_and_resolve_of_unknown_id_is_one_line(url, en
     assert out.exit_code == 0
     code = main(["intents", "resolve", "999999", "--booked", "--db", url])
     assert code != 0
+
+
+def test_process_migration_refuses_orders_waiting_on_an_intent(blind_engine, sandbox):
+    from ratepay_oms.console.migrate import MigrationError, plan_migration
+
+    engine = blind_engine
+    now = _now()
+    ref = _ready(engine, now)
+    sandbox.gateway.faults.add(Fault("timeout_after_booking", operation="CONFIRMATION_DELIVER"))
+    engine.trigger("ship", ref, now=now)
+    definition = engine.definitions()["RatepayInvoice01"]
+    identity = {state: state for state in definition.states}
+    with pytest.raises(MigrationError, match=f"outcome is open: .*{ref}"):
+        plan_migration(
+            engine, {"RatepayInvoice01": definition, "RatepayInvoice99": definition},
+            "RatepayInvoice01", "RatepayInvoice99", identity,
+        )

@@ -186,6 +186,25 @@ def _plan(
             .distinct()
         )
     )
+    waiting = list(
+        session.scalars(
+            select(Order.order_ref)
+            .join(OrderItem, OrderItem.order_id == Order.id)
+            .where(
+                OrderItem.process == from_process,
+                OrderItem.state.in_(moving),
+                OrderItem.intent_id.is_not(None),
+            )
+            .distinct()
+        )
+    )
+    if waiting:
+        # Their intent names the state and process it was sent from; it settles them there.
+        raise MigrationError(
+            "migration refused, nothing changed: order(s) with a gateway call whose outcome is "
+            "open: " + ", ".join(sorted(waiting)[:10])
+            + " (see: ratepay-oms intents list)"
+        )
     if leased:
         raise MigrationError(
             "migration refused, nothing changed: order(s) leased by a running worker: "

@@ -358,10 +358,6 @@ class Engine:
             errors=list(stats.error_messages),
         )
 
-    def reconcile(self, *, now: datetime | None = None) -> TickResult:
-        """Only the tick's first step: settle open intents by asking the gateway."""
-        return self._tick_runner().run(naive_utc(now), limit=0)
-
     # -- queries ---------------------------------------------------------------------------
 
     @staticmethod
