@@ -278,10 +278,15 @@ def test_a_worker_killed_after_the_booking_loses_nothing_and_books_once(
     assert _states(engine, ref) == ["shipped"] * 4
     db = create_engine(url)
     try:
-        with db.begin() as conn:  # let the lease run out, as time would
+        with db.begin() as conn:  # let the lease and the in-flight margin run out, as time would
             conn.execute(
                 update(Order).where(Order.order_ref == ref)
                 .values(claim_expires_at=datetime(2000, 1, 1))
+            )
+            assert intent.reconcile_at > datetime.now(UTC).replace(tzinfo=None)
+            conn.execute(
+                update(Intent).where(Intent.id == intent.id)
+                .values(reconcile_at=datetime(2000, 1, 1))
             )
     finally:
         db.dispose()

@@ -302,7 +302,9 @@ class ExternalCalls:
                 worker=self.claims.worker_id,
                 attempts=0,
                 created_at=self.now,
-                reconcile_at=wall_now(),
+                # Not before our lease would have run out: until then the call may still be in
+                # flight, and asking too early could read "not booked" and send it twice.
+                reconcile_at=wall_now() + self.claims.lease,
             )
             session.add(intent)
             session.flush()
