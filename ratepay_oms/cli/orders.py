@@ -229,5 +229,5 @@ def event(
     if result.errors:
         # An OmsError (not click's Exit, which main() would turn into status 0): main prints it.
         raise EventCommandFailedError(
-            "; ".join(result.errors) + " (retry scheduled; see `ratepay-oms order show`)"
+            "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
