@@ -138,14 +138,14 @@ def matrix(
             table.add_column(name, justify="right")
         table.add_column("!", justify="center")
         for cell in row.states:
-            name = Text(cell.state)
+            label = Text(cell.state)
             if cell.final:
-                name.append(" (final)", style="dim")
+                label.append(" (final)", style="dim")
             if not cell.known:
-                name.append(" (unknown state)", style="red")
+                label.append(" (unknown state)", style="red")
             mark = Text("!", style="bold red") if cell.attention else Text("")
             table.add_row(
-                name,
+                label,
                 str(cell.today),
                 str(cell.week),
                 str(cell.older),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 
 from ratepay_oms.console._session import session_of, utc_now
 from ratepay_oms.persistence.models import Order, OrderItem
@@ -78,7 +78,7 @@ def clear_leases(source: Any, *, now: datetime | None = None, force: bool = Fals
     between our read and our write is not cleared.
     """
     now = now or utc_now()
-    condition = Order.claimed_by.is_not(None)
+    condition: ColumnElement[bool] = Order.claimed_by.is_not(None)
     if not force:
         condition = condition & (Order.claim_expires_at.is_(None) | (Order.claim_expires_at <= now))
     with session_of(source) as session:

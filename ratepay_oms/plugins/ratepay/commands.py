@@ -157,6 +157,24 @@ class _External:
     external = True
     action: str
 
+    def prepare(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> PreparedCall | None:
+        raise NotImplementedError
+
+    def send(self, services: dict[str, Any], call: PreparedCall) -> RatepayResult:
+        raise NotImplementedError
+
+    def apply(
+        self,
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        summary: dict[str, Any],
+        answer: RatepayResult | Reconciled,
+    ) -> None:
+        raise NotImplementedError
+
     def reconcile(self, services: dict[str, Any], summary: dict[str, Any]) -> Reconciled | None:
         facade = services.get(SERVICE_NAME)
         if facade is None or not facade.settings.status_api_url:
