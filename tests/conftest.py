@@ -5,6 +5,11 @@
 that answer). Each session creates its own database on the server (``rpoms_<random>``) and drops
 it at the end, so parallel sessions never see each other's rows. Under ``CI=true`` a dialect
 that was asked for and does not answer fails the run instead of skipping.
+
+``server_only_db_url`` is the same, for tests that need row locks or several connections
+(concurrent tick workers, killing a connection): only the server dialects asked for. Both
+fixtures share one throw-away database per dialect, so a session creates at most one per server.
+``fresh_db_url`` gives one test a database of its own, dropped right after it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +41,15 @@ def _requested() -> list[str]:
     return ["sqlite", "postgresql", "mariadb"]
 
 
+SERVER_DIALECTS = ("postgresql", "mariadb")
+_ADMIN_URLS = {"postgresql": PG_ADMIN_URL, "mariadb": MARIADB_ADMIN_URL}
+
+
+def _server_requested() -> list[str]:
+    return [d for d in _requested() if d in SERVER_DIALECTS]
+
+
+@contextmanager
 def _server_db(admin_url: str, dialect: str) -> Iterator[str]:
     name = f"rpoms_{secrets.token_hex(4)}"
     try:
@@ -58,16 +73,73 @@ def _server_db(admin_url: str, dialect: str) -> Iterator[str]:
         admin.dispose()
 
 
+class _ServerDatabases:
+    """One throw-away database per server dialect, created when a test first asks for it and
+    dropped at the end of the session; ``server_db_url`` and ``server_only_db_url`` share it."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self._stack = stack
+        self._urls: dict[str, str] = {}
+
+    def url(self, dialect: str) -> str:
+        if dialect not in self._urls:
+            self._urls[dialect] = self._stack.enter_context(
+                _server_db(_ADMIN_URLS[dialect], dialect)
+            )
+        return self._urls[dialect]
+
+
+@pytest.fixture(scope="session")
+def _server_databases() -> Iterator[_ServerDatabases]:
+    with ExitStack() as stack:
+        yield _ServerDatabases(stack)
+
+
 @pytest.fixture(scope="session", params=_requested())
-def server_db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def server_db_url(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    _server_databases: _ServerDatabases,
+) -> Iterator[str]:
     """A database URL for a fresh, empty database of one dialect (session scoped)."""
     dialect = request.param
     if dialect == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('db') / 'oms.sqlite'}"
-    elif dialect == "postgresql":
-        yield from _server_db(PG_ADMIN_URL, "postgresql")
-    elif dialect == "mariadb":
-        yield from _server_db(MARIADB_ADMIN_URL, "mariadb")
+    elif dialect in SERVER_DIALECTS:
+        yield _server_databases.url(dialect)
+    else:
+        raise pytest.UsageError(f"unknown dialect {dialect!r} in RATEPAY_OMS_TEST_DATABASES")
+
+
+@pytest.fixture(scope="session", params=_server_requested() or ["none"])
+def server_only_db_url(
+    request: pytest.FixtureRequest, _server_databases: _ServerDatabases
+) -> str:
+    """Like ``server_db_url`` but only PostgreSQL and MariaDB (the ones asked for): for tests
+    that need row locks or a second connection, which SQLite does not have.
+
+    With no server dialect asked for, such a test skips, and fails under ``CI=true``.
+    """
+    dialect = request.param
+    if dialect == "none":
+        message = "needs postgresql or mariadb in RATEPAY_OMS_TEST_DATABASES"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return _server_databases.url(dialect)
+
+
+@pytest.fixture(params=_requested())
+def fresh_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of one dialect for this test alone (a few tenths of a second on a
+    server): for a test that ticks everything due or reads every row of every table, which
+    other tests' rows in the session's shared database would disturb."""
+    dialect = request.param
+    if dialect == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fresh.sqlite'}"
+    elif dialect in SERVER_DIALECTS:
+        with _server_db(_ADMIN_URLS[dialect], dialect) as url:
+            yield url
     else:
         raise pytest.UsageError(f"unknown dialect {dialect!r} in RATEPAY_OMS_TEST_DATABASES")
 

@@ -16,9 +16,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import pytest
-from sqlalchemy.engine import make_url
-
 from ratepay_oms import Engine
 from tests.plugins_for_tests import (
     PROCESS_DIR,
@@ -40,11 +37,13 @@ print(json.dumps(engine.tick().to_json()))
 """
 
 
-def test_two_tick_processes_never_run_a_command_twice_for_an_item(server_db_url: str) -> None:
-    if make_url(server_db_url).get_backend_name() == "sqlite":
-        pytest.skip("SQLite runs one tick worker at a time (no row locks)")
-    prepare_database(server_db_url)
-    engine = Engine(server_db_url, process_dir=PROCESS_DIR, registry=make_registry())
+def test_two_tick_processes_never_run_a_command_twice_for_an_item(
+    server_only_db_url: str,
+) -> None:
+    """Server dialects only: SQLite runs one tick worker at a time (no row locks), and
+    refuses a second one (tests/test_reliability_workers.py)."""
+    prepare_database(server_only_db_url)
+    engine = Engine(server_only_db_url, process_dir=PROCESS_DIR, registry=make_registry())
     refs = [f"C-{uuid.uuid4().hex[:8]}-{n}" for n in range(ORDERS)]
     item_ids: list[int] = []
     for r in refs:
@@ -61,7 +60,7 @@ def test_two_tick_processes_never_run_a_command_twice_for_an_item(server_db_url:
     }
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, server_db_url, str(PROCESS_DIR), f"worker-{n}"],
+            [sys.executable, "-c", WORKER, server_only_db_url, str(PROCESS_DIR), f"worker-{n}"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -75,7 +74,7 @@ def test_two_tick_processes_never_run_a_command_twice_for_an_item(server_db_url:
         assert proc.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
 
-    runs = [r for r in command_runs(server_db_url) if r["command"] == "Test/RecordByOrder"]
+    runs = [r for r in command_runs(server_only_db_url) if r["command"] == "Test/RecordByOrder"]
     per_item = Counter(r["item_id"] for r in runs)
     assert sorted(per_item) == sorted(item_ids)  # every item ran ...
     assert set(per_item.values()) == {1}  # ... exactly once

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from ratepay_oms import Engine
 from ratepay_oms.engine.claims import SqliteWorkerBusyError, SqliteWorkerLock
@@ -52,10 +52,30 @@ runs = sa.Table(
 )
 
 
+def kill_own_connection(session: Session, admin_url: str) -> None:
+    """Kill the connection ``session`` runs on, from a second connection, the way the server
+    does it when an operator or a failover drops it: ``pg_terminate_backend`` on PostgreSQL,
+    ``KILL <connection id>`` on MariaDB."""
+    backend = session.get_bind().dialect.name
+    if backend == "postgresql":
+        own_id, kill = "SELECT pg_backend_pid()", "SELECT pg_terminate_backend(:p)"
+    elif backend in ("mysql", "mariadb"):
+        own_id, kill = "SELECT CONNECTION_ID()", "KILL :p"
+    else:  # pragma: no cover - the test runs on the server dialects only
+        raise AssertionError(f"no way to kill a {backend} connection")
+    connection_id = session.execute(sa.text(own_id)).scalar_one()
+    admin = sa.create_engine(admin_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(kill), {"p": connection_id})
+    finally:
+        admin.dispose()
+
+
 class Work:
     """Records a run; blocks forever (after touching ``$RELIABILITY_STARTED``) when
     ``$RELIABILITY_BLOCK`` is set; with ``services["kill_backend"]`` kills its own database
-    connection from another connection once, mid-command (PostgreSQL)."""
+    connection from another connection once, mid-command (PostgreSQL or MariaDB)."""
 
     by_order = True
 
@@ -72,11 +92,7 @@ class Work:
         killer = ctx.services.get("kill_backend")
         if killer and not killer["done"]:
             killer["done"] = True
-            pid = ctx.session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
-            admin = sa.create_engine(killer["url"])
-            with admin.begin() as conn:
-                conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-            admin.dispose()
+            kill_own_connection(ctx.session, killer["url"])
             # The command itself does not touch the database again; the engine's next
             # statement in this transaction finds the connection gone.
 
@@ -177,19 +193,18 @@ def _place(url: str, pdir: Path, n: int = 1) -> tuple[Engine, list[str], list[in
 
 
 def test_a_killed_workers_order_is_taken_over_after_its_lease_and_finished_once(
-    server_db_url: str, tmp_path: Path
+    server_only_db_url: str, tmp_path: Path
 ) -> None:
-    if make_url(server_db_url).get_backend_name() == "sqlite":
-        pytest.skip("SQLite: one worker (see the lock tests below)")
-    pdir = _prepare(server_db_url, tmp_path)
-    engine, refs, ids = _place(server_db_url, pdir)
+    """Server dialects only: SQLite refuses a second worker (the lock tests below)."""
+    pdir = _prepare(server_only_db_url, tmp_path)
+    engine, refs, ids = _place(server_only_db_url, pdir)
     lease = 2
-    first = _start_blocked_worker(server_db_url, pdir, tmp_path, lease)
+    first = _start_blocked_worker(server_only_db_url, pdir, tmp_path, lease)
     claimed = engine.order(refs[0]).claimed_by
     assert claimed is not None and str(first.pid) in claimed
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
-    assert _runs(server_db_url) == []  # the killed run never committed
+    assert _runs(server_only_db_url) == []  # the killed run never committed
 
     # While the dead worker's lease still runs, a second worker leaves the order alone ...
     busy = engine.tick()
@@ -199,14 +214,14 @@ def test_a_killed_workers_order_is_taken_over_after_its_lease_and_finished_once(
     # --now only shifts business time, never lease time).
     time.sleep(lease + 0.5)
     second = subprocess.run(
-        [sys.executable, "-c", WORKER, server_db_url, str(pdir), "60"],
+        [sys.executable, "-c", WORKER, server_only_db_url, str(pdir), "60"],
         env=_env(), capture_output=True, text=True, timeout=60,
     )
     assert second.returncode == 0, second.stderr
     assert engine.order(refs[0]).states() == {"done": 2}
-    assert sorted(r["item_id"] for r in _runs(server_db_url)) == sorted(ids)  # once each
+    assert sorted(r["item_id"] for r in _runs(server_only_db_url)) == sorted(ids)  # once each
     assert engine.order(refs[0]).claimed_by is None
-    assert _history_count(server_db_url, ids) == len(ids)
+    assert _history_count(server_only_db_url, ids) == len(ids)
     engine.close()
 
 
@@ -258,14 +273,14 @@ def test_sqlite_worker_lock_is_free_again_after_release(tmp_path: Path) -> None:
 
 
 def test_a_dropped_connection_mid_tick_rolls_back_that_batch_only(
-    server_db_url: str, tmp_path: Path
+    server_only_db_url: str, tmp_path: Path
 ) -> None:
-    if make_url(server_db_url).get_backend_name() != "postgresql":
-        pytest.skip("pg_terminate_backend is PostgreSQL's")
-    pdir = _prepare(server_db_url, tmp_path)
-    engine, refs, ids = _place(server_db_url, pdir, n=3)
+    """The kill is ``pg_terminate_backend`` / MariaDB's ``KILL`` (see ``kill_own_connection``);
+    SQLite has no connection another one could drop."""
+    pdir = _prepare(server_only_db_url, tmp_path)
+    engine, refs, ids = _place(server_only_db_url, pdir, n=3)
     engine.batch_size = 1  # one order per batch: the kill hits the first batch only
-    engine.services["kill_backend"] = {"done": False, "url": server_db_url}
+    engine.services["kill_backend"] = {"done": False, "url": server_only_db_url}
     first = engine.tick()  # must not raise
     assert first.errors == 1
     assert any("database error" in m and "rolled back" in m for m in first.error_messages)
@@ -274,7 +289,7 @@ def test_a_dropped_connection_mid_tick_rolls_back_that_batch_only(
     assert states.count({"done": 2}) == 2  # ... the others went on
     killed_ref = refs[states.index({"new": 2})]
     killed_ids = [i.id for i in engine.order(killed_ref).items]
-    assert _history_count(server_db_url, killed_ids) == 0  # ... no history row
+    assert _history_count(server_only_db_url, killed_ids) == 0  # ... no history row
     assert all(i.retry_at is None and i.last_error is None
                for i in engine.order(killed_ref).items)  # ... nothing half-written
     assert engine.order(killed_ref).claimed_by is None
@@ -282,6 +297,6 @@ def test_a_dropped_connection_mid_tick_rolls_back_that_batch_only(
     second = engine.tick()
     assert second.errors == 0
     assert engine.order(killed_ref).states() == {"done": 2}
-    assert sorted(r["item_id"] for r in _runs(server_db_url)) == sorted(ids)  # once each
-    assert _history_count(server_db_url, ids) == len(ids)
+    assert sorted(r["item_id"] for r in _runs(server_only_db_url)) == sorted(ids)  # once each
+    assert _history_count(server_only_db_url, ids) == len(ids)
     engine.close()
