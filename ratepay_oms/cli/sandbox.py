@@ -19,7 +19,13 @@ console = Console(highlight=False, soft_wrap=True)
 
 @cli.group()
 def sandbox() -> None:
-    """The offline RatePAY sandbox gateway."""
+    """The offline RatePAY sandbox gateway: the XML protocol, RatePAY's ledger rules and
+    the transaction status lookup on loopback, with fault injection.
+
+    \b
+    Example:
+      ratepay-oms sandbox serve --port 8899 --fault http_500:CONFIRMATION_DELIVER
+    """
 
 
 def _decimal(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
