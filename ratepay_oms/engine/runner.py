@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 
 from ratepay_oms.engine.clock import retry_delay
@@ -94,6 +95,15 @@ def group_items(
             group = groups[key] = Group(orders[item.order_id], item.process, item.state, event, [])
         group.items.append(item)
     return list(groups.values())
+
+
+def database_lost(exc: BaseException) -> bool:
+    """The connection or the transaction is gone (dropped, killed, deadlock victim): not the
+    command's fault, and nothing more can be written in this transaction. The caller re-raises
+    so the whole batch rolls back and is counted as a database failure."""
+    return isinstance(exc, OperationalError | InterfaceError | PendingRollbackError) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
 
 
 def describe_error(exc: BaseException) -> str:
@@ -266,6 +276,8 @@ class Runner:
                                 )
                             )
             except Exception as exc:
+                if database_lost(exc):
+                    raise
                 failed = remaining[done]
                 self.fail(group, [failed], command_name, exc, condition_failed=True)
                 remaining = remaining[done + 1 :]
@@ -304,6 +316,8 @@ class Runner:
                 with self.session.begin_nested():
                     command.run(ctx, group.order, list(group.items))  # type: ignore[union-attr]
             except Exception as exc:
+                if database_lost(exc):
+                    raise
                 self.fail(group, group.items, command_name, exc)
                 return []
             finally:
@@ -315,6 +329,8 @@ class Runner:
                 with self.session.begin_nested():
                     command.run_item(ctx, group.order, item)  # type: ignore[union-attr]
             except Exception as exc:
+                if database_lost(exc):
+                    raise
                 self.fail(group, [item], command_name, exc)
             else:
                 ok.append(item)
