@@ -133,6 +133,51 @@ def test_result_code_answers_error_without_booking(sandbox) -> None:
     assert outcome(post(sandbox, deliver_one(sandbox, tx)).content)[2] == 404
 
 
+def processing(content: bytes) -> dict[str, str | None]:
+    p = parse_xml(content).find("r:head/r:processing", NS)
+    return {etree.QName(el).localname: el.get("code") for el in p}
+
+
+def test_status_fatal_answers_without_a_result_and_books_nothing(sandbox) -> None:
+    tx = authorised(sandbox)
+    sandbox.gateway.faults.add(Fault("status_fatal", operation="CONFIRMATION_DELIVER"))
+    response = post(sandbox, deliver_one(sandbox, tx))
+    assert response.status_code == 200
+    assert processing(response.content) == {"timestamp": None, "status": "FATAL", "reason": "1000"}
+    root = parse_xml(response.content)
+    assert root.findtext("r:head/r:response-type", namespaces=NS) == "STATUS_ERROR"
+    assert root.findtext("r:head/r:transaction-id", namespaces=NS) == tx
+    assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 0
+    assert sandbox.gateway.received[-1].fault == "status_fatal"
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected", "response_type"),
+    [
+        (Fault("status_warning"), ("WARNING", 303, 404), "STATUS_RESPONSE"),
+        (Fault("status_warning", result_code=150), ("WARNING", 303, 150), "STATUS_RESPONSE"),
+        (Fault("result_warning"), ("OK", 303, 405), "STATUS_RESPONSE"),
+        (
+            Fault("status_fatal", result_code=150, reason_code=101),
+            ("FATAL", 101, 150),
+            "STATUS_ERROR",
+        ),
+    ],
+)
+def test_status_and_result_faults_answer_success_shaped_and_book_nothing(
+    sandbox, fault: Fault, expected: tuple[str, int, int], response_type: str
+) -> None:
+    tx = authorised(sandbox)
+    fault.operation = "CONFIRMATION_DELIVER"
+    sandbox.gateway.faults.add(fault)
+    response = post(sandbox, deliver_one(sandbox, tx))
+    assert outcome(response.content) == expected
+    root = parse_xml(response.content)
+    assert root.findtext("r:head/r:response-type", namespaces=NS) == response_type
+    assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 0
+    assert not sandbox.gateway.received[-1].booked
+
+
 def test_delay_answers_late_but_normally(sandbox) -> None:
     sandbox.gateway.faults.add(Fault("delay", operation="PAYMENT_INIT", delay_s=0.3))
     started = time.monotonic()
@@ -172,6 +217,20 @@ def test_every_n_and_spec_parsing() -> None:
     assert faults.pick("PAYMENT_CHANGE", "cancellation") is None
     with pytest.raises(FaultSpecError):
         Fault.parse("explode:PAYMENT_INIT")
+    fatal = Fault.parse("status_fatal:CONFIRMATION_DELIVER")
+    assert (fatal.kind, fatal.operation, fatal.result_code) == (
+        "status_fatal",
+        "CONFIRMATION_DELIVER",
+        None,
+    )
+    warning = Fault.parse("status_warning=150:PAYMENT_CHANGE/return:2")
+    assert (warning.kind, warning.result_code, warning.subtype, warning.every) == (
+        "status_warning",
+        150,
+        "return",
+        2,
+    )
+    assert Fault.parse("result_warning:*:0.5").probability == 0.5
     with pytest.raises(FaultSpecError):
         Fault.parse("drop:PAYMENT_INIT:often")
 
@@ -185,6 +244,15 @@ def test_faults_settable_at_run_time(sandbox) -> None:
     assert requests.get(sandbox.faults_url, timeout=5).json()[0]["applied"] == 1
     assert requests.delete(sandbox.faults_url, timeout=5).status_code == 200
     assert post(sandbox, request_xml("PAYMENT_INIT", sandbox.settings)).status_code == 200
+    for kind, status in (("status_fatal", "FATAL"), ("status_warning", "WARNING")):
+        requests.post(
+            sandbox.faults_url,
+            json={"kind": kind, "operation": "PAYMENT_INIT", "times": 1},
+            timeout=5,
+        ).raise_for_status()
+        answer = post(sandbox, request_xml("PAYMENT_INIT", sandbox.settings))
+        assert processing(answer.content)["status"] == status
+        requests.delete(sandbox.faults_url, timeout=5).raise_for_status()
     bad = requests.post(sandbox.faults_url, json={"kind": "nope"}, timeout=5)
     assert bad.status_code == 400 and "unknown fault kind" in bad.json()["error"]
 
@@ -212,6 +280,8 @@ def test_cli_sandbox_serve_answers_and_stops_on_sigint() -> None:
             code,
             "--fault",
             "http_500:PAYMENT_CHANGE:0.5",
+            "--fault",
+            "status_warning:PROFILE_REQUEST",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -227,6 +297,12 @@ def test_cli_sandbox_serve_answers_and_stops_on_sigint() -> None:
             timeout=5,
         )
         assert outcome(response.content) == ("OK", 300, 350)
+        profile = requests.post(
+            f"http://127.0.0.1:{port}/api/xml/1_0",
+            data=request_xml("PROFILE_REQUEST", settings),
+            timeout=5,
+        )
+        assert outcome(profile.content) == ("WARNING", 306, 500)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=10)
     finally:

@@ -104,7 +104,8 @@ def test_payment_request_declines_ablehnung_and_refuses_follow_ups(sandbox) -> N
     assert sandbox.gateway.transactions[tx].state == "declined"
 
 
-def test_payment_request_declines_a_basket_over_the_limit(sandbox) -> None:
+def test_payment_request_declines_a_basket_over_the_risk_threshold(sandbox) -> None:
+    """``decline_over`` (5000.00) is a risk rule within the profile's limit (10000.00)."""
     tx = init(sandbox)
     basket = basket_xml([("TV", 1, "5000.01")])
     root = post(
@@ -318,7 +319,8 @@ def test_profile_and_configuration_requests(sandbox) -> None:
     assert outcome(root) == ("OK", 306, 500)
     assert text(root, "r:head/r:response-type") == "PROFILE_SETTINGS"
     assert text(root, "r:content/r:master-data/r:profile-id") == sandbox.settings["PROFILE_ID"]
-    assert text(root, "r:content/r:master-data/r:tx-limit-invoice-max") == "5000.00"
+    assert text(root, "r:content/r:master-data/r:tx-limit-invoice-min") == "1.00"
+    assert text(root, "r:content/r:master-data/r:tx-limit-invoice-max") == "10000.00"
     assert root.find("r:head/r:transaction-id", NS) is None
     root = post(sandbox, request_xml("CONFIGURATION_REQUEST", sandbox.settings))
     assert outcome(root) == ("OK", 306, 500)

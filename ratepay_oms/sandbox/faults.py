@@ -14,8 +14,27 @@ Kinds and what the gateway then did with the booking:
 ``malformed_xml``          process and book, then answer a broken XML document
 ``result_code``            answer ERROR / ``reason_code`` / ``result_code`` (default
                            1000 / 150), nothing booked
+``status_fatal``           answer status FATAL, reason ``reason_code`` (default 1000)
+                           and no result element (one only if ``result_code`` is set),
+                           nothing booked
+``status_warning``         answer status WARNING with the operation's own success
+                           reason / result (``result_code`` overrides), nothing booked
+``result_warning``         answer status OK with result 405 (warning) and the
+                           operation's success reason, nothing booked
 ``drop``                   close the connection before processing (nothing booked)
 =========================  ==========================================================
+
+The three status/result kinds test the client's evaluation of ``head/processing`` (reference
+§2.4, §6.1, §6.2): each changes one field of an otherwise success-shaped answer, and a client
+must treat every one of them as a failure (anything but status OK, or a result other than the
+operation's success result). The sandbox books nothing for them, so a client that retries
+after such an answer books once. ``result_code=405`` answers *ERROR* / 1000 / 405, which a
+client already fails on the status; ``result_warning`` is the OK / 405 case.
+
+From the command line (``ratepay-oms sandbox serve --fault SPEC``, see ``Fault.parse``):
+``--fault status_fatal:CONFIRMATION_DELIVER``, ``--fault status_warning:PAYMENT_REQUEST:0.5``,
+``--fault result_warning:PAYMENT_CHANGE/cancellation``. At run time: ``POST /sandbox/faults``
+with ``{"kind": "status_fatal", "operation": "PAYMENT_CHANGE", "times": 1}``.
 """
 
 from __future__ import annotations
@@ -30,8 +49,11 @@ from ratepay_oms.errors import OmsError
 
 logger = logging.getLogger(__name__)
 
+ANSWER_FAULTS = frozenset({"status_fatal", "status_warning", "result_warning"})
+"""Kinds that answer a status/result of their own instead of processing the request."""
 FAULT_KINDS = frozenset(
     {"delay", "timeout_after_booking", "http_500", "malformed_xml", "result_code", "drop"}
+    | ANSWER_FAULTS
 )
 BOOKING_FAULTS = frozenset({"delay", "timeout_after_booking", "malformed_xml"})
 """Kinds after which the request was processed (and booked) as usual."""
@@ -113,7 +135,9 @@ class Fault:
 
         An integer third part means every N-th call, a decimal with a dot a probability;
         ``*`` as operation matches all operations. ``result_code`` takes ``result_code=NNN``
-        style extras after the kind: ``result_code=405:PAYMENT_CHANGE``.
+        style extras after the kind: ``result_code=405:PAYMENT_CHANGE``; so do
+        ``status_fatal`` (adds a result element) and ``status_warning`` (replaces the
+        success result).
         """
         parts = spec.split(":")
         if not parts[0] or len(parts) > 3:

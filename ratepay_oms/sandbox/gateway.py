@@ -22,7 +22,7 @@ from ratepay_oms.errors import OmsError
 from ratepay_oms.ratepay.codes import PaymentMethod
 from ratepay_oms.ratepay.xml import mask_secret, mask_security_code, parse_xml
 from ratepay_oms.sandbox import protocol
-from ratepay_oms.sandbox.faults import Fault, FaultSet
+from ratepay_oms.sandbox.faults import ANSWER_FAULTS, Fault, FaultSet
 from ratepay_oms.sandbox.installments import InstallmentConfig
 from ratepay_oms.sandbox.ledger import PositionLedger, Transaction
 
@@ -35,9 +35,32 @@ DEMO_SECURITY_CODE = "5e7a0c1f9b3d4a6e8c2f0b1d3a5c7e9f"
 """The sandbox's default credential: 32 hex characters like a real one, valid nowhere else."""
 
 
+ALL_METHODS: tuple[str, ...] = tuple(m.value for m in PaymentMethod)
+B2B_CAPABLE_METHODS: tuple[str, ...] = tuple(
+    m for m in ALL_METHODS if m != PaymentMethod.INSTALLMENT
+)
+"""RatePAY never finances a company: INSTALLMENT for B2B is a validation error (reason 200)."""
+
+
 @dataclass(frozen=True)
 class SandboxConfig:
-    """What the sandbox accepts and how it decides."""
+    """What the sandbox accepts and how it decides.
+
+    The profile's contract (reference §4.7, §5.1, §11.4) is what PROFILE_REQUEST reports and
+    PAYMENT_REQUEST enforces, from the same fields, so the two cannot disagree:
+
+    * ``tx_limit_min`` / ``tx_limit_max`` (``tx_limit_max_b2b`` for a customer with a company
+      name) bound the basket amount of INVOICE, ELV and PREPAYMENT; INSTALLMENT is bounded by
+      ``installment.amount_min`` / ``amount_max``. Outside: ERROR / 2005 or 2006 / 150.
+    * ``b2b_methods``: methods a company may use; any other: OK / 2002 / 401 (a decline).
+    * ``delivery_address_methods``: methods that accept a delivery address deviating from
+      the billing address; any other: ERROR / 2001 / 150.
+
+    ``decline_last_name`` and ``decline_over`` are the sandbox's *risk* rules (703 / 401),
+    checked after the contract: ``decline_over`` below ``tx_limit_max`` declines baskets that
+    the contract would allow. The defaults allow every example order, B2B for every method
+    but INSTALLMENT and a deviating delivery address for every method.
+    """
 
     profile_id: str = "INTEGRATION_TE_DACH"
     security_code: str = field(default=DEMO_SECURITY_CODE, repr=False)
@@ -48,8 +71,29 @@ class SandboxConfig:
     gateway_node: int = 31  # the NN of transaction ids NN-YYYYMMDDnnnnnnn
     merchant_name: str = "Sandbox Merchant GmbH"
     shop_name: str = "ratepay-oms sandbox shop"
-    methods: tuple[str, ...] = tuple(m.value for m in PaymentMethod)
+    methods: tuple[str, ...] = ALL_METHODS
     installment: InstallmentConfig = field(default_factory=InstallmentConfig)
+    tx_limit_min: Decimal = Decimal("1.00")
+    tx_limit_max: Decimal = Decimal("10000.00")
+    tx_limit_max_b2b: Decimal = Decimal("10000.00")
+    b2b_methods: tuple[str, ...] = B2B_CAPABLE_METHODS
+    delivery_address_methods: tuple[str, ...] = ALL_METHODS
+
+    def __post_init__(self) -> None:
+        for name in ("methods", "b2b_methods", "delivery_address_methods"):
+            unknown = set(getattr(self, name)) - set(ALL_METHODS)
+            if unknown:
+                raise ValueError(f"SandboxConfig.{name}: unknown method(s) {sorted(unknown)}")
+        if PaymentMethod.INSTALLMENT in self.b2b_methods:
+            raise ValueError("SandboxConfig.b2b_methods: INSTALLMENT is never allowed for B2B")
+        if not Decimal("0") <= self.tx_limit_min <= min(self.tx_limit_max, self.tx_limit_max_b2b):
+            raise ValueError("SandboxConfig: need 0 <= tx_limit_min <= tx_limit_max(_b2b)")
+
+    def tx_limits(self, method: str, *, b2b: bool = False) -> tuple[Decimal, Decimal]:
+        """The basket amounts ``method`` accepts (min, max), for a company if ``b2b``."""
+        if method == PaymentMethod.INSTALLMENT:
+            return self.installment.amount_min, self.installment.amount_max
+        return self.tx_limit_min, self.tx_limit_max_b2b if b2b else self.tx_limit_max
 
 
 @dataclass
@@ -193,6 +237,11 @@ class SandboxGateway:
                     fault.reason_code or 1000, result=fault.result_code or 150
                 )
                 answer, tx = protocol.refusal_answer(head, refusal), None
+            elif fault is not None and fault.kind in ANSWER_FAULTS:
+                answer = protocol.injected_answer(
+                    head, fault.kind, result_code=fault.result_code, reason_code=fault.reason_code
+                )
+                tx = None
             else:
                 bookings_before = self._booking_count()
                 answer, tx = protocol.process(self, head, now)

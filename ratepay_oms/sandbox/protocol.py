@@ -3,9 +3,12 @@
 Checks run in the gateway's order (reference §2, §4, §11): operation (201/202), credential
 (121/232, wrong ⇒ 120), subtype (214/234), transaction-id presence (206 / must-have), content
 presence (208/209/233), then per-operation content (customer 216/220–227, basket 210/200,
-payment 212/213/217/219/229/230/231) and finally the transaction and its ledger (unknown ⇒ 100,
-not accepted or ledger violation ⇒ 2300). Every refusal is ``ERROR`` with result 150; declines
-are ``OK`` / 703 / 401 with a customer message. The caller holds the gateway lock.
+payment 212/213/217/219/229/230/231), the profile's contract on a PAYMENT_REQUEST (basket
+amount outside the method's limits ⇒ 2005/2006, deviating delivery address not allowed ⇒ 2001,
+both ``ERROR`` / 150; company not allowed ⇒ 2002, a decline), the risk rules (703) and finally
+the transaction and its ledger (unknown ⇒ 100, not accepted or ledger violation ⇒ 2300). Every
+refusal is ``ERROR`` with result 150; declines are ``OK`` / 401 with a customer message. The
+caller holds the gateway lock.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class Answer:
     """What the gateway answers in ``head/processing`` plus the optional content."""
 
     status: str
-    reason_code: int
-    result_code: int
+    reason_code: int | None  # None: the element is left out (a FATAL answer)
+    result_code: int | None
     response_type: str
     reason_text: str = ""
     result_text: str = ""
@@ -162,9 +165,11 @@ def build_response(head: Head, answer: Answer, tx: Transaction | None, now: date
     processing = E.processing(
         E.timestamp(now.strftime("%Y-%m-%dT%H:%M:%S.000")),
         E.status(codes.STATUS_TEXTS.get(answer.status, answer.status), code=answer.status),
-        E.reason(answer.reason_text, code=str(answer.reason_code)),
-        E.result(answer.result_text, code=str(answer.result_code)),
     )
+    if answer.reason_code is not None:
+        processing.append(E.reason(answer.reason_text, code=str(answer.reason_code)))
+    if answer.result_code is not None:
+        processing.append(E.result(answer.result_text, code=str(answer.result_code)))
     if answer.customer_message:
         processing.append(E("customer-message", answer.customer_message))
     h.append(processing)
@@ -213,6 +218,49 @@ def success(
         result_text=result_text or codes.result_text(result_code),
         customer_message=customer_message,
         content=content,
+    )
+
+
+def injected_answer(
+    head: Head, kind: str, *, result_code: int | None = None, reason_code: int | None = None
+) -> Answer:
+    """The answer of a status/result fault (``faults`` module); the request is not processed.
+
+    Each kind changes one thing a client must evaluate and leaves the rest success-shaped, so a
+    client that reads only part of the ``processing`` block is caught:
+
+    * ``status_fatal``: status FATAL, ``STATUS_ERROR``, reason 1000 and *no* result element
+      (legacy XSD: FATAL is like ERROR; php-library 1.8.0: fatal answers lack the usual
+      elements) unless ``result_code`` is given;
+    * ``status_warning``: status WARNING with the operation's own success reason and result
+      (and response type) — reference §2.4: anything but OK is a failure;
+    * ``result_warning``: status OK with result 405 (warning, §6.2) and the operation's
+      success reason and response type.
+    """
+    try:
+        op: Operation | None = Operation(head.operation or "")
+    except ValueError:
+        op = None
+    ok_reason = codes.SUCCESS_REASON[op] if op is not None else 1000
+    ok_result = codes.SUCCESS_RESULT[op] if op is not None else codes.RESULT_PROCESSING_FAILED
+    ok_type = codes.RESPONSE_TYPE[op] if op is not None else codes.RESPONSE_TYPE_ERROR
+    if kind == "status_fatal":
+        status, reason, result, rtype = "FATAL", reason_code or 1000, result_code, None
+    elif kind == "status_warning":
+        status, reason, result = "WARNING", reason_code or ok_reason, result_code or ok_result
+        rtype = ok_type
+    elif kind == "result_warning":
+        status, reason, result = "OK", reason_code or ok_reason, codes.RESULT_WARNING
+        rtype = ok_type
+    else:
+        raise ValueError(f"not a status/result fault: {kind!r}")
+    return Answer(
+        status=status,
+        reason_code=reason,
+        result_code=result,
+        response_type=rtype or codes.RESPONSE_TYPE_ERROR,
+        reason_text=codes.reason_text(reason),
+        result_text=codes.result_text(result) if result is not None else "",
     )
 
 
@@ -468,6 +516,74 @@ def check_payment(
     return p
 
 
+# --------------------------------------------------------------------------- the profile's contract
+
+ADDRESS_FIELDS = (
+    "street",
+    "street-additional",
+    "street-number",
+    "zip-code",
+    "city",
+    "country-code",
+)
+
+
+def _address_key(address: etree._Element) -> tuple[str, ...]:
+    return tuple(" ".join((_text(address, tag) or "").split()).casefold() for tag in ADDRESS_FIELDS)
+
+
+def deviating_delivery(customer: etree._Element | None) -> bool:
+    """True when the customer has a DELIVERY address at another place than the BILLING one.
+
+    Only the location counts (street, number, addition, zip, city, country; case and spacing
+    ignored): shops routinely send the billing address again as delivery address, and a
+    recipient name alone does not make a parcel go elsewhere.
+    """
+    addresses = customer.find(q("addresses")) if customer is not None else None
+    if addresses is None:
+        return False
+    by_type = {a.get("type"): a for a in addresses.iterfind(q("address"))}
+    billing, delivery = by_type.get("BILLING"), by_type.get("DELIVERY")
+    if delivery is None or billing is None:
+        return False
+    return _address_key(delivery) != _address_key(billing)
+
+
+def is_b2b(customer: etree._Element | None) -> bool:
+    return _text(customer, "company-name") is not None
+
+
+def contract_refusal(
+    gw: SandboxGateway,
+    method: str,
+    amount: Decimal,
+    *,
+    b2b: bool,
+    deviating: bool,
+    language: str = "de",
+) -> Refusal | None:
+    """What the profile's contract says about ``method`` for this basket (None: allowed).
+
+    Validation first (2005/2006/2001: ERROR / 150, §6.3 "Technical / validation"), then the
+    contractual decline (2002: OK / 401 with the decline message, §4.3 "declined … 2002").
+    """
+    cfg = gw.config
+    low, high = cfg.tx_limits(method, b2b=b2b)
+    if amount < low:
+        return Refusal(
+            2005, f"{format_amount(amount)} is below the {method} minimum {format_amount(low)}"
+        )
+    if amount > high:
+        return Refusal(
+            2006, f"{format_amount(amount)} is above the {method} maximum {format_amount(high)}"
+        )
+    if deviating and method not in cfg.delivery_address_methods:
+        return Refusal(2001)
+    if b2b and method not in cfg.b2b_methods:
+        return Refusal(2002, status="OK", result=401, customer_message=DECLINE_MESSAGES[language])
+    return None
+
+
 # --------------------------------------------------------------------------- operations
 
 
@@ -520,13 +636,12 @@ def payment_query(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer
     if _declined(gw, content, basket):
         msg = DECLINE_MESSAGES[_language(content, head)]
         raise Refusal(703, status="OK", result=401, customer_message=msg)
+    customer = content.find(q("customer"))
+    b2b, deviating = is_b2b(customer), deviating_delivery(customer)
     products = E.products()
     for method in gw.config.methods:
-        if method == codes.PaymentMethod.INSTALLMENT and not (
-            gw.config.installment.amount_min <= basket.amount <= gw.config.installment.amount_max
-        ):
-            continue
-        products.append(E.product(method=method))
+        if contract_refusal(gw, method, basket.amount, b2b=b2b, deviating=deviating) is None:
+            products.append(E.product(method=method))
     return success(Operation.PAYMENT_QUERY, E.content(products)), tx
 
 
@@ -548,6 +663,22 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
     method = payment.get("method") or ""
     tx.payment_method = method
     tx.currency = basket.currency
+    customer = content.find(q("customer"))
+    refusal = contract_refusal(
+        gw,
+        method,
+        basket.amount,
+        b2b=is_b2b(customer),
+        deviating=deviating_delivery(customer),
+        language=_language(content, head),
+    )
+    if refusal is not None:
+        if refusal.result == codes.RESULT_DECLINED:
+            tx.state = ledger.DECLINED
+            tx.amount = basket.amount
+        else:
+            tx.state = ledger.FAILED  # a 150: start over with a new PAYMENT_INIT
+        raise refusal
     if _declined(gw, content, basket):
         tx.state = ledger.DECLINED
         tx.amount = basket.amount
@@ -663,16 +794,15 @@ def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         md.append(E(f"activation-status-{method}", "2" if active else "1"))
         md.append(E(f"eligibility-ratepay-{method}", "yes" if active else "no"))
     for method in ("invoice", "installment", "elv", "prepayment"):
-        low, high = (
-            (cfg.installment.amount_min, cfg.installment.amount_max)
-            if method == "installment"
-            else (Decimal("10.00"), cfg.decline_over)
-        )
+        name = method.upper()
+        low, high = cfg.tx_limits(name)
         md.append(E(f"tx-limit-{method}-min", format_amount(low)))
         md.append(E(f"tx-limit-{method}-max", format_amount(high)))
-        md.append(E(f"tx-limit-{method}-max-b2b", format_amount(high)))
-        md.append(E(f"b2b-{method}", "no" if method == "installment" else "yes"))
-        md.append(E(f"delivery-address-{method}", "yes"))
+        md.append(E(f"tx-limit-{method}-max-b2b", format_amount(cfg.tx_limits(name, b2b=True)[1])))
+        md.append(E(f"b2b-{method}", "yes" if name in cfg.b2b_methods else "no"))
+        md.append(
+            E(f"delivery-address-{method}", "yes" if name in cfg.delivery_address_methods else "no")
+        )
     md.extend(
         [
             E("eligibility-device-fingerprint", "yes"),
