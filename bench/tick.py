@@ -18,6 +18,11 @@ database is never touched. Default: ``sqlite`` plus PostgreSQL at
 
     python bench/tick.py
     python bench/tick.py --items 20000 --db sqlite --db mysql+pymysql://root@127.0.0.1:3306/test
+    python bench/tick.py --items 20000 --db sqlite --profile 25   # cProfile of the tick
+
+``--profile N`` runs the tick under ``cProfile`` and prints its N costliest functions (by
+cumulative and by own time) after the figures; the profiler slows the tick down, so the ratio
+of a profiled run is not the one to quote.
 """
 
 from __future__ import annotations
@@ -214,13 +219,27 @@ def seed(url: str, items: int, per_order: int, now: datetime) -> None:
 # -- the two measurements ------------------------------------------------------------------
 
 
-def measure_tick(url: str, now: datetime) -> tuple[float, int]:
+def measure_tick(url: str, now: datetime, profile: int = 0) -> tuple[float, int]:
     from ratepay_oms import Engine
 
     engine = Engine(url, process_dir=PROCESS_DIR)
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     started = time.perf_counter()
     result = engine.tick(now=now)
     elapsed = time.perf_counter() - started
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stdout)
+        stats.sort_stats("cumulative").print_stats(profile)
+        stats.sort_stats("tottime").print_stats(profile)
+    engine.close()
     return elapsed, int(result.items_moved)
 
 
@@ -264,12 +283,12 @@ def measure_floor(url: str, now: datetime) -> float:
     return elapsed
 
 
-def bench_one(spec: str, items: int, per_order: int) -> Figures:
+def bench_one(spec: str, items: int, per_order: int, profile: int = 0) -> Figures:
     now = datetime(2024, 5, 1, 12, 0, 0)
     with throwaway_database(spec) as url:
         fresh_schema(url)
         seed(url, items, per_order, now)
-        tick_s, moved = measure_tick(url, now)
+        tick_s, moved = measure_tick(url, now, profile)
         fresh_schema(url)
         seed(url, items, per_order, now)
         floor_s = measure_floor(url, now)
@@ -289,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         help="'sqlite' or a server URL to create a throw-away database on (repeatable); "
         f"default: sqlite, plus {DEFAULT_PG} when it answers",
     )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the tick under cProfile and print its N costliest functions (0: off)",
+    )
     args = parser.parse_args(argv)
     if args.items < 1 or args.items_per_order < 1:
         parser.error("--items and --items-per-order must be at least 1")
@@ -298,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"items: {args.items}, items per order: {args.items_per_order}")
     failed = False
     for spec in specs:
-        figures = bench_one(spec, args.items, args.items_per_order)
+        figures = bench_one(spec, args.items, args.items_per_order, args.profile)
         for line in figures.lines():
             print(line, flush=True)
         if figures.moved != args.items:
