@@ -7,22 +7,29 @@ with event-less transitions (their conditions are polled). Items with a retry sc
 left to step 1, so a failing timeout or on-enter command is retried with backoff instead of on
 every tick (Spryker's timeout check re-fires it every run).
 
-Each step walks the due items in batches ordered by order id (keyset, not OFFSET, so memory
-and query cost stay flat for 100,000 waiting items). A batch leases its orders first, then
-re-reads what is due *for the leased orders only* in the transaction that does the work: what
-another worker finished in the meantime is no longer due, so no command runs twice.
+Each step walks the due items in batches ordered by order id (keyset, not OFFSET). The order
+ids come in *windows* of ``WINDOW_BATCHES`` batches: without a composite index the database
+finds the next due order ids by reading every due row and keeping the lowest (it prefers the
+``(process, state)`` index to walking ``order_id``), so asking once per batch made a bulk tick
+quadratic; one window costs the same and serves twenty batches, and memory stays bounded. A
+batch leases its orders first, then re-reads what is due *for the leased orders only* in the
+transaction that does the work: what another worker finished in the meantime is no longer
+due, so no command runs twice. That re-read asks by ``order_id`` alone and sorts out what is
+due in Python, so the database cannot pick the ``(process, state)`` index and read every
+waiting row of the process for 125 orders.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +45,9 @@ from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 500
+"""Due item rows per batch (a batch takes whole orders, so it can be a few more)."""
+WINDOW_BATCHES = 20
+"""Batches' worth of due order ids fetched by one query (see the module docstring)."""
 MAX_DB_FAILURES_IN_A_ROW = 3
 """A tick gives up after this many batches in a row failed in the database (it is down)."""
 
@@ -65,17 +75,35 @@ class _Step:
     def due(self) -> ColumnElement[bool]:
         raise NotImplementedError
 
-    def due_orders(self, session: Session, after: int, limit: int) -> list[int]:
-        rows = session.scalars(
-            select(OrderItem.order_id)
-            .where(self.due(), OrderItem.order_id > after)
-            .order_by(OrderItem.order_id)
-            .limit(limit)
+    def due_order_ids(self) -> Select[tuple[int]]:
+        """One row per due item: its order id (the window query adds keyset and limit)."""
+        return select(OrderItem.order_id).where(self.due())
+
+    def due_window(self, session: Session, after: int, rows: int) -> tuple[list[_Due], bool]:
+        """Orders after ``after`` with due items, in order, from at most ``rows`` due rows,
+        and whether that was all there is (fewer rows came back)."""
+        found = list(
+            session.scalars(
+                self.due_order_ids()
+                .where(OrderItem.order_id > after)
+                .order_by(OrderItem.order_id)
+                .limit(rows)
+            )
         )
-        return list(dict.fromkeys(rows))
+        window: list[_Due] = []
+        for order_id in found:
+            if window and window[-1][0] == order_id:
+                window[-1][1] += 1
+            else:
+                window.append([order_id, 1])
+        return window, len(found) < rows
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
         raise NotImplementedError
+
+
+_Due = list[int]
+"""``[order_id, due items seen]`` in a window."""
 
 
 class _Retries(_Step):
@@ -126,15 +154,12 @@ class _Timeouts(_Step):
             OrderItem.process.in_(list(self.compiled)),
         )
 
-    def due_orders(self, session: Session, after: int, limit: int) -> list[int]:
-        rows = session.scalars(
+    def due_order_ids(self) -> Select[tuple[int]]:
+        return (
             select(OrderItem.order_id)
             .join(EventTimeout, EventTimeout.item_id == OrderItem.id)
-            .where(self.due(), OrderItem.order_id > after)
-            .order_by(OrderItem.order_id)
-            .limit(limit)
+            .where(self.due())
         )
-        return list(dict.fromkeys(rows))
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
         chosen: dict[int, tuple[OrderItem, str]] = {}
@@ -182,14 +207,22 @@ class _StateStep(_Step):
         return and_(_states_filter(self.states), OrderItem.retry_at.is_(None))
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
-        pairs: Pairs = []
+        wanted = {process: set(states) for process, states in self.states.items()}
+        ids: list[int] = []
         for part in chunked(list(order_ids)):
-            items = session.scalars(
-                select(OrderItem)
-                .where(OrderItem.order_id.in_(part), self.due())
-                .order_by(OrderItem.id)
+            rows = session.execute(
+                select(OrderItem.id, OrderItem.process, OrderItem.state, OrderItem.retry_at)
+                .where(OrderItem.order_id.in_(part))
             )
-            for item in items:
+            for item_id, process, state, retry_at in rows:
+                if retry_at is None and state in wanted.get(process, ()):
+                    ids.append(item_id)
+        ids.sort()
+        pairs: Pairs = []
+        for part in chunked(ids):
+            for item in session.scalars(
+                select(OrderItem).where(OrderItem.id.in_(part)).order_by(OrderItem.id)
+            ):
                 pairs.append((item, self._event_of(self.compiled[item.process], item.state)))
         return pairs
 
@@ -294,18 +327,31 @@ class TickRunner:
         """
         done_total = 0
         after = 0
+        window: deque[_Due] = deque()
+        last_window = False
         while limit is None or processed + done_total < limit:
             room = None if limit is None else limit - processed - done_total
             size = self.batch_size if room is None else min(self.batch_size, room)
-            try:
-                with self.sessions() as session:
-                    order_ids = step.due_orders(session, after, size)
-            except SQLAlchemyError as exc:
-                self._database_failed(stats, f"{step.name}: finding due orders", exc)
-                return done_total  # nothing to walk on; the next tick looks again
-            if not order_ids:
+            if not window and not last_window:
+                try:
+                    with self.sessions() as session:
+                        found, last_window = step.due_window(
+                            session, after, self.batch_size * WINDOW_BATCHES
+                        )
+                except SQLAlchemyError as exc:
+                    self._database_failed(stats, f"{step.name}: finding due orders", exc)
+                    return done_total  # nothing to walk on; the next tick looks again
+                window.extend(found)
+                if found:
+                    after = found[-1][0]
+            if not window:
                 break
-            after = order_ids[-1]
+            order_ids: list[int] = []
+            rows = 0
+            while window and (not order_ids or rows < size):
+                order_id, count = window.popleft()
+                order_ids.append(order_id)
+                rows += count
             try:
                 claimed = self.claims.claim(order_ids)
             except SQLAlchemyError as exc:
@@ -315,21 +361,14 @@ class TickRunner:
                 continue
             if not claimed:
                 continue
-            before = replace(
-                stats,
-                moves=list(stats.moves),
-                stayed=list(stats.stayed),
-                error_messages=list(stats.error_messages),
-            )
+            before = _Marks.of(stats)
             try:
                 done, orders = self._batch(
                     step, claimed, now, stats, limit, processed + done_total
                 )
             except SQLAlchemyError as exc:
                 # What the runner counted for this batch never happened: put the figures back.
-                for name in ("items_moved", "commands_run", "errors", "retries_scheduled",
-                             "moves", "stayed", "error_messages"):
-                    setattr(stats, name, getattr(before, name))
+                before.restore(stats)
                 self._database_failed(
                     stats, f"{step.name}: batch of orders {claimed[0]}..{claimed[-1]}", exc
                 )
@@ -396,6 +435,29 @@ class TickRunner:
         # The batch is committed; now the external calls it deferred, under the same leases.
         self._external(now, stats).run(deferred)
         return len(pairs), set(order_ids)
+
+
+@dataclass(frozen=True)
+class _Marks:
+    """Where ``stats`` stood before a batch: counters and list lengths (the lists only grow,
+    so cutting them back undoes a batch; copying them per batch made a bulk tick quadratic)."""
+
+    counters: tuple[int, int, int, int]
+    lengths: tuple[int, int, int]
+
+    _COUNTERS = ("items_moved", "commands_run", "errors", "retries_scheduled")
+    _LISTS = ("moves", "stayed", "error_messages")
+
+    @classmethod
+    def of(cls, stats: RunStats) -> _Marks:
+        c = stats.items_moved, stats.commands_run, stats.errors, stats.retries_scheduled
+        return cls(c, (len(stats.moves), len(stats.stayed), len(stats.error_messages)))
+
+    def restore(self, stats: RunStats) -> None:
+        for name, value in zip(self._COUNTERS, self.counters, strict=True):
+            setattr(stats, name, value)
+        for name, length in zip(self._LISTS, self.lengths, strict=True):
+            del getattr(stats, name)[length:]
 
 
 def _whole_orders(pairs: Pairs, room: int) -> Pairs:
