@@ -113,11 +113,27 @@ class CompiledProcess:
                 candidates = definition.transitions_from(state, event)
                 if candidates and candidates[0].condition is None:
                     self._fixed[(state, event)] = candidates[0]
+        # Of those, the moves that need nothing but the database: no command, no condition,
+        # and no on-enter event where they land (so no cascade). The tick writes them
+        # set-based without loading ORM objects or running the machine.
+        self._plain: dict[tuple[str, str | None], TransitionDef] = {}
+        for (state, event), t in self._fixed.items():
+            event_def = definition.events.get(event) if event is not None else None
+            if event is not None and event_def is None:
+                continue
+            command = event_def.command if event_def is not None else None
+            if command is None and definition.on_enter_event(t.target) is None:
+                self._plain[(state, event)] = t
         log.debug("compiled process %s (%d states)", definition.name, len(states))
 
     @property
     def name(self) -> str:
         return self.definition.name
+
+    def plain_move(self, state: str, event: str | None) -> TransitionDef | None:
+        """The transition ``event`` takes from ``state`` if that needs nothing but the
+        database (see ``__init__``), else ``None`` (the runner has to fire it)."""
+        return self._plain.get((state, event))
 
     def choose(self, event: str | None, subject: Subject) -> TransitionDef | None:
         """The transition ``event`` takes for ``subject`` (``None``: it stays).
