@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,11 +36,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from ratepay_oms.engine.claims import Claims, sqlite_worker_lock
 from ratepay_oms.engine.compiler import CompiledProcess
 from ratepay_oms.engine.intents import ExternalCalls
-from ratepay_oms.engine.persist import Origin, chunked
+from ratepay_oms.engine.persist import MoveKey, Origin, StateWriter, chunked, id_in
 from ratepay_oms.engine.plugins import PluginRegistry
-from ratepay_oms.engine.runner import Runner, RunStats, group_items
+from ratepay_oms.engine.runner import Deferred, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
 from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem
+from ratepay_oms.process.model import TransitionDef
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ WINDOW_BATCHES = 20
 """Batches' worth of due order ids fetched by one query (see the module docstring)."""
 MAX_DB_FAILURES_IN_A_ROW = 3
 """A tick gives up after this many batches in a row failed in the database (it is down)."""
-
-Pairs = list[tuple[OrderItem, str | None]]
 
 
 def _states_filter(states_by_process: Mapping[str, Sequence[str]]) -> ColumnElement[bool]:
@@ -98,12 +97,27 @@ class _Step:
                 window.append([order_id, 1])
         return window, len(found) < rows
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+        """What is due in ``order_ids`` (leased), by item id. Asks by ``order_id`` only and
+        decides in Python (see the module docstring)."""
         raise NotImplementedError
 
 
 _Due = list[int]
 """``[order_id, due items seen]`` in a window."""
+
+
+class DueItem(NamedTuple):
+    """One item to fire ``event`` for (``None``: event-less), as plain values: the tick loads
+    an ORM object only for items the runner has to handle."""
+
+    id: int
+    order_id: int
+    process: str
+    state: str
+    event: str | None
+    intent_id: int | None = None
+    """The open gateway-call intent the item waits on: then nothing fires for it."""
 
 
 class _Retries(_Step):
@@ -112,35 +126,43 @@ class _Retries(_Step):
     def due(self) -> ColumnElement[bool]:
         return and_(OrderItem.retry_at <= self.now, OrderItem.process.in_(list(self.compiled)))
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
-        pairs: Pairs = []
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+        due: list[DueItem] = []
         stale: list[int] = []
         for part in chunked(list(order_ids)):
-            items = session.scalars(
-                select(OrderItem)
-                .where(OrderItem.order_id.in_(part), self.due())
-                .order_by(OrderItem.id)
+            rows = session.execute(
+                select(
+                    OrderItem.id,
+                    OrderItem.order_id,
+                    OrderItem.process,
+                    OrderItem.state,
+                    OrderItem.retry_at,
+                    OrderItem.retry_event,
+                    OrderItem.intent_id,
+                ).where(id_in(OrderItem.order_id, part, session))
             )
-            for item in items:
-                definition = self.compiled[item.process].definition
-                event = item.retry_event
+            for item_id, order_id, process, state, retry_at, event, intent_id in rows:
+                if retry_at is None or retry_at > self.now or process not in self.compiled:
+                    continue
+                definition = self.compiled[process].definition
                 if event is None:
-                    applies = definition.has_eventless(item.state)
+                    applies = definition.has_eventless(state)
                 else:
-                    applies = event in definition.events_from(item.state)
+                    applies = event in definition.events_from(state)
                 if applies:
-                    pairs.append((item, event))
+                    due.append(DueItem(item_id, order_id, process, state, event, intent_id))
                 else:
-                    stale.append(item.id)
+                    stale.append(item_id)
         for part in chunked(stale):
             # The item left the state its event failed in some other way: nothing to retry.
             session.execute(
                 update(OrderItem)
-                .where(OrderItem.id.in_(part))
+                .where(id_in(OrderItem.id, part, session))
                 .values(retry_event=None, retry_at=None)
                 .execution_options(synchronize_session=False)
             )
-        return pairs
+        due.sort()
+        return due
 
 
 class _Timeouts(_Step):
@@ -161,22 +183,44 @@ class _Timeouts(_Step):
             .where(self.due())
         )
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
-        chosen: dict[int, tuple[OrderItem, str]] = {}
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+        found: list[tuple[datetime, int, DueItem]] = []
         for part in chunked(list(order_ids)):
             rows = session.execute(
-                select(OrderItem, EventTimeout.event)
+                select(
+                    OrderItem.id,
+                    OrderItem.order_id,
+                    OrderItem.process,
+                    OrderItem.state,
+                    OrderItem.retry_at,
+                    OrderItem.intent_id,
+                    EventTimeout.id,
+                    EventTimeout.state,
+                    EventTimeout.event,
+                    EventTimeout.due_at,
+                )
                 .join(EventTimeout, EventTimeout.item_id == OrderItem.id)
-                .where(OrderItem.order_id.in_(part), self.due())
-                .order_by(EventTimeout.due_at, EventTimeout.id)
+                .where(id_in(OrderItem.order_id, part, session))
             )
-            for item, event in rows:
-                # Two timeouts due at once: the earlier fires now; if the item stays, the
-                # other fires on the next tick.
-                if item.id in chosen:
-                    continue
-                if event in self.compiled[item.process].definition.events_from(item.state):
-                    chosen[item.id] = (item, event)
+            for row in rows:
+                item_id, order_id, process, state, retry_at, intent_id = row[:6]
+                t_id, t_state, event, due_at = row[6:]
+                if (
+                    due_at <= self.now
+                    and t_state == state
+                    and retry_at is None
+                    and process in self.compiled
+                ):
+                    item = DueItem(item_id, order_id, process, state, event, intent_id)
+                    found.append((due_at, t_id, item))
+        chosen: dict[int, DueItem] = {}
+        for _due_at, _t_id, item in sorted(found):
+            # Two timeouts due at once: the earlier fires now; if the item stays, the other
+            # fires on the next tick.
+            if item.id in chosen:
+                continue
+            if item.event in self.compiled[item.process].definition.events_from(item.state):
+                chosen[item.id] = item
         return [chosen[k] for k in sorted(chosen)]
 
 
@@ -185,10 +229,15 @@ class _StateStep(_Step):
 
     def __init__(self, definitions: Mapping[str, CompiledProcess], now: datetime) -> None:
         super().__init__(definitions, now)
-        self.states = {
-            name: [s for s in self._states_of(c) if self._event_of(c, s) is not _NO_WORK]
-            for name, c in definitions.items()
-        }
+        self.events: dict[tuple[str, str], str | None] = {}
+        for name, compiled in definitions.items():
+            for state in self._states_of(compiled):
+                event = self._event_of(compiled, state)
+                if event is not _NO_WORK:
+                    self.events[(name, state)] = event
+        self.states: dict[str, list[str]] = {name: [] for name in definitions}
+        for name, state in self.events:
+            self.states[name].append(state)
 
     def _states_of(self, compiled: CompiledProcess) -> list[str]:
         found: dict[str, None] = {}
@@ -201,30 +250,31 @@ class _StateStep(_Step):
 
     @property
     def empty(self) -> bool:
-        return not any(self.states.values())
+        return not self.events
 
     def due(self) -> ColumnElement[bool]:
         return and_(_states_filter(self.states), OrderItem.retry_at.is_(None))
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> Pairs:
-        wanted = {process: set(states) for process, states in self.states.items()}
-        ids: list[int] = []
+    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+        events = self.events
+        due: list[DueItem] = []
         for part in chunked(list(order_ids)):
             rows = session.execute(
-                select(OrderItem.id, OrderItem.process, OrderItem.state, OrderItem.retry_at)
-                .where(OrderItem.order_id.in_(part))
+                select(
+                    OrderItem.id,
+                    OrderItem.order_id,
+                    OrderItem.process,
+                    OrderItem.state,
+                    OrderItem.retry_at,
+                    OrderItem.intent_id,
+                ).where(id_in(OrderItem.order_id, part, session))
             )
-            for item_id, process, state, retry_at in rows:
-                if retry_at is None and state in wanted.get(process, ()):
-                    ids.append(item_id)
-        ids.sort()
-        pairs: Pairs = []
-        for part in chunked(ids):
-            for item in session.scalars(
-                select(OrderItem).where(OrderItem.id.in_(part)).order_by(OrderItem.id)
-            ):
-                pairs.append((item, self._event_of(self.compiled[item.process], item.state)))
-        return pairs
+            for item_id, order_id, process, state, retry_at, intent_id in rows:
+                key = (process, state)
+                if retry_at is None and key in events:
+                    due.append(DueItem(item_id, order_id, process, state, events[key], intent_id))
+        due.sort()
+        return due
 
 
 _NO_WORK = object()
@@ -416,25 +466,76 @@ class TickRunner:
     ) -> tuple[int, set[int]]:
         with self.sessions() as session, session.begin():
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
-            pairs = [p for p in step.due_items(session, claimed) if p[0].intent_id is None]
+            due = [d for d in step.due_items(session, claimed) if d.intent_id is None]
             if limit is not None:
-                pairs = _whole_orders(pairs, limit - processed)
-            if not pairs:
+                due = _whole_orders(due, limit - processed)
+            if not due:
                 return 0, set()
-            order_ids = sorted({item.order_id for item, _ in pairs})
-            orders: dict[int, Order] = {}
-            for part in chunked(order_ids):
-                orders.update(
-                    (o.id, o) for o in session.scalars(select(Order).where(Order.id.in_(part)))
-                )
-            runner = Runner(
-                session, self.compiled, self.registry, self.services, now, self.origin, stats
-            )
-            runner.run(group_items(pairs, orders))
-            deferred = runner.deferred
+            plain, fired = self._split(due)
+            if plain:
+                self._write_plain(session, plain, now, stats)
+            deferred = self._fire(session, fired, now, stats) if fired else []
         # The batch is committed; now the external calls it deferred, under the same leases.
         self._external(now, stats).run(deferred)
-        return len(pairs), set(order_ids)
+        return len(due), {d.order_id for d in due}
+
+    def _split(
+        self, due: Sequence[DueItem]
+    ) -> tuple[list[tuple[DueItem, TransitionDef]], list[DueItem]]:
+        """Plain moves (see ``CompiledProcess.plain_move``) and items the runner must fire.
+
+        An order goes one way or the other as a whole: the runner fires all groups of an order
+        before it writes their moves, and a command of one group must see the order's other
+        items as they were, not half moved by the plain path.
+        """
+        moves = [(d, self.compiled[d.process].plain_move(d.state, d.event)) for d in due]
+        mixed = {d.order_id for d, t in moves if t is None}
+        plain = [(d, t) for d, t in moves if t is not None and d.order_id not in mixed]
+        fired = [d for d in due if d.order_id in mixed]
+        return plain, fired
+
+    def _write_plain(
+        self,
+        session: Session,
+        plain: Sequence[tuple[DueItem, TransitionDef]],
+        now: datetime,
+        stats: RunStats,
+    ) -> None:
+        """Write plain moves set-based from the ids alone: the same rows the runner writes
+        (state, cleared retry, history, transition log, timeouts), no ORM object loaded."""
+        groups: dict[MoveKey, list[int]] = defaultdict(list)
+        for d, t in plain:
+            groups[MoveKey(d.process, d.state, t.target, d.event, None, t.condition)].append(d.id)
+        definitions = {name: c.definition for name, c in self.compiled.items()}
+        StateWriter(session, now, self.origin).write_grouped_moves(groups, definitions)
+        stats.items_moved += len(plain)
+        stats.moves.extend((d.id, d.state, t.target) for d, t in plain)
+
+    def _fire(
+        self, session: Session, fired: Sequence[DueItem], now: datetime, stats: RunStats
+    ) -> list[Deferred]:
+        """Load ``fired`` as ORM objects with their orders and let the runner fire them;
+        returns the external calls it deferred until the batch has committed."""
+        items: dict[int, OrderItem] = {}
+        for part in chunked([d.id for d in fired]):
+            items.update(
+                (i.id, i)
+                for i in session.scalars(
+                    select(OrderItem).where(id_in(OrderItem.id, part, session))
+                )
+            )
+        pairs = [(items[d.id], d.event) for d in fired if d.id in items]
+        orders: dict[int, Order] = {}
+        for part in chunked(sorted({d.order_id for d in fired})):
+            orders.update(
+                (o.id, o)
+                for o in session.scalars(select(Order).where(id_in(Order.id, part, session)))
+            )
+        runner = Runner(
+            session, self.compiled, self.registry, self.services, now, self.origin, stats
+        )
+        runner.run(group_items(pairs, orders))
+        return runner.deferred
 
 
 @dataclass(frozen=True)
@@ -460,17 +561,16 @@ class _Marks:
             del getattr(stats, name)[length:]
 
 
-def _whole_orders(pairs: Pairs, room: int) -> Pairs:
-    """At most ``room`` pairs without splitting an order (but at least one order)."""
-    if len(pairs) <= room:
-        return pairs
-    by_order: dict[int, Pairs] = {}
-    for pair in pairs:
-        by_order.setdefault(pair[0].order_id, []).append(pair)
-    kept: Pairs = []
+def _whole_orders(due: list[DueItem], room: int) -> list[DueItem]:
+    """At most ``room`` items without splitting an order (but at least one order)."""
+    if len(due) <= room:
+        return due
+    by_order: dict[int, list[DueItem]] = {}
+    for d in due:
+        by_order.setdefault(d.order_id, []).append(d)
+    kept: list[DueItem] = []
     for group in by_order.values():
         if kept and len(kept) + len(group) > room:
             break
         kept.extend(group)
     return kept
-
