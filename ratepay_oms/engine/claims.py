@@ -25,7 +25,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.clock import wall_now
-from ratepay_oms.engine.persist import chunked
+from ratepay_oms.engine.persist import chunked, id_in
 from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.models import Order
 
@@ -52,7 +52,7 @@ class Claims:
             for part in chunked(sorted(order_ids)):
                 stmt = (
                     select(Order.id)
-                    .where(Order.id.in_(part))
+                    .where(id_in(Order.id, part, session))
                     .where(
                         or_(
                             Order.claimed_by.is_(None),
@@ -68,7 +68,7 @@ class Claims:
                 if free:
                     session.execute(
                         update(Order)
-                        .where(Order.id.in_(free))
+                        .where(id_in(Order.id, free, session))
                         .values(claimed_by=self.worker_id, claim_expires_at=now + self.lease)
                         .execution_options(synchronize_session=False)
                     )
@@ -88,7 +88,7 @@ class Claims:
             for part in chunked(sorted(order_ids)):
                 session.execute(
                     update(Order)
-                    .where(Order.id.in_(part), Order.claimed_by == self.worker_id)
+                    .where(id_in(Order.id, part, session), Order.claimed_by == self.worker_id)
                     .values(claimed_by=None, claim_expires_at=None)
                     .execution_options(synchronize_session=False)
                 )
