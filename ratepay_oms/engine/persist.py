@@ -267,18 +267,17 @@ class StateWriter:
 
     def clear_retry(self, items: Iterable[OrderItem]) -> None:
         """Items whose event went through without moving them: the retry is settled."""
-        ids = [i.id for i in items if i.retry_at is not None or i.attempts or i.retry_event]
-        for part in chunked(ids):
+        settled = [i for i in items if i.retry_at is not None or i.attempts or i.retry_event]
+        for part in chunked([i.id for i in settled]):
             self.session.execute(
                 update(OrderItem)
-                .where(OrderItem.id.in_(part))
+                .where(id_in(OrderItem.id, part, self.session))
                 .values(**_CLEARED_RETRY)
                 .execution_options(synchronize_session=False)
             )
-        for item in items:
-            if item.id in ids:
-                for key, value in _CLEARED_RETRY.items():
-                    set_committed_value(item, key, value)
+        for item in settled:
+            for key, value in _CLEARED_RETRY.items():
+                set_committed_value(item, key, value)
 
     # -- helpers ---------------------------------------------------------------------------
 
