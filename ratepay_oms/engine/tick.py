@@ -10,13 +10,20 @@ every tick (Spryker's timeout check re-fires it every run).
 Each step walks the due items in batches ordered by order id (keyset, not OFFSET). The order
 ids come in *windows* of ``WINDOW_BATCHES`` batches: without a composite index the database
 finds the next due order ids by reading every due row and keeping the lowest (it prefers the
-``(process, state)`` index to walking ``order_id``), so asking once per batch made a bulk tick
-quadratic; one window costs the same and serves twenty batches, and memory stays bounded. A
+``(process, state)`` index to walking ``order_id``), so asking once per batch read all waiting
+rows per 500 items (quadratic in a bulk tick); a window costs one such read per twenty
+batches, and memory stays bounded (a composite index would remove the read altogether). A
 batch leases its orders first, then re-reads what is due *for the leased orders only* in the
 transaction that does the work: what another worker finished in the meantime is no longer
 due, so no command runs twice. That re-read asks by ``order_id`` alone and sorts out what is
 due in Python, so the database cannot pick the ``(process, state)`` index and read every
-waiting row of the process for 125 orders.
+waiting row of the process for one batch's orders.
+
+Due items are read as plain rows. Those whose move needs nothing but the database (a fixed
+transition without command or condition that lands where no on-enter event waits:
+``CompiledProcess.plain_move``) are written set-based from their ids, with the same rows the
+runner would write; only orders with other work are loaded as ORM objects and handed to the
+runner. A bulk tick of such moves costs a few statements per thousand items.
 """
 
 from __future__ import annotations
