@@ -6,9 +6,11 @@ per row: one ``UPDATE … WHERE id IN (…)``, and the history, transition-log a
 ``INSERT … SELECT`` from those same item rows. Every value of such a row is either the item's
 (``id``, ``order_id``) or the same for the whole group, so the rows never travel through Python
 as parameters: no per-row dicts, no per-row bind processing, and on PostgreSQL no pipelined
-statement per row (psycopg's ``executemany``). On PostgreSQL the ids travel as one array
-(``= ANY(%s)``), so the statement text stays the same and the server keeps it prepared, instead
-of an ``IN`` list of a thousand placeholders that every layer parses anew.
+statement per row (psycopg's ``executemany``). The ids themselves travel as one parameter where
+the database can take that: an array on PostgreSQL (``= ANY(%s)``, so the statement text stays
+the same and the server keeps it prepared), a JSON array on SQLite (``IN (SELECT value FROM
+json_each(?))``), instead of an ``IN`` list of a thousand placeholders that SQLAlchemy renders
+and the database parses anew for every statement. MariaDB gets the ``IN`` list.
 
 The ORM objects the runner still holds get the written values as their *committed* state, so
 the session neither re-writes nor re-reads them.
@@ -16,6 +18,7 @@ the session neither re-writes nor re-reads them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -27,10 +30,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Dialect,
     Integer,
+    String,
     any_,
     bindparam,
     delete,
+    func,
     insert,
     literal,
     null,
@@ -58,11 +64,21 @@ def chunked(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
 def id_in(
     column: InstrumentedAttribute[int], ids: Sequence[int], session: Session
 ) -> ColumnElement[bool]:
-    """``column IN (ids)``; on PostgreSQL ``column = ANY(:ids)`` with one array parameter, whose
-    statement text does not change with the number of ids (see the module docstring)."""
-    if session.get_bind().dialect.name == "postgresql":
+    """``column IN (ids)``, with the ids as one parameter on PostgreSQL and SQLite (see the
+    module docstring)."""
+    dialect = session.get_bind().dialect
+    if dialect.name == "postgresql":
         return column == any_(bindparam(None, list(ids), type_=ARRAY(Integer)))
+    if dialect.name == "sqlite" and _sqlite_has_json(dialect):
+        values = func.json_each(bindparam(None, json.dumps(list(ids)), type_=String))
+        return column.in_(select(values.table_valued("value").c.value))
     return column.in_(ids)
+
+
+def _sqlite_has_json(dialect: Dialect) -> bool:
+    """JSON functions are built into SQLite from 3.38 (before, only if compiled in)."""
+    version = getattr(dialect.loaded_dbapi, "sqlite_version_info", (0,))
+    return bool(version >= (3, 38))
 
 
 @dataclass(frozen=True)
