@@ -137,7 +137,7 @@ class _Retries(_Step):
         due: list[DueItem] = []
         stale: list[int] = []
         for part in chunked(list(order_ids)):
-            rows = session.execute(
+            rows = session.connection().execute(
                 select(
                     OrderItem.id,
                     OrderItem.order_id,
@@ -193,7 +193,7 @@ class _Timeouts(_Step):
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
         found: list[tuple[datetime, int, DueItem]] = []
         for part in chunked(list(order_ids)):
-            rows = session.execute(
+            rows = session.connection().execute(
                 select(
                     OrderItem.id,
                     OrderItem.order_id,
@@ -266,7 +266,7 @@ class _StateStep(_Step):
         events = self.events
         due: list[DueItem] = []
         for part in chunked(list(order_ids)):
-            rows = session.execute(
+            rows = session.connection().execute(
                 select(
                     OrderItem.id,
                     OrderItem.order_id,
