@@ -26,13 +26,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
     Dialect,
     Integer,
     String,
+    Table,
     any_,
     bindparam,
     delete,
@@ -79,6 +80,11 @@ def _sqlite_has_json(dialect: Dialect) -> bool:
     """JSON functions are built into SQLite from 3.38 (before, only if compiled in)."""
     version = getattr(dialect.loaded_dbapi, "sqlite_version_info", (0,))
     return bool(version >= (3, 38))
+
+
+def _table(model: type[Any]) -> Table:
+    """A mapped class's table, typed as one (``__table__`` is only a ``FromClause``)."""
+    return cast(Table, model.__table__)
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,7 @@ class StateWriter:
         if self._log_rows:
             rows, self._log_rows = self._log_rows, []
             for part in chunked(rows):
-                self.session.execute(insert(TransitionLog.__table__), list(part))
+                self.session.execute(insert(_table(TransitionLog)), list(part))
 
     # -- entering states -----------------------------------------------------------------
 
@@ -201,8 +207,8 @@ class StateWriter:
             set_committed_value(item, "state", move.target)
             set_committed_value(item, "state_entered_at", self.now)
             if item.attempts or item.retry_at is not None or item.last_error is not None:
-                for key, value in _CLEARED_RETRY.items():
-                    set_committed_value(item, key, value)
+                for name, value in _CLEARED_RETRY.items():
+                    set_committed_value(item, name, value)
             if item.retry_event is not None:
                 set_committed_value(item, "retry_event", None)
         self.flush_log()
@@ -310,7 +316,7 @@ class StateWriter:
             for item, source, target, event in rows
         ]
         for part in chunked(values):
-            self.session.execute(insert(StateHistory.__table__), list(part))
+            self.session.execute(insert(_table(StateHistory)), list(part))
 
     def _arm_timeouts(
         self, entries: Sequence[tuple[OrderItem, str]], definition: ProcessDefinition
@@ -332,4 +338,4 @@ class StateWriter:
                     }
                 )
         for part in chunked(rows):
-            self.session.execute(insert(EventTimeout.__table__), list(part))
+            self.session.execute(insert(_table(EventTimeout)), list(part))

@@ -34,7 +34,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -75,6 +75,10 @@ def _states_filter(states_by_process: Mapping[str, Sequence[str]]) -> ColumnElem
     return or_(*clauses) if clauses else false()
 
 
+if TYPE_CHECKING:  # SQLAlchemy 2.1 types a select by its columns; 2.0 cannot subscript so
+    _Rows: TypeAlias = Select[*tuple[Any, ...]]  # a select of rows of any shape
+
+
 class _Step:
     """One kind of due work: which orders have some, and which (item, event) pairs to fire."""
 
@@ -87,7 +91,7 @@ class _Step:
     def due(self) -> ColumnElement[bool]:
         raise NotImplementedError
 
-    def due_order_ids(self) -> Select[Any]:
+    def due_order_ids(self) -> _Rows:
         """One row per due item, its order id first (the window query adds keyset and limit);
         what follows is for :meth:`weight`."""
         return select(OrderItem.order_id).where(self.due())
@@ -200,7 +204,7 @@ class _Timeouts(_Step):
             OrderItem.process.in_(list(self.compiled)),
         )
 
-    def due_order_ids(self) -> Select[tuple[int]]:
+    def due_order_ids(self) -> _Rows:
         return (
             select(OrderItem.order_id)
             .join(EventTimeout, EventTimeout.item_id == OrderItem.id)
@@ -282,7 +286,7 @@ class _StateStep(_Step):
     def empty(self) -> bool:
         return not self.events
 
-    def due_order_ids(self) -> Select[Any]:
+    def due_order_ids(self) -> _Rows:
         return select(OrderItem.order_id, OrderItem.process, OrderItem.state).where(self.due())
 
     def weight(self, row: Sequence[Any]) -> float:
