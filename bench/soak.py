@@ -35,7 +35,8 @@ version and asserts the zero-figures). What it does:
    log table and a dump of the database.
 
 Exit status 1 when one of the zero-figures (items lost, items not in their expected state,
-orders whose ledger differs, duplicate bookings, secrets found) is not zero.
+orders whose ledger differs, duplicate bookings, secrets found) is not zero. Ctrl-C (or
+SIGTERM) stops the drive early and still checks and reports; a second one aborts.
 
     python3 bench/soak.py
     python3 bench/soak.py --orders 500 --workers 4 --kill-every 2 --seed 7
@@ -1827,8 +1828,22 @@ def run(options: Options) -> Report:
     return Soak(options).run()
 
 
+def _stop_gracefully_on_signals() -> None:
+    """Ctrl-C or SIGTERM (also when started in the background, where SIGINT comes ignored):
+    the drive stops and what is there is checked and reported; a second one aborts."""
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
+    _stop_gracefully_on_signals()
     say(f"soak: {options.orders} orders, {options.workers} workers, fault rate "
         f"{options.fault_rate:.0%}, kill every {options.kill_every} s, seed {options.seed}")
     report = run(options)
