@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import re
@@ -721,6 +722,8 @@ class Report:
     interrupted: bool = False
     unsettled_orders: int = 0
     still_moving_items: int = 0
+    orders_settled: int = 0
+    items_settled: int = 0
     ledger_diffs_moving: int = 0
     gateway_calls: int = 0
     faults_applied: dict[str, int] = field(default_factory=dict)
@@ -839,8 +842,9 @@ class Report:
         add(f"  run time          {self.run_s:9.1f} s  (placing the orders took "
             f"{self.place_s:.1f} s; with setup and checks {self.total_s:.1f} s: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items()) + ")")
-        add(f"  items/s           {self.items_placed / run:9.1f}")
-        add(f"  orders/s          {self.orders_placed / run:9.1f}")
+        rest = "" if self.finished else "   (orders at rest only: the run did not finish)"
+        add(f"  items/s           {self.items_settled / run:9.1f}{rest}")
+        add(f"  orders/s          {self.orders_settled / run:9.1f}{rest}")
         add(f"  gateway calls/s   {self.gateway_calls / run:9.1f}")
         for title, rows in (
             ("items not in their expected final state", self.wrong_items),
@@ -887,6 +891,7 @@ class Soak:
         self.kill_log: list[tuple[datetime, int]] = []
         self.moving_refs: set[str] = set()
         self.refs: dict[str, Plan] = {}
+        self.round_s = 0.0
 
     # -- the whole run ---------------------------------------------------------------------
 
@@ -1138,7 +1143,7 @@ class Soak:
                 say(f"[{now - t0:7.1f} s] placed {len(self.by_order)}/{self.o.orders} orders, "
                     f"{settled} at rest, {moving} moving, {len(self.in_flight)} triggers in "
                     f"flight, {sum(self.report.triggers.values())} fired, "
-                    f"{workers.kills} workers killed")
+                    f"{workers.kills} workers killed, round {self.round_s:.2f} s")
             if self.placed.is_set() and not self.in_flight and moving == 0 and (
                     settled == len(self.by_order)):
                 quiet_rounds += 1
@@ -1148,7 +1153,8 @@ class Soak:
             else:
                 quiet_rounds = 0
             # Never more than about half of one core for the driver's own bookkeeping.
-            time.sleep(max(0.3, time.monotonic() - now))
+            self.round_s = time.monotonic() - now
+            time.sleep(max(0.3, self.round_s))
 
     def _collect(self, driver: Driver) -> None:
         for ref, flight in list(self.in_flight.items()):
@@ -1183,11 +1189,13 @@ class Soak:
         """Fire what can be fired; returns (orders at rest, orders with work pending).
 
         An order a tick worker holds is left alone (``Engine.trigger`` would refuse it), and
-        no more triggers are queued than the driver threads can start soon, so each one is
-        decided on a fresh snapshot.
+        no more triggers are queued than the driver threads get through until the next round
+        (a trigger takes a few tenths of a second), so each one is decided on a recent
+        snapshot and the threads never run dry while a round of a big run takes a while.
         """
         now = time.monotonic()
-        room = 2 * self.o.driver_threads - len(self.in_flight)
+        per_thread = max(2, math.ceil(4 * self.round_s))
+        room = per_thread * self.o.driver_threads - len(self.in_flight)
         self.moving_refs = set()
         with self.place_lock:
             plans = list(self.by_order.values())
@@ -1318,6 +1326,9 @@ class Soak:
         t = self.tables
         placed = [p for p in self.plans if p.order_id is not None]
         r.orders_placed = len(placed)
+        moving = set() if r.finished else self.moving_refs | set(self.in_flight)
+        r.orders_settled = sum(1 for p in placed if p.ref not in moving)
+        r.items_settled = sum(p.units for p in placed if p.ref not in moving)
         r.items_placed = sum(p.units for p in placed)
         r.hand_retries = self.hand
         order_ids = [p.order_id for p in placed if p.order_id is not None]

@@ -1,4 +1,4 @@
-"""The soak of issue 6 at CI size: 100 orders, 3 tick worker processes of which a few are
+"""The soak of issue 6 at CI size: 80 orders, 3 tick worker processes of which a few are
 SIGKILLed, 10 % of the gateway calls faulty (timeout after booking, HTTP 500, malformed XML,
 ERROR), on a throw-away PostgreSQL database. Every zero-figure of ``bench/soak.py`` must be 0:
 no item lost, every item where its scenario says (or waiting for a person because of an
@@ -60,9 +60,9 @@ def test_soak_with_killed_workers_and_a_faulty_gateway_loses_and_double_books_no
     _require_postgres()
     soak = _soak()
     options = soak.parse_args([
-        "--orders", "100",
+        "--orders", "80",
         "--workers", "3",
-        "--kill-every", "3",
+        "--kill-every", "5",
         "--fault-rate", "0.10",
         "--read-timeout", "1",
         "--deadline", "45",
@@ -75,7 +75,7 @@ def test_soak_with_killed_workers_and_a_faulty_gateway_loses_and_double_books_no
     print(text)
 
     # The run really was a soak: every order placed, workers killed, faults injected.
-    assert report.orders_placed == 100, text
+    assert report.orders_placed == 80, text
     assert report.kills >= 2, text
     assert sum(report.faults_applied.values()) > 0, text
     assert report.finished, text
