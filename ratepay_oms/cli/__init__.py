@@ -12,6 +12,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ratepay_oms.errors import OmsError
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(rv, int) and not isinstance(rv, bool):
             return rv
     except OmsError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", markup=True)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
