@@ -725,6 +725,7 @@ class Report:
     orders_settled: int = 0
     items_settled: int = 0
     ledger_diffs_moving: int = 0
+    duplicates_moving: int = 0
     gateway_calls: int = 0
     faults_applied: dict[str, int] = field(default_factory=dict)
     api_log_rows: int = 0
@@ -823,7 +824,9 @@ class Report:
             f"{figures['duplicate bookings at the gateway']:>6}"
             "   (" + ", ".join(f"{k} {self.duplicate_kinds[k]}" for k in (
                 "extra authorisations", "booked beyond our successful outcomes",
-                "units booked beyond the order")) + ")")
+                "units booked beyond the order")) + ")"
+            + (f"   ({self.duplicates_moving} of them on orders still moving when the run "
+               "ended)" if self.duplicates_moving else ""))
         places = ", ".join(f"{k} {self.secrets[k]}" for k in
                            ("worker logs", "sandbox log", "API log rows", "DB dump"))
         scanned = ", ".join(f"{k} {v}" for k, v in self.scanned.items())
@@ -1515,6 +1518,7 @@ class Soak:
         bookings = g.get("bookings") or []
         item_keys = sorted(set(key_of.values()))
         unknown_to_us: list[str] = []  # booked at the gateway, not booked as far as we know
+        beyond = 0
         for key in item_keys:
             pos = positions.get(key)
             if pos is None:
@@ -1530,8 +1534,7 @@ class Soak:
                                  f"our states {by_states}")
                 if gw > by_outcome:
                     unknown_to_us.append(f"{key} {name} {gw - by_outcome}")
-                    r.duplicates += gw - by_outcome
-                    r.duplicate_kinds["booked beyond our successful outcomes"] += gw - by_outcome
+                    beyond += gw - by_outcome
             over = int(pos["delivered"]) + int(pos["cancelled"]) - int(pos["ordered"])
             back = int(pos["returned"]) - int(pos["delivered"])
             if over > 0 or back > 0:
@@ -1563,20 +1566,24 @@ class Soak:
                                               ours, strict=True):
                 if abs(at_gateway) > abs(mine):
                     unknown_to_us.append(f"{special} {name} {at_gateway - mine}")
-                    r.duplicates += 1
-                    r.duplicate_kinds["booked beyond our successful outcomes"] += 1
+                    beyond += 1
+        moving = not r.finished and plan.ref in self.moving_refs | set(self.in_flight)
         if unknown_to_us:
+            r.duplicates += beyond
+            r.duplicate_kinds["booked beyond our successful outcomes"] += beyond
+            r.duplicates_moving += beyond if moving else 0
             repeats = sum(_repeated_bookings(bookings, (op, sub)) for op, sub in
                           {(b["operation"], b.get("subtype")) for b in bookings})
             r.duplicate_details.append(
-                f"{plan.ref}: booked at the gateway beyond what our outcomes say was booked: "
+                f"{plan.ref}: booked at the gateway beyond what our outcomes say was booked"
+                + (" (still moving when the run ended: its call may wait for reconciliation)"
+                   if moving else "") + ": "
                 + ", ".join(unknown_to_us)
                 + (f" ({repeats} booking(s) repeat an earlier one exactly)" if repeats else "")
                 + "; gateway bookings: " + "; ".join(
                     f"{b['operation']}{'/' + b['subtype'] if b.get('subtype') else ''} "
                     f"{b.get('positions')}" for b in bookings))
         if diffs:
-            moving = not r.finished and plan.ref in self.moving_refs | set(self.in_flight)
             r.ledger_diffs_moving += moving
             r.ledger_diffs.append(f"{plan.ref} ({plan.method}, {plan.scenario}; fired: "
                                   f"{', '.join(plan.fired) or 'nothing'}"
