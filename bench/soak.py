@@ -1679,27 +1679,33 @@ def _explain(row: Any, outcome: Any, intent: Any) -> str:
 
 def _timeline(intents: list[Any], txs: list[dict[str, Any]],
               kills: list[tuple[datetime, int]]) -> str:
-    """What happened to one order, in time order (UTC): its intents, the gateway's
-    transactions and bookings, and the worker kills around them — to tell a bug from a race."""
+    """What happened to one order, in time order: its intents, the gateway's transactions and
+    bookings, and the worker kills around them — to tell a bug from a race. (Intent times are
+    the engine's ``now`` of the run that wrote them; the sandbox's are its local clock.)"""
     events: list[tuple[str, str]] = []
+
+    def at(moment: Any) -> str:
+        return moment.isoformat(sep=" ", timespec="milliseconds") if moment else ""
+
     for i in intents:
         worker = (i.worker or "").split(":")
         pid = worker[1] if len(worker) > 1 else "?"
-        events.append((f"{i.created_at:%H:%M:%S.%f}"[:-3],
+        events.append((at(i.created_at),
                        f"intent {i.id} {i.command} by pid {pid}: {i.status}/{i.resolution}"))
         if i.settled_at:
-            events.append((f"{i.settled_at:%H:%M:%S.%f}"[:-3], f"intent {i.id} settled"))
+            events.append((at(i.settled_at), f"intent {i.id} settled"))
     for tx in txs:
-        events.append((str(tx.get("created", ""))[11:19] + "(local)",
-                       f"tx {tx['transaction_id']} {tx.get('state')}"))
+        events.append((str(tx.get("created", "")).replace("T", " "),
+                       f"tx {tx['transaction_id']} {tx.get('state')} (gateway clock)"))
         for b in tx.get("bookings") or []:
-            events.append((str(b.get("time", ""))[11:19] + "(local)",
-                           f"  {b['operation']}/{b.get('subtype')} {b.get('positions')}"))
-    first = min((i.created_at for i in intents), default=None)
+            events.append((str(b.get("time", "")).replace("T", " "),
+                           f"booked {b['operation']}/{b.get('subtype')} {b.get('positions')}"))
+    moments = [m for i in intents for m in (i.created_at, i.settled_at) if m is not None]
+    margin = timedelta(seconds=30)
     for when, pid in kills:
-        if first is None or abs((when - first).total_seconds()) < 120:
-            events.append((f"{when:%H:%M:%S.%f}"[:-3], f"SIGKILL pid {pid}"))
-    return " | ".join(f"{t} {what}" for t, what in sorted(events))
+        if not moments or min(moments) - margin <= when <= max(moments) + margin:
+            events.append((at(when), f"SIGKILL pid {pid}"))
+    return " | ".join(f"{t[11:23]} {what}" for t, what in sorted(events))
 
 
 def _repeated_bookings(bookings: list[dict[str, Any]], call: tuple[str, str | None]) -> int:
