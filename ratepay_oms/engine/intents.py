@@ -309,7 +309,7 @@ class ExternalCalls:
             session.add(intent)
             session.flush()
             intent_id = intent.id
-            _block(session, items, intent_id)
+            _set_intent(session, items, intent_id)
         # 2. the call
         try:
             answer = command.send(self.services, call)  # type: ignore[union-attr]
@@ -375,7 +375,7 @@ class ExternalCalls:
                 summary = json.loads(intent.summary)
                 order = session.get_one(Order, intent.order_id)
                 items = _blocked_items(session, intent_id)
-                _unblock(session, items)
+                _set_intent(session, items, None)
                 group = Group(order, intent.process, intent.state, intent.event, items)
                 runner = self._runner(session)
                 if not items:
@@ -534,7 +534,8 @@ class ExternalCalls:
             self.claims.release([order_id])
 
 
-def _block(session: Session, items: Sequence[OrderItem], intent_id: int) -> None:
+def _set_intent(session: Session, items: Sequence[OrderItem], intent_id: int | None) -> None:
+    """Mark ``items`` as waiting on ``intent_id`` (``None``: no longer waiting)."""
     from sqlalchemy.orm.attributes import set_committed_value
 
     for part in chunked([i.id for i in items]):
@@ -546,20 +547,6 @@ def _block(session: Session, items: Sequence[OrderItem], intent_id: int) -> None
         )
     for item in items:
         set_committed_value(item, "intent_id", intent_id)
-
-
-def _unblock(session: Session, items: Sequence[OrderItem]) -> None:
-    from sqlalchemy.orm.attributes import set_committed_value
-
-    for part in chunked([i.id for i in items]):
-        session.execute(
-            update(OrderItem)
-            .where(OrderItem.id.in_(part))
-            .values(intent_id=None)
-            .execution_options(synchronize_session=False)
-        )
-    for item in items:
-        set_committed_value(item, "intent_id", None)
 
 
 def _blocked_items(session: Session, intent_id: int) -> list[OrderItem]:

@@ -347,6 +347,13 @@ class Runner:
         it is reconciled, not retried)."""
         for item in items:
             item.last_error = message
+        self._record_error(group, items, command_name, message)
+
+    def _record_error(
+        self, group: Group, items: Sequence[OrderItem], command_name: str | None, message: str
+    ) -> None:
+        """Transition-log rows and the run's error figures for a failure of ``items``."""
+        for item in items:
             self.writer.log(
                 item,
                 process=group.process,
@@ -393,22 +400,8 @@ class Runner:
             item.retry_at = self.now + (retry_delay(attempts) if retry_in is None else retry_in)
             item.attempts = attempts
             item.last_error = message
-            self.writer.log(
-                item,
-                process=group.process,
-                event=group.event,
-                source=group.state,
-                target=None,
-                command=command_name,
-                error=message,
-            )
-        self.stats.errors += 1
         self.stats.retries_scheduled += len(items)
-        ids = ", ".join(str(i.id) for i in items)
-        self.stats.error_messages.append(
-            f"order {group.order.order_ref} items [{ids}] {group.event or '(event-less)'} "
-            f"in {group.state}: {message}"
-        )
+        self._record_error(group, items, command_name, message)
 
     def _loop_guard(self, group: Group) -> None:
         self.fail(
