@@ -16,6 +16,7 @@ from ratepay_oms.cli import _mount
 from ratepay_oms.demo import demo_engine, example_order
 from ratepay_oms.persistence.models import TransitionLog
 from ratepay_oms.persistence.web import WebAction
+from ratepay_oms.sandbox.testing import start_sandbox
 from ratepay_oms.web.queries import OrderSearch, search_orders
 from tests.web_support import PASSWORD, add_user, csrf_of, http_login, serve_console
 
@@ -23,7 +24,15 @@ pytest.importorskip("starlette", reason="needs the web extra: pip install -e '.[
 _mount()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def sandbox():
+    """One gateway for the module (tests count their own calls, never all of them)."""
+    running = start_sandbox()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
 def engine(server_db_url, sandbox):
     eng = demo_engine(server_db_url, sandbox.settings)
     yield eng
@@ -31,10 +40,20 @@ def engine(server_db_url, sandbox):
     eng.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def console(engine):
     with serve_console(engine) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def operator(engine):
+    return add_user(engine, "operator")
+
+
+@pytest.fixture(scope="module")
+def viewer(engine):
+    return add_user(engine, "viewer")
 
 
 def _ready_order(engine, **changes):
@@ -45,6 +64,10 @@ def _ready_order(engine, **changes):
     engine.place_order(order)
     assert {i.state for i in engine.order(ref).items} == {"ready for shipment"}
     return ref
+
+
+def _delivers(sandbox):
+    return sum(1 for e in sandbox.gateway.received if e.operation == "CONFIRMATION_DELIVER")
 
 
 def _states(engine, ref):
@@ -102,10 +125,10 @@ def test_session_cookie_is_httponly_lax_and_scoped_to_the_mount(engine):
             assert ("Secure" in cookie) is flag
 
 
-def test_logout_ends_the_session_on_the_server(console, engine):
+def test_logout_ends_the_session_on_the_server(console, engine, operator):
     import requests
 
-    http = http_login(console, add_user(engine, "operator"))
+    http = http_login(console, operator)
     cookie = http.cookies["ratepay_oms_session"]
     page = http.get(console.url("/orders"), timeout=10)
     assert http.post(console.url("/logout"), data={"csrf_token": csrf_of(page.text)},
@@ -115,10 +138,12 @@ def test_logout_ends_the_session_on_the_server(console, engine):
     assert replay.status_code == 303 and "/oms/login" in replay.headers["location"]
 
 
-def test_a_post_without_or_with_a_wrong_csrf_token_is_refused_and_nothing_moves(console, engine):
+def test_a_post_without_or_with_a_wrong_csrf_token_is_refused_and_nothing_moves(
+    console, engine, operator
+):
     ref = _ready_order(engine)
     ids = [i.id for i in engine.order(ref).items]
-    http = http_login(console, add_user(engine, "operator"))
+    http = http_login(console, operator)
     url = console.url(f"/orders/{ref}/events")
     for extra in ({}, {"csrf_token": "forged"}):
         answer = http.post(url, data={"event": "ship", "item_id": ids[:2], **extra}, timeout=10)
@@ -129,10 +154,10 @@ def test_a_post_without_or_with_a_wrong_csrf_token_is_refused_and_nothing_moves(
     assert _states(engine, ref) == ["ready for shipment"] * 4
 
 
-def test_a_viewer_sees_the_order_but_cannot_fire_events(console, engine):
+def test_a_viewer_sees_the_order_but_cannot_fire_events(console, engine, viewer):
     ref = _ready_order(engine)
     ids = [i.id for i in engine.order(ref).items]
-    http = http_login(console, add_user(engine, "viewer"))
+    http = http_login(console, viewer)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     assert page.status_code == 200 and "ready for shipment" in page.text
     assert 'name="event"' not in page.text and "fired by operators" in page.text
@@ -142,11 +167,14 @@ def test_a_viewer_sees_the_order_but_cannot_fire_events(console, engine):
     assert _states(engine, ref) == ["ready for shipment"] * 4
 
 
-def test_shipping_two_items_is_recorded_with_the_operators_name(console, engine, sandbox):
+def test_shipping_two_items_is_recorded_with_the_operators_name(
+    console, engine, sandbox, operator
+):
     ref = _ready_order(engine)
     ids = [i.id for i in engine.order(ref).items]
-    name = add_user(engine, "operator")
+    name = operator
     http = http_login(console, name)
+    sent = _delivers(sandbox)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     assert 'value="ship"' in page.text and "ship <small>(4 items)" in page.text
     done = http.post(console.url(f"/orders/{ref}/events"), timeout=10, data={
@@ -167,13 +195,12 @@ def test_shipping_two_items_is_recorded_with_the_operators_name(console, engine,
     again = http.post(console.url(f"/orders/{ref}/events"), timeout=10, data={
         "event": "ship", "item_id": [str(i) for i in ids[:2]], "csrf_token": csrf_of(page.text)})
     assert "&#39;ship&#39; REFUSED: cannot fire &#39;ship&#39;" in again.text
-    delivers = [e for e in sandbox.gateway.received if e.operation == "CONFIRMATION_DELIVER"]
-    assert len(delivers) == 1
+    assert _delivers(sandbox) == sent + 1
 
 
-def test_no_items_chosen_fires_nothing(console, engine):
+def test_no_items_chosen_fires_nothing(console, engine, operator):
     ref = _ready_order(engine)
-    http = http_login(console, add_user(engine, "operator"))
+    http = http_login(console, operator)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     answer = http.post(console.url(f"/orders/{ref}/events"), timeout=10,
                        data={"event": "ship", "csrf_token": csrf_of(page.text)})
@@ -181,12 +208,12 @@ def test_no_items_chosen_fires_nothing(console, engine):
     assert _states(engine, ref) == ["ready for shipment"] * 4
 
 
-def test_hostile_order_data_is_shown_as_text(console, engine):
+def test_hostile_order_data_is_shown_as_text(console, engine, viewer):
     order_items = example_order("x")["items"]
     order_items[0] = {**order_items[0], "name": "<script>alert(1)</script>",
                       "sku": '"><img src=x onerror=alert(2)>'}
     ref = _ready_order(engine, items=order_items)
-    http = http_login(console, add_user(engine, "viewer"))
+    http = http_login(console, viewer)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
     assert "<script>alert(1)" not in page.text and "<img src=x" not in page.text
@@ -195,10 +222,10 @@ def test_hostile_order_data_is_shown_as_text(console, engine):
     assert page.headers["x-frame-options"] == "DENY"
 
 
-def test_no_secret_is_rendered(console, engine, sandbox):
+def test_no_secret_is_rendered(console, engine, sandbox, viewer):
     ref = _ready_order(engine)
     secret = sandbox.settings["SECURITY_CODE"]
-    http = http_login(console, add_user(engine, "viewer"))
+    http = http_login(console, viewer)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     calls = [line for line in page.text.splitlines() if "/calls/" in line]
     assert calls, "the order page links its gateway calls"
@@ -210,7 +237,7 @@ def test_no_secret_is_rendered(console, engine, sandbox):
         assert secret not in text
 
 
-def test_orders_list_filters_and_pages_by_key(console, engine):
+def test_orders_list_filters_and_pages_by_key(console, engine, viewer):
     tag = uuid.uuid4().hex[:6]
     base = datetime(2026, 3, 1, 12, 0)
     refs = []
@@ -228,7 +255,7 @@ def test_orders_list_filters_and_pages_by_key(console, engine):
         last = search_orders(session, OrderSearch(ref=f"L{tag}"), before=second.older, limit=2)
         assert [r.order_ref for r in last.rows] == refs[:1] and last.older is None
         assert last.rows[0].states == {"new": 4} and last.rows[0].goods_total == Decimal("82.50")
-    http = http_login(console, add_user(engine, "viewer"))
+    http = http_login(console, viewer)
     page = http.get(console.url("/orders"), timeout=10,
                     params={"ref": f"L{tag}", "from": "2026-03-02", "to": "2026-03-03"})
     shown = [r for r in refs if f">{r}</a>" in page.text]
@@ -241,11 +268,11 @@ def test_orders_list_filters_and_pages_by_key(console, engine):
     assert "is not a date" in bad.text
 
 
-def test_a_big_order_shows_a_summary_and_ships_a_count_of_one_line(console, engine):
+def test_a_big_order_shows_a_summary_and_ships_a_count_of_one_line(console, engine, operator):
     lines = example_order("x")["items"]
     lines[0] = {**lines[0], "quantity": 70}
     ref = _ready_order(engine, items=lines)
-    http = http_login(console, add_user(engine, "operator"))
+    http = http_login(console, operator)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     assert 'data-testid="item-groups"' in page.text and "71 items: summary" in page.text
     group = "SKU-100\x1fready for shipment"
@@ -258,9 +285,9 @@ def test_a_big_order_shows_a_summary_and_ships_a_count_of_one_line(console, engi
     assert len(moved) == 3 and {i.sku for i in moved} == {"SKU-100"}
 
 
-def test_matrix_drills_down_to_the_orders_in_a_cell(console, engine):
+def test_matrix_drills_down_to_the_orders_in_a_cell(console, engine, viewer):
     ref = _ready_order(engine)
-    http = http_login(console, add_user(engine, "viewer"))
+    http = http_login(console, viewer)
     matrix = http.get(console.url("/matrix"), timeout=10)
     link = "/oms/orders?process=RatepayInvoice01&amp;state=ready+for+shipment"
     assert link in matrix.text
@@ -271,9 +298,9 @@ def test_matrix_drills_down_to_the_orders_in_a_cell(console, engine):
     assert drawing.status_code == 200 and ("<svg" in drawing.text or "flowchart" in drawing.text)
 
 
-def test_order_page_explains_and_draws(console, engine):
+def test_order_page_explains_and_draws(console, engine, viewer):
     ref = _ready_order(engine)
-    http = http_login(console, add_user(engine, "viewer"))
+    http = http_login(console, viewer)
     page = http.get(console.url(f"/orders/{ref}"), timeout=10)
     assert "waits for a person: &#39;ship&#39; or &#39;cancel&#39;" in page.text
     assert "<svg" in page.text or "flowchart TD" in page.text
