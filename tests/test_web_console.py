@@ -353,3 +353,79 @@ def test_cli_serve_names_the_extra_when_it_is_missing(monkeypatch, tmp_sqlite_ur
     assert main(["web", "serve", "--db", tmp_sqlite_url]) == 1
     err = capsys.readouterr().err
     assert "pip install 'ratepay-oms[web]'" in err and "uvicorn" in err
+
+
+def test_event_data_fields_reach_an_engine_that_takes_them(server_db_url, sandbox, operator):
+    """``Engine.trigger(..., data=...)`` (issue 12) is not in every engine: the page offers the
+    fields and passes them only to one whose ``trigger`` takes ``data``."""
+    from ratepay_oms.engine.engine import Engine
+    from ratepay_oms.process.loader import default_process_dir
+
+    class DataEngine(Engine):
+        received: list[dict] = []  # noqa: RUF012
+
+        def trigger(self, event, order_ref, item_ids=None, *, now=None, data=None):
+            self.received.append(dict(data or {}))
+            return super().trigger(event, order_ref, item_ids, now=now)
+
+    engine = DataEngine(server_db_url, process_dir=default_process_dir())
+    from ratepay_oms.demo import attach_ratepay
+
+    attach_ratepay(engine, sandbox.settings)
+    try:
+        ref = _ready_order(engine)
+        ids = [i.id for i in engine.order(ref).items]
+        with serve_console(engine) as console:
+            http = http_login(console, operator)
+            page = http.get(console.url(f"/orders/{ref}"), timeout=10)
+            assert 'name="data.invoice_id"' in page.text and 'name="data.tracking_id"' in page.text
+            done = http.post(console.url(f"/orders/{ref}/events"), timeout=10, data={
+                "event": "ship", "item_id": [str(ids[0])], "data.invoice_id": "INV-1",
+                "data.tracking_id": " 00340434 ", "data.carrier": "",
+                "csrf_token": csrf_of(page.text)})
+        assert "1 item moved" in done.text
+        assert DataEngine.received == [{"invoice_id": "INV-1", "tracking_id": "00340434"}]
+        assert "invoice_id: INV-1" in done.text  # the operator log shows what was sent
+    finally:
+        engine.services["ratepay"].api_log.flush()
+        engine.close()
+
+
+def test_web_serve_runs_the_console_under_a_prefix(server_db_url, engine, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RATEPAY_OMS_DATABASE_URL": server_db_url}
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from ratepay_oms.cli import main; sys.exit(main())",
+         "web", "serve", "--port", str(port),
+         "--prefix", "oms/"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                login = requests.get(base + "/oms/login", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "web serve did not answer"
+                time.sleep(0.2)
+        assert login.status_code == 200 and 'action="/oms/login"' in login.text
+        root = requests.get(base + "/", allow_redirects=False, timeout=5)
+        assert root.status_code == 307 and root.headers["location"] == "/oms/"
+        orders = requests.get(base + "/oms/orders", allow_redirects=False, timeout=5)
+        assert orders.headers["location"].startswith("/oms/login")
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert f"web console on http://127.0.0.1:{port}/oms/" in server.stderr.read().decode()

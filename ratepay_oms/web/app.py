@@ -121,6 +121,11 @@ class _Console:
                login: LoginSession | None = None) -> HTMLResponse:
         return self.render(request, "error.html", status=status, message=message, login=login)
 
+    async def flashes(self, login: LoginSession) -> list[dict[str, str]]:
+        if not login.has_flash:
+            return []
+        return await run_in_threadpool(self.users.pop_flash, login.id)
+
     def secure(self, request: Request) -> bool:
         if self.secure_cookies is not None:
             return self.secure_cookies
@@ -289,7 +294,7 @@ async def orders(console: _Console, request: Request, login: LoginSession) -> Re
             )
 
     page = await run_in_threadpool(read)
-    flashes = await run_in_threadpool(console.users.pop_flash, login.id)
+    flashes = await console.flashes(login)
     return console.render(
         request, "orders.html", login=login, page=page, search=search, problems=problems,
         processes=sorted(console.engine.definitions()), flashes=flashes,
@@ -375,7 +380,7 @@ async def order_page(console: _Console, request: Request, login: LoginSession) -
         context = await run_in_threadpool(_order_context, console, ref)
     except (OrderNotFound, OrderNotFoundError):
         return console.refuse(request, 404, f"No order {ref!r}.", login)
-    flashes = await run_in_threadpool(console.users.pop_flash, login.id)
+    flashes = await console.flashes(login)
     return console.render(request, "order.html", login=login, flashes=flashes, **context)
 
 

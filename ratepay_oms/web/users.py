@@ -63,6 +63,8 @@ class LoginSession:
     user: User
     csrf_token: str
     expires_at: datetime
+    has_flash: bool = False
+    """Messages wait for the next page (``pop_flash`` then writes; otherwise nothing does)."""
 
 
 def _token_hash(token: str) -> str:
@@ -162,7 +164,9 @@ class UserStore:
             login, user = found
             if login.expires_at <= utc_now():
                 return None
-            return LoginSession(login.id, User.of(user), login.csrf_token, login.expires_at)
+            return LoginSession(
+                login.id, User.of(user), login.csrf_token, login.expires_at, bool(login.flash)
+            )
 
     def logout(self, token: str | None) -> None:
         if not token:
