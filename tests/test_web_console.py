@@ -268,6 +268,29 @@ def test_orders_list_filters_and_pages_by_key(console, engine, viewer):
     assert "is not a date" in bad.text
 
 
+def test_a_state_filter_pages_by_key_among_other_orders(engine):
+    tag = uuid.uuid4().hex[:6]
+    refs = [f"S{tag}-{n}" for n in range(5)]
+    for n, ref in enumerate(refs):
+        engine.place_order(example_order(ref), fire=n % 2 == 0)  # even: ready for shipment
+    shipping = OrderSearch(ref=f"S{tag}", state="ready for shipment")
+    with engine.session() as session:
+        pages, cursor = [], None
+        while True:
+            page = search_orders(session, shipping, before=cursor, limit=1)
+            pages.append([r.order_ref for r in page.rows])
+            if page.older is None:
+                break
+            cursor = page.older
+        assert pages == [[refs[4]], [refs[2]], [refs[0]]]
+        back = search_orders(session, shipping, after=page.newer, limit=1)
+        assert [r.order_ref for r in back.rows] == [refs[2]] and back.newer is not None
+        assert back.older is not None
+        new = search_orders(session, OrderSearch(ref=f"S{tag}", state="new"), limit=5)
+        assert [r.order_ref for r in new.rows] == [refs[3], refs[1]]
+        assert new.rows[0].states == {"new": 4}
+
+
 def test_a_big_order_shows_a_summary_and_ships_a_count_of_one_line(console, engine, operator):
     lines = example_order("x")["items"]
     lines[0] = {**lines[0], "quantity": 70}

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -112,8 +112,10 @@ class _Console:
         self, request: Request, template: str, status: int = 200, **context: Any
     ) -> HTMLResponse:
         root = request.scope.get("root_path", "")
+        orders_path = _url(request, "orders")
         html = self.templates.get_template(template).render(
-            request=request, root=root, url=functools.partial(_url, request), **context
+            request=request, root=root, url=functools.partial(_url, request),
+            order_url=lambda ref: f"{orders_path}/{quote(ref, safe='')}", **context
         )
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
@@ -322,15 +324,14 @@ def _order_context(console: _Console, ref: str) -> dict[str, Any]:
         order_id = order_id_of(session, ref)
         rows, total = history(session, order_id) if order_id is not None else ([], 0)
         done = actions.for_order(session, order_id) if order_id is not None else []
-    for action in done:
-        rows.append(
-            HistoryRow(
-                at=action.created_at, item_id=None, sku=None, from_state=None, to_state=None,
-                event=action.event, user=action.user_name,
-                text=_action_text(action), outcome=action.outcome,
-            )
+    rows = _merge(rows, [
+        HistoryRow(
+            at=action.created_at, item_id=None, sku=None, from_state=None, to_state=None,
+            event=action.event, user=action.user_name,
+            text=_action_text(action), outcome=action.outcome,
         )
-    rows.sort(key=lambda r: r.at)
+        for action in done
+    ])
     drawings = []
     for process in sorted({i["process"] for i in items}):
         definition = definitions.get(process)
@@ -355,6 +356,19 @@ def _order_context(console: _Console, ref: str) -> dict[str, Any]:
         "history_total": total,
         "drawings": drawings,
     }
+
+
+def _merge(history_rows: list[HistoryRow], done: list[HistoryRow]) -> list[HistoryRow]:
+    """The engine's history in its own order, each operator action placed after the last
+    state change that happened before it (history times can be set by callers; their order
+    is the engine's, not the clock's)."""
+    merged: list[HistoryRow] = []
+    pending = list(done)
+    for row in history_rows:
+        while pending and pending[0].at < row.at:
+            merged.append(pending.pop(0))
+        merged.append(row)
+    return merged + pending
 
 
 def _jsonable(value: Any) -> Any:

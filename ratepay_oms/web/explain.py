@@ -28,6 +28,11 @@ class Reason:
         return len(self.item_ids)
 
 
+def _when(iso: str | None) -> str:
+    """An ISO timestamp from ``order show`` as ``YYYY-MM-DD HH:MM:SS``."""
+    return (iso or "")[:19].replace("T", " ")
+
+
 def _item_lines(
     item: Mapping[str, Any],
     definition: ProcessDefinition | None,
@@ -45,16 +50,19 @@ def _item_lines(
         )
     if lease is not None and not lease.get("expired"):
         lines.append(
-            f"the order is leased by {lease['claimed_by']} until {lease['claim_expires_at']} UTC"
+            f"the order is leased by {lease['claimed_by']} "
+            f"until {_when(lease['claim_expires_at'])} UTC"
         )
     if item.get("retry_at"):
         lines.append(
-            f"retry of '{item['retry_event']}' due at {item['retry_at']} UTC "
+            f"retry of '{item['retry_event']}' due at {_when(item['retry_at'])} UTC "
             f"(attempt {item['attempts']}) after: {item.get('last_error') or 'an error'}"
         )
     for timeout in timeouts.get(item["id"], []):
         when = "overdue: the next tick fires it" if timeout["overdue"] else "due"
-        lines.append(f"timeout event '{timeout['event']}' {when} at {timeout['due_at']} UTC")
+        lines.append(
+            f"timeout event '{timeout['event']}' {when} at {_when(timeout['due_at'])} UTC"
+        )
     if definition is None:
         lines.append(f"process {item['process']} is not loaded: nothing moves this item")
         return tuple(lines)

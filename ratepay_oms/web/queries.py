@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
@@ -81,7 +82,13 @@ def search_orders(
     limit: int = PAGE_SIZE,
 ) -> OrdersPage:
     """One page of orders, newest first. ``before``: ids below it (next page); ``after``:
-    ids above it (previous page)."""
+    ids above it (previous page).
+
+    A state filter is driven from the items' ``(state, order_id)`` index: candidate order ids
+    come from it in id order, a chunk at a time, and the other filters apply to those. So a
+    rare state reads only its own items, and a common one stops after a page's worth, instead
+    of probing order after order for an item in that state.
+    """
     stmt = select(
         Order.id, Order.order_ref, Order.process, Order.currency, Order.goods_total,
         Order.created_at,
@@ -90,32 +97,30 @@ def search_orders(
         stmt = stmt.where(Order.order_ref.like(_like_prefix(search.ref), escape="\\"))
     if search.process:
         stmt = stmt.where(Order.process == search.process)
-    if search.state:
-        stmt = stmt.where(
-            exists().where(OrderItem.order_id == Order.id, OrderItem.state == search.state)
-        )
     if search.date_from:
         stmt = stmt.where(Order.created_at >= datetime.combine(search.date_from, time.min))
     if search.date_to:
         stmt = stmt.where(
             Order.created_at < datetime.combine(search.date_to + timedelta(days=1), time.min)
         )
-    if after is not None:
-        rows = list(
-            session.execute(stmt.where(Order.id > after).order_by(Order.id).limit(limit + 1))
-        )
-        more_newer = len(rows) > limit
-        rows = list(reversed(rows[:limit]))
-        newer = rows[0].id if rows and more_newer else None
+    ascending = after is not None
+    cursor = after if ascending else before
+    if search.state:
+        rows = _by_state(session, stmt, search.state, cursor, ascending, limit + 1)
+    else:
+        if cursor is not None:
+            stmt = stmt.where(Order.id > cursor if ascending else Order.id < cursor)
+        order = Order.id.asc() if ascending else Order.id.desc()
+        rows = list(session.execute(stmt.order_by(order).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if ascending:
+        rows.reverse()
+        newer = rows[0].id if rows and more else None
         older = rows[-1].id if rows else None
     else:
-        if before is not None:
-            stmt = stmt.where(Order.id < before)
-        rows = list(session.execute(stmt.order_by(Order.id.desc()).limit(limit + 1)))
-        more_older = len(rows) > limit
-        rows = rows[:limit]
         newer = rows[0].id if rows and before is not None else None
-        older = rows[-1].id if rows and more_older else None
+        older = rows[-1].id if rows and more else None
     states: dict[int, dict[str, int]] = {r.id: {} for r in rows}
     if rows:
         counts = session.execute(
@@ -134,6 +139,36 @@ def search_orders(
         newer,
         older,
     )
+
+
+STATE_CHUNK_MAX = 5000
+
+
+def _by_state(
+    session: Session, stmt: Any, state: str, cursor: int | None, ascending: bool, wanted: int
+) -> list[Any]:
+    """Rows of ``stmt`` (orders) having an item in ``state``, in id order from ``cursor``."""
+    rows: list[Any] = []
+    chunk = wanted
+    while len(rows) < wanted:
+        candidates = select(OrderItem.order_id).where(OrderItem.state == state).distinct()
+        if cursor is not None:
+            candidates = candidates.where(
+                OrderItem.order_id > cursor if ascending else OrderItem.order_id < cursor
+            )
+        candidates = candidates.order_by(
+            OrderItem.order_id.asc() if ascending else OrderItem.order_id.desc()
+        ).limit(chunk)
+        ids = list(session.scalars(candidates))
+        if not ids:
+            break
+        order = Order.id.asc() if ascending else Order.id.desc()
+        rows.extend(session.execute(stmt.where(Order.id.in_(ids)).order_by(order)))
+        if len(ids) < chunk:
+            break
+        cursor = ids[-1]
+        chunk = min(chunk * 4, STATE_CHUNK_MAX)
+    return rows[:wanted]
 
 
 @dataclass(frozen=True)
