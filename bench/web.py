@@ -58,7 +58,10 @@ def seed(url: str, orders: int, per_order: int, now: datetime) -> None:
     backend = engine.dialect.name
     if backend == "postgresql":
         numbers = "SELECT generate_series(1, :n) AS i"
-        created = "CAST(:start AS timestamp) + make_interval(secs => (n.i * 8640000 / :n))"
+        created = (
+            "CAST(:start AS timestamp) "
+            "+ make_interval(secs => (CAST(n.i AS bigint) * 8640000 / :n))"
+        )
     else:
         numbers = (
             "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < :n) "

@@ -149,7 +149,7 @@ def users(db_url: str | None) -> None:
     Example:
       ratepay-oms web users
     """
-    rows = _store(db_url).list()
+    rows = _store(db_url).users()
     table = Table("user", "role", "added (UTC)", "last login (UTC)")
     for user in rows:
         table.add_row(user.name, user.role, fmt_time(user.created_at), fmt_time(user.last_login_at))

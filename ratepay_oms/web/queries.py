@@ -9,7 +9,7 @@ orders there are. The indexes it relies on are declared in ``ratepay_oms.persist
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -232,29 +232,29 @@ class ItemGroup:
         return f"{self.sku}\x1f{self.state}"
 
 
-def group_items(items: list[Mapping[str, object]]) -> list[ItemGroup]:
+def group_items(items: Sequence[Mapping[str, Any]]) -> list[ItemGroup]:
     """The order's items by SKU and state (first appearance order), for orders too big to
     list item by item."""
-    groups: dict[tuple[str, str], list[Mapping[str, object]]] = {}
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for item in items:
         groups.setdefault((str(item["sku"]), str(item["state"])), []).append(item)
     return [
         ItemGroup(
             sku, str(members[0]["name"]), state,
-            tuple(int(str(m["id"])) for m in members),
-            tuple(members[0].get("manual_events") or ()),  # type: ignore[arg-type]
+            tuple(int(m["id"]) for m in members),
+            tuple(members[0].get("manual_events") or ()),
             sum(1 for m in members if m.get("intent_id")),
         )
         for (sku, state), members in groups.items()
     ]
 
 
-def accepted_events(items: list[Mapping[str, object]]) -> dict[str, int]:
+def accepted_events(items: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     """Manual event → how many items (not held by an intent) accept it now."""
     counts: Counter[str] = Counter()
     for item in items:
         if item.get("intent_id"):
             continue
-        for event in item.get("manual_events") or ():  # type: ignore[attr-defined]
+        for event in item.get("manual_events") or ():
             counts[event] += 1
     return dict(counts)

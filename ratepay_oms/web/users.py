@@ -121,7 +121,7 @@ class UserStore:
             session.execute(delete(WebSession).where(WebSession.user_id == user_id))
             session.execute(delete(WebUser).where(WebUser.id == user_id))
 
-    def list(self) -> list[User]:
+    def users(self) -> list[User]:
         with self._sessions() as session:
             return [User.of(r) for r in session.scalars(select(WebUser).order_by(WebUser.name))]
 
