@@ -177,6 +177,8 @@ def test_a_double_clicked_event_books_once_and_shows_the_refusal(browser, consol
     )
     assert statuses == ["opaqueredirect", "opaqueredirect"]
     browser.get(console.url(f"/orders/{ref}"))
+    flashes = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".flash")]
+    assert len(flashes) == 2, flashes
     refusal = _wait_for(browser, "[data-testid=flash-refused]")
     assert "'ship' REFUSED" in refusal.text
     # Refused by the state (the first click moved it) or by the lease (still at it).

@@ -452,3 +452,29 @@ def test_web_serve_runs_the_console_under_a_prefix(server_db_url, engine, tmp_pa
         server.terminate()
         server.wait(10)
     assert f"web console on http://127.0.0.1:{port}/oms/" in server.stderr.read().decode()
+
+
+def test_two_clicks_at_once_book_once(console, engine, sandbox, operator):
+    """Every request of one console runs as the same engine worker, which may take a lease it
+    holds already: the console itself lets one action per order run at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = _ready_order(engine)
+    ids = [i.id for i in engine.order(ref).items]
+    http = http_login(console, operator)
+    token = csrf_of(http.get(console.url(f"/orders/{ref}"), timeout=10).text)
+    sent = _delivers(sandbox)
+
+    def click(_n):
+        return http.post(console.url(f"/orders/{ref}/events"), allow_redirects=False,
+                         timeout=30, data={"event": "ship", "item_id": [str(ids[0])],
+                                           "csrf_token": token}).status_code
+
+    for _round in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(click, range(4))) == [303] * 4
+    assert _delivers(sandbox) == sent + 1
+    assert _states(engine, ref) == ["ready for refund"] + ["ready for shipment"] * 3
+    page = http.get(console.url(f"/orders/{ref}"), timeout=10).text
+    assert page.count("&#39;ship&#39; done") == 1
+    assert page.count("&#39;ship&#39; REFUSED") == 11

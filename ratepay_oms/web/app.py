@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,10 @@ BIG_ORDER = 60
 """Orders with more items show a summary by SKU and state instead of one row per item."""
 GATEWAY_CALLS = 20
 SECRET_ENV = "RATEPAY_SECURITY_CODE"
+BUSY = (
+    "order {ref} is being worked on by another request (a double click?); nothing was done "
+    "twice: reload the page to see where its items are now"
+)
 
 DEFAULT_EVENT_DATA: Mapping[str, Sequence[tuple[str, str]]] = {
     "ship": (("invoice_id", "Invoice id"), ("tracking_id", "Tracking id"), ("carrier", "Carrier")),
@@ -100,6 +106,8 @@ class _Console:
         self.session_hours = session_hours
         self.takes_data = "data" in inspect.signature(engine.trigger).parameters
         self.event_data = event_data if self.takes_data else {}
+        self._busy: set[str] = set()
+        self._busy_lock = threading.Lock()
         self.templates = Environment(
             loader=PackageLoader("ratepay_oms.web", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -135,6 +143,26 @@ class _Console:
 
     def cookie_path(self, request: Request) -> str:
         return (request.scope.get("root_path") or "") + "/"
+
+    @contextmanager
+    def working_on(self, ref: str) -> Iterator[bool]:
+        """One action per order at a time in this process; yields False while another runs.
+
+        The engine's lease keeps two *workers* apart, but every request here runs as the same
+        worker (one ``Engine``), and a worker may take a lease it already holds: without this,
+        two clicks at once could both fire. Across processes, each engine's own worker id and
+        the lease do the job.
+        """
+        with self._busy_lock:
+            if ref in self._busy:
+                yield False
+                return
+            self._busy.add(ref)
+        try:
+            yield True
+        finally:
+            with self._busy_lock:
+                self._busy.discard(ref)
 
     # -- who is asking -----------------------------------------------------------------------
     async def login_of(self, request: Request) -> LoginSession | None:
@@ -436,6 +464,12 @@ async def fire_event(console: _Console, request: Request, login: LoginSession) -
     data = {k: v for k, v in data.items() if v}
 
     def fire() -> tuple[str, str, list[int] | None]:
+        with console.working_on(ref) as free:
+            if not free:
+                return actions.REFUSED, BUSY.format(ref=ref), None
+            return fire_now()
+
+    def fire_now() -> tuple[str, str, list[int] | None]:
         item_ids = _chosen_items(console, ref, event, form)
         if item_ids == []:
             return actions.REFUSED, "choose at least one item (or tick every item)", item_ids
@@ -496,6 +530,10 @@ async def resolve_intent(console: _Console, request: Request, login: LoginSessio
         return console.refuse(request, 404, f"No order {ref!r}.", login)
 
     def resolve() -> tuple[str, str]:
+        with console.working_on(ref) as free:
+            return resolve_now() if free else (actions.REFUSED, BUSY.format(ref=ref))
+
+    def resolve_now() -> tuple[str, str]:
         if decision not in ("booked", "not booked"):
             return actions.REFUSED, "choose booked or not booked"
         if not note:
