@@ -478,3 +478,31 @@ def test_two_clicks_at_once_book_once(console, engine, sandbox, operator):
     page = http.get(console.url(f"/orders/{ref}"), timeout=10).text
     assert page.count("&#39;ship&#39; done") == 1
     assert page.count("&#39;ship&#39; REFUSED") == 11
+
+
+def test_explain_groups_items_that_differ_only_in_their_times(engine):
+    from ratepay_oms.web.explain import explain_order
+
+    definitions = engine.definitions()
+    item = {"process": "RatepayInvoice01", "state": "ready for refund", "retry_at": None}
+    detail = {
+        "items": [{**item, "id": n} for n in (1, 2, 3)]
+        + [{**item, "id": 4, "state": "shipped"}],
+        "timeouts": [
+            {"item_id": n, "event": "waiting for return", "overdue": False,
+             "due_at": f"2027-03-0{n}T10:00:00.123456"}
+            for n in (1, 2, 3)
+        ],
+        "intents": [{"id": 9, "status": "unknown", "item_ids": [4]}],
+        "lease": None,
+    }
+    waiting, held = explain_order(detail, definitions)
+    assert waiting.item_ids == (1, 2, 3)
+    assert waiting.lines == (
+        "timeout event 'waiting for return' due at 2027-03-01 10:00:00 … 2027-03-03 10:00:00 UTC",
+        "waits for a person: 'refund payment'",
+    )
+    assert held.item_ids == (4,)
+    assert held.lines[0] == (
+        "held by gateway-call intent 9 (unknown): no event fires until it is settled"
+    )

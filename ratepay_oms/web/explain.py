@@ -28,6 +28,21 @@ class Reason:
         return len(self.item_ids)
 
 
+@dataclass(frozen=True)
+class Line:
+    template: str
+    """Text with ``{when}`` where the time goes (other braces doubled)."""
+    when: str | None = None
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _plain(text: str) -> Line:
+    return Line(_escape(text))
+
+
 def _when(iso: str | None) -> str:
     """An ISO timestamp from ``order show`` as ``YYYY-MM-DD HH:MM:SS``."""
     return (iso or "")[:19].replace("T", " ")
@@ -39,47 +54,52 @@ def _item_lines(
     timeouts: Mapping[int, list[Mapping[str, Any]]],
     intents: Mapping[int, Mapping[str, Any]],
     lease: Mapping[str, Any] | None,
-) -> tuple[str, ...]:
-    lines: list[str] = []
+) -> tuple[Line, ...]:
+    """The reasons for one item; a time goes in ``{when}`` so items that differ only in it
+    share a line (1,000 items shipped one by one are one line, not 1,000)."""
+    lines: list[Line] = []
     state = item["state"]
     intent = intents.get(item["id"])
     if intent is not None:
-        lines.append(
+        lines.append(_plain(
             f"held by gateway-call intent {intent['id']} ({intent['status']}): no event fires "
             "until it is settled"
-        )
+        ))
     if lease is not None and not lease.get("expired"):
-        lines.append(
-            f"the order is leased by {lease['claimed_by']} "
-            f"until {_when(lease['claim_expires_at'])} UTC"
-        )
+        lines.append(Line(
+            _escape(f"the order is leased by {lease['claimed_by']} until ") + "{when} UTC",
+            _when(lease["claim_expires_at"]),
+        ))
     if item.get("retry_at"):
-        lines.append(
-            f"retry of '{item['retry_event']}' due at {_when(item['retry_at'])} UTC "
-            f"(attempt {item['attempts']}) after: {item.get('last_error') or 'an error'}"
-        )
+        lines.append(Line(
+            _escape(f"retry of '{item['retry_event']}' due at ") + "{when}"
+            + _escape(f" UTC after: {item.get('last_error') or 'an error'}"),
+            _when(item["retry_at"]),
+        ))
     for timeout in timeouts.get(item["id"], []):
         when = "overdue: the next tick fires it" if timeout["overdue"] else "due"
-        lines.append(
-            f"timeout event '{timeout['event']}' {when} at {_when(timeout['due_at'])} UTC"
-        )
+        lines.append(Line(
+            _escape(f"timeout event '{timeout['event']}' {when} at ") + "{when} UTC",
+            _when(timeout["due_at"]),
+        ))
     if definition is None:
-        lines.append(f"process {item['process']} is not loaded: nothing moves this item")
+        lines.append(_plain(f"process {item['process']} is not loaded: nothing moves this item"))
         return tuple(lines)
     if state not in definition.states:
-        lines.append(f"state {state!r} is not in the loaded {definition.name}: nothing moves it")
+        lines.append(
+            _plain(f"state {state!r} is not in the loaded {definition.name}: nothing moves it")
+        )
         return tuple(lines)
     manual = list(definition.manual_events(state))
     if manual:
-        lines.append("waits for a person: " + " or ".join(f"'{e}'" for e in manual))
-    eventless = definition.transitions_from(state, None)
-    for t in eventless:
+        lines.append(_plain("waits for a person: " + " or ".join(f"'{e}'" for e in manual)))
+    for t in definition.transitions_from(state, None):
         guard = f" when {t.condition} holds" if t.condition else ""
-        lines.append(f"the tick moves it to '{t.target}'{guard}")
+        lines.append(_plain(f"the tick moves it to '{t.target}'{guard}"))
     if definition.is_final(state):
-        lines.append("final state: nothing more happens")
+        lines.append(_plain("final state: nothing more happens"))
     elif not lines:
-        lines.append("no transition leaves this state without an event")
+        lines.append(_plain("no transition leaves this state without an event"))
     return tuple(lines)
 
 
@@ -93,13 +113,19 @@ def explain_order(
     intents = {
         item_id: intent for intent in detail.get("intents", []) for item_id in intent["item_ids"]
     }
-    groups: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
+    groups: dict[tuple[str, str, tuple[str, ...]], list[tuple[int, tuple[Line, ...]]]] = {}
     for item in detail.get("items", []):
         lines = _item_lines(
             item, definitions.get(item["process"]), timeouts, intents, detail.get("lease")
         )
-        groups.setdefault((item["process"], item["state"], lines), []).append(item["id"])
-    return [
-        Reason(state, process, tuple(ids), lines)
-        for (process, state, lines), ids in groups.items()
-    ]
+        key = (item["process"], item["state"], tuple(line.template for line in lines))
+        groups.setdefault(key, []).append((item["id"], lines))
+    reasons = []
+    for (process, state, templates), members in groups.items():
+        texts = []
+        for index, template in enumerate(templates):
+            times = sorted({w for m in members if (w := m[1][index].when)})
+            when = f"{times[0]} … {times[-1]}" if len(times) > 1 else "".join(times)
+            texts.append(template.format(when=when))
+        reasons.append(Reason(state, process, tuple(m[0] for m in members), tuple(texts)))
+    return reasons
