@@ -7,7 +7,7 @@ Not a test: it prints figures and never asserts timing. For each database it
    setup is not measured), spread over 100 days, items in a mix of states (one state rare);
 2. places one real order of 1,000 items through the engine and the sandbox gateway (payment
    request and confirmation, so it has history and gateway calls);
-3. serves ``create_app(engine)`` with uvicorn on loopback, logs in, and times ``GET`` of the
+3. runs ``ratepay-oms web serve`` (uvicorn) in its own process, logs in, and times ``GET`` of the
    orders list (first page, a deep page by cursor, filtered by a common state, a rare state,
    a process, a date range) and of the 1,000-item order page (median of ``--repeat`` loads,
    after one warm-up load);
@@ -26,9 +26,9 @@ import argparse
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -124,22 +124,34 @@ def big_order(ref: str, items: int) -> dict[str, Any]:
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[str]:
-    import uvicorn
+def serving(url: str) -> Iterator[str]:
+    """``ratepay-oms web serve`` on ``url`` in a process of its own (as in production: the
+    client's threads and the timings here do not share its interpreter)."""
+    import requests
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from ratepay_oms.cli import main; sys.exit(main())",
+         "web", "serve", "--db", url, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+    )
+    base = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(base + "/login", timeout=5)
+                break
+            except requests.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ratepay-oms web serve did not start") from None
+                time.sleep(0.2)
+        yield base
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+        server.terminate()
+        server.wait(20)
 
 
 def median_ms(fn: Callable[[], Any], repeat: int) -> float:
@@ -159,7 +171,6 @@ def run(url: str, orders: int, per_order: int, order_items: int, repeat: int) ->
     from ratepay_oms.demo import demo_engine
     from ratepay_oms.persistence.models import Order
     from ratepay_oms.sandbox.testing import start_sandbox
-    from ratepay_oms.web import create_app
     from ratepay_oms.web.users import UserStore
 
     now = datetime.utcnow().replace(microsecond=0)
@@ -174,7 +185,7 @@ def run(url: str, orders: int, per_order: int, order_items: int, repeat: int) ->
     lines = [f"{engine.db.dialect.name}: seeded {orders:,} orders / {orders * per_order:,} "
              f"items in {seeded:.1f} s; order {ref} has {len(engine.order(ref).items)} items"]
     try:
-        with serving(create_app(engine)) as base:
+        with serving(url) as base:
             http = requests.Session()
             page = http.get(base + "/login", timeout=30)
             token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)

@@ -54,6 +54,7 @@ def _item_lines(
     timeouts: Mapping[int, list[Mapping[str, Any]]],
     intents: Mapping[int, Mapping[str, Any]],
     lease: Mapping[str, Any] | None,
+    memo: dict[tuple[str, str, bool], tuple[Line, ...]],
 ) -> tuple[Line, ...]:
     """The reasons for one item; a time goes in ``{when}`` so items that differ only in it
     share a line (1,000 items shipped one by one are one line, not 1,000)."""
@@ -82,14 +83,24 @@ def _item_lines(
             _escape(f"timeout event '{timeout['event']}' {when} at ") + "{when} UTC",
             _when(timeout["due_at"]),
         ))
+    key = (item["process"], state, bool(lines))
+    if key not in memo:
+        memo[key] = _state_lines(definition, item["process"], state, bool(lines))
+    return (*lines, *memo[key])
+
+
+def _state_lines(
+    definition: ProcessDefinition | None, process: str, state: str, has_other: bool
+) -> tuple[Line, ...]:
+    """What the process says about ``state`` (the same for every item in it: computed once per
+    state and order, see ``explain_order``)."""
     if definition is None:
-        lines.append(_plain(f"process {item['process']} is not loaded: nothing moves this item"))
-        return tuple(lines)
+        return (_plain(f"process {process} is not loaded: nothing moves this item"),)
     if state not in definition.states:
-        lines.append(
-            _plain(f"state {state!r} is not in the loaded {definition.name}: nothing moves it")
+        return (
+            _plain(f"state {state!r} is not in the loaded {definition.name}: nothing moves it"),
         )
-        return tuple(lines)
+    lines = []
     manual = list(definition.manual_events(state))
     if manual:
         lines.append(_plain("waits for a person: " + " or ".join(f"'{e}'" for e in manual)))
@@ -98,7 +109,7 @@ def _item_lines(
         lines.append(_plain(f"the tick moves it to '{t.target}'{guard}"))
     if definition.is_final(state):
         lines.append(_plain("final state: nothing more happens"))
-    elif not lines:
+    elif not lines and not has_other:
         lines.append(_plain("no transition leaves this state without an event"))
     return tuple(lines)
 
@@ -113,10 +124,11 @@ def explain_order(
     intents = {
         item_id: intent for intent in detail.get("intents", []) for item_id in intent["item_ids"]
     }
+    memo: dict[tuple[str, str, bool], tuple[Line, ...]] = {}
     groups: dict[tuple[str, str, tuple[str, ...]], list[tuple[int, tuple[Line, ...]]]] = {}
     for item in detail.get("items", []):
         lines = _item_lines(
-            item, definitions.get(item["process"]), timeouts, intents, detail.get("lease")
+            item, definitions.get(item["process"]), timeouts, intents, detail.get("lease"), memo
         )
         key = (item["process"], item["state"], tuple(line.template for line in lines))
         groups.setdefault(key, []).append((item["id"], lines))
