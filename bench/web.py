@@ -253,11 +253,11 @@ def main() -> int:
     targets = args.db or ["sqlite"] + ([DEFAULT_PG] if server_answers(DEFAULT_PG) else [])
     for target in targets:
         if target == "sqlite":
-            folder = tempfile.mkdtemp(prefix="rpoms-web-bench-")
-            url = f"sqlite:///{Path(folder) / 'bench.sqlite'}"
-            for line in run(url, args.orders, args.items_per_order, args.order_items,
-                            args.repeat):
-                print(line, flush=True)
+            with tempfile.TemporaryDirectory(prefix="rpoms-web-bench-") as folder:
+                url = f"sqlite:///{Path(folder) / 'bench.sqlite'}"
+                for line in run(url, args.orders, args.items_per_order, args.order_items,
+                                args.repeat):
+                    print(line, flush=True)
             continue
         with throwaway_database(target) as url:
             for line in run(url, args.orders, args.items_per_order, args.order_items,
