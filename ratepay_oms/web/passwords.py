@@ -8,6 +8,7 @@ small server: cheap for one login, expensive for a stolen table.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -51,9 +52,11 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
-_DUMMY = hash_password(secrets.token_urlsafe(16))
+@functools.cache
+def _dummy() -> str:
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def burn_time(password: str) -> None:
     """Spend what a real check costs, so an unknown user name answers as slowly as a known one."""
-    verify_password(password, _DUMMY)
+    verify_password(password, _dummy())
