@@ -58,11 +58,10 @@ def browser(console, engine, tmp_path_factory):
         driver.get(console.url("/orders"))
         assert "/oms/login" in driver.current_url
         _login(driver, name, "not the password")
-        assert "wrong user name or password" in driver.find_element(
-            By.CSS_SELECTOR, "[data-testid=login-error]").text
+        assert "wrong user name or password" in _wait_for(driver, "[data-testid=login-error]").text
         screenshot(driver, "login", full_page=False)
         _login(driver, name, PASSWORD)
-        assert driver.current_url.endswith("/oms/orders")
+        _wait_until(driver, lambda d: d.current_url.endswith("/oms/orders"))
         assert name in driver.find_element(By.CSS_SELECTOR, "[data-testid=who]").text
         yield driver
 
@@ -96,13 +95,25 @@ def _db_states(engine, ref):
 
 
 def _wait_for(driver, css, timeout=20):
+    """The element once it is there; on a timeout, say what the page showed instead."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(
-        ec.presence_of_element_located((By.CSS_SELECTOR, css))
-    )
+    try:
+        return WebDriverWait(driver, timeout).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, css))
+        )
+    except TimeoutException:
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".flash")]
+        raise AssertionError(f"no {css} on {driver.current_url}; messages: {shown}") from None
+
+
+def _wait_until(driver, condition, timeout=20):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
 
 
 def _tick(driver, item_ids):
@@ -120,11 +131,12 @@ def test_search_open_an_order_and_ship_two_items(browser, console, engine, sandb
     browser.get(console.url("/orders"))
     browser.find_element(By.NAME, "ref").send_keys(ref)
     browser.find_element(By.CSS_SELECTOR, "form.search button").click()
+    _wait_until(browser, lambda d: f"ref={ref}" in d.current_url)
     links = browser.find_elements(By.CSS_SELECTOR, "[data-testid=orders] tbody a")
     assert [a.text for a in links] == [ref]
     screenshot(browser, "orders")
     links[0].click()
-    assert browser.find_element(By.CSS_SELECTOR, "[data-testid=order-ref]").text == ref
+    assert _wait_for(browser, "[data-testid=order-ref]").text == ref
     assert _page_states(browser) == ["ready for shipment"] * 4
     buttons = [b.get_attribute("value") for b in
                browser.find_elements(By.CSS_SELECTOR, "button[name=event]")]
@@ -195,7 +207,9 @@ def test_resolve_an_intent_as_booked(browser, console, engine, sandbox):
 
     now = datetime.now(UTC).replace(tzinfo=None)
     ref = _ready_order(engine)
-    sandbox.gateway.faults.add(Fault("timeout_after_booking", operation="CONFIRMATION_DELIVER"))
+    sandbox.gateway.faults.add(
+        Fault("timeout_after_booking", operation="CONFIRMATION_DELIVER", times=1)
+    )
     engine.trigger("ship", ref, now=now)
     engine.tick(now=now + timedelta(seconds=1))
     (intent,) = engine.intents(ref)
@@ -277,6 +291,7 @@ def test_matrix_drills_down_to_the_orders_of_a_cell(browser, console, engine):
                if r.text.startswith("ready for shipment"))
     screenshot(browser, "matrix")
     row.find_element(By.CSS_SELECTOR, "[data-testid=cell]").click()
+    _wait_for(browser, "[data-testid=orders]")
     refs = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "[data-testid=orders] a")]
     assert ref in refs
     assert "state=ready+for+shipment" in browser.current_url
