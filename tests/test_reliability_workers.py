@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from ratepay_oms import Engine
 from ratepay_oms.engine.claims import SqliteWorkerBusyError, SqliteWorkerLock
-from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.engine.plugins import ByOrderCommand, CommandContext, PluginRegistry
 from ratepay_oms.persistence.db import create_db_engine, upgrade
 from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from tests.plugins_for_tests import order_doc
@@ -72,12 +72,10 @@ def kill_own_connection(session: Session, admin_url: str) -> None:
         admin.dispose()
 
 
-class Work:
+class Work(ByOrderCommand):
     """Records a run; blocks forever (after touching ``$RELIABILITY_STARTED``) when
     ``$RELIABILITY_BLOCK`` is set; with ``services["kill_backend"]`` kills its own database
     connection from another connection once, mid-command (PostgreSQL or MariaDB)."""
-
-    by_order = True
 
     def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
         ctx.session.execute(
@@ -98,7 +96,7 @@ class Work:
 
 
 def register(registry: PluginRegistry) -> None:
-    registry.register_command("Reliability/Work", Work())
+    registry.register_by_order("Reliability/Work", Work())
 
 
 def _registry() -> PluginRegistry:
