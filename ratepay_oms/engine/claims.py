@@ -203,13 +203,12 @@ class Claims:
     def clear_expired(self) -> int:
         """Drop leases whose time passed (``locks clear``); returns how many."""
         with self.sessions() as session, session.begin():
-            result = session.execute(
+            result = session.connection().execute(
                 update(Order)
                 .where(Order.claimed_by.is_not(None), Order.claim_expires_at < wall_now())
                 .values(claimed_by=None, claim_expires_at=None)
-                .execution_options(synchronize_session=False)
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            return int(result.rowcount or 0)
 
 
 class LeaseKeeper:

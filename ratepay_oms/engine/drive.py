@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+DEFAULT_CONCURRENCY = 4
+"""Gateway calls a tick keeps in flight at once (``tick --concurrency``): enough to hide a
+gateway's latency behind the engine's own work on two cores without many idle connections."""
+
 
 def by_order(calls: Sequence[Call]) -> dict[int, list[Call]]:
     """``calls`` per order, each order's in the order they were planned."""

@@ -26,7 +26,7 @@ from ratepay_oms.engine.claims import Claims, LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc
 from ratepay_oms.engine.compiler import CompiledProcess, compile_processes
 from ratepay_oms.engine.context import EngineContext
-from ratepay_oms.engine.drive import Drive
+from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY, Drive
 from ratepay_oms.engine.errors import (
     ManualEventError,
     OrderNotFoundError,
@@ -98,11 +98,6 @@ def default_registry() -> PluginRegistry:
     registry = build_default_registry()
     load_env_plugins(registry)
     return registry
-
-
-DEFAULT_CONCURRENCY = 4
-"""Gateway calls a tick keeps in flight at once (``tick --concurrency``): enough to hide a
-gateway's latency behind the engine's own work on two cores without many idle connections."""
 
 
 def _pool_for(url: str, concurrency: int) -> dict[str, Any]:

@@ -422,13 +422,12 @@ class Runner:
         apply ``answer`` (a ``Reconciled`` that is not booked: retry instead), choose, move,
         cascade. ``False``: someone else settled it first (nothing written)."""
         booked = not isinstance(answer, Reconciled) or answer.booked
-        won = self.session.execute(
+        won = self.session.connection().execute(
             update(Intent)
             .where(Intent.id == intent_id, Intent.status.in_(INTENT_OPEN_STATUSES))
             .values(status=INTENT_SETTLED, resolution=resolution, settled_at=self.now, note=note)
-            .execution_options(synchronize_session=False)
         )
-        if won.rowcount != 1:  # type: ignore[attr-defined]
+        if won.rowcount != 1:
             log.warning("intent %s was settled by someone else; nothing applied", intent_id)
             return False
         intent = self.session.get_one(Intent, intent_id)
