@@ -624,9 +624,18 @@ class TickRunner:
         runner.stats.moves.extend((d.id, d.state, t.target) for d, t in plain)
 
     def _fire(self, runner: Runner, fired: Sequence[DueItem], slots: int) -> list[int]:
-        """Load ``fired`` as ORM objects with their orders and let the runner fire them: the
-        orders that will not call the gateway all at once, then the others one by one until
-        ``slots`` orders have a call planned. Returns the orders not fired (put back)."""
+        """Let the runner fire ``fired``: the orders that cannot reach a gateway call all at
+        once, then those that may, one by one, until ``slots`` orders have a call planned.
+        Orders beyond the slots are put back before anything of them is loaded. Returns the
+        orders not fired."""
+        compiled = self.engine.compiled
+        calling: list[int] = []
+        for d in fired:
+            if compiled[d.process].calls_out(d.state, d.event) and d.order_id not in calling:
+                calling.append(d.order_id)
+        leftover = calling[slots:]
+        put_back = set(leftover)
+        fired = [d for d in fired if d.order_id not in put_back]
         session = runner.session
         items: dict[int, OrderItem] = {}
         for part in chunked([d.id for d in fired]):
@@ -643,23 +652,22 @@ class TickRunner:
                 for o in session.scalars(select(Order).where(id_in(Order.id, part, session)))
             )
         groups = group_items([(items[d.id], d.event) for d in fired if d.id in items], orders)
-        compiled = self.engine.compiled
-        calling: dict[int, list[Group]] = {}
-        for g in groups:
-            if compiled[g.process].calls_out(g.state, g.event):
-                calling.setdefault(g.order.id, [])
-        quiet = [g for g in groups if g.order.id not in calling]
+        by_order: dict[int, list[Group]] = {}
+        quiet: list[Group] = []
         for g in groups:
             if g.order.id in calling:
-                calling[g.order.id].append(g)
+                by_order.setdefault(g.order.id, []).append(g)
+            else:
+                quiet.append(g)
         if quiet:
             runner.run(quiet)
-        leftover: list[int] = []
-        for order_id, order_groups in calling.items():
+        for order_id in calling[:slots]:
+            if order_id not in by_order:
+                continue
             if len({c.order_id for c in runner.calls}) >= slots:
                 leftover.append(order_id)
                 continue
-            runner.run(order_groups)
+            runner.run(by_order[order_id])
         return leftover
 
 
