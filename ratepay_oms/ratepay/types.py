@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from ratepay_oms.ratepay.codes import RESULT_DECLINED, RESULT_PROCESSING_FAILED, Status
+from ratepay_oms.ratepay.status_api import StatusReport
 from ratepay_oms.ratepay.xml import format_amount
 
 # --- inputs --------------------------------------------------------------------------------
@@ -251,8 +252,10 @@ class RatepayResult:
 
 @dataclass(frozen=True)
 class TransactionStatus:
-    """What the status lookup reports as booked for a transaction (its JSON, as returned)."""
+    """What the Transaction Status API reports for a transaction: its JSON as returned
+    (``data``, empty for a 404) and the typed reading reconciliation works on (``report``)."""
 
     transaction_id: str
     data: dict[str, Any]
     exchange: Exchange
+    report: StatusReport

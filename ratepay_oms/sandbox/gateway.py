@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ratepay.codes import PaymentMethod
@@ -25,6 +25,7 @@ from ratepay_oms.sandbox import protocol
 from ratepay_oms.sandbox.faults import ANSWER_FAULTS, Fault, FaultSet
 from ratepay_oms.sandbox.installments import InstallmentConfig
 from ratepay_oms.sandbox.ledger import PositionLedger, Transaction
+from ratepay_oms.sandbox.status_api import HttpAnswer, OAuthConfig, OAuthServer, status_answer
 
 if TYPE_CHECKING:
     from ratepay_oms.sandbox.server import SandboxServer
@@ -78,6 +79,8 @@ class SandboxConfig:
     tx_limit_max_b2b: Decimal = Decimal("10000.00")
     b2b_methods: tuple[str, ...] = B2B_CAPABLE_METHODS
     delivery_address_methods: tuple[str, ...] = ALL_METHODS
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    """The Transaction Status API's OAuth client and answer timing (``status_api.py``)."""
 
     def __post_init__(self) -> None:
         for name in ("methods", "b2b_methods", "delivery_address_methods"):
@@ -128,6 +131,7 @@ class SandboxGateway:
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
         self.faults = FaultSet(self.config.seed)
+        self.oauth = OAuthServer(self.config.oauth)
         self._lock = threading.RLock()
         self.stopping = threading.Event()
         self._init_state()
@@ -147,11 +151,31 @@ class SandboxGateway:
             tx = self.transactions[transaction_id]
             return {k: PositionLedger(**vars(p)) for k, p in tx.positions.items()}
 
-    def status(self, transaction_id: str) -> dict[str, Any] | None:
-        """The Transaction Status equivalent (reference §10.2) as JSON-ready data."""
+    def status_request(
+        self,
+        transaction_id: str,
+        *,
+        authorization: str | None,
+        content_type: str | None,
+        accept: str | None,
+        include: str | None,
+    ) -> HttpAnswer:
+        """One Transaction Status API request (RatePAY's shape; ``status_api.py``)."""
+        now = datetime.now().replace(microsecond=0)
         with self._lock:
-            tx = self.transactions.get(transaction_id)
-            return tx.as_dict() if tx is not None else None
+            return status_answer(
+                self.oauth,
+                self.transactions.get(transaction_id),
+                authorization=authorization,
+                content_type=content_type,
+                accept=accept,
+                include=include,
+                now=now,
+            )
+
+    def token_request(self, content_type: str | None, body: bytes) -> HttpAnswer:
+        """``POST /oauth/token`` (client credentials; ``status_api.py``)."""
+        return self.oauth.token(content_type, body)
 
     def reset(self) -> None:
         """Forget all transactions, exchanges and faults (the configuration stays)."""

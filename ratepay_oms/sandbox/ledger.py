@@ -103,6 +103,8 @@ class PositionLedger:
     discount: Decimal = ZERO
     kind: str = "item"
     name: str = ""
+    article_number: str = ""
+    unique_article_number: str = ""
 
     @property
     def open(self) -> int | Decimal:
@@ -118,23 +120,6 @@ class PositionLedger:
             return money((self.unit_price_gross + self.discount) * units)
         return money(Decimal(units))
 
-    def as_dict(self) -> dict[str, object]:
-        def out(v: int | Decimal) -> int | str:
-            return v if isinstance(v, int) else str(money(v))
-
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "ordered": out(self.ordered),
-            "delivered": out(self.delivered),
-            "cancelled": out(self.cancelled),
-            "returned": out(self.returned),
-            "open": out(self.open),
-            "unit_price_gross": str(money(self.unit_price_gross)),
-            "tax_rate": str(self.tax_rate),
-            "discount": str(money(self.discount)),
-        }
-
 
 @dataclass(frozen=True)
 class Booking:
@@ -146,18 +131,6 @@ class Booking:
     positions: dict[str, int | Decimal]
     amount: Decimal
     time: datetime
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "booking_number": self.number,
-            "operation": self.operation,
-            "subtype": self.subtype,
-            "positions": {
-                k: (v if isinstance(v, int) else str(money(v))) for k, v in self.positions.items()
-            },
-            "amount": str(money(self.amount)),
-            "time": self.time.isoformat(timespec="seconds"),
-        }
 
 
 @dataclass
@@ -171,7 +144,10 @@ class Transaction:
     state: str = INITIALIZED
     order_id: str | None = None
     descriptor: str | None = None
-    amount: Decimal = ZERO  # authorised basket amount
+    amount: Decimal = ZERO  # authorised basket amount (after change-orders)
+    initial_amount: Decimal = ZERO  # the PAYMENT_REQUEST basket amount
+    merchant_consumer_id: str | None = None
+    requested_at: datetime | None = None  # when the PAYMENT_REQUEST was decided
     payment_method: str | None = None
     currency: str = "EUR"
     credited: Decimal = ZERO  # Σ of credit/debit bookings (negative = credit to the shopper)
@@ -188,23 +164,6 @@ class Transaction:
         total = sum((p.value(p.returnable) for p in self.positions.values()), ZERO)
         return money(total + self.credited)
 
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "transaction_id": self.transaction_id,
-            "transaction_short_id": self.short_id,
-            "state": self.state,
-            "order_id": self.order_id,
-            "descriptor": self.descriptor,
-            "payment_method": self.payment_method,
-            "currency": self.currency,
-            "amount": str(money(self.amount)),
-            "invoiced": str(self.invoiced),
-            "credited": str(money(self.credited)),
-            "created": self.created.isoformat(timespec="seconds"),
-            "positions": {k: p.as_dict() for k, p in self.positions.items()},
-            "bookings": [b.as_dict() for b in self.bookings],
-        }
-
 
 # --------------------------------------------------------------------------- bookings
 
@@ -213,6 +172,7 @@ def authorise(tx: Transaction, lines: list[BasketLine]) -> None:
     """Record the PAYMENT_REQUEST basket as the transaction's ordered positions."""
     tx.positions = {line.key: _new_position(line) for line in lines}
     tx.amount = basket_sum(lines)
+    tx.initial_amount = tx.amount
 
 
 def _new_position(line: BasketLine) -> PositionLedger:
@@ -227,6 +187,8 @@ def _new_position(line: BasketLine) -> PositionLedger:
             line.discount,
             "item",
             line.name,
+            line.article_number,
+            line.unique_article_number,
         )
     return PositionLedger(
         line.unit_price_gross,
@@ -415,6 +377,8 @@ def change_order(tx: Transaction, lines: list[BasketLine], now: datetime) -> Boo
                 pos.discount,
                 pos.kind,
                 line.name,
+                pos.article_number,
+                pos.unique_article_number,
             )
         plan[line.key] = units
     for key, pos in tx.positions.items():
@@ -429,6 +393,8 @@ def change_order(tx: Transaction, lines: list[BasketLine], now: datetime) -> Boo
                 pos.discount,
                 pos.kind,
                 pos.name,
+                pos.article_number,
+                pos.unique_article_number,
             )
             if pos.open:
                 plan[key] = 0 if pos.kind == "item" else ZERO

@@ -663,6 +663,9 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
     method = payment.get("method") or ""
     tx.payment_method = method
     tx.currency = basket.currency
+    tx.requested_at = now
+    if head.external is not None:
+        tx.merchant_consumer_id = _text(head.external, "merchant-consumer-id")
     customer = content.find(q("customer"))
     refusal = contract_refusal(
         gw,

@@ -177,10 +177,10 @@ class _External:
 
     def reconcile(self, services: dict[str, Any], summary: dict[str, Any]) -> Reconciled | None:
         facade = services.get(SERVICE_NAME)
-        if facade is None or not facade.settings.status_api_url:
+        if facade is None or not facade.settings.status_lookup_configured:
             return None  # nobody to ask: a person decides
         status = facade.transaction_status(summary["transaction_id"])
-        return recon.verdict(summary, status.data)
+        return recon.verdict(summary, status.report).reconciled()
 
     def _record_reconciled(
         self,
@@ -252,6 +252,8 @@ class PaymentRequestCommand(_External):
             "transaction_id": init.transaction_id,
             "method": data.payment.method,
             "amount": str(basket.amount),
+            "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
         payload = (init.transaction_id, to_customer(data.customer), basket, info, data)
         return PreparedCall(summary, payload)
@@ -380,6 +382,7 @@ class ConfirmPaymentCommand(_External):
             "operation": "PAYMENT_CONFIRM",
             "transaction_id": payment.transaction_id,
             "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
         return PreparedCall(summary)
 
