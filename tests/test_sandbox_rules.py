@@ -15,7 +15,6 @@ from dataclasses import replace
 from decimal import Decimal
 
 import pytest
-import requests
 
 from ratepay_oms.ratepay import (
     Address,

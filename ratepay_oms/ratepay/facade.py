@@ -74,6 +74,8 @@ class RatepayFacade:
         self.api_log = api_log
         self._builder = RequestBuilder(settings)
         self._tokens = TokenCache(self._fetch_token)
+        self._processing_offset: Decimal | None = None
+        """``maximum_processing_offset_in_hours`` of the last status answer that had one."""
 
     def __repr__(self) -> str:
         return f"RatepayFacade({self.settings!r})"
@@ -266,7 +268,13 @@ class RatepayFacade:
                 "RATEPAY_OAUTH_AUDIENCE and the client's permissions at RatePAY"
             )
         if http_status == 404:
-            report = StatusReport(transaction_id=transaction_id, found=False)
+            # A 404 carries no processing window: the last one RatePAY told us, else the setting.
+            offset = self._processing_offset
+            if offset is None:
+                offset = Decimal(str(self.settings.status_processing_offset_hours))
+            report = StatusReport(
+                transaction_id=transaction_id, found=False, processing_offset_hours=offset
+            )
             return TransactionStatus(transaction_id, {}, exchange, report)
         if http_status != 200 or body is None:
             raise RatepayTransportError(
@@ -276,6 +284,8 @@ class RatepayFacade:
                 http_status=http_status,
             )
         report = read_status(transaction_id, body)
+        if report.processing_offset_hours is not None:
+            self._processing_offset = report.processing_offset_hours
         return TransactionStatus(transaction_id, json.loads(body), exchange, report)
 
     def _status_get(

@@ -65,6 +65,7 @@ KEYS = (
     "OAUTH_CLIENT_SECRET",
     "OAUTH_TOKEN_URL",
     "OAUTH_AUDIENCE",
+    "STATUS_PROCESSING_OFFSET_HOURS",
     "CONNECT_TIMEOUT",
     "READ_TIMEOUT",
 )
@@ -90,6 +91,9 @@ class RatepaySettings:
     oauth_client_secret: str | None = field(default=None, repr=False)
     oauth_token_url: str = DEFAULT_OAUTH_TOKEN_URL
     oauth_audience: str | None = None
+    status_processing_offset_hours: float = 24.0
+    """How long a booking may take to show in the status API when an answer does not say it
+    (a 404 carries no ``maximum_processing_offset_in_hours``; [INF] default)."""
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
 
@@ -229,12 +233,23 @@ _FIELD_BY_KEY = {
     "OAUTH_CLIENT_SECRET": "oauth_client_secret",
     "OAUTH_TOKEN_URL": "oauth_token_url",
     "OAUTH_AUDIENCE": "oauth_audience",
+    "STATUS_PROCESSING_OFFSET_HOURS": "status_processing_offset_hours",
     "CONNECT_TIMEOUT": "connect_timeout",
     "READ_TIMEOUT": "read_timeout",
 }
 
 
 def _convert(key: str, value: Any) -> Any:
+    if key == "STATUS_PROCESSING_OFFSET_HOURS":
+        if isinstance(value, bool):
+            raise RatepaySettingsError(f"RatePAY setting {key} must be a number of hours")
+        try:
+            hours = float(value)
+        except (TypeError, ValueError):
+            raise RatepaySettingsError(f"RatePAY setting {key} must be a number of hours") from None
+        if not 0 <= hours < 24 * 365:
+            raise RatepaySettingsError(f"RatePAY setting {key} must be between 0 and 8760 hours")
+        return hours
     if key in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):
         if isinstance(value, bool):
             raise RatepaySettingsError(f"RatePAY setting {key} must be a number of seconds")

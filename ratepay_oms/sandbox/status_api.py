@@ -16,8 +16,8 @@ own:
 
 Units per position come from the sandbox's ledger: ``open_items`` = ordered − delivered −
 cancelled, ``shipped_items`` = delivered − returned, ``returned_items`` = returned; cancelled
-units are in no list. ``status_lag_s`` hides bookings younger than that many seconds (and a
-PAYMENT_REQUEST that young: 404), the way a booking may not show yet inside RatePAY's
+units are in no list. ``status_lag_s`` hides deliveries, cancellations and returns younger
+than that many seconds, the way a booking may not show yet inside RatePAY's
 ``maximum_processing_offset_in_hours``.
 
 Values the documentation we could read does not give are the sandbox's own and marked so:
@@ -183,12 +183,7 @@ def status_answer(
     if not _accepts_json(accept):
         return HttpAnswer(406, {"error": "not_acceptable"})
     lag = timedelta(seconds=oauth.config.status_lag_s)
-    if (
-        tx is None
-        or tx.state in INVISIBLE_STATES
-        or tx.requested_at is None
-        or tx.requested_at > now - lag
-    ):
+    if tx is None or tx.state in INVISIBLE_STATES or tx.requested_at is None:
         return HttpAnswer(404, {"error": "TRANSACTION_NOT_FOUND"})
     return HttpAnswer(200, render(tx, oauth.config, include, now - lag))
 

@@ -45,6 +45,7 @@ class RunningSandbox:
             "OAUTH_CLIENT_SECRET": config.oauth.client_secret,
             "OAUTH_TOKEN_URL": server.token_url,
             "OAUTH_AUDIENCE": config.oauth.audience,
+            "STATUS_PROCESSING_OFFSET_HOURS": str(config.oauth.processing_offset_hours),
             "CLIENT_NAME": "ratepay-oms",
             "CLIENT_VERSION": "0.1.0",
         }

@@ -179,7 +179,7 @@ def _window(summary: dict[str, Any], report: StatusReport, now: datetime) -> boo
         planned_at = planned_at.replace(tzinfo=UTC)
     offset = report.processing_offset_hours
     if offset is None:
-        return None if report.found else True
+        return None
     return now < planned_at + timedelta(hours=float(offset))
 
 
@@ -208,6 +208,11 @@ def verdict(
     if operation == "PAYMENT_CONFIRM":
         return _payment_confirm(summary, report, now)
     if not report.found:
+        # The PAYMENT_REQUEST was accepted, so RatePAY knows the transaction: a 404 can only
+        # mean it does not show it yet (inside the window), else something a person must see.
+        if _window(summary, report, now):
+            return Verdict(WAIT, "status API: transaction not shown yet (404) inside RatePAY's "
+                           "processing window, asked again later")
         return Verdict(UNCLEAR, "status API: transaction not found (404) after a booking call")
     return _booking(summary, report, now)
 
