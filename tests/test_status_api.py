@@ -6,6 +6,12 @@ Everything goes over HTTP on loopback; the engine scenarios run on every test da
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -30,6 +36,7 @@ from ratepay_oms.ratepay.examples import MUG, example_basket, example_customer, 
 from ratepay_oms.ratepay.status_api import TokenCache
 from ratepay_oms.ratepay.types import Basket, PaymentInfo
 from ratepay_oms.sandbox.faults import Fault
+from ratepay_oms.sandbox.status_api import DEFAULT_AUDIENCE
 from ratepay_oms.sandbox.testing import RunningSandbox
 
 # --------------------------------------------------------------------------- the sandbox
@@ -407,3 +414,42 @@ def test_payment_request_500_is_not_booked_and_sent_again_with_a_new_transaction
     engine.tick(now=_now() + timedelta(seconds=1))
     assert {i.state for i in engine.order(ref).items} == {"ready for shipment"}
     assert _count(sandbox, "PAYMENT_REQUEST") == 2 and _count(sandbox, "PAYMENT_INIT") == 2
+
+
+def test_sandbox_serve_prints_the_oauth_settings_to_export_without_the_secret(tmp_path) -> None:
+    secret = f"srv-{uuid.uuid4().hex}"
+    env = {**os.environ, "RATEPAY_SANDBOX_OAUTH_CLIENT_SECRET": secret, "COLUMNS": "200"}
+    command = [sys.executable, "-c", "from ratepay_oms.cli import main; main()",
+               "sandbox", "serve", "--port", "0", "--processing-offset-hours", "2"]
+    out = tmp_path / "serve.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while "Faults:" not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            text = out.read_text()
+        exported = dict(re.findall(r"(RATEPAY_[A-Z_]+)=(\S+)", text))
+        assert exported["RATEPAY_OAUTH_CLIENT_SECRET"] == "********"
+        assert exported["RATEPAY_OAUTH_AUDIENCE"] == DEFAULT_AUDIENCE
+        assert exported["RATEPAY_STATUS_PROCESSING_OFFSET_HOURS"] == "2"
+        token = requests.post(
+            exported["RATEPAY_OAUTH_TOKEN_URL"],
+            json={"client_id": exported["RATEPAY_OAUTH_CLIENT_ID"], "client_secret": secret,
+                  "audience": exported["RATEPAY_OAUTH_AUDIENCE"],
+                  "grant_type": "client_credentials"},
+            timeout=5,
+        )
+        assert token.status_code == 200  # what it printed is what it accepts
+        answer = requests.get(
+            exported["RATEPAY_STATUS_API_URL"] + "/31-209901010000001",
+            headers={"Authorization": f"Bearer {token.json()['access_token']}",
+                     "Content-Type": "application/json"},
+            timeout=5,
+        )
+        assert answer.status_code == 404
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    assert secret not in out.read_text()

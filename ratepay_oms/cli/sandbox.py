@@ -149,6 +149,7 @@ def serve(
     )
     console.print(f"  RATEPAY_OAUTH_AUDIENCE={oauth_audience}")
     console.print(f"  RATEPAY_STATUS_PROCESSING_OFFSET_HOURS={processing_offset_hours}")
+    console.print(f"Ledger: {server.ledger_url}{{transaction id}} (the sandbox's own view)")
     console.print(f"Faults: {server.faults_url} (GET / POST JSON / DELETE); active: {len(parsed)}")
     sys.stdout.flush()  # a supervising process reads the URL before the first request
     try:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ratepay.codes import PaymentMethod
@@ -150,6 +150,12 @@ class SandboxGateway:
         with self._lock:
             tx = self.transactions[transaction_id]
             return {k: PositionLedger(**vars(p)) for k, p in tx.positions.items()}
+
+    def snapshot(self, transaction_id: str) -> dict[str, Any] | None:
+        """The sandbox's own view of a transaction (``Transaction.as_dict``), or None."""
+        with self._lock:
+            tx = self.transactions.get(transaction_id)
+            return tx.as_dict() if tx is not None else None
 
     def status_request(
         self,

@@ -120,10 +120,27 @@ class PositionLedger:
             return money((self.unit_price_gross + self.discount) * units)
         return money(Decimal(units))
 
+    def as_dict(self) -> dict[str, object]:
+        def out(v: int | Decimal) -> int | str:
+            return v if isinstance(v, int) else str(money(v))
+
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "ordered": out(self.ordered),
+            "delivered": out(self.delivered),
+            "cancelled": out(self.cancelled),
+            "returned": out(self.returned),
+            "open": out(self.open),
+            "unit_price_gross": str(money(self.unit_price_gross)),
+            "tax_rate": str(self.tax_rate),
+            "discount": str(money(self.discount)),
+        }
+
 
 @dataclass(frozen=True)
 class Booking:
-    """One accepted ledger change, as the status lookup reports it."""
+    """One accepted ledger change."""
 
     number: int
     operation: str
@@ -131,6 +148,18 @@ class Booking:
     positions: dict[str, int | Decimal]
     amount: Decimal
     time: datetime
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "booking_number": self.number,
+            "operation": self.operation,
+            "subtype": self.subtype,
+            "positions": {
+                k: (v if isinstance(v, int) else str(money(v))) for k, v in self.positions.items()
+            },
+            "amount": str(money(self.amount)),
+            "time": self.time.isoformat(timespec="seconds"),
+        }
 
 
 @dataclass
@@ -163,6 +192,25 @@ class Transaction:
         """Delivered minus returned value plus credits: what the shopper owes right now."""
         total = sum((p.value(p.returnable) for p in self.positions.values()), ZERO)
         return money(total + self.credited)
+
+    def as_dict(self) -> dict[str, object]:
+        """The sandbox's own view of the transaction (``GET /sandbox/transactions/{id}``), for
+        audits from outside the process; RatePAY's status API is ``status_api.py``."""
+        return {
+            "transaction_id": self.transaction_id,
+            "transaction_short_id": self.short_id,
+            "state": self.state,
+            "order_id": self.order_id,
+            "descriptor": self.descriptor,
+            "payment_method": self.payment_method,
+            "currency": self.currency,
+            "amount": str(money(self.amount)),
+            "invoiced": str(self.invoiced),
+            "credited": str(money(self.credited)),
+            "created": self.created.isoformat(timespec="seconds"),
+            "positions": {k: p.as_dict() for k, p in self.positions.items()},
+            "bookings": [b.as_dict() for b in self.bookings],
+        }
 
 
 # --------------------------------------------------------------------------- bookings

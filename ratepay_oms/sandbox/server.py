@@ -6,7 +6,9 @@ Routes:
 * ``POST /oauth/token`` — OAuth2 client credentials for the status API;
 * ``GET /order/status/v2/transactions/{id}`` — RatePAY's Transaction Status API (bearer token,
   JSON; see ``status_api.py``);
-* ``GET|POST|DELETE /sandbox/faults`` — list, add (one JSON object or a list), clear faults.
+* ``GET|POST|DELETE /sandbox/faults`` — list, add (one JSON object or a list), clear faults;
+* ``GET /sandbox/transactions/{id}`` — the sandbox's own ledger of a transaction (states,
+  positions, bookings; no credentials), for audits from outside the process. Not a RatePAY API.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 XML_PATH = "/api/xml/1_0"
 FAULTS_PATH = "/sandbox/faults"
+LEDGER_PATH = "/sandbox/transactions/"
 
 
 class _Server(ThreadingHTTPServer):
@@ -132,6 +135,11 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if path == FAULTS_PATH:
             return self._json(200, [f.as_dict() for f in gw.faults.list()])
+        if path.startswith(LEDGER_PATH):
+            snapshot = gw.snapshot(unquote(path[len(LEDGER_PATH) :]))
+            if snapshot is None:
+                return self._json(404, {"error": "unknown transaction"})
+            return self._json(200, snapshot)
         return self._send(404, b"not found", "text/plain")
 
     def do_DELETE(self) -> None:
@@ -188,6 +196,11 @@ class SandboxServer:
     @property
     def token_url(self) -> str:
         return f"{self.base_url}{TOKEN_PATH}"
+
+    @property
+    def ledger_url(self) -> str:
+        """``GET {ledger_url}{id}``: the sandbox's own view of a transaction (not RatePAY's)."""
+        return f"{self.base_url}{LEDGER_PATH}"
 
     @property
     def faults_url(self) -> str:
