@@ -30,6 +30,15 @@ class ChangeSubtype(StrEnum):
     CHANGE_ORDER = "change-order"
 
 
+class DeliveryType(StrEnum):
+    """``address/@delivery-type`` (reference §3.1); anything but ADDRESS must be contracted."""
+
+    ADDRESS = "ADDRESS"
+    IN_STORE_COLLECT = "IN_STORE_COLLECT"
+    PICK_UP_BOX = "PICK_UP_BOX"
+    PICK_UP_SHOP = "PICK_UP_SHOP"
+
+
 class CalculationSubtype(StrEnum):
     BY_RATE = "calculation-by-rate"
     BY_TIME = "calculation-by-time"

@@ -32,6 +32,8 @@ class Address:
     first_name: str | None = None
     last_name: str | None = None
     company: str | None = None
+    delivery_type: str | None = None
+    """``@delivery-type`` of a DELIVERY address (``codes.DeliveryType``); ``None`` = ADDRESS."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class Customer:
     bank_account: BankAccount | None = None
     company_name: str | None = None
     vat_id: str | None = None
+    company_id: str | None = None
+    registry_location: str | None = None
+    company_type: str | None = None
+    homepage: str | None = None
     allow_credit_inquiry: bool = True
 
 

@@ -470,7 +470,36 @@ def check_customer(content: etree._Element) -> etree._Element:
             raise Refusal(200, f"billing address {tag} must not be blank")
     if len(_text(billing, "zip-code") or "") > 10:
         raise Refusal(200, "zip-code must not be longer than 10 characters")
+    if billing.get("delivery-type", "ADDRESS") != "ADDRESS":
+        raise Refusal(200, "billing address must not be a pick-up location")
+    for address in addresses.iterfind(q("address")):
+        kind = address.get("delivery-type")
+        if kind is not None and kind not in _DELIVERY_TYPES:
+            raise Refusal(
+                200, f"cvc-enumeration-valid: Value '{kind}' is not facet-valid for delivery-type"
+            )
+    if not b2b:
+        for tag in _B2B_ONLY:
+            if c.find(q(tag)) is not None:
+                raise Refusal(200, f"{tag} is only allowed with company-name")
+    bank = c.find(q("bank-account"))
+    if bank is not None:
+        iban = "".join((_text(bank, "iban") or "").split()).upper()
+        if iban and not _iban_ok(iban):
+            raise Refusal(2110)
     return billing
+
+
+_DELIVERY_TYPES = frozenset({"ADDRESS", "IN_STORE_COLLECT", "PICK_UP_BOX", "PICK_UP_SHOP"})
+_B2B_ONLY = ("vat-id", "company-id", "registry-location", "company-type", "homepage")
+
+
+def _iban_ok(iban: str) -> bool:
+    """ISO 13616 check digits (the sandbox's own check, not the client's)."""
+    if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}", iban):
+        return False
+    digits = "".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4])
+    return int(digits) % 97 == 1
 
 
 def check_payment(

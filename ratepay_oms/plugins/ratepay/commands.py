@@ -90,6 +90,7 @@ def _address(a: OrderAddress) -> Address:
         first_name=a.first_name,
         last_name=a.last_name,
         company=a.company,
+        delivery_type=a.delivery_type,
     )
 
 
@@ -110,6 +111,10 @@ def to_customer(c: CustomerInput) -> Customer:
         bank_account=BankAccount(bank.owner, bank.iban, bank.bic, bank.bank_name) if bank else None,
         company_name=c.company_name,
         vat_id=c.vat_id,
+        company_id=c.company_id,
+        registry_location=c.registry_location,
+        company_type=c.company_type,
+        homepage=c.homepage,
     )
 
 
