@@ -38,6 +38,8 @@ B2B_FIELDS = ("vat_id", "company_id", "registry_location", "company_type", "home
 PAYMENT_METHODS = ("INVOICE", "ELV", "PREPAYMENT", "INSTALLMENT")
 CALCULATION_TYPES = ("calculation-by-rate", "calculation-by-time")
 DEBIT_PAY_TYPES = ("DIRECT-DEBIT", "BANK-TRANSFER")
+DEFAULT_PAYMENT_FIRSTDAY = 28
+"""Day of the month of the instalment debits when the order does not say (RatePAY's usual)."""
 CURRENCIES = ("EUR", "CHF", "AUD", "CAD", "GBP", "JPY", "RUB", "USD")
 GENDERS = ("M", "F", "U")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
@@ -147,7 +149,7 @@ class InstallmentInput:
     calculation_type: str
     value: Decimal
     """The monthly rate (by rate) or the number of months (by time)."""
-    payment_firstday: int = 28
+    payment_firstday: int = DEFAULT_PAYMENT_FIRSTDAY
     debit_pay_type: str = "BANK-TRANSFER"
 
 
@@ -490,7 +492,7 @@ def _payment(r: _Reader, customer: CustomerInput) -> PaymentInput:
         installment = InstallmentInput(
             calculation_type=calculation_type,
             value=value,
-            payment_firstday=plan.integer("payment_firstday", default=28),
+            payment_firstday=plan.integer("payment_firstday", default=DEFAULT_PAYMENT_FIRSTDAY),
             debit_pay_type=plan.choice("debit_pay_type", DEBIT_PAY_TYPES, default="BANK-TRANSFER"),
         )
         plan.finish()

@@ -12,7 +12,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from ratepay_oms.ratepay.codes import RESULT_DECLINED, RESULT_PROCESSING_FAILED, Status
+from ratepay_oms.ratepay.codes import RESULT_PROCESSING_FAILED, Status, is_decline
 from ratepay_oms.ratepay.status_api import StatusReport
 from ratepay_oms.ratepay.xml import format_amount
 
@@ -245,13 +245,14 @@ class RatepayResult:
 
     @property
     def declined(self) -> bool:
-        """Rejected by risk or contract: show ``customer_message``, offer another method."""
-        return self.result_code == RESULT_DECLINED
+        """Rejected by risk or contract (result 401, or 150 with reason 730 "buyer
+        identity"): show ``customer_message``, offer another method."""
+        return is_decline(self.result_code, self.reason_code)
 
     @property
     def failed(self) -> bool:
-        """Technical or validation failure (status not OK, or result 150)."""
-        return not self.success and (
+        """Technical or validation failure (status not OK, or result 150), not a decline."""
+        return not self.success and not self.declined and (
             self.status_code != Status.OK or self.result_code == RESULT_PROCESSING_FAILED
         )
 

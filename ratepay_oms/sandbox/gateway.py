@@ -13,12 +13,13 @@ import random
 import string
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from ratepay_oms.errors import OmsError
+from ratepay_oms.ratepay import codes
 from ratepay_oms.ratepay.codes import PaymentMethod
 from ratepay_oms.ratepay.xml import mask_secret, mask_security_code, parse_xml
 from ratepay_oms.sandbox import protocol
@@ -58,6 +59,7 @@ class SandboxConfig:
       the billing address; any other: ERROR / 2001 / 150.
 
     ``decline_last_name`` and ``decline_over`` are the sandbox's *risk* rules (703 / 401),
+    ``identity_decline_last_name`` its buyer-identity decline (730 / 150),
     checked after the contract: ``decline_over`` below ``tx_limit_max`` declines baskets that
     the contract would allow. The defaults allow every example order, B2B for every method
     but INSTALLMENT and a deviating delivery address for every method.
@@ -66,6 +68,9 @@ class SandboxConfig:
     profile_id: str = "INTEGRATION_TE_DACH"
     security_code: str = field(default=DEMO_SECURITY_CODE, repr=False)
     decline_last_name: str = "Ablehnung"
+    identity_decline_last_name: str = "Unbekannt"
+    """Customers with this last name get RatePAY's 730 "Declined - Buyer identity" (result
+    150, with a customer message)."""
     decline_over: Decimal = Decimal("5000.00")
     max_body_bytes: int = 1_000_000
     seed: int | None = None  # ids, descriptors and fault probabilities become reproducible
@@ -276,6 +281,12 @@ class SandboxGateway:
                 bookings_before = self._booking_count()
                 answer, tx = protocol.process(self, head, now)
                 exchange.booked = self._booking_count() != bookings_before
+                if fault is not None and fault.kind == "reason_code" and fault.reason_code:
+                    answer = replace(
+                        answer,
+                        reason_code=fault.reason_code,
+                        reason_text=codes.reason_text(fault.reason_code),
+                    )
             if tx is not None:
                 exchange.transaction_id = tx.transaction_id
             response = protocol.build_response(head, answer, tx, now)

@@ -50,6 +50,14 @@ DECLINE_MESSAGES = {
         "on automated data processing."
     ),
 }
+IDENTITY_MESSAGES = {
+    "de": (
+        "Leider konnten wir Ihre Identität nicht bestätigen. Bitte wählen Sie eine andere "
+        "Zahlart."
+    ),
+    "en": "Unfortunately we could not confirm your identity. Please choose another payment method.",
+}
+"""The customer message of reason 730 (declined: buyer identity, sent with result 150)."""
 ACCEPT_MESSAGES = {
     "de": "Die Prüfung war erfolgreich. Vielen Dank, dass Sie sich für Ratepay entschieden haben.",
     "en": "The verification was successful. Thank you for choosing Ratepay.",
@@ -711,6 +719,12 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         else:
             tx.state = ledger.FAILED  # a 150: start over with a new PAYMENT_INIT
         raise refusal
+    last_name = (_text(customer, "last-name") or "").strip().lower()
+    if last_name == gw.config.identity_decline_last_name.lower():
+        tx.state = ledger.DECLINED
+        tx.amount = basket.amount
+        msg = IDENTITY_MESSAGES[_language(content, head)]
+        raise Refusal(730, status="ERROR", result=150, customer_message=msg)
     if _declined(gw, content, basket):
         tx.state = ledger.DECLINED
         tx.amount = basket.amount
