@@ -263,7 +263,8 @@ def render(
                     lists[name].append(_item(pos, int(units)))
                 elif pos.kind != "item" and units:
                     specials[name].append(
-                        {"type": pos.kind, "description": pos.name, "amount": _number(units)}
+                        {"type": pos.kind, "description": pos.name,
+                         "amount": _number(Decimal(units))}
                     )
         last = max((b.time for b in tx.bookings if b.time <= seen_until), default=None)
         answer["basket"] = {
