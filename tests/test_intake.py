@@ -126,7 +126,6 @@ def test_b2b_order_reaches_ratepay_with_company_details_delivery_type_and_mandat
         engine.place_order(b2b)
         assert {i.state for i in engine.order(ref).items} == {"ready for shipment"}
     finally:
-        engine.services["ratepay"].api_log.flush()
         engine.close()
     request = _sent(sandbox, "PAYMENT_REQUEST")
     customer = request.find(f"{q('content')}/{q('customer')}")

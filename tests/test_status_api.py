@@ -252,10 +252,12 @@ def test_not_booked_inside_the_processing_window_waits() -> None:
     report = _report(offset=1, **{"SKU-100": PositionFigures(open=3)})
     verdict = recon.verdict(summary, report)
     assert verdict.outcome == recon.WAIT
-    with pytest.raises(recon.StatusNotFinal):
+    with pytest.raises(recon.StatusNotFinal) as later_on:
         verdict.reconciled()
-    later = datetime.now(UTC) + timedelta(hours=1)
-    assert recon.verdict(summary, report, now=later).outcome == recon.NOT_BOOKED
+    planned = datetime.fromisoformat(summary["planned_at"])
+    assert later_on.value.at == planned + timedelta(hours=1) + recon.SEND_MARGIN
+    after = later_on.value.at + timedelta(seconds=1)
+    assert recon.verdict(summary, report, now=after).outcome == recon.NOT_BOOKED
 
 
 @pytest.mark.parametrize(
@@ -297,7 +299,6 @@ def test_payment_request_reads_presence_and_payment_status() -> None:
 def engine(server_db_url, sandbox):
     eng = demo_engine(server_db_url, sandbox.settings)
     yield eng
-    eng.services["ratepay"].api_log.flush()
     eng.close()
 
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from ratepay_oms.engine.plugins import INSTALLMENT_SERVICE
 from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import DEFAULT_PAYMENT_FIRSTDAY
 from ratepay_oms.ratepay import InstallmentDetails, InstallmentPlan, RatepayFacade, RatepayResult
 
-SERVICE_NAME = "installments"
+SERVICE_NAME = INSTALLMENT_SERVICE
 """Key of the calculator in the engine's ``services`` (``Engine.calculate_installment``)."""
 
 CONDITIONS_FULFILLED = 603

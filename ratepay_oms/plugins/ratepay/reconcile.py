@@ -33,19 +33,24 @@ versus 404, ``payment_status`` and ``shop_order_id`` are all there is.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from ratepay_oms.engine.plugins import Reconciled
-from ratepay_oms.errors import OmsError
+from ratepay_oms.engine.plugins import Reconciled, ReconcileLater
 from ratepay_oms.persistence.payment import CANCELLED, DELIVERED, RETURNED
 from ratepay_oms.plugins.ratepay.basket import BasketLine, BasketPlan, OrderLedger
 from ratepay_oms.ratepay.status_api import PositionFigures, StatusReport
 
+log = logging.getLogger(__name__)
+
 SHIPPING = "shipping"
 DISCOUNT = "discount"
+
+SEND_MARGIN = timedelta(minutes=10)
+"""Added to a non-zero processing window for the time between planning a call and sending it."""
 
 BOOKED = "booked"
 NOT_BOOKED = "not booked"
@@ -60,11 +65,9 @@ ACCEPTED_PAYMENT_STATUSES = frozenset(
 documentation we could read: these are the sandbox's; any other value is ``UNCLEAR``."""
 
 
-class StatusNotFinal(OmsError):
-    """RatePAY does not show the booking yet, but may still be processing it: ask again later.
-
-    Raised from a command's ``reconcile`` so the intent stays pending and is asked again with
-    backoff (nothing is re-sent)."""
+class StatusNotFinal(ReconcileLater):
+    """RatePAY does not show the booking yet, but may still be processing it: ask again later
+    (at the latest when the processing window closes); nothing is re-sent."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Verdict:
     outcome: str
     detail: str
     answer: Any = None
+    final_at: datetime | None = None
+    """For WAIT: when "not booked" becomes final (the end of the processing window)."""
 
     def reconciled(self) -> Reconciled | None:
         """The engine's form: booked / not booked, ``None`` for a person, raises for WAIT."""
@@ -82,7 +87,8 @@ class Verdict:
         if self.outcome == NOT_BOOKED:
             return Reconciled(False, None, self.detail)
         if self.outcome == WAIT:
-            raise StatusNotFinal(self.detail)
+            raise StatusNotFinal(self.detail, self.final_at)
+        log.warning("status lookup does not settle it, a person decides: %s", self.detail)
         return None
 
 
@@ -166,8 +172,12 @@ def plan_amount(plan: BasketPlan) -> Decimal:
 # --------------------------------------------------------------------------- verdicts
 
 
-def _window(summary: dict[str, Any], report: StatusReport, now: datetime) -> bool | None:
-    """True while a booking of this call might not show yet; ``None`` when we can't tell."""
+def _window_end(summary: dict[str, Any], report: StatusReport) -> datetime | None:
+    """When a booking of this call must show at the latest; ``None`` when we can't tell.
+
+    ``planned_at`` is when the call was planned; it leaves moments later (after the commit, or
+    when a worker's slot frees). When RatePAY reports a processing window at all, a margin of
+    ``SEND_MARGIN`` covers that gap; with no window (0 h) the answer is final at once."""
     planned = summary.get("planned_at")
     if not isinstance(planned, str):
         return None  # an intent written before planned_at existed: a person decides
@@ -180,7 +190,14 @@ def _window(summary: dict[str, Any], report: StatusReport, now: datetime) -> boo
     offset = report.processing_offset_hours
     if offset is None:
         return None
-    return now < planned_at + timedelta(hours=float(offset))
+    end = planned_at + timedelta(hours=float(offset))
+    return end + SEND_MARGIN if offset > 0 else end
+
+
+def _window(summary: dict[str, Any], report: StatusReport, now: datetime) -> bool | None:
+    """True while a booking of this call might not show yet; ``None`` when we can't tell."""
+    end = _window_end(summary, report)
+    return None if end is None else now < end
 
 
 def _not_seen(summary: dict[str, Any], report: StatusReport, now: datetime, what: str) -> Verdict:
@@ -193,6 +210,7 @@ def _not_seen(summary: dict[str, Any], report: StatusReport, now: datetime, what
             WAIT,
             f"{what} yet; still inside RatePAY's processing window "
             f"({report.processing_offset_hours} h), asked again later",
+            final_at=_window_end(summary, report),
         )
     return Verdict(NOT_BOOKED, f"status API: {what} (outside the processing window)")
 
@@ -212,7 +230,8 @@ def verdict(
         # mean it does not show it yet (inside the window), else something a person must see.
         if _window(summary, report, now):
             return Verdict(WAIT, "status API: transaction not shown yet (404) inside RatePAY's "
-                           "processing window, asked again later")
+                           "processing window, asked again later",
+                           final_at=_window_end(summary, report))
         return Verdict(UNCLEAR, "status API: transaction not found (404) after a booking call")
     return _booking(summary, report, now)
 
