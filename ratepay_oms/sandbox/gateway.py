@@ -13,13 +13,12 @@ import random
 import string
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from ratepay_oms.errors import OmsError
-from ratepay_oms.ratepay import codes
 from ratepay_oms.ratepay.codes import PaymentMethod
 from ratepay_oms.ratepay.xml import mask_secret, mask_security_code, parse_xml
 from ratepay_oms.sandbox import protocol
@@ -282,11 +281,7 @@ class SandboxGateway:
                 answer, tx = protocol.process(self, head, now)
                 exchange.booked = self._booking_count() != bookings_before
                 if fault is not None and fault.kind == "reason_code" and fault.reason_code:
-                    answer = replace(
-                        answer,
-                        reason_code=fault.reason_code,
-                        reason_text=codes.reason_text(fault.reason_code),
-                    )
+                    answer = protocol.with_reason(answer, fault.reason_code)
             if tx is not None:
                 exchange.transaction_id = tx.transaction_id
             response = protocol.build_response(head, answer, tx, now)

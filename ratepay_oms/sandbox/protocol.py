@@ -14,6 +14,7 @@ caller holds the gateway lock.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -226,6 +227,13 @@ def success(
         result_text=result_text or codes.result_text(result_code),
         customer_message=customer_message,
         content=content,
+    )
+
+
+def with_reason(answer: Answer, reason_code: int) -> Answer:
+    """``answer`` with another reason (the ``reason_code`` fault): all else as processed."""
+    return dataclasses.replace(
+        answer, reason_code=reason_code, reason_text=codes.reason_text(reason_code)
     )
 
 
