@@ -1,6 +1,7 @@
 """HTTP transport behind the facade: a tiny protocol and a ``requests`` implementation.
 
-The facade only needs "POST these bytes, give me status and body" and "GET this URL". Keeping
+The facade only needs "POST these bytes, give me status and body", "POST this JSON" (the OAuth
+token of the Transaction Status API) and "GET this URL with these headers". Keeping
 that behind ``Transport`` lets a shop plug in its own HTTP stack (proxy, mTLS) without touching
 the protocol code.
 
@@ -14,6 +15,7 @@ it surfaces as ``RatepayTransportError(sent=True)`` and must be reconciled.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +30,7 @@ from ratepay_oms.ratepay.errors import RatepayTransportError
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/xml; charset=UTF-8"
+JSON_CONTENT_TYPE = "application/json"
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,18 @@ class Transport(Protocol):
         self, url: str, body: bytes, *, operation: Operation, timeout: tuple[float, float]
     ) -> HttpResponse: ...
 
-    def get(self, url: str, *, timeout: tuple[float, float]) -> HttpResponse: ...
+    def post_json(
+        self, url: str, body: bytes, *, operation: str, timeout: tuple[float, float]
+    ) -> HttpResponse: ...
+
+    def get(
+        self,
+        url: str,
+        *,
+        timeout: tuple[float, float],
+        headers: dict[str, str] | None = None,
+        operation: str = "TRANSACTION_STATUS",
+    ) -> HttpResponse: ...
 
 
 def _refused_before_sending(exc: requests.ConnectionError) -> bool:
@@ -55,6 +69,10 @@ def _refused_before_sending(exc: requests.ConnectionError) -> bool:
     if isinstance(reason, MaxRetryError):
         reason = reason.reason
     return isinstance(reason, NewConnectionError)
+
+
+POOL_MAXSIZE = 4
+"""Kept-alive connections per host and session (one session per calling thread)."""
 
 
 class RequestsTransport:
@@ -73,17 +91,44 @@ class RequestsTransport:
         max_response_bytes: int = 1_000_000,
         verify: bool | str = True,
     ) -> None:
-        self.session = session or requests.Session()
-        adapter = HTTPAdapter(max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self._given = session
+        if session is not None:
+            self._mount(session)
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.max_response_bytes = max_response_bytes
         self.verify = verify
 
+    @property
+    def session(self) -> requests.Session:
+        """The given session, else one per thread: a tick makes calls from several threads
+        (``tick --concurrency``) and a ``requests.Session`` is not made to be shared."""
+        if self._given is not None:
+            return self._given
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            self._mount(session)
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    @staticmethod
+    def _mount(session: requests.Session) -> None:
+        adapter = HTTPAdapter(max_retries=0, pool_maxsize=POOL_MAXSIZE)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+
     def close(self) -> None:
-        self.session.close()
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        if self._given is not None:
+            self._given.close()
 
     def post_xml(
         self, url: str, body: bytes, *, operation: Operation, timeout: tuple[float, float]
@@ -104,8 +149,29 @@ class RequestsTransport:
                 time.sleep(self.retry_delay_s * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def get(self, url: str, *, timeout: tuple[float, float]) -> HttpResponse:
-        return self._send("GET", url, None, "TRANSACTION_STATUS", timeout)
+    def post_json(
+        self, url: str, body: bytes, *, operation: str, timeout: tuple[float, float]
+    ) -> HttpResponse:
+        """POST a JSON body (books nothing: a refused connection is retried like INIT)."""
+        headers = {"Content-Type": JSON_CONTENT_TYPE, "Accept": JSON_CONTENT_TYPE}
+        for attempt in range(1, self.retries + 2):
+            try:
+                return self._send("POST", url, body, operation, timeout, headers)
+            except RatepayTransportError as exc:
+                if exc.sent or attempt == self.retries + 1:
+                    raise
+                time.sleep(self.retry_delay_s * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get(
+        self,
+        url: str,
+        *,
+        timeout: tuple[float, float],
+        headers: dict[str, str] | None = None,
+        operation: str = "TRANSACTION_STATUS",
+    ) -> HttpResponse:
+        return self._send("GET", url, None, operation, timeout, headers)
 
     def _send(
         self,
@@ -114,10 +180,13 @@ class RequestsTransport:
         body: bytes | None,
         operation: str,
         timeout: tuple[float, float],
+        extra_headers: dict[str, str] | None = None,
     ) -> HttpResponse:
         headers = {"Accept": "text/xml, application/json"}
         if body is not None:
             headers["Content-Type"] = CONTENT_TYPE
+        if extra_headers:
+            headers.update(extra_headers)
         try:
             response = self.session.request(
                 method,
