@@ -236,7 +236,6 @@ def run(url: str, orders: int, per_order: int, order_items: int, repeat: int) ->
             lines.append(f"  {'baseline: order_detail() (order show data)':<48} "
                          f"{detail_ms:8.1f} ms  (page/baseline {order_ms / detail_ms:.1f}x)")
     finally:
-        engine.services["ratepay"].api_log.flush()
         engine.close()
         sandbox.stop()
     return lines

@@ -5,6 +5,7 @@ the CSRF token on POSTs and the operator role."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import secrets
@@ -133,15 +134,22 @@ class Console:
 
     def acting_engine(self, login: LoginSession) -> Any:
         """The engine, with the transition log's origin naming the user (``argv``): the
-        engine's own history then says who fired the event, beside our operator log."""
+        engine's own history then says who fired the event, beside our operator log.
+
+        A shallow copy with another ``origin`` (the engine's public attribute; the context it
+        hands its drive loop carries it too). An engine without either is used as it is: the
+        operator log still names the user.
+        """
         origin = getattr(self.engine, "origin", None)
         if origin is None:
             return self.engine
         acting = copy.copy(self.engine)
-        acting.origin = type(origin)(
-            hostname=origin.hostname,
-            argv=f"ratepay-oms web: user {login.user.name} ({login.user.role})",
+        acting.origin = dataclasses.replace(
+            origin, argv=f"ratepay-oms web: user {login.user.name} ({login.user.role})"
         )
+        context = getattr(self.engine, "context", None)
+        if dataclasses.is_dataclass(context) and not isinstance(context, type):
+            acting.context = dataclasses.replace(context, origin=acting.origin)
         return acting
 
 def url(request: Request, name: str, /, query: Mapping[str, Any] | None = None,
