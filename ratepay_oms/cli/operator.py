@@ -1,0 +1,85 @@
+"""Operator tools: ``alerts`` (SLA limits), ``explain`` (why an item does not move) and
+``order move`` (a forced move with a reason).
+
+Thin over ``ratepay_oms.console.alerts`` and the engine (``Engine.explain``,
+``Engine.force_move``); shapes of the ``--json`` documents are in ``docs/console.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from ratepay_oms.cli import cli
+from ratepay_oms.cli._common import engine_options, fmt_time, print_json, stdout_console
+from ratepay_oms.cli.console import json_option, load_definitions, now_option, open_session
+
+log = logging.getLogger(__name__)
+
+
+# -- alerts -----------------------------------------------------------------------------------
+@cli.command("alerts")
+@engine_options
+@click.option("--process", "process_name", default=None, help="Only this process.")
+@now_option
+@json_option
+def alerts(
+    db_url: str | None,
+    process_dir: Path | None,
+    process_name: str | None,
+    now: datetime | None,
+    as_json: bool,
+) -> int:
+    """List items that sit in a state longer than its SLA (`sla: {warn: 1d, breach: 3d}` in
+    the process file), by process and state, with counts and the oldest item.
+
+    Exit status: 0 when no item is past a breach limit (warnings are listed but do not fail),
+    3 when at least one is, 1 on an error. Run it from a monitor.
+
+    \b
+    Example:
+      ratepay-oms alerts
+      ratepay-oms alerts --json --now 2024-08-01T12:00:00 || page-the-on-call
+    """
+    from ratepay_oms.console.alerts import sla_alerts
+
+    definitions = load_definitions(process_dir, required=True)
+    with open_session(db_url) as session:
+        report = sla_alerts(session, definitions, now=now, process=process_name)
+    if as_json:
+        print_json(report.to_json())
+        return report.exit_code
+    console = stdout_console()
+    if not report.alerts:
+        console.print(
+            f"no item past its SLA ({report.checked} states with an SLA checked, "
+            f"now {fmt_time(report.now)} UTC)",
+            markup=False,
+        )
+        return report.exit_code
+    table = Table(title=f"SLA alerts at {fmt_time(report.now)} UTC", title_justify="left")
+    for name in ("level", "process", "state", "limits", "items", "breach", "warn", "oldest"):
+        table.add_column(name, justify="right" if name in ("items", "breach", "warn") else "left")
+    for alert in report.alerts:
+        data = alert.to_json()
+        limits = ", ".join(f"{k} {v}" for k, v in data["limits"].items() if v)
+        oldest = data["oldest"]
+        level = Text(alert.level, style="bold red" if alert.breach else "yellow")
+        table.add_row(
+            level,
+            alert.process,
+            alert.state,
+            limits,
+            str(alert.items),
+            str(alert.breach),
+            str(alert.warn),
+            f"{oldest['order_ref']} item {oldest['item_id']}, {oldest['waited']} "
+            f"(since {fmt_time(alert.oldest_entered_at)})",
+        )
+    console.print(table)
+    return report.exit_code
