@@ -33,7 +33,8 @@ def clean(url: str) -> None:
     try:
         metadata.create_all(engine)
         with engine.begin() as conn:
-            ids = [r[0] for r in conn.execute(select(OrderItem.id).where(OrderItem.process == PROCESS))]
+            mine = select(OrderItem.id).where(OrderItem.process == PROCESS)
+            ids = [r[0] for r in conn.execute(mine)]
             orders = [r[0] for r in conn.execute(select(Order.id).where(Order.process == PROCESS))]
             for start in range(0, len(ids), 500):
                 part = ids[start : start + 500]
