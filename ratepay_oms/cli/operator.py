@@ -16,8 +16,16 @@ from rich.table import Table
 from rich.text import Text
 
 from ratepay_oms.cli import cli
-from ratepay_oms.cli._common import engine_options, fmt_time, print_json, stdout_console
+from ratepay_oms.cli._common import (
+    engine_from_options,
+    engine_options,
+    fmt_time,
+    print_json,
+    stdout_console,
+    translate_db_errors,
+)
 from ratepay_oms.cli.console import json_option, load_definitions, now_option, open_session
+from ratepay_oms.cli.orders import order
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +91,50 @@ def alerts(
         )
     console.print(table)
     return report.exit_code
+
+
+# -- order move -------------------------------------------------------------------------------
+@order.command("move")
+@engine_options
+@click.argument("ref")
+@click.option("--item", "item_id", type=int, required=True, metavar="ID", help="The item to move.")
+@click.option("--to", "to_state", required=True, metavar="STATE", help="The state to put it in.")
+@click.option("--reason", default=None, metavar="TEXT",
+              help="Why (required; kept in the history and the transition log).")
+@click.option("--by", "actor", default=None, metavar="NAME",
+              help="Who decided (default: the operating-system user).")
+@now_option
+@json_option
+@translate_db_errors
+def move(
+    db_url: str | None,
+    process_dir: Path | None,
+    ref: str,
+    item_id: int,
+    to_state: str,
+    reason: str | None,
+    actor: str | None,
+    now: datetime | None,
+    as_json: bool,
+) -> None:
+    """Force item ID of order REF into STATE, with a reason: no event, no command.
+
+    Refused (nothing written) without --reason, to a state the item's process does not have,
+    while the item waits on an open gateway-call intent, or while a worker holds the order's
+    lease. The history and the transition log mark the move as forced, with who and why; the
+    next tick carries on from STATE (its timeouts are armed, its on-enter event fires).
+
+    \b
+    Example:
+      ratepay-oms order move 100045 --item 7 --to "ready for shipment" \\
+          --reason "payment confirmed by RatePAY support, ticket 4711" --by alice
+    """
+    engine = engine_from_options(db_url, process_dir)
+    result = engine.force_move(ref, item_id, to_state, reason=reason or "", by=actor, now=now)
+    if as_json:
+        print_json(result.to_json())
+        return
+    click.echo(
+        f"item {result.item_id}: {result.from_state} → {result.to_state} "
+        f"(forced by {result.actor}: {result.reason})"
+    )

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from ratepay_oms.cli import cli
 from ratepay_oms.cli._common import (
@@ -189,7 +190,12 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
         table.add_column(name, justify="right" if name == "item" else "left")
     for e in entries:
         move = f"{e.from_state or '∅'} → {e.to_state}"
-        table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
+        if e.forced:
+            # A person's decision, not the process: it must stand out (see `order move`).
+            what = Text(f"FORCED by {e.actor}: {e.reason}", style="bold magenta")
+            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, what)
+        else:
+            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
     stdout_console().print(table)
 
 

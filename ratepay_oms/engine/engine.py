@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -58,6 +58,9 @@ from ratepay_oms.persistence.models import (
     TransitionLog,
 )
 from ratepay_oms.process.model import ProcessDefinition
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.forced import ForcedMove
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +312,25 @@ class Engine:
             errors=list(stats.error_messages),
         )
 
+    # -- operator tools ----------------------------------------------------------------------
+
+    def force_move(
+        self,
+        order_ref: str,
+        item_id: int,
+        to_state: str,
+        *,
+        reason: str,
+        by: str | None = None,
+        now: datetime | None = None,
+    ) -> ForcedMove:
+        """Put one item into ``to_state`` by a person's decision, with ``reason`` and ``by``
+        recorded; refused while the item has an open intent or the order is leased (see
+        ``ratepay_oms.engine.forced``)."""
+        from ratepay_oms.engine.forced import force_move
+
+        return force_move(self, order_ref, item_id, to_state, reason=reason, by=by, now=now)
+
     # -- the tick --------------------------------------------------------------------------
 
     def tick(
@@ -405,7 +427,10 @@ class Engine:
                 .order_by(StateHistory.id)
             )
             return [
-                HistoryEntry(h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at)
+                HistoryEntry(
+                    h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at,
+                    forced=bool(h.forced), actor=h.actor, reason=h.reason,
+                )
                 for h, sku in rows
             ]
 

@@ -98,6 +98,18 @@ class MoveKey:
     event: str | None
     command: str | None = None
     condition: str | None = None
+    forced: Forced | None = None
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A move a person forced (``order move``): who did it and why, for history and log."""
+
+    actor: str
+    reason: str
+
+    def columns(self) -> dict[str, Any]:
+        return {"forced": True, "actor": self.actor, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -221,6 +233,7 @@ class StateWriter:
         the tick can call it for rows it never loaded; the caller updates any it holds."""
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
+            audit = key.forced.columns() if key.forced is not None else {}
             for part in chunked(sorted(ids)):
                 self.session.execute(
                     update(OrderItem)
@@ -235,6 +248,7 @@ class StateWriter:
                     to_state=key.target,
                     event=key.event,
                     created_at=self.now,
+                    **audit,
                 )
                 self._insert_from_items(
                     TransitionLog,
@@ -250,6 +264,7 @@ class StateWriter:
                     hostname=self.origin.hostname,
                     argv=self.origin.argv,
                     created_at=self.now,
+                    **audit,
                 )
                 self.session.execute(
                     delete(EventTimeout).where(id_in(EventTimeout.item_id, part, self.session))
@@ -264,6 +279,23 @@ class StateWriter:
                         event=event.name,
                         due_at=self.now + event.timeout,
                     )
+
+    def write_forced_move(
+        self,
+        item: OrderItem,
+        target: str,
+        forced: Forced,
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> None:
+        """Move ``item`` to ``target`` because a person said so: no event, no command; the
+        history and log rows carry ``forced``, who and why; timeouts and retries as for any
+        move (the old state's dropped, the target's armed)."""
+        key = MoveKey(item.process, item.state, target, None, forced=forced)
+        self.write_grouped_moves({key: [item.id]}, definitions)
+        set_committed_value(item, "state", target)
+        set_committed_value(item, "state_entered_at", self.now)
+        for name, value in _CLEARED_RETRY.items():
+            set_committed_value(item, name, value)
 
     def _insert_from_items(
         self, model: type[Any], ids: Sequence[int], *, with_order: bool = True, **same: Any
