@@ -48,11 +48,16 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from ratepay_oms.engine.verdict import Verdict
+from ratepay_oms.persistence.conditions import ConditionResult
 from ratepay_oms.persistence.models import EventTimeout, OrderItem, StateHistory, TransitionLog
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
 """Ids per ``IN (…)`` list: well under every dialect's bind-parameter limit."""
+
+MAX_DETAIL = 4000
+"""Characters of a condition's ``read`` kept in ``oms_condition_result.detail``."""
 
 T = TypeVar("T")
 
@@ -154,6 +159,7 @@ class StateWriter:
         self.now = now
         self.origin = origin
         self._log_rows: list[dict[str, Any]] = []
+        self._condition_rows: dict[tuple[int, str], dict[str, Any]] = {}
 
     # -- transition log ------------------------------------------------------------------
 
@@ -192,6 +198,55 @@ class StateWriter:
             rows, self._log_rows = self._log_rows, []
             for part in chunked(rows):
                 self.session.execute(insert(_table(TransitionLog)), list(part))
+        self._flush_conditions()
+
+    # -- condition results ---------------------------------------------------------------
+
+    def record_conditions(
+        self,
+        item: OrderItem,
+        process: str,
+        state: str,
+        event: str | None,
+        checks: Sequence[tuple[str, Verdict]],
+    ) -> None:
+        """Remember each condition's answer for ``item`` (written with the log): the newest
+        per (item, condition) replaces the one before (``oms_condition_result``)."""
+        for name, verdict in checks:
+            detail = None
+            if verdict.read:
+                detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
+                if len(detail) > MAX_DETAIL:  # keep it valid JSON, say it was cut
+                    detail = json.dumps({"truncated": detail[: MAX_DETAIL - 50]})
+            self._condition_rows[(item.id, name)] = {
+                "item_id": item.id,
+                "order_id": item.order_id,
+                "process": process,
+                "state": state,
+                "event": event,
+                "condition": name,
+                "result": verdict.holds,
+                "detail": detail,
+                "evaluated_at": self.now,
+            }
+
+    def _flush_conditions(self) -> None:
+        if not self._condition_rows:
+            return
+        rows, self._condition_rows = list(self._condition_rows.values()), {}
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for row in rows:
+            by_name[row["condition"]].append(row["item_id"])
+        for name, ids in by_name.items():
+            for part in chunked(sorted(ids)):
+                self.session.execute(
+                    delete(ConditionResult).where(
+                        ConditionResult.condition == name,
+                        id_in(ConditionResult.item_id, part, self.session),
+                    )
+                )
+        for part in chunked(rows):
+            self.session.execute(insert(_table(ConditionResult)), list(part))
 
     # -- entering states -----------------------------------------------------------------
 

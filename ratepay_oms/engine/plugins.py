@@ -29,6 +29,8 @@ from datetime import datetime
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ratepay_oms.engine.verdict import Verdict
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
@@ -138,7 +140,10 @@ Command = ByOrderCommand | ByItemCommand | ExternalCommand
 
 @runtime_checkable
 class Condition(Protocol):
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool: ...
+    """Answers for one item; may return a ``Verdict`` (``engine.verdict``) to say what it
+    read, which the engine records for ``explain``."""
+
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool | Verdict: ...
 
 
 class UnknownPluginError(LookupError):
@@ -197,7 +202,8 @@ class PluginRegistry:
 
 @dataclass(frozen=True)
 class _FunctionCondition:
-    func: Callable[..., bool]
+    func: Callable[..., bool | Verdict]
 
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
-        return bool(self.func(ctx, order, item))
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool | Verdict:
+        answer = self.func(ctx, order, item)
+        return answer if isinstance(answer, Verdict) else bool(answer)

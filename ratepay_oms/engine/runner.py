@@ -260,6 +260,9 @@ class Runner:
                     for item in remaining:
                         subject = Subject(group.state, group.order, item, ctx)
                         chosen = compiled.choose(group.event, subject)
+                        self.writer.record_conditions(
+                            item, group.process, group.state, group.event, subject.checks
+                        )
                         done += 1
                         if chosen is None:
                             stayed.append(item)
