@@ -10,6 +10,8 @@ from pathlib import Path
 from sqlalchemy import delete, select
 
 from ratepay_oms import Engine
+from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.persistence.conditions import ConditionResult
 from ratepay_oms.persistence.db import create_db_engine, upgrade
 from ratepay_oms.persistence.models import (
@@ -20,10 +22,29 @@ from ratepay_oms.persistence.models import (
     StateHistory,
     TransitionLog,
 )
-from tests.plugins_for_tests import make_registry, metadata
+from tests.plugins_for_tests import metadata
+from tests.plugins_for_tests import register as register_test_plugins
 
 PROCESS = "OperatorFlow01"
 PROCESS_DIR = Path(__file__).parent / "processes" / "operator"
+
+
+def is_cleared(ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
+    """Holds for SKUs in ``services["cleared"]``; says what it read (for ``explain``)."""
+    cleared = sorted(ctx.services.get("cleared", ()))
+    return Verdict(item.sku in cleared, {"sku": item.sku, "cleared": cleared})
+
+
+def register(registry: PluginRegistry) -> None:
+    """``RATEPAY_OMS_PLUGINS=tests.operator_helpers:register`` for CLI runs."""
+    register_test_plugins(registry)
+    registry.register_condition("Operator/IsCleared", is_cleared)
+
+
+def make_registry() -> PluginRegistry:
+    registry = PluginRegistry()
+    register(registry)
+    return registry
 
 
 def clean(url: str) -> None:

@@ -166,7 +166,7 @@ def test_order_move_cli_and_history_shows_it_distinctly(
     engine: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.setenv("RATEPAY_OMS_PLUGINS", "tests.plugins_for_tests:register")
+    monkeypatch.setenv("RATEPAY_OMS_PLUGINS", "tests.operator_helpers:register")
     ref, (item, _) = in_review(engine)
     base = ["--db", engine.database_url, "--processes", PROCESS_DIR]
     code, out, err = run(capsys, "order", "move", ref, "--item", item, "--to", "ready", *base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -138,3 +139,82 @@ def move(
         f"item {result.item_id}: {result.from_state} → {result.to_state} "
         f"(forced by {result.actor}: {result.reason})"
     )
+
+
+# -- explain ----------------------------------------------------------------------------------
+_STATUS_STYLE = {"final": "dim", "blocked": "bold red", "due": "green", "waiting": "yellow"}
+
+
+@cli.command("explain")
+@engine_options
+@click.argument("ref")
+@click.option("--item", "item_id", type=int, default=None, metavar="ID", help="Only this item.")
+@now_option
+@json_option
+@translate_db_errors
+def explain(
+    db_url: str | None,
+    process_dir: Path | None,
+    ref: str,
+    item_id: int | None,
+    now: datetime | None,
+    as_json: bool,
+) -> None:
+    """Explain why the items of order REF are where they are and why they do not move.
+
+    Per item: its state and since when, every transition out of it (event; manual, on-enter,
+    timeout or event-less; command; condition with its last recorded answer) and the reasons
+    it is not moving now: a manual event it waits for, a timeout or retry due at a time, a
+    condition that returned false (and what it read), an open gateway-call intent, a worker's
+    lease, or a final state. Status: final, blocked (intent or lease), due (the next tick acts)
+    or waiting.
+
+    \b
+    Example:
+      ratepay-oms explain 100045
+      ratepay-oms explain 100045 --item 7 --json
+    """
+    engine = engine_from_options(db_url, process_dir)
+    result = engine.explain(ref, item_id, now=now)
+    if as_json:
+        print_json(result.to_json())
+        return
+    console = stdout_console()
+    console.print(
+        f"order {result.order_ref} ({result.process}) at {fmt_time(result.now)} UTC", markup=False
+    )
+    for item in result.items:
+        data = item.to_json()
+        head = Text(f"\nitem {item.item_id} ({item.sku}) in {item.state!r} since "
+                    f"{fmt_time(item.since)} ({data['in_state_for']}): ")
+        head.append(item.status, style=_STATUS_STYLE.get(item.status, ""))
+        console.print(head)
+        if item.transitions:
+            console.print("  transitions out:", markup=False)
+            for t in item.transitions:
+                console.print(Text("    " + _describe_transition(t)))
+        if item.reasons:
+            console.print("  why it is not moving:" if item.status != "final" else "  state:",
+                          markup=False)
+            for reason in item.reasons:
+                console.print(Text(f"    - {reason.message}"))
+
+
+def _describe_transition(t: Any) -> str:
+    how = ", ".join(t.kinds) or "event"
+    text = f"→ {t.target}: "
+    text += f"{t.event!r} ({how}" if t.event else f"({how}"
+    if t.timeout:
+        text += f" after {t.timeout}"
+    text += ")"
+    if t.command:
+        text += f", command {t.command}"
+    if t.condition:
+        text += f", if {t.condition}"
+        check = t.last_check
+        if check is None:
+            text += " [not asked yet]"
+        else:
+            answer = "true" if check.result else "false"
+            text += f" [last: {answer} at {fmt_time(check.evaluated_at)}]"
+    return text

@@ -60,6 +60,7 @@ from ratepay_oms.persistence.models import (
 from ratepay_oms.process.model import ProcessDefinition
 
 if TYPE_CHECKING:
+    from ratepay_oms.engine.explain import OrderExplanation
     from ratepay_oms.engine.forced import ForcedMove
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,18 @@ class Engine:
         from ratepay_oms.engine.forced import force_move
 
         return force_move(self, order_ref, item_id, to_state, reason=reason, by=by, now=now)
+
+    def explain(
+        self, order_ref: str, item_id: int | None = None, *, now: datetime | None = None
+    ) -> OrderExplanation:
+        """Per item: its state and since when, every transition out of it, and why it is not
+        moving now (see ``ratepay_oms.engine.explain``). Read-only."""
+        from ratepay_oms.engine.explain import explain_order
+
+        with self._sessions() as session:
+            return explain_order(
+                session, self.definitions(), order_ref, item_id=item_id, now=naive_utc(now)
+            )
 
     # -- the tick --------------------------------------------------------------------------
 
