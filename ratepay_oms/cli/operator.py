@@ -22,6 +22,7 @@ from ratepay_oms.cli._common import (
     engine_options,
     fmt_time,
     print_json,
+    stderr_console,
     stdout_console,
     translate_db_errors,
 )
@@ -218,3 +219,82 @@ def _describe_transition(t: Any) -> str:
             answer = "true" if check.result else "false"
             text += f" [last: {answer} at {fmt_time(check.evaluated_at)}]"
     return text
+
+
+# -- event --from-csv -------------------------------------------------------------------------
+BULK_FAILED_EXIT_CODE = 1
+"""``event --from-csv`` exits with this when any row was refused or failed."""
+
+
+def bulk_event(
+    db_url: str | None,
+    process_dir: Path | None,
+    event_name: str,
+    ref: str | None,
+    item_ids: tuple[int, ...],
+    csv_file: Path | None,
+    dry_run: bool,
+    concurrency: int | None,
+    as_json: bool,
+) -> int:
+    """``ratepay-oms event EVENT --from-csv FILE [--dry-run] [--json] [--concurrency K]``."""
+    from ratepay_oms.console.bulk import DEFAULT_CONCURRENCY, read_event_rows, run_bulk_event
+
+    if csv_file is None:
+        raise click.UsageError("--dry-run, --json and --concurrency go with --from-csv FILE")
+    if ref is not None or item_ids:
+        raise click.UsageError("give either REF [--item ID] or --from-csv FILE, not both")
+    rows = read_event_rows(csv_file)
+    engine = engine_from_options(db_url, process_dir)
+    report = run_bulk_event(
+        engine, event_name, rows, dry_run=dry_run,
+        concurrency=concurrency or DEFAULT_CONCURRENCY,
+    )
+    code = 0 if report.ok else BULK_FAILED_EXIT_CODE
+    if as_json:
+        print_json(report.to_json())
+        return code
+    table = Table(title=f"{event_name} from {csv_file}" + (" (dry run)" if dry_run else ""),
+                  title_justify="left")
+    for name in ("line", "order", "item", "status", "detail"):
+        table.add_column(name, justify="right" if name in ("line", "item") else "left")
+    styles = {"accepted": "green", "would fire": "cyan", "refused": "red", "failed": "bold red"}
+    for row in report.rows:
+        table.add_row(
+            str(row.line),
+            Text(row.order_ref),
+            "" if row.item_id is None else str(row.item_id),
+            Text(row.status, style=styles.get(row.status, "")),
+            Text(_row_detail(row)),
+        )
+    console = stdout_console()
+    console.print(table)
+    counts = report.counts()
+    shown = [f"{n} {k}" for k, n in counts.items() if n or k in ("refused", "failed")]
+    console.print(f"{event_name}: {', '.join(shown)} in {report.duration_s:.2f} s"
+                  + (" (dry run: nothing written)" if dry_run else ""), markup=False)
+    if not report.ok:
+        stderr_console().print(
+            f"error: {counts['refused'] + counts['failed']} of {len(report.rows)} rows were "
+            "refused or failed (see the table); fix them and run the file again "
+            "(accepted rows will be refused as already moved)",
+            markup=False,
+        )
+    return code
+
+
+def _row_detail(row: Any) -> str:
+    if row.status == "would fire":
+        parts = []
+        for w in row.would:
+            targets = " | ".join(
+                t["to"] + (f" if {t['if']}" if t["if"] else "") for t in w["targets"]
+            )
+            command = f" via {w['command']}" if w["command"] else ""
+            parts.append(f"item {w['item_id']}: {w['from']} → {targets}{command}")
+        return "; ".join(parts)
+    if row.status == "accepted":
+        moves = [f"item {i}: {s} → {t}" for i, s, t in row.moved]
+        moves += [f"item {i}: stayed" for i in row.stayed]
+        return "; ".join(moves) or (row.reason or "")
+    return row.reason or ""
