@@ -22,7 +22,7 @@ from ratepay_oms.persistence.models import (
     StateHistory,
     TransitionLog,
 )
-from tests.plugins_for_tests import metadata
+from tests.plugins_for_tests import command_run, metadata
 from tests.plugins_for_tests import register as register_test_plugins
 
 PROCESS = "OperatorFlow01"
@@ -54,6 +54,7 @@ def clean(url: str) -> None:
     try:
         metadata.create_all(engine)
         with engine.begin() as conn:
+            conn.execute(delete(command_run))
             mine = select(OrderItem.id).where(OrderItem.process == PROCESS)
             ids = [r[0] for r in conn.execute(mine)]
             orders = [r[0] for r in conn.execute(select(Order.id).where(Order.process == PROCESS))]

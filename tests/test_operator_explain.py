@@ -205,3 +205,29 @@ def test_ratepay_conditions_record_the_outcome_they_read(sandbox: Any, server_db
     finally:
         eng.services["ratepay"].api_log.flush()
         eng.close()
+
+
+def test_how_a_fallback_brought_the_item_here_is_explained(engine: Engine) -> None:
+    engine.services["cleared"] = {"A"}
+    ref, [item] = place(engine, ("A", 1))
+    engine.tick(now=T0)
+    engine.trigger("prepare", ref, now=T0)
+    engine.services["cleared"] = set()
+    shipped_at = T0 + timedelta(hours=1)
+    engine.trigger("ship", ref, now=shipped_at)  # condition false → fallback to escalated
+    [x] = engine.explain(ref, now=shipped_at + timedelta(minutes=1)).items
+    assert x.state == "escalated"
+    assert x.arrival is not None
+    assert (x.arrival.from_state, x.arrival.event, x.arrival.at) == ("ready", "ship", shipped_at)
+    [check] = x.arrival.conditions
+    assert (check.condition, check.result, check.read) == (
+        "Operator/IsCleared", False, {"sku": "A", "cleared": []}
+    )
+    assert "came from 'ready' by 'ship' at 2025-06-02 13:00:00; condition Operator/IsCleared " \
+        "returned false" in x.arrival.describe()
+    engine.force_move(ref, item, "done", reason="sold off", by="dora", now=shipped_at)
+    [y] = engine.explain(ref, now=shipped_at).items
+    assert y.arrival is not None and y.arrival.forced
+    assert y.arrival.describe() == ("forced here from 'escalated' at 2025-06-02 13:00:00 by "
+                                    "dora: sold off")
+    assert y.to_json()["arrival"]["reason"] == "sold off"

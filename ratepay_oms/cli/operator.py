@@ -190,6 +190,8 @@ def explain(
                     f"{fmt_time(item.since)} ({data['in_state_for']}): ")
         head.append(item.status, style=_STATUS_STYLE.get(item.status, ""))
         console.print(head)
+        if item.arrival is not None:
+            console.print(Text(f"  {item.arrival.describe()}"))
         if item.transitions:
             console.print("  transitions out:", markup=False)
             for t in item.transitions:
@@ -270,7 +272,7 @@ def bulk_event(
     console = stdout_console()
     console.print(table)
     counts = report.counts()
-    shown = [f"{n} {k}" for k, n in counts.items() if n or k in ("refused", "failed")]
+    shown = [f"{n} {k}" for k, n in counts.items() if n] or ["no rows"]
     console.print(f"{event_name}: {', '.join(shown)} in {report.duration_s:.2f} s"
                   + (" (dry run: nothing written)" if dry_run else ""), markup=False)
     if not report.ok:
@@ -294,7 +296,13 @@ def _row_detail(row: Any) -> str:
             parts.append(f"item {w['item_id']}: {w['from']} → {targets}{command}")
         return "; ".join(parts)
     if row.status == "accepted":
-        moves = [f"item {i}: {s} → {t}" for i, s, t in row.moved]
-        moves += [f"item {i}: stayed" for i in row.stayed]
+        paths: dict[int, list[str]] = {}
+        for item_id, source, target in row.moved:  # the cascade, in order: one path per item
+            path = paths.setdefault(item_id, [source])
+            if path[-1] != source:
+                path.append(source)
+            path.append(target)
+        moves = [f"item {i}: {' → '.join(p)}" for i, p in paths.items()]
+        moves += [f"item {i}: stayed" for i in row.stayed if i not in paths]
         return "; ".join(moves) or (row.reason or "")
     return row.reason or ""

@@ -117,7 +117,7 @@ class BulkReport:
     duration_s: float = 0.0
 
     def counts(self) -> dict[str, int]:
-        out = {ACCEPTED: 0, REFUSED: 0, FAILED: 0, WOULD_FIRE: 0}
+        out = {ACCEPTED: 0, WOULD_FIRE: 0, REFUSED: 0, FAILED: 0}
         for row in self.rows:
             out[row.status] += 1
         return out

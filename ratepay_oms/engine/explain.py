@@ -3,7 +3,9 @@
 The question operators of every OMS ask ("why did this condition not fire?", "why is this
 order stuck?") is answered from what the engine wrote, not from guesses: the item's state and
 since when, every transition out of that state (event, how it fires, command, condition), and
-the reasons it is not moving now, each with its time:
+how it came there (the last move, and the conditions asked at that moment: a false one is why
+a fallback transition brought it to an error state), and the reasons it is not moving now, each
+with its time:
 
 - ``final``: nothing leaves the state;
 - ``intent``: it waits on an open gateway-call intent (nothing fires until it is settled);
@@ -36,7 +38,7 @@ from ratepay_oms.engine.errors import OrderNotFoundError
 from ratepay_oms.engine.intents import IntentView, list_intents
 from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.conditions import ConditionResult
-from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem
+from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem, StateHistory
 from ratepay_oms.process.loader import format_timeout
 from ratepay_oms.process.model import ProcessDefinition, TransitionDef
 
@@ -150,6 +152,45 @@ class Reason:
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """How the item came into its state: the last history row, and the conditions asked in
+    the state it left at that moment (a false one is why a fallback brought it here)."""
+
+    from_state: str | None
+    event: str | None
+    at: datetime
+    forced: bool = False
+    actor: str | None = None
+    reason: str | None = None
+    conditions: tuple[ConditionCheck, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "from_state": self.from_state,
+            "event": self.event,
+            "at": _iso(self.at),
+            "forced": self.forced,
+            "actor": self.actor,
+            "reason": self.reason,
+            "conditions": [c.to_json() for c in self.conditions],
+        }
+
+    def describe(self) -> str:
+        if self.forced:
+            return (f"forced here from {self.from_state!r} at {_fmt(self.at)} by {self.actor}: "
+                    f"{self.reason}")
+        if self.from_state is None:
+            return f"placed at {_fmt(self.at)}"
+        how = f"by {self.event!r}" if self.event else "by an event-less transition"
+        text = f"came from {self.from_state!r} {how} at {_fmt(self.at)}"
+        for check in self.conditions:
+            answer = "true" if check.result else "false"
+            read = f" (read {json.dumps(check.read, sort_keys=True)})" if check.read else ""
+            text += f"; condition {check.condition} returned {answer}{read}"
+        return text
+
+
+@dataclass(frozen=True)
 class ItemExplanation:
     item_id: int
     sku: str
@@ -161,9 +202,11 @@ class ItemExplanation:
     transitions: tuple[TransitionOut, ...]
     reasons: tuple[Reason, ...]
     now: datetime
+    arrival: Arrival | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "arrival": self.arrival.to_json() if self.arrival else None,
             "item_id": self.item_id,
             "sku": self.sku,
             "process": self.process,
@@ -219,7 +262,9 @@ class _Explainer:
         intents: Mapping[int, IntentView],
         timeouts: Mapping[int, Sequence[EventTimeout]],
         checks: Mapping[int, Sequence[ConditionResult]],
+        arrivals: Mapping[int, StateHistory],
     ) -> None:
+        self.arrivals = arrivals
         self.order = order
         self.definitions = definitions
         self.now = now
@@ -254,6 +299,7 @@ class _Explainer:
         if definition is not None and item.state in definition.states:
             reasons += self._waits(definition, item, transitions, checks)
         return ItemExplanation(
+            arrival=self._arrival(item),
             item_id=item.id,
             sku=item.sku,
             process=item.process,
@@ -264,6 +310,18 @@ class _Explainer:
             reasons=tuple(reasons),
             now=self.now,
         )
+
+    def _arrival(self, item: OrderItem) -> Arrival | None:
+        row = self.arrivals.get(item.id)
+        if row is None:
+            return None
+        asked = tuple(
+            ConditionCheck.of(c)
+            for c in self.checks.get(item.id, ())
+            if c.state == row.from_state and c.evaluated_at == row.created_at
+        )
+        return Arrival(row.from_state, row.event, row.created_at, bool(row.forced), row.actor,
+                       row.reason, asked)
 
     def _transitions(
         self, definition: ProcessDefinition, state: str, checks: Mapping[str, ConditionCheck]
@@ -427,7 +485,14 @@ def explain_order(
         checks.setdefault(check.item_id, []).append(check)
     intents = {v.id: v for v in list_intents(session, order_id=order.id, open_only=False)
                if v.id in {i.intent_id for i in items}}
-    explainer = _Explainer(order, definitions, now, intents, timeouts, checks)
+    arrivals: dict[int, StateHistory] = {}
+    for row in session.scalars(
+        select(StateHistory)
+        .where(StateHistory.order_id == order.id, StateHistory.item_id.in_(ids))
+        .order_by(StateHistory.id)
+    ):
+        arrivals[row.item_id] = row  # the newest wins
+    explainer = _Explainer(order, definitions, now, intents, timeouts, checks, arrivals)
     return OrderExplanation(
         order_ref=order.order_ref,
         process=order.process,
