@@ -21,7 +21,7 @@ from sqlalchemy import case, func, literal, select
 
 from ratepay_oms.console._session import session_of, utc_now
 from ratepay_oms.persistence.models import Order, OrderItem
-from ratepay_oms.process.loader import format_timeout
+from ratepay_oms.process.loader import format_elapsed, format_timeout
 from ratepay_oms.process.model import ProcessDefinition, SlaDef
 
 BREACH_EXIT_CODE = 3
@@ -76,7 +76,7 @@ class SlaAlert:
                 "item_id": self.oldest_item_id,
                 "state_entered_at": self.oldest_entered_at.isoformat(),
                 "waited_seconds": int(self.oldest_waited.total_seconds()),
-                "waited": format_timeout(_whole_seconds(self.oldest_waited)),
+                "waited": format_elapsed(self.oldest_waited),
             },
         }
 
@@ -111,10 +111,6 @@ class AlertReport:
 
 def _fmt(value: timedelta | None) -> str | None:
     return format_timeout(value) if value is not None else None
-
-
-def _whole_seconds(value: timedelta) -> timedelta:
-    return timedelta(seconds=max(int(value.total_seconds()), 0))
 
 
 def sla_states(

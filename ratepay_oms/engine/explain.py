@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -39,7 +39,7 @@ from ratepay_oms.engine.intents import IntentView, list_intents
 from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.conditions import ConditionResult
 from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem, StateHistory
-from ratepay_oms.process.loader import format_timeout
+from ratepay_oms.process.loader import format_elapsed, format_timeout
 from ratepay_oms.process.model import ProcessDefinition, TransitionDef
 
 MANUAL = "manual"
@@ -66,15 +66,10 @@ def _fmt(moment: datetime) -> str:
 
 
 def _span(start: datetime, end: datetime) -> str:
-    """``3 days 4 hours`` between two times (minutes and seconds dropped past a day)."""
-    seconds = int((end - start).total_seconds())
-    if seconds < 0:
+    """``3 days 4 hours`` between two times (see ``format_elapsed``)."""
+    if end < start:
         return "0 seconds (after the given now)"
-    if seconds >= 86400:
-        seconds -= seconds % 3600
-    elif seconds >= 3600:
-        seconds -= seconds % 60
-    return format_timeout(timedelta(seconds=seconds))
+    return format_elapsed(end - start)
 
 
 @dataclass(frozen=True)

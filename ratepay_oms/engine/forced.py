@@ -118,8 +118,8 @@ def _check_item(engine: Engine, order_ref: str, item: OrderItem | None, item_id:
     if item.intent_id is not None:
         raise ForcedMoveError(
             f"item {item_id} waits for the outcome of gateway call intent {item.intent_id}; "
-            "settle it first ('ratepay-oms intents show/resolve'), a forced move would lose "
-            "a call that may have been booked"
+            "settle it first ('ratepay-oms intents list', 'intents resolve'): a forced move "
+            "would lose a call that may have been booked"
         )
 
 

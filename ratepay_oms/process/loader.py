@@ -132,6 +132,17 @@ def format_timeout(duration: timedelta) -> str:
     return " ".join(parts) or "0 seconds"
 
 
+def format_elapsed(duration: timedelta) -> str:
+    """A waiting time for people, as precise as it matters: ``4 days 2 hours``, ``3 hours
+    12 minutes``, ``45 seconds`` (minutes dropped past a day, seconds past an hour)."""
+    seconds = max(int(duration.total_seconds()), 0)
+    if seconds >= 86400:
+        seconds -= seconds % 3600
+    elif seconds >= 3600:
+        seconds -= seconds % 60
+    return format_timeout(timedelta(seconds=seconds))
+
+
 @dataclass
 class _Fragment:
     """What one file contributes, after its own includes are merged in."""
