@@ -28,6 +28,13 @@ def engine(server_db_url: str) -> Iterator[Engine]:
         yield eng
 
 
+@pytest.fixture
+def ticking(fresh_db_url: str) -> Iterator[Engine]:
+    """For tests that tick: a tick works on every due row, so a database of their own."""
+    with operator_engine(fresh_db_url) as eng:
+        yield eng
+
+
 def place(engine: Engine, *lines: tuple[str, int], fire: bool = True) -> tuple[str, list[int]]:
     ref = new_ref()
     view = engine.place_order(order_doc(ref, PROCESS, lines or (("A", 1),)), now=T0, fire=fire)
@@ -38,7 +45,8 @@ def kinds(explanation: Any) -> list[str]:
     return [r.kind for r in explanation.reasons]
 
 
-def test_a_false_condition_is_explained_with_its_time_and_what_it_read(engine: Engine) -> None:
+def test_a_false_condition_is_explained_with_its_time_and_what_it_read(ticking: Engine) -> None:
+    engine = ticking
     ref, [item] = place(engine, ("A", 1))
     engine.tick(now=T0 + timedelta(minutes=5))  # asks the event-less condition: false
     [x] = engine.explain(ref, now=T0 + timedelta(hours=1)).items
@@ -74,7 +82,8 @@ def test_a_false_condition_is_explained_with_its_time_and_what_it_read(engine: E
     assert "waiting for manual event 'prepare'" in x.reasons[0].message
 
 
-def test_a_manual_event_whose_condition_failed_and_a_final_state(engine: Engine) -> None:
+def test_a_manual_event_whose_condition_failed_and_a_final_state(ticking: Engine) -> None:
+    engine = ticking
     engine.services["cleared"] = {"OK"}
     ref, [ok, no] = place(engine, ("OK", 1), ("NO", 1))
     engine.tick(now=T0)
@@ -94,7 +103,8 @@ def test_a_manual_event_whose_condition_failed_and_a_final_state(engine: Engine)
         engine.explain(ref, 999999)
 
 
-def test_retry_after_an_error_is_explained_with_its_due_time(engine: Engine) -> None:
+def test_retry_after_an_error_is_explained_with_its_due_time(ticking: Engine) -> None:
+    engine = ticking
     engine.services["cleared"] = {"A"}
     ref, _ = place(engine, ("A", 1))
     engine.tick(now=T0)
@@ -157,10 +167,11 @@ def run(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str, str]:
 
 
 def test_explain_cli_prints_text_and_json(
-    engine: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ticking: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("RATEPAY_OMS_PLUGINS", "tests.operator_helpers:register")
+    engine = ticking
     ref, [item] = place(engine, ("A", 1))
     engine.tick(now=T0)
     base = ["--db", engine.database_url, "--processes", PROCESS_DIR]
@@ -207,7 +218,8 @@ def test_ratepay_conditions_record_the_outcome_they_read(sandbox: Any, server_db
         eng.close()
 
 
-def test_how_a_fallback_brought_the_item_here_is_explained(engine: Engine) -> None:
+def test_how_a_fallback_brought_the_item_here_is_explained(ticking: Engine) -> None:
+    engine = ticking
     engine.services["cleared"] = {"A"}
     ref, [item] = place(engine, ("A", 1))
     engine.tick(now=T0)

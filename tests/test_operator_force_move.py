@@ -88,7 +88,12 @@ def test_forced_move_is_written_like_a_move_and_marked_with_who_and_why(engine: 
     assert command_runs(engine.database_url) == []  # no command ran
 
 
-def test_forced_move_runs_no_command_and_the_next_tick_carries_on(engine: Engine) -> None:
+def test_forced_move_runs_no_command_and_the_next_tick_carries_on(fresh_db_url: str) -> None:
+    with operator_engine(fresh_db_url) as engine:
+        _next_tick_carries_on(engine)
+
+
+def _next_tick_carries_on(engine: Engine) -> None:
     ref, (item, _) = in_review(engine)
     engine.force_move(ref, item, "new", reason="start over", by="bob", now=T0)
     assert engine.order(ref).items[0].state == "new"

@@ -118,13 +118,12 @@ def populate(engine: Engine) -> dict[str, str]:
     engine.place_order(order_doc(refs["old"], PROCESS, (("A", 2),)), now=T0 - timedelta(days=4))
     engine.place_order(order_doc(refs["mid"], PROCESS, (("A", 1),)), now=T0 - timedelta(days=2))
     engine.place_order(order_doc(refs["new"], PROCESS, (("A", 1),)), now=T0 - timedelta(hours=1))
-    engine.services["cleared"] = {"OK"}
-    engine.place_order(order_doc(refs["appr"], PROCESS, (("OK", 1),)), now=T0 - timedelta(days=10))
-    engine.tick(now=T0 - timedelta(days=10))
-    engine.place_order(order_doc(refs["ready"], PROCESS, (("OK", 1),)), now=T0 - timedelta(days=1))
-    engine.tick(now=T0 - timedelta(days=1))
+    for name, days in (("appr", 10), ("ready", 1)):
+        view = engine.place_order(order_doc(refs[name], PROCESS, (("OK", 1),)),
+                                  now=T0 - timedelta(days=days))
+        engine.force_move(refs[name], view.items[0].id, "approved", reason="test set-up",
+                          now=T0 - timedelta(days=days))
     engine.trigger("prepare", refs["ready"], now=T0 - timedelta(hours=3))
-    engine.services["cleared"] = set()
     return refs
 
 
