@@ -47,12 +47,17 @@ def make_registry() -> PluginRegistry:
     return registry
 
 
+_UPGRADED: set[str] = set()
+
+
 def clean(url: str) -> None:
     """Schema at head and no rows of OperatorFlow01 left by an earlier test of the session."""
-    upgrade(url)
     engine = create_db_engine(url)
     try:
-        metadata.create_all(engine)
+        if url not in _UPGRADED:  # Alembic takes a second a run: once per database
+            upgrade(url)
+            metadata.create_all(engine)
+            _UPGRADED.add(url)
         with engine.begin() as conn:
             conn.execute(delete(command_run))
             mine = select(OrderItem.id).where(OrderItem.process == PROCESS)
