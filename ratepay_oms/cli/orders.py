@@ -259,3 +259,4 @@ def event(
         raise EventCommandFailedError(
             "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
+    return None

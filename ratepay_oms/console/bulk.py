@@ -256,9 +256,9 @@ def _check_rows(
                 orders[order.order_ref] = order
         ids = [o.id for o in orders.values()]
         for start in range(0, len(ids), READ_CHUNK):
-            part = ids[start : start + READ_CHUNK]
+            id_part = ids[start : start + READ_CHUNK]
             for item in session.scalars(
-                select(OrderItem).where(OrderItem.order_id.in_(part)).order_by(OrderItem.id)
+                select(OrderItem).where(OrderItem.order_id.in_(id_part)).order_by(OrderItem.id)
             ):
                 items.setdefault(item.order_id, []).append(item)
         session.expunge_all()
@@ -271,20 +271,20 @@ def _check_rows(
         if row.data and not takes_data:
             result.reason = "event data columns need an engine whose trigger takes data"
             continue
-        order = orders.get(row.order_ref)
-        if order is None:
+        found = orders.get(row.order_ref)
+        if found is None:
             result.reason = f"no order {row.order_ref!r}"
             continue
-        definition = definitions.get(order.process)
+        definition = definitions.get(found.process)
         if definition is None:
-            result.reason = f"process {order.process!r} of order {row.order_ref} is not loaded"
+            result.reason = f"process {found.process!r} of order {row.order_ref} is not loaded"
             continue
         try:
             picked = _select_for_event(
                 definition,
                 row.order_ref,
                 event,
-                items.get(order.id, []),
+                items.get(found.id, []),
                 None if row.item_id is None else [row.item_id],
             )
         except ManualEventError as exc:

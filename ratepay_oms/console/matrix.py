@@ -209,9 +209,9 @@ def build_matrix(
         with session_of(source) as session:
             report = sla_alerts(session, definitions, now=now, process=process)
         for alert in report.alerts:
-            cell = cells.get(alert.process, {}).get(alert.state)
-            if cell is not None:
-                cell.sla_warn, cell.sla_breach = alert.warn, alert.breach
+            marked = cells.get(alert.process, {}).get(alert.state)
+            if marked is not None:
+                marked.sla_warn, marked.sla_breach = alert.warn, alert.breach
 
     names = set(cells)
     if include_empty:

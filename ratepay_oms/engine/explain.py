@@ -481,12 +481,12 @@ def explain_order(
     intents = {v.id: v for v in list_intents(session, order_id=order.id, open_only=False)
                if v.id in {i.intent_id for i in items}}
     arrivals: dict[int, StateHistory] = {}
-    for row in session.scalars(
+    for entry in session.scalars(
         select(StateHistory)
         .where(StateHistory.order_id == order.id, StateHistory.item_id.in_(ids))
         .order_by(StateHistory.id)
     ):
-        arrivals[row.item_id] = row  # the newest wins
+        arrivals[entry.item_id] = entry  # the newest wins
     explainer = _Explainer(order, definitions, now, intents, timeouts, checks, arrivals)
     return OrderExplanation(
         order_ref=order.order_ref,

@@ -245,8 +245,8 @@ class StateWriter:
                         id_in(ConditionResult.item_id, part, self.session),
                     )
                 )
-        for part in chunked(rows):
-            self.session.execute(insert(_table(ConditionResult)), list(part))
+        for rows_part in chunked(rows):
+            self.session.execute(insert(_table(ConditionResult)), list(rows_part))
 
     # -- entering states -----------------------------------------------------------------
 
