@@ -145,7 +145,6 @@ def bench_gateway(url: str, db: str, rows: int, concurrency: int, delay_ms: int,
                         f"after {delay_ms} ms, floor {rows * delay_ms / 1000:.1f} s serial)",
                     figures)
     finally:
-        engine.services["ratepay"].api_log.flush()
         engine.close()
         sandbox.stop()
 

@@ -214,7 +214,6 @@ def test_ratepay_conditions_record_the_outcome_they_read(sandbox: Any, server_db
         assert x.state == "ready for shipment"
         assert {r.detail.get("event") for r in x.reasons if r.kind == "manual"} >= {"ship"}
     finally:
-        eng.services["ratepay"].api_log.flush()
         eng.close()
 
 

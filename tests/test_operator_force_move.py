@@ -151,7 +151,7 @@ def test_forced_move_refused_while_another_worker_holds_the_lease(engine: Engine
         with engine.session() as s:
             order_id = s.scalar(select(Order.id).where(Order.order_ref == ref))
         assert other.claims.claim([order_id]) == [order_id]
-        with pytest.raises(OrderLockedError, match="leased by other-worker"):
+        with pytest.raises(OrderLockedError, match="being worked on by other-worker"):
             engine.force_move(ref, item, "ready", reason="x")
         other.claims.release([order_id])
         engine.force_move(ref, item, "ready", reason="x")

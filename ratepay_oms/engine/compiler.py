@@ -130,7 +130,16 @@ class CompiledProcess:
             command = event_def.command if event_def is not None else None
             if command is None and definition.on_enter_event(t.target) is None:
                 self._plain[(state, event)] = t
+        self._calls_out = frozenset(
+            name
+            for name, e in definition.events.items()
+            if e.command is not None and registry.is_external(e.command)
+        )
         log.debug("compiled process %s (%d states)", definition.name, len(states))
+
+    def calls_out(self, event: str | None) -> bool:
+        """Whether ``event``'s command is an external one (a gateway call follows)."""
+        return event in self._calls_out
 
     @property
     def name(self) -> str:

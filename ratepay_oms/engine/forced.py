@@ -10,10 +10,11 @@ and the transition log.
 What it refuses, with nothing written: no reason; a state the item's process does not have (or
 the state the item is in); an item waiting on an open gateway-call intent (settle it with
 ``intents resolve``: moving it would lose the knowledge of a call that may have been booked);
-an order another worker holds the lease of. It runs no command and fires no event. The item
-then behaves as if it had just arrived: the old state's timeouts and a pending retry are
-dropped, the target's timeouts armed, and the next tick takes the target's on-enter event or
-event-less transitions, if it has any.
+an order whose gateway call another worker has in flight (its lease). It runs no command and
+fires no event. The item then behaves as if it had just arrived: the old state's timeouts and
+a pending retry are dropped, the target's timeouts armed, and the next tick takes the target's
+on-enter event or event-less transitions, if it has any. It is written in one transaction of
+the drive loop (``Drive.run``) by that transaction's ``StateWriter``.
 """
 
 from __future__ import annotations
@@ -21,20 +22,21 @@ from __future__ import annotations
 import difflib
 import getpass
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from ratepay_oms.engine.clock import naive_utc
-from ratepay_oms.engine.errors import OrderLockedError, OrderNotFoundError
-from ratepay_oms.engine.persist import Forced, StateWriter
+from ratepay_oms.engine.errors import OrderNotFoundError
+from ratepay_oms.engine.persist import Forced
 from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.models import Order, OrderItem
 
 if TYPE_CHECKING:
-    from ratepay_oms.engine.engine import Engine
+    from ratepay_oms.engine.runner import Runner
+    from ratepay_oms.process.model import ProcessDefinition
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -96,11 +98,16 @@ def _check_request(reason: str | None, actor: str | None) -> tuple[str, str]:
     return text, who
 
 
-def _check_item(engine: Engine, order_ref: str, item: OrderItem | None, item_id: int,
-                to_state: str) -> None:
+def _check_item(
+    definitions: Mapping[str, ProcessDefinition],
+    order_ref: str,
+    item: OrderItem | None,
+    item_id: int,
+    to_state: str,
+) -> ProcessDefinition:
     if item is None:
         raise ForcedMoveError(f"item {item_id} is not an item of order {order_ref}")
-    definition = engine.definitions().get(item.process)
+    definition = definitions.get(item.process)
     if definition is None:
         raise ForcedMoveError(
             f"item {item_id} is on process {item.process!r}, which is not loaded; "
@@ -121,48 +128,48 @@ def _check_item(engine: Engine, order_ref: str, item: OrderItem | None, item_id:
             "settle it first ('ratepay-oms intents list', 'intents resolve'): a forced move "
             "would lose a call that may have been booked"
         )
+    return definition
 
 
-def force_move(
-    engine: Engine,
-    order_ref: str,
-    item_id: int,
-    to_state: str,
-    *,
-    reason: str | None,
-    by: str | None = None,
-    now: datetime | None = None,
-) -> ForcedMove:
-    """Move one item to ``to_state`` without an event or a command (see the module docstring
-    for what is refused). ``by`` defaults to the operating-system user."""
-    text, actor = _check_request(reason, by)
-    at = naive_utc(now)
-    with engine.session() as session:
-        order = session.scalar(select(Order).where(Order.order_ref == order_ref))
+@dataclass(frozen=True)
+class ForcedMoveRequest:
+    """A checked request (reason and actor present); :meth:`apply` does it inside the drive
+    loop's transaction (``Drive.run``), through the runner's ``StateWriter``."""
+
+    order_ref: str
+    item_id: int
+    to_state: str
+    actor: str
+    reason: str
+
+    @classmethod
+    def of(
+        cls, order_ref: str, item_id: int, to_state: str, reason: str | None, by: str | None
+    ) -> ForcedMoveRequest:
+        text, actor = _check_request(reason, by)
+        return cls(order_ref, item_id, to_state, actor, text)
+
+    def apply(self, runner: Runner) -> ForcedMove:
+        session = runner.session
+        order = session.scalar(select(Order).where(Order.order_ref == self.order_ref))
         if order is None:
-            raise OrderNotFoundError(f"no order {order_ref!r}")
-        order_id = order.id
-        item = session.get(OrderItem, item_id)
-        _check_item(engine, order_ref, item if item and item.order_id == order_id else None,
-                    item_id, to_state)
-    if not engine.claims.claim([order_id]):
-        holder, until = engine.claims.holder(order_id)
-        raise OrderLockedError(
-            f"order {order_ref} is leased by {holder} until {until} UTC; a forced move waits "
-            "until that worker lets go (or run 'locks clear' if it died)"
+            raise OrderNotFoundError(f"no order {self.order_ref!r}")
+        # Waits for a transaction that has the order; refused while a worker's gateway call
+        # is in flight for it (OrderLockedError).
+        runner.engine.claims.lock_one(session, order.id, f"order {self.order_ref}")
+        item = session.get(OrderItem, self.item_id)
+        if item is not None and item.order_id != order.id:
+            item = None
+        definitions = runner.engine.definitions
+        _check_item(definitions, self.order_ref, item, self.item_id, self.to_state)
+        assert item is not None
+        source = item.state
+        runner.writer.write_forced_move(
+            item, self.to_state, Forced(self.actor, self.reason), definitions
         )
-    try:
-        with engine.session() as session, session.begin():
-            item = session.get(OrderItem, item_id)
-            _check_item(engine, order_ref, item, item_id, to_state)  # again, under the lease
-            assert item is not None
-            source = item.state
-            writer = StateWriter(session, at, engine.origin)
-            writer.write_forced_move(item, to_state, Forced(actor, text), engine.definitions())
-    finally:
-        engine.claims.release([order_id])
-    log.info(
-        "forced move: order %s item %d %s -> %s by %s (%s)",
-        order_ref, item_id, source, to_state, actor, text,
-    )
-    return ForcedMove(order_ref, item_id, item.process, source, to_state, actor, text, at)
+        log.info(
+            "forced move: order %s item %d %s -> %s by %s (%s)",
+            self.order_ref, self.item_id, source, self.to_state, self.actor, self.reason,
+        )
+        return ForcedMove(self.order_ref, self.item_id, item.process, source, self.to_state,
+                          self.actor, self.reason, runner.now)
