@@ -24,7 +24,7 @@ from ratepay_oms.console.bulk import (
     read_event_rows,
     run_bulk_event,
 )
-from ratepay_oms.persistence.models import OrderItem, StateHistory, TransitionLog
+from ratepay_oms.persistence.models import Order, OrderItem, StateHistory, TransitionLog
 from tests.operator_helpers import PROCESS, PROCESS_DIR, new_ref, operator_engine
 from tests.plugins_for_tests import command_runs, order_doc
 
@@ -239,3 +239,37 @@ def test_event_from_csv_cli_report_and_exit_status(
     assert code == 2 and "go with --from-csv" in err
     code, _, err = run(capsys, "event", "prepare", "--from-csv", tmp_path / "nope.csv", *base)
     assert code == 1 and "no such file" in err
+
+
+def test_trigger_many_decides_orders_in_chunks_and_keeps_each_orders_turn(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ratepay_oms.engine.many as many
+    from ratepay_oms.engine.many import EventRequest
+
+    monkeypatch.setattr(many, "CHUNK", 2)
+    orders = [approved(engine) for _ in range(3)]
+    (r1, (a1, a2)), (r2, _), (r3, _) = orders
+    leased = new_ref()
+    engine.place_order(order_doc(leased, PROCESS, (("OK", 1),)), now=T0)
+    other = Engine(engine.database_url, definitions=engine.definitions(),
+                   registry=engine.registry, worker_id="other-worker")
+    try:
+        with engine.session() as s:
+            leased_id = s.scalar(select(Order.id).where(Order.order_ref == leased))
+        assert other.claims.claim([leased_id]) == [leased_id]
+        requests = [EventRequest(r1, (a1,)), EventRequest(r2), EventRequest(leased),
+                    EventRequest(r1, (a2,)), EventRequest(r3), EventRequest("NOPE"),
+                    EventRequest(leased)]
+        outcomes = engine.trigger_many("prepare", requests, now=T0)
+    finally:
+        other.claims.release([leased_id])
+        other.close()
+    assert [o.busy for o in outcomes] == [False, False, True, False, False, False, True]
+    assert outcomes[0].moved == [(a1, "approved", "ready")]
+    assert outcomes[3].moved == [(a2, "approved", "ready")]  # the second wave of order r1
+    assert len(outcomes[1].moved) == 2 and len(outcomes[4].moved) == 2
+    assert outcomes[5].refused == "no order 'NOPE'"
+    assert {i.state for r, _ in orders for i in engine.order(r).items} == {"ready"}
+    runs = command_runs(engine.database_url)
+    assert sorted({r["order_ref"] for r in runs}) == sorted([r1, r2, r3])

@@ -3,8 +3,9 @@
 Spryker's back office fires an event for many orders at once, and every operator of an order
 backend asks for the same with a dry run and a report per row. ``read_event_rows`` reads the
 file (``order_ref[,item_id][,event data columns…]``), ``run_bulk_event`` checks every row and,
-unless it is a dry run, fires the event through ``Engine.trigger``, one order at a time per
-worker thread and several orders at once (their gateway calls overlap), and reports each row:
+unless it is a dry run, fires the event through ``Engine.trigger_many`` (many orders to a
+transaction, their gateway calls K at a time; rows with event data through ``Engine.trigger``),
+and reports each row:
 ``accepted`` (fired: what moved, what stayed), ``refused`` (with why; nothing written for it),
 ``failed`` (the command raised: the items stayed, a retry is scheduled), or in a dry run
 ``would fire`` (which items, from which state, to which candidate targets).
@@ -26,7 +27,7 @@ import inspect
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -376,16 +377,56 @@ def _fire(
             _refuse(rows, f"{type(exc).__name__}: {first}", status=FAILED)
             return
         break
+    _settle_rows(rows, outcome.moved, outcome.stayed, outcome.errors)
+
+
+def _settle_rows(
+    rows: Iterable[RowResult],
+    moved: Sequence[tuple[int, str, str]],
+    stayed: Sequence[int],
+    errors: Sequence[str],
+) -> None:
+    """Each row's share of what its event did (by the row's items)."""
     for row in rows:
         mine = set(row.items)
-        row.moved = [m for m in outcome.moved if m[0] in mine]
-        row.stayed = [i for i in outcome.stayed if i in mine]
+        row.moved = [m for m in moved if m[0] in mine]
+        row.stayed = [i for i in stayed if i in mine]
         touched = {m[0] for m in row.moved} | set(row.stayed)
-        if outcome.errors and not touched:
+        if errors and not touched:
             row.status = FAILED
-            row.reason = "; ".join(outcome.errors)
+            row.reason = "; ".join(errors)
         elif not touched:
             row.reason = "nothing moved"
+
+
+def _fire_many(
+    engine: Engine,
+    event: str,
+    orders: Sequence[Sequence[_Batch]],
+    results: Mapping[int, RowResult],
+    now: datetime | None,
+    concurrency: int,
+) -> list[_Batch]:
+    """The batches of ``orders`` through ``Engine.trigger_many`` (many orders per transaction);
+    returns the batches whose order was busy, for ``trigger`` to retry."""
+    from ratepay_oms.engine.many import EventRequest
+
+    batches = [b for order in orders for b in order]
+    requests = [
+        EventRequest(b.order_ref, None if b.item_ids is None else tuple(b.item_ids))
+        for b in batches
+    ]
+    outcomes = engine.trigger_many(event, requests, now=now, concurrency=concurrency)
+    busy = []
+    for batch, outcome in zip(batches, outcomes, strict=True):
+        rows = [results[line] for line in batch.lines]
+        if outcome.busy:
+            busy.append(batch)
+        elif outcome.refused is not None:
+            _refuse(rows, outcome.refused)
+        else:
+            _settle_rows(rows, outcome.moved, outcome.stayed, outcome.errors)
+    return busy
 
 
 def _refuse(rows: Iterable[RowResult], reason: str, *, status: str = REFUSED) -> None:
@@ -402,12 +443,12 @@ def run_bulk_event(
     dry_run: bool = False,
     concurrency: int = DEFAULT_CONCURRENCY,
     now: datetime | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> BulkReport:
     """Check every row and (unless ``dry_run``) fire ``event`` for the accepted ones.
 
-    ``concurrency``: orders fired at once (each order's rows stay in file order, one at a
-    time). ``progress`` is called with the number of rows each finished order covered.
+    ``concurrency``: gateway calls in flight at once (each order's rows stay in file order,
+    one at a time). Orders are decided many to a transaction (``Engine.trigger_many``); rows
+    with event data go through ``Engine.trigger`` one order at a time.
     """
     if concurrency < 1:
         raise ConsoleError("concurrency must be at least 1")
@@ -420,20 +461,27 @@ def run_bulk_event(
     else:
         accepted = {line: r for line, r in results.items() if r.status == ACCEPTED}
         orders = _batches(rows, accepted)
+        # Orders without event data go many to a transaction; an order with data (or busy
+        # when its turn came) goes through ``trigger``, which takes the data and waits.
+        plain = [o for o in orders if not any(b.data for b in o)]
+        one_by_one = [o for o in orders if any(b.data for b in o)]
+        if plain:
+            busy: dict[str, list[_Batch]] = {}
+            for batch in _fire_many(engine, event, plain, results, now, concurrency):
+                busy.setdefault(batch.order_ref, []).append(batch)
+            one_by_one += list(busy.values())
 
         def work(batches: list[_Batch]) -> None:
             for batch in batches:
                 _fire(engine, event, batch, results, now)
-            if progress is not None:
-                progress(sum(len(b.lines) for b in batches))
 
-        if concurrency == 1 or len(orders) <= 1:
-            for batches in orders:
+        if concurrency == 1 or len(one_by_one) <= 1:
+            for batches in one_by_one:
                 work(batches)
         else:
             with ThreadPoolExecutor(max_workers=concurrency,
                                     thread_name_prefix="bulk-event") as pool:
-                for future in [pool.submit(work, b) for b in orders]:
+                for future in [pool.submit(work, b) for b in one_by_one]:
                     future.result()
     report = BulkReport(event, dry_run, [results[r.line] for r in rows],
                         time.perf_counter() - started)

@@ -71,6 +71,7 @@ from ratepay_oms.process.model import ProcessDefinition
 if TYPE_CHECKING:
     from ratepay_oms.engine.explain import OrderExplanation
     from ratepay_oms.engine.forced import ForcedMove
+    from ratepay_oms.engine.many import EventOutcome, EventRequest
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,22 @@ class Engine:
             stayed=list(stats.stayed),
             errors=list(stats.error_messages),
         )
+
+    def trigger_many(
+        self,
+        event: str,
+        requests: Sequence[EventRequest],
+        *,
+        now: datetime | None = None,
+        concurrency: int | None = None,
+    ) -> list[EventOutcome]:
+        """Fire the manual ``event`` for many orders at once (bulk events): one transaction
+        per chunk of orders, their gateway calls ``concurrency`` at a time (default: the
+        engine's); one outcome per request (see ``ratepay_oms.engine.many``)."""
+        from ratepay_oms.engine.many import fire_many
+
+        drive = self._drive(naive_utc(now), RunStats())
+        return fire_many(drive, event, requests, concurrency or self.concurrency)
 
     # -- operator tools ----------------------------------------------------------------------
 
