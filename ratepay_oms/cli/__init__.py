@@ -18,8 +18,10 @@ from ratepay_oms.errors import OmsError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-GROUP_MODULES = ("db", "orders", "process", "tick", "sandbox", "demo", "console", "intents",
-                 "operator")
+GROUP_MODULES = (
+    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment",
+    "operator",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
