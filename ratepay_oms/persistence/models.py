@@ -139,6 +139,9 @@ class StateHistory(Base):
     to_state: Mapped[str] = mapped_column(NAME, nullable=False)
     event: Mapped[str | None] = mapped_column(NAME)
     created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    data: Mapped[str | None] = mapped_column(Text)
+    """JSON object a person gave with the manual event that moved the item (invoice id,
+    tracking ids, …); ``None`` for every other move."""
 
     __table_args__ = (
         Index("ix_oms_state_history_item_id", "item_id"),
