@@ -69,7 +69,7 @@ def test_a_naive_datetime_is_utc_and_a_date_is_midnight() -> None:
 
 def test_a_delivery_in_the_future_is_refused_before_sending() -> None:
     tomorrow = datetime.now(UTC) + timedelta(days=2)
-    with pytest.raises(RatepayValidationError, match="delivery date .* is in the future"):
+    with pytest.raises(RatepayValidationError, match=r"delivery date .* is in the future"):
         _dates("Europe/Berlin", Invoicing("INV-3", delivery_date=tomorrow))
 
 

@@ -14,7 +14,6 @@ on the payment row: ``open`` → ``delivered`` → ``returned``, or ``open`` →
 from __future__ import annotations
 
 from datetime import datetime
-
 from decimal import Decimal
 
 from sqlalchemy import Boolean, DateTime, ForeignKey, Index, Integer, Numeric, String, Text
@@ -26,11 +25,11 @@ from ratepay_oms.persistence.base import MONEY, Base
 __all__ = [
     "ACTIONS",
     "ADJUSTMENT_KINDS",
-    "RatepayAdjustment",
-    "RatepayProfile",
     "POSITION_STATUSES",
+    "RatepayAdjustment",
     "RatepayItemOutcome",
     "RatepayPayment",
+    "RatepayProfile",
 ]
 
 _TIMESTAMP = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ratepay_oms.ratepay.errors import RatepaySettingsError
 from ratepay_oms.ratepay.xml import ENVELOPE_VERSION, MASK, RATEPAY_NS
@@ -238,9 +238,9 @@ def _convert(key: str, value: Any) -> Any:
         parts = value if isinstance(value, list | tuple) else str(value).split(",")
         codes = tuple(str(p).strip().upper() for p in parts if str(p).strip())
         if not all(c.isalpha() and len(c) == (2 if key == "COUNTRIES" else 3) for c in codes):
+            example = "DE, AT" if key == "COUNTRIES" else "EUR, CHF"
             raise RatepaySettingsError(
-                f"RatePAY setting {key} must list ISO codes ({'DE, AT' if key == 'COUNTRIES' else 'EUR, CHF'}), "
-                f"got {value!r}"
+                f"RatePAY setting {key} must list ISO codes ({example}), got {value!r}"
             )
         return codes
     if key == "VOUCHER_RULE":
