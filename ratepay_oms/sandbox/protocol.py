@@ -33,7 +33,7 @@ from ratepay_oms.sandbox import installments, ledger
 from ratepay_oms.sandbox.ledger import BasketLine, LedgerRefusal, Transaction
 
 if TYPE_CHECKING:
-    from ratepay_oms.sandbox.gateway import SandboxGateway
+    from ratepay_oms.sandbox.gateway import SandboxConfig, SandboxGateway
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class Head:
     has_credential: bool = False
     external: etree._Element | None = None
     content: etree._Element | None = None
+    profile: SandboxConfig | None = field(default=None, repr=False)
+    """The sandbox profile the credential names (set once the credential was checked)."""
 
 
 def _text(parent: etree._Element | None, tag: str) -> str | None:
@@ -554,20 +556,33 @@ def is_b2b(customer: etree._Element | None) -> bool:
 
 
 def contract_refusal(
-    gw: SandboxGateway,
+    cfg: SandboxConfig,
     method: str,
     amount: Decimal,
     *,
     b2b: bool,
     deviating: bool,
     language: str = "de",
+    currency: str | None = None,
+    billing_country: str | None = None,
+    delivery_country: str | None = None,
 ) -> Refusal | None:
     """What the profile's contract says about ``method`` for this basket (None: allowed).
 
-    Validation first (2005/2006/2001: ERROR / 150, §6.3 "Technical / validation"), then the
+    The same fields PROFILE_REQUEST reports (reference §4.7). Validation first (product not
+    active or phased out ⇒ 120; billing / delivery country not served ⇒ 2100 / 2101; currency
+    not served ⇒ 200; 2005/2006/2001: ERROR / 150, §6.3 "Technical / validation"), then the
     contractual decline (2002: OK / 401 with the decline message, §4.3 "declined … 2002").
     """
-    cfg = gw.config
+    if method not in cfg.methods or method in cfg.phased_out_methods:
+        state = "phased out" if method in cfg.phased_out_methods else "not active"
+        return Refusal(120, f"payment method {method} is {state} for this profile")
+    if billing_country is not None and billing_country not in cfg.billing_countries:
+        return Refusal(2100, f"billing country {billing_country} is not served by this profile")
+    if delivery_country is not None and delivery_country not in cfg.delivery_countries:
+        return Refusal(2101, f"delivery country {delivery_country} is not served by this profile")
+    if currency is not None and currency not in cfg.currencies:
+        return Refusal(200, f"currency {currency} is not served by this profile")
     low, high = cfg.tx_limits(method, b2b=b2b)
     if amount < low:
         return Refusal(
@@ -582,6 +597,20 @@ def contract_refusal(
     if b2b and method not in cfg.b2b_methods:
         return Refusal(2002, status="OK", result=401, customer_message=DECLINE_MESSAGES[language])
     return None
+
+
+def profile_of(gw: SandboxGateway, head: Head) -> SandboxConfig:
+    """The configuration of the profile the request's credential names."""
+    return head.profile if head.profile is not None else gw.config
+
+
+def _countries(customer: etree._Element | None) -> tuple[str | None, str | None]:
+    """(billing country, delivery country or None) of the request's customer."""
+    addresses = customer.find(q("addresses")) if customer is not None else None
+    found: dict[str | None, str | None] = {}
+    for address in addresses.iterfind(q("address")) if addresses is not None else ():
+        found[address.get("type")] = _text(address, "country-code")
+    return found.get("BILLING"), found.get("DELIVERY")
 
 
 # --------------------------------------------------------------------------- operations
@@ -615,12 +644,9 @@ def _language(content: etree._Element, head: Head) -> str:
     return "en" if (lang or "de").lower().startswith("en") else "de"
 
 
-def _declined(gw: SandboxGateway, content: etree._Element, basket: Basket) -> bool:
+def _declined(cfg: SandboxConfig, content: etree._Element, basket: Basket) -> bool:
     last = (_text(content.find(q("customer")), "last-name") or "").strip()
-    return (
-        last.lower() == gw.config.decline_last_name.lower()
-        or basket.amount > gw.config.decline_over
-    )
+    return last.lower() == cfg.decline_last_name.lower() or basket.amount > cfg.decline_over
 
 
 def payment_query(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, Transaction]:
@@ -633,14 +659,26 @@ def payment_query(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer
     basket = parse_basket(content, Operation.PAYMENT_QUERY)
     if not basket.items:
         raise Refusal(200, "request must contain at least one item in shopping basket")
-    if _declined(gw, content, basket):
+    cfg = profile_of(gw, head)
+    if _declined(cfg, content, basket):
         msg = DECLINE_MESSAGES[_language(content, head)]
         raise Refusal(703, status="OK", result=401, customer_message=msg)
     customer = content.find(q("customer"))
     b2b, deviating = is_b2b(customer), deviating_delivery(customer)
+    billing, delivery = _countries(customer)
     products = E.products()
-    for method in gw.config.methods:
-        if contract_refusal(gw, method, basket.amount, b2b=b2b, deviating=deviating) is None:
+    for method in cfg.methods:
+        refusal = contract_refusal(
+            cfg,
+            method,
+            basket.amount,
+            b2b=b2b,
+            deviating=deviating,
+            currency=basket.currency,
+            billing_country=billing,
+            delivery_country=delivery,
+        )
+        if refusal is None:
             products.append(E.product(method=method))
     return success(Operation.PAYMENT_QUERY, E.content(products)), tx
 
@@ -664,13 +702,18 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
     tx.payment_method = method
     tx.currency = basket.currency
     customer = content.find(q("customer"))
+    cfg = profile_of(gw, head)
+    billing_country, delivery_country = _countries(customer)
     refusal = contract_refusal(
-        gw,
+        cfg,
         method,
         basket.amount,
         b2b=is_b2b(customer),
         deviating=deviating_delivery(customer),
         language=_language(content, head),
+        currency=basket.currency,
+        billing_country=billing_country,
+        delivery_country=delivery_country,
     )
     if refusal is not None:
         if refusal.result == codes.RESULT_DECLINED:
@@ -679,7 +722,7 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         else:
             tx.state = ledger.FAILED  # a 150: start over with a new PAYMENT_INIT
         raise refusal
-    if _declined(gw, content, basket):
+    if _declined(cfg, content, basket):
         tx.state = ledger.DECLINED
         tx.amount = basket.amount
         msg = DECLINE_MESSAGES[_language(content, head)]
@@ -754,8 +797,8 @@ def payment_change(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answe
     return success(Operation.PAYMENT_CHANGE), tx
 
 
-def _inst_config(gw: SandboxGateway) -> etree._Element:
-    ic = gw.config.installment
+def _inst_config(cfg: SandboxConfig) -> etree._Element:
+    ic = cfg.installment
     return E(
         "installment-configuration-result",
         E("interestrate-min", format_amount(ic.interest_rate_min)),
@@ -775,13 +818,14 @@ def _inst_config(gw: SandboxGateway) -> etree._Element:
         E("rate-min-longrun", format_amount(ic.rate_min)),
         E("service-charge", format_amount(ic.service_charge)),
         E("min-difference-dueday", "9"),
-        name=gw.config.profile_id,
+        name=cfg.profile_id,
         type="DEFAULT",
     )
 
 
 def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, None]:
-    cfg = gw.config
+    """The profile's ``master-data``: exactly the contract ``contract_refusal`` enforces."""
+    cfg = profile_of(gw, head)
     md = E(
         "master-data",
         E("profile-id", cfg.profile_id),
@@ -790,9 +834,10 @@ def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         E("merchant-status", "2"),
     )
     for method in ("invoice", "installment", "elv", "prepayment"):
-        active = method.upper() in cfg.methods
-        md.append(E(f"activation-status-{method}", "2" if active else "1"))
-        md.append(E(f"eligibility-ratepay-{method}", "yes" if active else "no"))
+        name = method.upper()
+        status = "3" if name in cfg.phased_out_methods else "2" if name in cfg.methods else "1"
+        md.append(E(f"activation-status-{method}", status))
+        md.append(E(f"eligibility-ratepay-{method}", "yes" if name in cfg.methods else "no"))
     for method in ("invoice", "installment", "elv", "prepayment"):
         name = method.upper()
         low, high = cfg.tx_limits(name)
@@ -807,19 +852,19 @@ def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         [
             E("eligibility-device-fingerprint", "yes"),
             E("device-fingerprint-snippet-id", "ratepay"),
-            E("country-code-billing", "DE,AT,CH"),
-            E("country-code-delivery", "DE,AT,CH"),
-            E("currency", "EUR,CHF"),
+            E("country-code-billing", ",".join(cfg.billing_countries)),
+            E("country-code-delivery", ",".join(cfg.delivery_countries)),
+            E("currency", ",".join(cfg.currencies)),
         ]
     )
-    body = E.content(md, _inst_config(gw))
+    body = E.content(md, _inst_config(cfg))
     return success(Operation.PROFILE_REQUEST, body, result_text=codes.PROFILE_RESULT_TEXT), None
 
 
 def configuration_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, None]:
     return success(
         Operation.CONFIGURATION_REQUEST,
-        E.content(_inst_config(gw)),
+        E.content(_inst_config(profile_of(gw, head))),
         reason_text="Calculation configuration read successful",
     ), None
 
@@ -844,7 +889,7 @@ def calculation_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[
         raise Refusal(200, "installment-calculation amount is mandatory")
     firstday = dec("r:payment-firstday")
     interest = dec("r:configuration/r:interest-rate")
-    ic = gw.config.installment
+    ic = profile_of(gw, head).installment
     if firstday is not None and int(firstday) not in ic.valid_payment_firstdays:
         raise Refusal(200, f"payment-firstday must be one of {ic.valid_payment_firstdays}")
     try:
@@ -905,7 +950,8 @@ def process(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, Tran
     """Validate and run one parsed request; the caller holds the gateway lock."""
     tx: Transaction | None = None
     try:
-        op = check_head(head, gw.config.profile_id, gw.config.security_code)
+        head.profile = gw.config_for(head.profile_id)
+        op = check_head(head, head.profile.profile_id, head.profile.security_code)
         if op not in codes.WITHOUT_TRANSACTION:
             tx = gw.transactions.get(head.transaction_id or "")
         return HANDLERS[op](gw, head, now)
