@@ -6,7 +6,8 @@ Create Date: 2026-12-02
 
 - ``ratepay_profile``: the last PROFILE_REQUEST answer per configured profile name;
 - ``ratepay_payment.profile``: the profile an order's transaction belongs to (every follow-up
-  must use the same credentials);
+  must use the same credentials), and ``voucher_rule``: how its voucher is settled over partial
+  deliveries (fixed when the order is requested);
 - ``oms_state_history.data``: what a person gave with a manual event (invoice id, tracking);
 - ``ratepay_adjustment``: goodwill credits and debits (PAYMENT_CHANGE credit) per order.
 """
@@ -47,6 +48,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("ratepay_payment") as batch:
         batch.add_column(sa.Column("profile", sa.String(length=40), nullable=True))
+        batch.add_column(sa.Column("voucher_rule", sa.String(length=20), nullable=True))
     with op.batch_alter_table("oms_state_history") as batch:
         batch.add_column(sa.Column("data", sa.Text(), nullable=True))
     op.create_table(
@@ -81,5 +83,6 @@ def downgrade() -> None:
     with op.batch_alter_table("oms_state_history") as batch:
         batch.drop_column("data")
     with op.batch_alter_table("ratepay_payment") as batch:
+        batch.drop_column("voucher_rule")
         batch.drop_column("profile")
     op.drop_table("ratepay_profile")

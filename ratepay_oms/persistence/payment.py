@@ -76,6 +76,9 @@ class RatepayPayment(Base):
     profile: Mapped[str | None] = mapped_column(String(40))
     """The configured profile name (``[ratepay.profiles.<NAME>]``) the transaction was opened
     with; every follow-up goes out with the same credentials. ``None``: the default profile."""
+    voucher_rule: Mapped[str | None] = mapped_column(String(20))
+    """``last_delivery`` or ``prorata`` (setting ``VOUCHER_RULE``), fixed at the PAYMENT_REQUEST
+    so a changed setting never splits one order's voucher two ways; ``None``: last_delivery."""
     shipping_status: Mapped[str] = mapped_column(String(20), nullable=False, default=OPEN)
     discount_status: Mapped[str] = mapped_column(String(20), nullable=False, default=OPEN)
     created_at: Mapped[datetime] = mapped_column(_TIMESTAMP, nullable=False)

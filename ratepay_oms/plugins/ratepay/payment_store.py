@@ -28,7 +28,7 @@ from ratepay_oms.persistence.payment import (
     RatepayItemOutcome,
     RatepayPayment,
 )
-from ratepay_oms.plugins.ratepay.basket import OrderLedger, Unit
+from ratepay_oms.plugins.ratepay.basket import PRORATA, OrderLedger, Unit, voucher_shares
 from ratepay_oms.ratepay import InstallmentPlan, RatepayResult
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,17 @@ def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
     return session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
 
 
-def ensure_payment(session: Session, order: Order, method: str, now: datetime) -> RatepayPayment:
+def ensure_payment(
+    session: Session,
+    order: Order,
+    method: str,
+    now: datetime,
+    *,
+    profile: str | None = None,
+    voucher_rule: str | None = None,
+) -> RatepayPayment:
+    """The order's payment row; a new PAYMENT_REQUEST attempt may move it to another profile
+    (the old transaction is dead then), and fixes the voucher rule while nothing is booked."""
     payment = get_payment(session, order.id)
     if payment is None:
         payment = RatepayPayment(
@@ -73,7 +83,11 @@ def ensure_payment(session: Session, order: Order, method: str, now: datetime) -
             updated_at=now,
         )
         session.add(payment)
-        session.flush()
+    if profile is not None:
+        payment.profile = profile
+    if voucher_rule is not None:
+        payment.voucher_rule = voucher_rule
+    session.flush()
     return payment
 
 
@@ -157,4 +171,11 @@ def load_ledger(session: Session, order: Order) -> OrderLedger:
     if payment is not None:
         ledger.shipping_status = payment.shipping_status
         ledger.discount_status = payment.discount_status
+        if payment.voucher_rule == PRORATA:
+            data = order_input(order)
+            ledger.voucher_rule = PRORATA
+            if data.discount is not None:
+                ledger.voucher_shares = voucher_shares(
+                    data.discount.unit_price_gross, units(order.items)
+                )
     return ledger
