@@ -55,6 +55,7 @@ def upgrade() -> None:
         "ratepay_adjustment",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("order_id", sa.Integer(), nullable=False),
+        sa.Column("request_id", sa.String(length=40), nullable=False),
         sa.Column("kind", sa.String(length=10), nullable=False),
         sa.Column("amount", sa.Numeric(precision=12, scale=2), nullable=False),
         sa.Column("tax_rate", sa.Numeric(precision=5, scale=2), nullable=False),
@@ -73,6 +74,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_ratepay_adjustment"),
+        sa.UniqueConstraint("request_id", name="uq_ratepay_adjustment_request_id"),
     )
     op.create_index("ix_ratepay_adjustment_order_id", "ratepay_adjustment", ["order_id"])
 

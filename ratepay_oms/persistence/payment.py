@@ -136,6 +136,9 @@ class RatepayAdjustment(Base):
     order_id: Mapped[int] = mapped_column(
         ForeignKey("oms_order.id", ondelete="CASCADE"), nullable=False
     )
+    request_id: Mapped[str] = mapped_column(String(40), nullable=False, unique=True)
+    """The asker's id of this credit/debit: a retry of the same request finds its row instead
+    of booking a second one."""
     kind: Mapped[str] = mapped_column(String(10), nullable=False)
     amount: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     tax_rate: Mapped[Decimal] = mapped_column(Numeric(5, 2), nullable=False)
