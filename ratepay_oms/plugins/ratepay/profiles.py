@@ -227,6 +227,7 @@ def check_order(profile: ProfileData, order: OrderInput, amount: Decimal) -> Vio
 
 __all__ = [
     "PROFILES_SERVICE",
+    "ProfileDecision",
     "ProfileRefreshError",
     "RatepayProfiles",
     "StoredProfile",
@@ -234,7 +235,39 @@ __all__ = [
     "Violation",
     "check_order",
     "choose_profile",
+    "decide_profile",
     "profiles_of",
     "refresh",
     "stored_profiles",
 ]
+
+
+@dataclass(frozen=True)
+class ProfileDecision:
+    """The profile an order's PAYMENT_REQUEST goes out with, or why it must not go out."""
+
+    name: str | None
+    facade: RatepayFacade | None
+    violation: Violation | None
+
+
+def decide_profile(
+    session: Session, services: Mapping[str, Any], order: OrderInput
+) -> ProfileDecision:
+    """Choose the order's profile and check the order against its stored PROFILE_REQUEST
+    answer (database only: the planning step of the PAYMENT_REQUEST). An order no profile
+    serves, or naming an unknown one, is a violation too (200), so it is refused with the
+    reason instead of retried forever."""
+    profiles = profiles_of(services)
+    if profiles is None:
+        return ProfileDecision(None, None, None)
+    stored = stored_profiles(session)
+    try:
+        name = choose_profile(profiles, order, stored)
+    except UnknownProfileError as exc:
+        return ProfileDecision(None, None, Violation(200, str(exc)))
+    facade = profiles.facade(name)
+    kept = stored.get(name)
+    if kept is None or kept.profile_id != profiles.profiles[name].profile_id:
+        return ProfileDecision(name, facade, None)  # never refreshed (or for another id)
+    return ProfileDecision(name, facade, check_order(kept.data, order, order.basket_amount))
