@@ -102,3 +102,86 @@ def test_a_debit_is_a_positive_discount_and_a_credit_a_negative_one() -> None:
             "31-1",
             Basket(discount=BasketPosition(Decimal("7.50"), Decimal("19"), "x")),
         )
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+def _invoicing_xml(**dates: str):
+    from ratepay_oms.sandbox.testing import _e, _sub
+
+    node = _e("invoicing")
+    _sub(node, "invoice-id", "INV-9")
+    for tag, value in dates.items():
+        _sub(node, tag.replace("_", "-"), value)
+    return node
+
+
+def _deliver_with(sandbox, invoicing):
+    import requests
+
+    from ratepay_oms.ratepay.xml import parse_xml
+    from ratepay_oms.sandbox.testing import basket_xml, request_xml
+    from tests.test_sandbox_protocol import authorised
+
+    tx, _ = authorised(sandbox)
+    body = request_xml(
+        "CONFIRMATION_DELIVER",
+        sandbox.settings,
+        transaction_id=tx,
+        content=[invoicing, basket_xml([("SKU-100", 1, "12.50")])],
+    )
+    root = parse_xml(requests.post(sandbox.url, data=body, timeout=5).content)
+    p = root.find("r:head/r:processing", NS)
+    return tx, int(p.find("r:reason", NS).get("code")), int(p.find("r:result", NS).get("code"))
+
+
+def test_the_sandbox_refuses_a_zoned_date_and_a_due_date_before_the_invoice(sandbox) -> None:
+    tx, reason, result = _deliver_with(
+        sandbox, _invoicing_xml(invoice_date="2025-03-02T10:00:00+01:00")
+    )
+    assert (reason, result) == (200, 150)
+    assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 0
+    tx, reason, result = _deliver_with(
+        sandbox, _invoicing_xml(invoice_date="2025-03-02T10:00:00", due_date="2025-03-01T00:00:00")
+    )
+    assert (reason, result) == (2004, 150)
+    assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 0
+    tx, reason, result = _deliver_with(
+        sandbox, _invoicing_xml(invoice_date="2025-03-02T10:00:00", due_date="2025-03-16T00:00:00")
+    )
+    assert (reason, result) == (303, 404)
+    assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 1
+
+
+def test_invoicing_and_tracking_reach_the_gateway(sandbox) -> None:
+    from ratepay_oms.ratepay import BasketItem, RatepayFacade, Tracking
+    from ratepay_oms.ratepay.examples import MUG, ORDER_ID, example_basket, example_customer
+    from ratepay_oms.ratepay.types import PaymentInfo
+
+    facade = RatepayFacade(RatepaySettings.from_mapping(sandbox.settings))
+    tx = facade.init_payment().transaction_id
+    assert facade.request_payment(
+        tx, example_customer(), example_basket(), PaymentInfo("INVOICE"), order_id=ORDER_ID
+    ).success
+    shipped = datetime(2025, 12, 31, 23, 30, tzinfo=UTC)
+    result = facade.confirm_delivery(
+        tx,
+        Basket(items=(BasketItem(MUG.article_number, MUG.name, 1, MUG.unit_price_gross,
+                                 MUG.tax_rate),)),
+        order_id=ORDER_ID,
+        invoicing=Invoicing("INV-2026-1", invoice_date=shipped, delivery_date=shipped,
+                            due_date=date(2026, 1, 15)),
+        tracking=[Tracking("DHL", "00340434"), Tracking("DHL", "00340435")],
+    )
+    assert result.success, result.reason_text
+    sent = etree.fromstring(sandbox.gateway.received[-1].request_xml)
+    assert sent.findtext("r:content/r:invoicing/r:invoice-id", namespaces=NS) == "INV-2026-1"
+    assert sent.findtext("r:content/r:invoicing/r:invoice-date", namespaces=NS) == (
+        "2026-01-01T00:30:00"  # Berlin
+    )
+    assert [
+        (i.get("provider"), i.text)
+        for i in sent.iterfind("r:head/r:external/r:tracking/r:id", NS)
+    ] == [("DHL", "00340434"), ("DHL", "00340435")]
+    assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 1

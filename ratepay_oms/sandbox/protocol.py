@@ -775,9 +775,37 @@ def confirmation_deliver(
     tx = transaction_for(gw, head)
     accepted(tx)
     assert head.content is not None
+    check_invoicing(head.content.find(q("invoicing")))
     basket = parse_basket(head.content, Operation.CONFIRMATION_DELIVER)
     _ledger(lambda: ledger.deliver(tx, basket.lines, now))
     return success(Operation.CONFIRMATION_DELIVER), tx
+
+
+INVOICING_DATE = "%Y-%m-%dT%H:%M:%S"
+
+
+def check_invoicing(invoicing: etree._Element | None) -> None:
+    """``invoicing`` dates in RatePAY's format (``YYYY-MM-DDThh:mm:ss``, no zone: else 200) and
+    a due date not before the invoice date (2004 "Due date parameter(s) not valid")."""
+    if invoicing is None:
+        return
+    found: dict[str, datetime] = {}
+    for tag in ("invoice-date", "delivery-date", "due-date"):
+        raw = _text(invoicing, tag)
+        if raw is None:
+            continue
+        try:
+            found[tag] = datetime.strptime(raw, INVOICING_DATE)
+        except ValueError:
+            raise Refusal(
+                200, f"cvc-datatype-valid: '{raw[:40]}' is not a valid value for '{tag}'"
+            ) from None
+    start = found.get("invoice-date") or found.get("delivery-date")
+    if "due-date" in found and start is not None and found["due-date"].date() < start.date():
+        raise Refusal(2004, "due-date is before the invoice date")
+    invoice_id = _text(invoicing, "invoice-id")
+    if invoice_id is not None and len(invoice_id) > 255:
+        raise Refusal(200, "invoice-id is longer than 255 characters")
 
 
 def payment_change(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, Transaction]:
