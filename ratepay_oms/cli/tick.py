@@ -29,6 +29,7 @@ from ratepay_oms.cli._common import (
     stdout_console,
     translate_db_errors,
 )
+from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.engine import Engine
@@ -144,6 +145,9 @@ def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None)
               help="Seconds between ticks with --loop (default 10).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each tick's result as JSON (one document per tick).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
+              show_default=True, metavar="K",
+              help="Gateway calls in flight at once (at most one per order; 1: one by one).")
 @translate_db_errors
 def tick(
     db_url: str | None,
@@ -153,6 +157,7 @@ def tick(
     loop: bool,
     interval: float | None,
     as_json: bool,
+    concurrency: int,
 ) -> None:
     """Advance every item that is due: retries, timeouts, on-enter events, event-less moves.
 
@@ -164,10 +169,11 @@ def tick(
       ratepay-oms tick
       ratepay-oms tick --now 2024-08-01T00:00:00Z --limit 1000
       ratepay-oms tick --loop --interval 30 --json
+      ratepay-oms tick --loop --concurrency 16
     """
     if interval is not None and not loop:
         raise click.UsageError("--interval only makes sense with --loop")
-    engine = engine_from_options(db_url, process_dir)
+    engine = engine_from_options(db_url, process_dir, concurrency=concurrency)
     if not loop:
         _run_one(engine, now, limit, as_json)
         return
