@@ -185,11 +185,12 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
         print_json([e.to_json() for e in entries])
         return
     table = Table()
-    for name in ("time", "item", "sku", "from → to", "event"):
+    for name in ("time", "item", "sku", "from → to", "event", "data"):
         table.add_column(name, justify="right" if name == "item" else "left")
     for e in entries:
         move = f"{e.from_state or '∅'} → {e.to_state}"
-        table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
+        data = ", ".join(f"{k}={v}" for k, v in sorted(e.data.items())) if e.data else ""
+        table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "", data)
     stdout_console().print(table)
 
 
@@ -199,6 +200,14 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
 @click.argument("ref")
 @click.option("--item", "item_ids", type=int, multiple=True, metavar="ID",
               help="Only this item (repeat for several); default: every item that accepts EVENT.")
+@click.option("--invoice-id", default=None, metavar="ID",
+              help="Your invoice number, sent to RatePAY with the delivery (ship).")
+@click.option("--tracking-id", "tracking_ids", multiple=True, metavar="CODE",
+              help="A parcel's tracking code (repeat for several parcels); needs --carrier.")
+@click.option("--carrier", default=None, metavar="NAME",
+              help="DHL, DPD, GLS, HLG, HVS, OTH, TNT or UPS.")
+@click.option("--data", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="More event data (invoice_date, delivery_date, due_date, …); repeatable.")
 @translate_db_errors
 def event(
     db_url: str | None,
@@ -206,6 +215,10 @@ def event(
     event_name: str,
     ref: str,
     item_ids: tuple[int, ...],
+    invoice_id: str | None,
+    tracking_ids: tuple[str, ...],
+    carrier: str | None,
+    pairs: tuple[str, ...],
 ) -> None:
     """Fire the manual EVENT on order REF (e.g. ship, cancel, refund).
 
@@ -214,12 +227,18 @@ def event(
     in place with a retry scheduled and makes the exit status non-zero.
 
     \b
+    Data given with the event (invoice id, tracking ids, carrier, --data pairs) is checked
+    first, stored with the history rows of the move and sent with the delivery confirmation.
+
+    \b
     Example:
       ratepay-oms event ship 100045
+      ratepay-oms event ship 100045 --invoice-id INV-1 --tracking-id 00340434 --carrier DHL
       ratepay-oms event cancel 100045 --item 3 --item 4
     """
+    data = _event_data(invoice_id, tracking_ids, carrier, pairs)
     engine = engine_from_options(db_url, process_dir)
-    result = engine.trigger(event_name, ref, list(item_ids) or None)
+    result = engine.trigger(event_name, ref, list(item_ids) or None, data=data)
     for item_id, source, target in result.moved:
         click.echo(f"item {item_id}: {source} → {target}")
     for item_id in result.stayed:
@@ -231,3 +250,29 @@ def event(
         raise EventCommandFailedError(
             "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
+
+
+def _event_data(
+    invoice_id: str | None,
+    tracking_ids: tuple[str, ...],
+    carrier: str | None,
+    pairs: tuple[str, ...],
+) -> dict[str, Any] | None:
+    """The event's data from the options, checked before anything is touched."""
+    from ratepay_oms.plugins.ratepay.event_data import EventDataError, check_event_data
+
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise EventDataError(
+                f"--data {pair!r}: write KEY=VALUE, e.g. --data due_date=2026-12-31"
+            )
+        data[key.strip()] = value.strip()
+    if invoice_id is not None:
+        data["invoice_id"] = invoice_id
+    if tracking_ids:
+        data["tracking_ids"] = list(tracking_ids)
+    if carrier is not None:
+        data["carrier"] = carrier
+    return check_event_data(data) if data else None

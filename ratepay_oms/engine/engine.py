@@ -9,6 +9,7 @@ units of work, each in its own transaction(s); what they return are detached sna
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import secrets
@@ -277,8 +278,13 @@ class Engine:
         item_ids: Sequence[int] | None = None,
         *,
         now: datetime | None = None,
+        data: Mapping[str, Any] | None = None,
     ) -> TriggerResult:
         """Fire a manual event for items of one order (default: every item that accepts it).
+
+        ``data`` (a JSON object: invoice id, tracking ids, …) is handed to the event's
+        command (``CommandContext.data``) and stored with the history rows of the move, where
+        the commands of the states it leads to find it (``ship`` → the delivery confirmation).
 
         Refuses (``ManualEventError``, nothing written) an unknown or non-manual event and
         items whose state does not accept it; ``OrderLockedError`` while another worker holds
@@ -286,8 +292,10 @@ class Engine:
         """
         now = naive_utc(now)
         stats = RunStats()
+        event_data = _event_data(data)
 
         def fire(runner: Runner) -> None:
+            runner.data = event_data
             session = runner.session
             order = self._find(session, order_ref)
             definition = self._definition(order.process)
@@ -418,7 +426,15 @@ class Engine:
                 .order_by(StateHistory.id)
             )
             return [
-                HistoryEntry(h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at)
+                HistoryEntry(
+                    h.item_id,
+                    sku,
+                    h.from_state,
+                    h.to_state,
+                    h.event,
+                    h.created_at,
+                    json.loads(h.data) if h.data else None,
+                )
                 for h, sku in rows
             ]
 
@@ -437,6 +453,18 @@ def _dump(data: Mapping[str, Any]) -> str:
     import json
 
     return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def _event_data(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A manual event's data as a JSON object, or ``ManualEventError`` (nothing written)."""
+    if data is None or not data:
+        return None
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) and k for k in data):
+        raise ManualEventError("event data must be an object with text keys")
+    try:
+        return dict(json.loads(json.dumps(dict(data), default=str)))
+    except (TypeError, ValueError) as exc:
+        raise ManualEventError(f"event data cannot be stored as JSON: {exc}") from None
 
 
 def _duplicate(order_ref: str) -> OrderInputError:

@@ -137,6 +137,8 @@ class HistoryEntry:
     to_state: str
     event: str | None
     created_at: datetime
+    data: dict[str, Any] | None = None
+    """What a person gave with the manual event that made this move (invoice id, …)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +148,7 @@ class HistoryEntry:
             "to_state": self.to_state,
             "event": self.event,
             "created_at": _iso(self.created_at),
+            "data": self.data,
         }
 
 

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 from ratepay_oms.engine.plugins import (
     CallContext,
@@ -48,6 +49,8 @@ from ratepay_oms.persistence.payment import (
 from ratepay_oms.plugins.ratepay import basket as baskets
 from ratepay_oms.plugins.ratepay import payment_store as store
 from ratepay_oms.plugins.ratepay import reconcile as recon
+from ratepay_oms.plugins.ratepay.event_data import EventDataError, delivery_details
+from ratepay_oms.plugins.ratepay.profiles import decide_profile, profiles_of
 from ratepay_oms.ratepay import (
     Address,
     BankAccount,
@@ -61,7 +64,11 @@ from ratepay_oms.ratepay import (
     RatepayFacade,
     RatepayResult,
     RatepayTransportError,
+    RatepayValidationError,
 )
+from ratepay_oms.ratepay.builders import check_invoicing
+from ratepay_oms.ratepay.codes import RESULT_DECLINED
+from ratepay_oms.ratepay.types import Invoicing, Tracking
 
 PayloadT = TypeVar("PayloadT")
 R = TypeVar("R")
@@ -80,6 +87,16 @@ SERVICE_NAME = "ratepay"
 
 class RatepayNotConfiguredError(OmsError):
     """The engine was built without a RatePAY facade (``services={"ratepay": facade}``)."""
+
+
+def facade_for(services: Any, profile: str | None) -> RatepayFacade:
+    """The facade of the order's RatePAY profile (``None``: the default profile); an unknown
+    profile raises ``UnknownProfileError`` (its message names the configured ones)."""
+    profiles = profiles_of(services)
+    if profiles is None:
+        facade_in(services)  # raises the not-configured error
+    assert profiles is not None
+    return profiles.facade(profile)
 
 
 def facade_in(services: Any) -> RatepayFacade:
@@ -177,7 +194,8 @@ class _External(ExternalCommand[PayloadT, AnswerT]):
     action: str
 
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
-        facade = io.services.get(SERVICE_NAME)
+        profiles = profiles_of(io.services)
+        facade = profiles.facade(summary.get("profile")) if profiles is not None else None
         if not isinstance(facade, RatepayFacade) or not facade.settings.status_api_url:
             return None  # nobody to ask: a person decides
         status = facade.transaction_status(summary["transaction_id"])
@@ -244,23 +262,65 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
 
     def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall[PaymentPayload]:
+    ) -> PreparedCall[PaymentPayload] | None:
         facade_in(ctx.services)
         data = store.order_input(order)
-        store.ensure_payment(ctx.session, order, data.payment.method, ctx.now)
+        decision = decide_profile(ctx.session, ctx.services, data)
+        payment = store.ensure_payment(
+            ctx.session,
+            order,
+            data.payment.method,
+            ctx.now,
+            profile=decision.name,
+            voucher_rule=decision.facade.settings.voucher_rule if decision.facade else None,
+        )
+        if decision.violation is not None:
+            self._refused_by_profile(ctx, order, items, payment, decision)
+            return None
         basket = to_basket(baskets.full_basket(data, store.units(order.items)))
         summary = {
             "describe": f"PAYMENT_REQUEST of order {order.order_ref}",
             "operation": "PAYMENT_REQUEST",
             "method": data.payment.method,
             "amount": str(basket.amount),
+            "profile": decision.name,
         }
         return PreparedCall(summary, PaymentPayload(data, to_customer(data.customer), basket))
+
+    @staticmethod
+    def _refused_by_profile(
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        payment: RatepayPayment,
+        decision: Any,
+    ) -> None:
+        """The order breaks its profile: refused here like a decline (401, with the reason
+        RatePAY would have given), no call — and none of the shopper's attempts used."""
+        violation = decision.violation
+        message = f"refused before sending (profile {decision.name or '-'}): {violation.text}"
+        payment.result_code = str(RESULT_DECLINED)
+        payment.reason_code = str(violation.reason_code)
+        payment.customer_message = None
+        payment.updated_at = ctx.now
+        store.record_outcomes(
+            ctx.session,
+            order,
+            items,
+            PAYMENT_REQUEST,
+            ctx.now,
+            success=False,
+            operation="PAYMENT_REQUEST",
+            message=message,
+            result_code=str(RESULT_DECLINED),
+            reason_code=str(violation.reason_code),
+        )
+        log.info("order %s: %s", order.order_ref, message)
 
     def send(self, call: PreparedCall[PaymentPayload], io: CallContext) -> PaymentAnswer:
         data, basket = call.payload.data, call.payload.basket
         try:
-            facade = facade_in(io.services)
+            facade = facade_for(io.services, call.summary.get("profile"))
             plan: InstallmentPlan | None = None
             if data.payment.method == "INSTALLMENT":
                 calc = self._calculate(facade, data, basket)
@@ -420,11 +480,13 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
             "operation": "PAYMENT_CONFIRM",
             "transaction_id": payment.transaction_id,
             "order_ref": order.order_ref,
+            "profile": payment.profile,
         }
+        facade_for(ctx.services, payment.profile)  # an unknown profile fails here, unsent
         return PreparedCall(summary, None)
 
     def send(self, call: PreparedCall[None], io: CallContext) -> RatepayResult:
-        facade = facade_in(io.services)
+        facade = facade_for(io.services, call.summary.get("profile"))
         return _booking(
             lambda: facade.confirm_payment(
                 call.summary["transaction_id"], call.summary["order_ref"]
@@ -445,7 +507,16 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
         store.record_outcomes(ctx.session, order, items, PAYMENT_CONFIRM, ctx.now, result=answer)
 
 
-class _BookingCommand(_External[Basket, RatepayResult]):
+@dataclass(frozen=True)
+class BookingPayload:
+    """What a follow-up sends: its basket, and for a delivery the invoicing and tracking."""
+
+    basket: Basket
+    invoicing: Invoicing | None = None
+    tracking: tuple[Tracking, ...] = ()
+
+
+class _BookingCommand(_External[BookingPayload, RatepayResult]):
     """A follow-up that books positions (delivery, cancellation, return)."""
 
     operation: str
@@ -460,16 +531,40 @@ class _BookingCommand(_External[Basket, RatepayResult]):
         raise NotImplementedError
 
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
         raise NotImplementedError
 
+    def details(
+        self, ctx: CommandContext, items: Sequence[OrderItem], facade: RatepayFacade
+    ) -> tuple[Invoicing | None, tuple[Tracking, ...]]:
+        """Invoicing and tracking of the call (a delivery's, from the event data)."""
+        return None, ()
+
     def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall[Basket] | None:
+    ) -> PreparedCall[BookingPayload] | None:
         facade_in(ctx.services)
         payment = _transaction(ctx, order, items, self.action, self.operation)
         if payment is None:
+            return None
+        facade = facade_for(ctx.services, payment.profile)
+        try:
+            invoicing, tracking = self.details(ctx, items, facade)
+        except (EventDataError, RatepayValidationError) as exc:
+            # Bad data from a person: refused without a call; fix it and retry the event.
+            store.record_outcomes(
+                ctx.session,
+                order,
+                items,
+                self.action,
+                ctx.now,
+                success=False,
+                operation=self.operation,
+                subtype=self.subtype,
+                transaction_id=payment.transaction_id,
+                message=f"not sent: {exc}",
+            )
             return None
         data = store.order_input(order)
         ledger = store.load_ledger(ctx.session, order)
@@ -485,10 +580,15 @@ class _BookingCommand(_External[Basket, RatepayResult]):
             everything=everything,
             ledger=ledger,
         )
-        return PreparedCall(summary, to_basket(plan))
+        summary["profile"] = payment.profile
+        if invoicing is not None and invoicing.invoice_id:
+            summary["invoice_id"] = invoicing.invoice_id
+        if tracking:
+            summary["tracking"] = [f"{t.provider} {t.code}" for t in tracking]
+        return PreparedCall(summary, BookingPayload(to_basket(plan), invoicing, tracking))
 
-    def send(self, call: PreparedCall[Basket], io: CallContext) -> RatepayResult:
-        facade = facade_in(io.services)
+    def send(self, call: PreparedCall[BookingPayload], io: CallContext) -> RatepayResult:
+        facade = facade_for(io.services, call.summary.get("profile"))
         return _booking(
             lambda: self.call(
                 facade,
@@ -534,10 +634,28 @@ class ConfirmDeliveryCommand(_BookingCommand):
     ) -> baskets.BasketPlan:
         return baskets.delivery_basket(data, ledger, units)
 
+    def details(
+        self, ctx: CommandContext, items: Sequence[OrderItem], facade: RatepayFacade
+    ) -> tuple[Invoicing | None, tuple[Tracking, ...]]:
+        """From the data of the event (``ship --invoice-id …``): given to this command, else
+        the newest stored with the move of these items. Checked against RatePAY's window
+        here, so a bad date is refused with the reason instead of sent."""
+        data = ctx.data or store.latest_event_data(ctx.session, [i.id for i in items])
+        invoicing, tracking = delivery_details(data, facade.settings, ctx.now)
+        if invoicing is not None:
+            check_invoicing(invoicing, ZoneInfo(facade.settings.time_zone), ctx.now)
+        return invoicing, tracking
+
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
-        return facade.confirm_delivery(transaction_id, basket, order_id=order_ref)
+        return facade.confirm_delivery(
+            transaction_id,
+            payload.basket,
+            order_id=order_ref,
+            invoicing=payload.invoicing,
+            tracking=payload.tracking,
+        )
 
 
 class CancelOrderCommand(_BookingCommand):
@@ -555,9 +673,9 @@ class CancelOrderCommand(_BookingCommand):
         return baskets.cancellation_basket(data, ledger, units)
 
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
-        return facade.cancel(transaction_id, basket, order_id=order_ref)
+        return facade.cancel(transaction_id, payload.basket, order_id=order_ref)
 
 
 class RefundCommand(_BookingCommand):
@@ -575,6 +693,6 @@ class RefundCommand(_BookingCommand):
         return baskets.return_basket(data, ledger, units)
 
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
-        return facade.refund(transaction_id, basket, order_id=order_ref)
+        return facade.refund(transaction_id, payload.basket, order_id=order_ref)

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.orders import OrderInput, parse_order
-from ratepay_oms.persistence.models import Order, OrderItem
+from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
@@ -109,6 +109,7 @@ def record_outcomes(
     subtype: str | None = None,
     transaction_id: str | None = None,
     result_code: str | None = None,
+    reason_code: str | None = None,
 ) -> None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
     why) and the outcome is a failure."""
@@ -128,7 +129,8 @@ def record_outcomes(
             "result_code": result_code if result is None
             else None if result.result_code is None
             else str(result.result_code),
-            "reason_code": None if result is None or result.reason_code is None
+            "reason_code": reason_code if result is None
+            else None if result.reason_code is None
             else str(result.reason_code),
             "message": text,
             "transaction_id": (result.transaction_id if result is not None else None)
@@ -179,3 +181,17 @@ def load_ledger(session: Session, order: Order) -> OrderLedger:
                     data.discount.unit_price_gross, units(order.items)
                 )
     return ledger
+
+
+def latest_event_data(session: Session, item_ids: Sequence[int]) -> dict[str, Any] | None:
+    """The newest data a person gave with a manual event that moved one of these items (what
+    the delivery confirmation after ``ship --invoice-id …`` sends), or ``None``."""
+    if not item_ids:
+        return None
+    raw = session.scalar(
+        select(StateHistory.data)
+        .where(StateHistory.item_id.in_(list(item_ids)), StateHistory.data.is_not(None))
+        .order_by(StateHistory.id.desc())
+        .limit(1)
+    )
+    return json.loads(raw) if raw else None
