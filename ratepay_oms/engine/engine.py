@@ -16,6 +16,7 @@ import secrets
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from ratepay_oms.engine.plugins import PluginRegistry, Reconciled
 from ratepay_oms.engine.runner import (
     RESOLVED_BOOKED,
     RESOLVED_NOT_BOOKED,
+    Group,
     Runner,
     RunStats,
     group_items,
@@ -319,6 +321,77 @@ class Engine:
             stayed=list(stats.stayed),
             errors=list(stats.error_messages),
         )
+
+    # -- bookings outside a transition ----------------------------------------------------
+
+    def run_external(
+        self,
+        command: str,
+        order_ref: str,
+        data: Mapping[str, Any],
+        *,
+        now: datetime | None = None,
+    ) -> TriggerResult:
+        """Run the external command ``command`` once on order ``order_ref``, outside any
+        transition, with ``data`` as its ``CommandContext.data``: planned with an intent,
+        sent after the plan commits, settled exactly once (reconciled if the answer is lost),
+        like every booking. The intent covers the order's first item (it blocks only that
+        item's events while the call is in flight); nothing moves unless an event-less
+        transition of that item's state applies after it."""
+        now = naive_utc(now)
+        stats = RunStats()
+        event_data = _event_data(data)
+        if not self.registry.is_external(command):
+            raise ManualEventError(f"{command} is not an external command")
+
+        def fire(runner: Runner) -> None:
+            runner.data = event_data
+            session = runner.session
+            order = self._find(session, order_ref)
+            self.claims.lock_one(session, order.id, f"order {order_ref}")
+            first = session.scalars(
+                select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
+            ).first()
+            if first is None:
+                raise ManualEventError(f"order {order_ref} has no items")
+            runner.plan_external(Group(order, first.process, first.state, None, [first]), command)
+
+        self._drive(now, stats).run(fire)
+        return TriggerResult(
+            event=command,
+            moved=list(stats.moves),
+            stayed=list(stats.stayed),
+            errors=list(stats.error_messages),
+        )
+
+    def credit(
+        self,
+        order_ref: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal | None = None,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """A goodwill credit of ``amount`` on the delivered order (RatePAY PAYMENT_CHANGE
+        credit), exactly once; see ``ratepay_oms.plugins.ratepay.adjustments.book``."""
+        from ratepay_oms.plugins.ratepay.adjustments import book
+
+        return book(self, "credit", order_ref, amount, tax_rate=tax_rate, reason=reason, now=now)
+
+    def debit(
+        self,
+        order_ref: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal | None = None,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """An adjustment charge of ``amount`` on the delivered order; see ``credit``."""
+        from ratepay_oms.plugins.ratepay.adjustments import book
+
+        return book(self, "debit", order_ref, amount, tax_rate=tax_rate, reason=reason, now=now)
 
     # -- the tick --------------------------------------------------------------------------
 

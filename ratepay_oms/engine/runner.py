@@ -266,6 +266,20 @@ class Runner:
             return []
         return self.choose(group, items, command_name, ctx, record_stays)
 
+    def plan_external(self, group: Group, command_name: str) -> None:
+        """Plan ``command_name`` (an external command) for ``group`` outside any transition:
+        a booking a person asks for on an order (a goodwill credit), exactly once through an
+        intent like every booking. ``group.event`` is ``None``; the first round's
+        ``CommandContext.data`` (``self.data``) tells the command what to book."""
+        command = self.engine.registry.external(command_name)
+        self._first_round = True
+        try:
+            ctx = self.context(group)
+            moves = self._plan(group, command_name, command, ctx, record_stays=False)
+        finally:
+            self._first_round = False
+        self._rounds([], moves, record_stays=False)
+
     def _plan(
         self,
         group: Group,

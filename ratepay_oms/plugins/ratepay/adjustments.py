@@ -18,16 +18,21 @@ together exceed the balance.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ratepay_oms.engine.plugins import Reconciled
 from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import OrderInput, money
+from ratepay_oms.persistence.models import INTENT_SETTLED, Intent, Order
 from ratepay_oms.persistence.payment import (
     ADJ_BOOKED,
     ADJ_PENDING,
@@ -182,3 +187,176 @@ def default_tax_rate(order: OrderInput) -> Decimal:
     """The tax rate of a credit or debit when none is given: the highest of the order's items
     (Spryker's rule for a basket-level discount)."""
     return max(line.tax_rate for line in order.items)
+
+
+# --- asking for one ---------------------------------------------------------------------------
+
+CREDIT_COMMAND = "Ratepay/Credit"
+"""The external command that books credits and debits (``Engine.run_external``)."""
+
+_UNSENT = ("not_sent", "reconciled_not_booked", "resolved_not_booked")
+"""Intent resolutions that mean the PAYMENT_CHANGE was certainly not booked."""
+
+
+@dataclass(frozen=True)
+class AdjustmentRequest:
+    """What ``Engine.credit`` / ``debit`` hands the command (``CommandContext.data``)."""
+
+    request_id: str
+    kind: str
+    amount: Decimal
+    tax_rate: Decimal | None
+    reason: str | None
+
+    def to_data(self) -> dict[str, str | None]:
+        return {
+            "request_id": self.request_id,
+            "kind": self.kind,
+            "amount": str(self.amount),
+            "tax_rate": None if self.tax_rate is None else str(self.tax_rate),
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> AdjustmentRequest:
+        try:
+            return cls(
+                request_id=str(data["request_id"]),
+                kind=str(data["kind"]),
+                amount=Decimal(str(data["amount"])),
+                tax_rate=None if data.get("tax_rate") is None else Decimal(str(data["tax_rate"])),
+                reason=data.get("reason") or None,
+            )
+        except (KeyError, ArithmeticError, ValueError) as exc:
+            raise AdjustmentError(f"incomplete credit/debit request: {exc}") from None
+
+
+def find(session: Session, request_id: str) -> RatepayAdjustment | None:
+    return session.scalar(
+        select(RatepayAdjustment).where(RatepayAdjustment.request_id == request_id)
+    )
+
+
+def _intent_resolutions(session: Session, order_id: int) -> dict[str, tuple[str, str | None]]:
+    """request id → (status, resolution) of the order's credit intents."""
+    found: dict[str, tuple[str, str | None]] = {}
+    rows = session.execute(
+        select(Intent.summary, Intent.status, Intent.resolution).where(
+            Intent.order_id == order_id, Intent.command == CREDIT_COMMAND
+        )
+    )
+    for summary, status, resolution in rows:
+        try:
+            request_id = json.loads(summary).get("request_id")
+        except ValueError:
+            continue
+        if request_id:
+            found[str(request_id)] = (status, resolution)
+    return found
+
+
+def forget_unsent(session: Session, order_id: int) -> None:
+    """Pending rows whose call certainly never booked (not sent, reconciled or resolved as
+    not booked) become ``refused``, so they no longer count against the limits."""
+    resolutions = _intent_resolutions(session, order_id)
+    for row in adjustments_of(session, order_id):
+        if row.status != ADJ_PENDING:
+            continue
+        status, resolution = resolutions.get(row.request_id, ("", None))
+        if status == INTENT_SETTLED and resolution in _UNSENT:
+            row.status = ADJ_REFUSED
+            row.message = f"not booked at RatePAY ({resolution}); ask again if still wanted"
+
+
+def verdict(summary: Mapping[str, Any], status: Mapping[str, Any]) -> Reconciled | None:
+    """Booked or not from the transaction status: its credited total against ours before."""
+    try:
+        credited = Decimal(str(status["credited"]))
+        before = Decimal(str(summary["credited_before"]))
+        added = Decimal(str(summary["amount"]))
+    except (KeyError, ArithmeticError, ValueError):
+        return None
+    if credited == before + added:
+        return Reconciled(True, None, f"status lookup: credited {credited}")
+    if credited == before:
+        return Reconciled(False, detail=f"status lookup: credited still {credited}")
+    return None
+
+
+@dataclass(frozen=True)
+class AdjustmentResult:
+    """What became of a credit or debit asked for on the console or through the Engine."""
+
+    order_ref: str
+    kind: str
+    amount: Decimal
+    status: str
+    """``booked``, ``refused`` or ``pending`` (sent, answer lost: the tick reconciles it)."""
+    message: str | None
+    errors: tuple[str, ...] = ()
+
+    @property
+    def booked(self) -> bool:
+        return self.status == ADJ_BOOKED
+
+    def describe(self) -> str:
+        text = f"{self.kind} of {self.amount} on order {self.order_ref}: {self.status}"
+        return text + (f" ({self.message})" if self.message and not self.booked else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "order_ref": self.order_ref,
+            "kind": self.kind,
+            "amount": str(self.amount),
+            "status": self.status,
+            "booked": self.booked,
+            "message": self.message,
+            "errors": list(self.errors),
+        }
+
+
+def book(
+    engine: Any,
+    kind: str,
+    order_ref: str,
+    amount: Decimal,
+    *,
+    tax_rate: Decimal | None = None,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> AdjustmentResult:
+    """Book a credit or debit on ``order_ref`` exactly once through ``engine`` (an ``Engine``).
+
+    Checked first against our ledger (``AdjustmentError``, nothing written, when RatePAY
+    would refuse it), then run as the external command ``Ratepay/Credit`` and checked again
+    under the order's lock. A reason longer than RatePAY's 255 characters is refused."""
+    if reason is not None and len(reason) > 255:
+        raise AdjustmentError("the reason is printed on RatePAY's letters: at most 255 characters")
+    if tax_rate is not None and not (Decimal(0) <= tax_rate <= Decimal(100)):
+        raise AdjustmentError(f"tax rate {tax_rate} is not a percentage")
+    from ratepay_oms.plugins.ratepay import payment_store as store
+
+    with engine.session() as session:
+        order = session.scalar(select(Order).where(Order.order_ref == order_ref))
+        if order is None:
+            raise AdjustmentError(f"no order {order_ref!r}")
+        data = store.order_input(order)
+        ledger = store.load_ledger(session, order)
+        forget_unsent(session, order.id)  # read-only here: not committed
+        rows = adjustments_of(session, order.id)
+        check_adjustment(kind, amount, balance(data, ledger, store.units(order.items), rows),
+                         order_ref)
+        session.rollback()
+    request = AdjustmentRequest(uuid.uuid4().hex, kind, amount, tax_rate, reason)
+    result = engine.run_external(CREDIT_COMMAND, order_ref, request.to_data(), now=now)
+    with engine.session() as session:
+        row = find(session, request.request_id)
+        status = row.status if row is not None else ADJ_REFUSED
+        message = row.message if row is not None else "; ".join(result.errors) or None
+        if row is not None and row.status == ADJ_PENDING:
+            resolution = _intent_resolutions(session, row.order_id).get(request.request_id)
+            if resolution is not None and resolution[0] == INTENT_SETTLED:
+                status, message = ADJ_REFUSED, f"not booked at RatePAY ({resolution[1]})"
+            elif result.errors:
+                message = "; ".join(result.errors)
+    return AdjustmentResult(order_ref, kind, amount, status, message, tuple(result.errors))

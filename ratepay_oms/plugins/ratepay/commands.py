@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -37,6 +38,8 @@ from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import Address as OrderAddress
 from ratepay_oms.orders import CustomerInput, OrderInput, PositionInput
 from ratepay_oms.persistence.payment import (
+    ADJ_BOOKED,
+    ADJ_PENDING,
     CANCELLATION,
     CANCELLED,
     DELIVERED,
@@ -46,6 +49,7 @@ from ratepay_oms.persistence.payment import (
     RETURN,
     RETURNED,
 )
+from ratepay_oms.plugins.ratepay import adjustments as adj
 from ratepay_oms.plugins.ratepay import basket as baskets
 from ratepay_oms.plugins.ratepay import payment_store as store
 from ratepay_oms.plugins.ratepay import reconcile as recon
@@ -696,3 +700,136 @@ class RefundCommand(_BookingCommand):
         self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
         return facade.refund(transaction_id, payload.basket, order_id=order_ref)
+
+
+@dataclass(frozen=True)
+class AdjustmentPayload:
+    """A credit or debit as ``send`` makes it."""
+
+    kind: str
+    amount: Decimal
+    tax_rate: Decimal
+    description: str
+    currency: str
+
+
+class AdjustmentCommand(_External[AdjustmentPayload, RatepayResult]):
+    """PAYMENT_CHANGE credit: a goodwill credit or a debit a person asked for
+    (``Engine.credit`` / ``Engine.debit``, run outside any transition by
+    ``Engine.run_external``). What to book comes in ``ctx.data`` (kind, amount, tax rate,
+    reason, request id); the ``ratepay_adjustment`` row is written here, pending with the
+    intent and settled with the answer."""
+
+    action = "adjustment"
+
+    def plan(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> PreparedCall[AdjustmentPayload] | None:
+        request = adj.AdjustmentRequest.from_data(ctx.data)
+        payment = store.get_payment(ctx.session, order.id)
+        profile = payment.profile if payment is not None else None
+        facade_for(ctx.services, profile)  # an unknown profile fails here, unsent
+        data = store.order_input(order)
+        adj.forget_unsent(ctx.session, order.id)
+        existing = adj.adjustments_of(ctx.session, order.id)
+        row = adj.open_adjustment(
+            ctx.session, order.id, request.request_id, request.kind, request.amount,
+            request.tax_rate or adj.default_tax_rate(data), request.reason, ctx.now,
+        )
+        if row.status != ADJ_PENDING or any(
+            e.id == row.id for e in existing
+        ):
+            return None  # this request was decided before: never book it twice
+        try:
+            if payment is None or not payment.transaction_id:
+                raise adj.AdjustmentError(
+                    f"order {order.order_ref} has no accepted RatePAY transaction"
+                )
+            ledger = store.load_ledger(ctx.session, order)
+            now_balance = adj.balance(
+                data, ledger, store.units(order.items), [e for e in existing if e.id != row.id]
+            )
+            adj.check_adjustment(request.kind, request.amount, now_balance, order.order_ref)
+        except adj.AdjustmentError as exc:
+            adj.settle_adjustment(row, booked=False, now=ctx.now, transaction_id=None,
+                                  message=f"refused before sending: {exc}")
+            return None
+        signed = adj.signed(request.kind, request.amount)
+        booked_before = sum(
+            (adj.signed(e.kind, e.amount) for e in existing if e.status == ADJ_BOOKED),
+            Decimal("0.00"),
+        )
+        summary = {
+            "describe": f"PAYMENT_CHANGE/credit ({request.kind} {request.amount}) of order "
+            f"{order.order_ref}",
+            "operation": "PAYMENT_CHANGE",
+            "subtype": "credit",
+            "transaction_id": payment.transaction_id,
+            "order_ref": order.order_ref,
+            "profile": profile,
+            "request_id": request.request_id,
+            "kind": request.kind,
+            "amount": str(signed),
+            "credited_before": str(booked_before),
+        }
+        description = request.reason or (
+            "Goodwill credit" if request.kind == adj.CREDIT else "Adjustment charge"
+        )
+        return PreparedCall(
+            summary,
+            AdjustmentPayload(request.kind, request.amount, row.tax_rate, description,
+                              data.currency),
+        )
+
+    def send(self, call: PreparedCall[AdjustmentPayload], io: CallContext) -> RatepayResult:
+        facade = facade_for(io.services, call.summary.get("profile"))
+        p = call.payload
+        book = facade.credit if p.kind == adj.CREDIT else facade.debit
+        return _booking(
+            lambda: book(
+                call.summary["transaction_id"],
+                p.amount,
+                tax_rate=p.tax_rate,
+                description=p.description,
+                currency=p.currency,
+                order_id=call.summary["order_ref"],
+            )
+        )
+
+    def apply(
+        self,
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        summary: dict[str, Any],
+        answer: RatepayResult | Reconciled,
+    ) -> None:
+        row = adj.find(ctx.session, summary["request_id"])
+        if row is None:  # pragma: no cover - written with the intent
+            log.error("adjustment %s of order %s vanished", summary["request_id"],
+                      order.order_ref)
+            return
+        if isinstance(answer, Reconciled):
+            adj.settle_adjustment(
+                row, booked=answer.booked, now=ctx.now,
+                transaction_id=summary.get("transaction_id"),
+                message=answer.detail or "booked at RatePAY (transaction status)",
+            )
+            return
+        adj.settle_adjustment(
+            row,
+            booked=answer.success,
+            now=ctx.now,
+            transaction_id=summary.get("transaction_id"),
+            result_code=answer.result_code,
+            reason_code=answer.reason_code,
+            message=" / ".join(p for p in (answer.result_text, answer.reason_text) if p) or None,
+        )
+
+    def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
+        profiles = profiles_of(io.services)
+        facade = profiles.facade(summary.get("profile")) if profiles is not None else None
+        if facade is None or not facade.settings.status_api_url:
+            return None
+        status = facade.transaction_status(summary["transaction_id"])
+        return adj.verdict(summary, status.data)
