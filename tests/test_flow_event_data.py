@@ -166,3 +166,74 @@ def test_an_order_over_its_profiles_limit_is_refused_before_any_call(strict_sand
         assert {i.state for i in engine.order(small).items} == {"ready for shipment"}
     finally:
         engine.close()
+
+
+# --------------------------------------------------------------------------- several profiles
+
+CH_SECRET = "c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2c2"
+
+
+@pytest.fixture
+def two_profile_sandbox() -> Iterator[RunningSandbox]:
+    ch = SandboxConfig(profile_id="SHOP_CH", security_code=CH_SECRET,
+                       billing_countries=("CH",), delivery_countries=("CH",),
+                       currencies=("CHF",))
+    running = start_sandbox(SandboxConfig(seed=3, billing_countries=("DE", "AT"),
+                                          currencies=("EUR",), profiles=(ch,)))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_each_order_goes_out_with_its_profiles_credentials(two_profile_sandbox, fresh_db_url,
+                                                           tmp_path):
+    from ratepay_oms.engine.engine import Engine
+    from ratepay_oms.plugins.ratepay.services import ratepay_services
+    from ratepay_oms.process.loader import default_process_dir
+
+    sandbox = two_profile_sandbox
+    toml = tmp_path / "ratepay.toml"
+    toml.write_text(
+        f'[ratepay]\nAPI_TEST_URL = "{sandbox.url}"\nSTATUS_API_URL = "{sandbox.status_url}"\n'
+        '[ratepay.profiles.DE]\nPROFILE_ID = "INTEGRATION_TE_DACH"\n'
+        '[ratepay.profiles.CH]\nPROFILE_ID = "SHOP_CH"\nVOUCHER_RULE = "prorata"\n',
+        encoding="utf-8",
+    )
+    env = {"RATEPAY_PROFILE_DE_SECURITY_CODE": sandbox.settings["SECURITY_CODE"],
+           "RATEPAY_PROFILE_CH_SECURITY_CODE": CH_SECRET}
+    engine = Engine(fresh_db_url, process_dir=default_process_dir())
+    engine.upgrade_db()
+    engine.services.update(ratepay_services(engine.session, environ=env, toml_path=toml))
+    try:
+        refresh(engine.session, profiles_of(engine.services), None, NOW)  # countries known
+        swiss = example_order(f"CH-{uuid.uuid4().hex[:6]}")
+        swiss["currency"] = "CHF"
+        swiss["customer"]["billing_address"].update(
+            {"street": "Bahnhofstrasse 1", "zip_code": "8001", "city": "Zürich",
+             "country_code": "CH"})
+        ch_ref = engine.place_order(swiss).order_ref
+        de_ref, _ = _place(engine)
+        for ref in (ch_ref, de_ref):
+            assert {i.state for i in engine.order(ref).items} == {"ready for shipment"}
+        ch_ids = [i.id for i in engine.order(ch_ref).items]
+        engine.trigger("ship", ch_ref, ch_ids[:2])
+        by_tx = {t.order_id: t for t in sandbox.gateway.transactions.values() if t.order_id}
+        assert by_tx[ch_ref].profile_id == "SHOP_CH"
+        assert by_tx[de_ref].profile_id == "INTEGRATION_TE_DACH"
+        # CH settles its voucher pro rata: two mugs carry 2 × −0.76 of the −5.00
+        assert by_tx[ch_ref].positions["discount"].delivered == Decimal("-1.52")
+        from ratepay_oms.console.inspect import order_detail
+
+        assert order_detail(engine, ch_ref)["payment"]["profile"] == "CH"
+        # an order no profile serves is refused with the reason, not sent
+        french = example_order(f"FR-{uuid.uuid4().hex[:6]}")
+        french["customer"]["billing_address"]["country_code"] = "FR"
+        before = len(sandbox.gateway.received)
+        fr_ref = engine.place_order(french).order_ref
+        assert {i.state for i in engine.order(fr_ref).items} == {"payment request declined"}
+        assert len(sandbox.gateway.received) == before
+        for exchange in sandbox.gateway.received:
+            assert CH_SECRET.encode() not in exchange.request_xml
+    finally:
+        engine.close()
