@@ -124,6 +124,9 @@ def test_the_console_books_a_credit_and_refuses_a_bad_one(engine, sandbox, capsy
     assert code != 0 and out == "" and "at most" in err and "Traceback" not in err
     code = main(["credit", ref, "--amount", "-1", "--db", engine.database_url])
     assert code != 0
+    capsys.readouterr()
+    assert main(["order", "history", ref, "--db", engine.database_url]) == 0
+    assert "credit 5.00 EUR (scratched mug): booked" in capsys.readouterr().out
     assert _tx(sandbox, ref).credited == D("-5.00")
     for text in capsys.readouterr():
         assert sandbox.settings["SECURITY_CODE"] not in text
