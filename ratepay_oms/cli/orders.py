@@ -180,7 +180,8 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
       ratepay-oms order history 100045
       ratepay-oms order history 100045 --json
     """
-    entries = engine_from_options(db_url, process_dir).history(ref)
+    engine = engine_from_options(db_url, process_dir)
+    entries = engine.history(ref)
     if as_json:
         print_json([e.to_json() for e in entries])
         return
@@ -192,14 +193,14 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
         data = ", ".join(f"{k}={v}" for k, v in sorted(e.data.items())) if e.data else ""
         table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "", data)
     stdout_console().print(table)
-    _print_adjustments(db_url, process_dir, ref)
+    _print_adjustments(engine, ref)
 
 
-def _print_adjustments(db_url: str | None, process_dir: Path | None, ref: str) -> None:
+def _print_adjustments(engine: Any, ref: str) -> None:
     """Credits and debits are no state change, so they are listed under the moves."""
     from ratepay_oms.console.inspect import order_detail
 
-    detail = order_detail(engine_from_options(db_url, process_dir), ref, calls=0)
+    detail = order_detail(engine, ref, calls=0)
     for a in detail.get("adjustments", []):
         when = (a["settled_at"] or a["created_at"] or "").replace("T", " ")[:19]
         click.echo(
