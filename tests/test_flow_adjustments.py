@@ -93,19 +93,24 @@ def test_a_refusal_by_ratepay_is_recorded_not_retried(engine, sandbox):
     assert _tx(sandbox, ref).credited == D("-1.00")
 
 
-def test_a_lost_answer_is_reconciled_never_sent_twice(engine, sandbox):
+def test_a_lost_answer_waits_for_a_person_and_is_never_sent_twice(engine, sandbox):
+    """RatePAY's status API documents no credit figure: the engine does not guess; a person
+    checks and resolves the intent, and the credit is booked once."""
     ref = _shipped(engine, 2)
     sandbox.gateway.add_fault(Fault(kind="timeout_after_booking", operation="PAYMENT_CHANGE",
                                     subtype="credit", times=1, delay_s=0.0))
     result = engine.credit(ref, D("4.00"))
     assert result.status == "pending"
     assert _tx(sandbox, ref).credited == D("-4.00")  # the gateway did book it
-    assert _credits_sent(sandbox) == 1
-    engine.tick(now=None)  # reconciles through the status lookup
+    engine.tick()
+    (intent,) = [i for i in engine.intents(ref) if i.command == "Ratepay/Credit"]
+    engine.resolve_intent(intent.id, booked=True, note="credit visible in the portal")
     (row,) = order_detail(engine, ref)["adjustments"]
     assert row["status"] == "booked"
     assert _credits_sent(sandbox) == 1
     assert _tx(sandbox, ref).credited == D("-4.00")
+    with pytest.raises(AdjustmentError, match="exceeds"):
+        engine.credit(ref, D("26.00"))  # 29.95 − 4.00 left
 
 
 def test_the_console_books_a_credit_and_refuses_a_bad_one(engine, sandbox, capsys,

@@ -29,7 +29,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ratepay_oms.engine.plugins import Reconciled
 from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import OrderInput, money
 from ratepay_oms.persistence.models import INTENT_SETTLED, Intent, Order
@@ -266,21 +265,6 @@ def forget_unsent(session: Session, order_id: int) -> None:
         if status == INTENT_SETTLED and resolution in _UNSENT:
             row.status = ADJ_REFUSED
             row.message = f"not booked at RatePAY ({resolution}); ask again if still wanted"
-
-
-def verdict(summary: Mapping[str, Any], status: Mapping[str, Any]) -> Reconciled | None:
-    """Booked or not from the transaction status: its credited total against ours before."""
-    try:
-        credited = Decimal(str(status["credited"]))
-        before = Decimal(str(summary["credited_before"]))
-        added = Decimal(str(summary["amount"]))
-    except (KeyError, ArithmeticError, ValueError):
-        return None
-    if credited == before + added:
-        return Reconciled(True, None, f"status lookup: credited {credited}")
-    if credited == before:
-        return Reconciled(False, detail=f"status lookup: credited still {credited}")
-    return None
 
 
 @dataclass(frozen=True)

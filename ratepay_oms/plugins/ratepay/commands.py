@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -51,9 +52,11 @@ from ratepay_oms.persistence.payment import (
 )
 from ratepay_oms.plugins.ratepay import adjustments as adj
 from ratepay_oms.plugins.ratepay import basket as baskets
+from ratepay_oms.plugins.ratepay import installments
 from ratepay_oms.plugins.ratepay import payment_store as store
 from ratepay_oms.plugins.ratepay import reconcile as recon
 from ratepay_oms.plugins.ratepay.event_data import EventDataError, delivery_details
+from ratepay_oms.plugins.ratepay.installments import InstallmentQuote, InstallmentUnavailable
 from ratepay_oms.plugins.ratepay.profiles import decide_profile, profiles_of
 from ratepay_oms.ratepay import (
     Address,
@@ -64,6 +67,7 @@ from ratepay_oms.ratepay import (
     Customer,
     InstallmentDetails,
     InstallmentPlan,
+    Operation,
     PaymentInfo,
     RatepayFacade,
     RatepayResult,
@@ -71,7 +75,11 @@ from ratepay_oms.ratepay import (
     RatepayValidationError,
 )
 from ratepay_oms.ratepay.builders import check_invoicing
-from ratepay_oms.ratepay.codes import RESULT_DECLINED
+from ratepay_oms.ratepay.codes import (
+    MAX_PAYMENT_ATTEMPTS,
+    PAYMENT_ATTEMPT_WINDOW_HOURS,
+    RESULT_DECLINED,
+)
 from ratepay_oms.ratepay.types import Invoicing, Tracking
 
 PayloadT = TypeVar("PayloadT")
@@ -128,6 +136,7 @@ def _address(a: OrderAddress) -> Address:
         first_name=a.first_name,
         last_name=a.last_name,
         company=a.company,
+        delivery_type=a.delivery_type,
     )
 
 
@@ -148,6 +157,10 @@ def to_customer(c: CustomerInput) -> Customer:
         bank_account=BankAccount(bank.owner, bank.iban, bank.bic, bank.bank_name) if bank else None,
         company_name=c.company_name,
         vat_id=c.vat_id,
+        company_id=c.company_id,
+        registry_location=c.registry_location,
+        company_type=c.company_type,
+        homepage=c.homepage,
     )
 
 
@@ -200,10 +213,10 @@ class _External(ExternalCommand[PayloadT, AnswerT]):
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
         profiles = profiles_of(io.services)
         facade = profiles.facade(summary.get("profile")) if profiles is not None else None
-        if not isinstance(facade, RatepayFacade) or not facade.settings.status_api_url:
+        if not isinstance(facade, RatepayFacade) or not facade.settings.status_lookup_configured:
             return None  # nobody to ask: a person decides
         status = facade.transaction_status(summary["transaction_id"])
-        return recon.verdict(summary, status.data)
+        return recon.verdict(summary, status.report).reconciled()
 
     def _record_reconciled(
         self,
@@ -268,6 +281,13 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[PaymentPayload] | None:
         facade_in(ctx.services)
+        refusal = self._attempts_refusal(ctx, order)
+        if refusal is not None:
+            store.record_outcomes(
+                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
+                operation=Operation.PAYMENT_REQUEST.value, message=refusal,
+            )
+            return None
         data = store.order_input(order)
         decision = decide_profile(ctx.session, ctx.services, data)
         payment = store.ensure_payment(
@@ -288,6 +308,8 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
             "method": data.payment.method,
             "amount": str(basket.amount),
             "profile": decision.name,
+            "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
         return PreparedCall(summary, PaymentPayload(data, to_customer(data.customer), basket))
 
@@ -321,20 +343,40 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         )
         log.info("order %s: %s", order.order_ref, message)
 
+    @staticmethod
+    def _attempts_refusal(ctx: CommandContext, order: Order) -> str | None:
+        """Why a new attempt may not go out now (RatePAY: at most 3 per order in 24 hours)."""
+        window = timedelta(hours=PAYMENT_ATTEMPT_WINDOW_HOURS)
+        sent = store.payment_attempts(ctx.session, order.id, ctx.now - window)
+        if len(sent) < MAX_PAYMENT_ATTEMPTS:
+            return None
+        next_at = sent[-MAX_PAYMENT_ATTEMPTS] + window
+        return (
+            f"not sent: RatePAY allows {MAX_PAYMENT_ATTEMPTS} payment attempts per order within "
+            f"{PAYMENT_ATTEMPT_WINDOW_HOURS} hours and this order had {len(sent)}; retry after "
+            f"{next_at:%Y-%m-%d %H:%M} UTC (event 'retry payment request'), or offer another "
+            "payment method"
+        )
+
     def send(self, call: PreparedCall[PaymentPayload], io: CallContext) -> PaymentAnswer:
         data, basket = call.payload.data, call.payload.basket
         try:
             facade = facade_for(io.services, call.summary.get("profile"))
             plan: InstallmentPlan | None = None
             if data.payment.method == "INSTALLMENT":
-                calc = self._calculate(facade, data, basket)
-                if not calc.success or calc.installment_plan is None:
-                    return PaymentAnswer(None, refused=calc)
-                plan = calc.installment_plan
+                try:
+                    plan = self._calculate(facade, data, basket).plan
+                except InstallmentUnavailable as unavailable:
+                    if unavailable.result is None:
+                        raise
+                    return PaymentAnswer(None, refused=unavailable.result)
             init = facade.init_payment()
             if not init.success or not init.transaction_id:
                 return PaymentAnswer(None, refused=init, plan=plan)
-            facts: dict[str, Any] = {"transaction_id": init.transaction_id}
+            facts: dict[str, Any] = {
+                "transaction_id": init.transaction_id,
+                "planned_at": recon.planned_now(),  # the request leaves right after this
+            }
             if init.transaction_short_id:
                 facts["transaction_short_id"] = init.transaction_short_id
             if plan is not None:
@@ -365,15 +407,17 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         return PaymentAnswer(result, init=init, plan=plan)
 
     @staticmethod
-    def _calculate(facade: RatepayFacade, data: OrderInput, basket: Basket) -> RatepayResult:
+    def _calculate(facade: RatepayFacade, data: OrderInput, basket: Basket) -> InstallmentQuote:
+        """The plan through the checkout calculator's own function, so it is the one shown."""
         choice = data.payment.installment
         assert choice is not None  # the order input requires it for INSTALLMENT
         if choice.calculation_type == "calculation-by-rate":
-            return facade.installment_calculation(
-                basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
+            return installments.quote(
+                facade, basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
             )
-        return facade.installment_calculation(
-            basket.amount, months=int(choice.value), payment_firstday=choice.payment_firstday
+        return installments.quote(
+            facade, basket.amount, months=int(choice.value),
+            payment_firstday=choice.payment_firstday,
         )
 
     def apply(
@@ -485,6 +529,7 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
             "transaction_id": payment.transaction_id,
             "order_ref": order.order_ref,
             "profile": payment.profile,
+            "planned_at": recon.planned_now(),
         }
         facade_for(ctx.services, payment.profile)  # an unknown profile fails here, unsent
         return PreparedCall(summary, None)
@@ -827,9 +872,7 @@ class AdjustmentCommand(_External[AdjustmentPayload, RatepayResult]):
         )
 
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
-        profiles = profiles_of(io.services)
-        facade = profiles.facade(summary.get("profile")) if profiles is not None else None
-        if facade is None or not facade.settings.status_api_url:
-            return None
-        status = facade.transaction_status(summary["transaction_id"])
-        return adj.verdict(summary, status.data)
+        """RatePAY's Transaction Status API documents no figure for credits and debits (the
+        shape of ``current_special_items`` is unknown, reference status-api §"200 answer"), so
+        a lost answer is not guessed at: the intent waits for a person (``intents resolve``)."""
+        return None

@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
+from ratepay_oms.plugins.ratepay.installments import SERVICE_NAME as INSTALLMENTS
+from ratepay_oms.plugins.ratepay.installments import InstallmentCalculator
 from ratepay_oms.plugins.ratepay.profiles import PROFILES_SERVICE, RatepayProfiles
 from ratepay_oms.ratepay import (
     RatepayFacade,
@@ -45,18 +47,23 @@ def ratepay_services(
     environ: Mapping[str, str] | None = None,
     toml_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """``{"ratepay": facade, "ratepay_profiles": RatepayProfiles}`` from ``RATEPAY_<KEY>`` /
-    ``RATEPAY_PROFILE_<NAME>_<KEY>`` variables and an optional TOML file (with
-    ``[ratepay.profiles.<NAME>]`` tables), for ``Engine(services=...)``. ``"ratepay"`` is the
-    default profile's facade. Raises ``RatepaySettingsError`` naming a missing key."""
+    """``{"ratepay": facade, "ratepay_profiles": RatepayProfiles, "installments": calculator}``
+    from ``RATEPAY_<KEY>`` / ``RATEPAY_PROFILE_<NAME>_<KEY>`` variables and an optional TOML
+    file (with ``[ratepay.profiles.<NAME>]`` tables), for ``Engine(services=...)``.
+    ``"ratepay"`` is the default profile's facade. Raises ``RatepaySettingsError`` naming a
+    missing key."""
     profile_set = ProfileSet.load(environ, toml_path)
     facades = {
         name: build_facade(profile_set[name], session_factory) for name in profile_set.names
     }
-    return {
-        SERVICE_NAME: facades[profile_set.default],
-        PROFILES_SERVICE: RatepayProfiles(profile_set, facades),
-    }
+    services = facade_services(facades[profile_set.default])
+    services[PROFILES_SERVICE] = RatepayProfiles(profile_set, facades)
+    return services
+
+
+def facade_services(facade: RatepayFacade) -> dict[str, Any]:
+    """The services the RatePAY plugin offers around one facade."""
+    return {SERVICE_NAME: facade, INSTALLMENTS: InstallmentCalculator(facade)}
 
 
 def _configured(env: Mapping[str, str], toml_path: str | None) -> bool:
