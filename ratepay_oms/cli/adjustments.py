@@ -2,7 +2,8 @@
 a delivered order, booked at RatePAY as its own PAYMENT_CHANGE credit, exactly once.
 
 Both go through the engine's firing path like every booking (intent, call, settle), so a lost
-answer is reconciled, never re-sent blindly. Refused before anything is sent: an order with
+answer is never re-sent blindly: RatePAY's status API shows no credit figure, so such an intent
+waits for a person (``ratepay-oms intents resolve``). Refused before anything is sent: an order with
 nothing delivered, a credit above what the shopper owes, a debit above what RatePAY authorised.
 """
 
