@@ -258,9 +258,14 @@ class StateWriter:
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
 
     def write_moves(
-        self, moves: Sequence[Move], definitions: Mapping[str, ProcessDefinition]
+        self,
+        moves: Sequence[Move],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
-        """Persist ``moves`` (one transaction with whatever else the caller wrote)."""
+        """Persist ``moves`` (one transaction with whatever else the caller wrote); ``data``
+        (a manual event's) goes on their history rows."""
         if not moves:
             self.flush_log()
             return
@@ -270,7 +275,7 @@ class StateWriter:
                 move.process, move.source, move.target, move.event, move.command, move.condition
             )
             groups[key].append(move.item.id)
-        self.write_grouped_moves(groups, definitions)
+        self.write_grouped_moves(groups, definitions, data=data)
         for move in moves:
             item = move.item
             set_committed_value(item, "state", move.target)
@@ -283,7 +288,11 @@ class StateWriter:
         self.flush_log()
 
     def write_grouped_moves(
-        self, groups: Mapping[MoveKey, Sequence[int]], definitions: Mapping[str, ProcessDefinition]
+        self,
+        groups: Mapping[MoveKey, Sequence[int]],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         """Move the items ``groups`` names by id, all set-based: state, cleared retry, history,
         transition log, old timeouts dropped and the target's armed. Holds no ORM objects, so
@@ -306,6 +315,7 @@ class StateWriter:
                     event=key.event,
                     created_at=self.now,
                     **audit,
+                    data=_data_json(data),
                 )
                 self._insert_from_items(
                     TransitionLog,
@@ -428,3 +438,10 @@ class StateWriter:
                 )
         for part in chunked(rows):
             self.session.execute(insert(_table(EventTimeout)), list(part))
+
+
+def _data_json(data: Mapping[str, Any] | None) -> str | None:
+    """A manual event's data as stored on ``oms_state_history.data`` (``None``: no data)."""
+    if not data:
+        return None
+    return json.dumps(dict(data), default=str, ensure_ascii=False, sort_keys=True)
