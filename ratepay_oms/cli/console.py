@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,9 @@ def matrix(
 ) -> None:
     """Items per process and state, by how long they have been there (today, this week, older).
 
-    The "!" column flags states holding items with an error or a pending retry, and states the
-    process file no longer knows: those need a person.
+    The "!" column flags states holding items with an error or a pending retry, states the
+    process file no longer knows, and SLA breaches: those need a person. The "sla" column counts
+    items past the state's SLA limits (see `ratepay-oms alerts`).
 
     \b
     Example:
@@ -136,6 +138,7 @@ def matrix(
         table.add_column("state")
         for name in ("today", "week", "older", "total", "errors", "retries"):
             table.add_column(name, justify="right")
+        table.add_column("sla")
         table.add_column("!", justify="center")
         for cell in row.states:
             label = Text(cell.state)
@@ -152,6 +155,7 @@ def matrix(
                 str(cell.total),
                 _nonzero(cell.errors),
                 _nonzero(cell.retries),
+                _sla_mark(cell),
                 mark,
                 style="red" if cell.attention else None,
             )
@@ -166,6 +170,17 @@ def matrix(
 
 def _nonzero(value: int) -> str:
     return str(value) if value else ""
+
+
+def _sla_mark(cell: Any) -> Text:
+    """``breach 2`` (bold red) / ``warn 1`` (yellow): items past the state's SLA limits."""
+    text = Text()
+    if cell.sla_breach:
+        text.append(f"breach {cell.sla_breach}", style="bold red")
+    if cell.sla_warn:
+        text.append(" " if text else "")
+        text.append(f"warn {cell.sla_warn}", style="yellow")
+    return text
 
 
 # -- log --------------------------------------------------------------------------------------
@@ -439,7 +454,10 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         "payment: "
         + ", ".join(
             f"{k} {pay[k]}"
-            for k in ("method", "transaction_id", "short_id", "descriptor", "mandate_reference")
+            for k in (
+                "method", "profile", "transaction_id", "short_id", "descriptor",
+                "mandate_reference",
+            )
             if pay.get(k)
         ),
         markup=False,
@@ -453,9 +471,21 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         + ", ".join(
             f"{k} {amounts[k]} {currency}"
             for k in ("ordered", "delivered", "cancelled", "returned", "open")
+        )
+        + "".join(
+            f", {k} {amounts[k]} {currency}"
+            for k in ("credited", "debited")
+            if amounts.get(k) and Decimal(amounts[k]) != 0
         ),
         markup=False,
     )
+    for adj in detail.get("adjustments", []):
+        console.print(
+            f"{adj['kind']} {adj['amount']} {currency} ({adj['reason'] or 'no reason given'}): "
+            f"{adj['status']}"
+            + (f" — {adj['reason_code']} {adj['message']}" if adj["status"] == "refused" else ""),
+            markup=False,
+        )
     if detail.get("lease"):
         lease = detail["lease"]
         state = "expired" if lease["expired"] else "held"
