@@ -388,7 +388,7 @@ def test_event_data_fields_reach_an_engine_that_takes_them(server_db_url, sandbo
 
         def trigger(self, event, order_ref, item_ids=None, *, now=None, data=None):
             self.received.append(dict(data or {}))
-            return super().trigger(event, order_ref, item_ids, now=now)
+            return super().trigger(event, order_ref, item_ids, now=now, data=data)
 
     engine = DataEngine(server_db_url, process_dir=default_process_dir())
     from ratepay_oms.demo import attach_ratepay
@@ -400,13 +400,15 @@ def test_event_data_fields_reach_an_engine_that_takes_them(server_db_url, sandbo
         with serve_console(engine) as console:
             http = http_login(console, operator)
             page = http.get(console.url(f"/orders/{ref}"), timeout=10)
-            assert 'name="data.invoice_id"' in page.text and 'name="data.tracking_id"' in page.text
+            assert 'name="data.invoice_id"' in page.text and 'name="data.tracking_ids"' in page.text
             done = http.post(console.url(f"/orders/{ref}/events"), timeout=10, data={
                 "event": "ship", "item_id": [str(ids[0])], "data.invoice_id": "INV-1",
-                "data.tracking_id": " 00340434 ", "data.carrier": "",
+                "data.tracking_ids": " 00340434, 00340435 ", "data.carrier": "",
                 "csrf_token": csrf_of(page.text)})
         assert "1 item moved" in done.text
-        assert DataEngine.received == [{"invoice_id": "INV-1", "tracking_id": "00340434"}]
+        assert DataEngine.received == [
+            {"invoice_id": "INV-1", "tracking_ids": ["00340434", "00340435"]}
+        ]
         assert "invoice_id: INV-1" in done.text  # the operator log shows what was sent
     finally:
         engine.close()

@@ -34,10 +34,15 @@ BUSY = (
 )
 
 DEFAULT_EVENT_DATA: Mapping[str, Sequence[tuple[str, str]]] = {
-    "ship": (("invoice_id", "Invoice id"), ("tracking_id", "Tracking id"), ("carrier", "Carrier")),
+    "ship": (
+        ("invoice_id", "Invoice id"),
+        ("tracking_ids", "Tracking ids (space separated)"),
+        ("carrier", "Carrier"),
+    ),
 }
-"""Event → the data fields its form offers (key, label); used when ``Engine.trigger`` takes
-``data`` (issue 12). A shop passes its own mapping to ``create_app``."""
+"""Event → the data fields its form offers (key, label), the keys of ``Engine.trigger``'s
+``data`` (``ratepay-oms event … --invoice-id --tracking-id --carrier``); a key ending in
+``_ids`` is sent as a list. A shop passes its own mapping to ``create_app``."""
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

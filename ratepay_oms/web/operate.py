@@ -56,11 +56,11 @@ async def fire_event(console: Console, request: Request, login: LoginSession) ->
     order_id = await run_in_threadpool(_order_id, console, ref)
     if order_id is None:
         return console.refuse(request, 404, f"No order {ref!r}.", login)
-    data = {
-        key: str(form.get(f"data.{key}") or "").strip()
-        for key, _label in console.event_data.get(event, ())
-    }
-    data = {k: v for k, v in data.items() if v}
+    data: dict[str, Any] = {}
+    for key, _label in console.event_data.get(event, ()):
+        value = str(form.get(f"data.{key}") or "").strip()
+        if value:
+            data[key] = value.replace(",", " ").split() if key.endswith("_ids") else value
 
     def fire() -> tuple[str, str, list[int] | None]:
         with console.working_on(ref) as free:
