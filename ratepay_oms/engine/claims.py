@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ratepay_oms.engine.clock import wall_now
 from ratepay_oms.engine.persist import chunked, id_in
 from ratepay_oms.errors import OmsError
+from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.models import Order
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,13 @@ class Claims:
         if not order_ids:
             return []
         got: list[int] = []
+        takeovers = 0
         with self.sessions() as session, session.begin():
             now = wall_now()
             skip = self._skip_locked(session)
             for part in chunked(sorted(order_ids)):
                 stmt = (
-                    select(Order.id)
+                    select(Order.id, Order.claimed_by)
                     .where(id_in(Order.id, part, session))
                     .where(
                         or_(
@@ -64,7 +66,10 @@ class Claims:
                 )
                 if skip:
                     stmt = stmt.with_for_update(skip_locked=True)
-                free = list(session.scalars(stmt))
+                rows = session.execute(stmt).all()
+                free = [order_id for order_id, _holder in rows]
+                # An expired lease of another worker: it died or hung (counted for alerts).
+                taken_over = sum(1 for _id, h in rows if h is not None and h != self.worker_id)
                 if free:
                     session.execute(
                         update(Order)
@@ -73,6 +78,10 @@ class Claims:
                         .execution_options(synchronize_session=False)
                     )
                     got.extend(free)
+                    takeovers += taken_over
+        if takeovers:
+            instruments.LEASE_TAKEOVERS.inc(takeovers)
+            log.warning("took over %d expired order leases of other workers", takeovers)
         if len(got) < len(order_ids):
             log.debug(
                 "%d of %d orders are leased by other workers",

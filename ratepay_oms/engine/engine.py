@@ -13,7 +13,9 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from ratepay_oms.engine.errors import (
     UnknownProcessError,
 )
 from ratepay_oms.engine.intents import ExternalCalls, IntentView, list_intents
+from ratepay_oms.engine.outbox import DeliveryResult, NotificationSettings, OutboxDelivery
 from ratepay_oms.engine.persist import Origin
 from ratepay_oms.engine.plugins import PluginRegistry
 from ratepay_oms.engine.runner import Runner, RunStats, group_items
@@ -44,6 +47,8 @@ from ratepay_oms.engine.views import (
     TriggerResult,
 )
 from ratepay_oms.errors import OmsError
+from ratepay_oms.ops import instruments
+from ratepay_oms.ops.tracing import span
 from ratepay_oms.orders import OrderInput, OrderInputError, parse_order
 from ratepay_oms.persistence.db import (
     create_db_engine,
@@ -113,6 +118,7 @@ class Engine:
         lease_seconds: int = 60,
         definitions: Mapping[str, ProcessDefinition] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        notifications: NotificationSettings | None = None,
     ) -> None:
         self.database_url = database_url or default_database_url()
         self.registry = registry if registry is not None else default_registry()
@@ -120,6 +126,11 @@ class Engine:
             from ratepay_oms.process.loader import default_process_dir, load_processes
 
             definitions = load_processes(default_process_dir(process_dir), self.registry)
+        self.notifications = (
+            notifications if notifications is not None else NotificationSettings.from_env()
+        )
+        if self.notifications.all_states:
+            definitions = {n: replace(d, notify_all=True) for n, d in definitions.items()}
         self._compiled: dict[str, CompiledProcess] = compile_processes(
             dict(definitions), self.registry
         )
@@ -319,8 +330,26 @@ class Engine:
         progress: Callable[[int], None] | None = None,
     ) -> TickResult:
         """Do all due work: open intents, retries, timeouts, on-enter leftovers, event-less
-        transitions."""
-        return self._tick_runner().run(naive_utc(now), limit=limit, progress=progress)
+        transitions; then deliver the state-change notifications that are due."""
+        started = time.perf_counter()
+        moment = naive_utc(now)
+        with span("ratepay_oms.tick", {"ratepay_oms.worker": self.worker_id}) as current:
+            result = self._tick_runner().run(moment, limit=limit, progress=progress)
+            delivered = self.deliver_notifications(now=moment)
+            if current is not None:
+                current.set_attribute("ratepay_oms.items_moved", result.items_moved)
+        result = replace(
+            result,
+            notifications_delivered=delivered.delivered,
+            notifications_failed=delivered.failed + delivered.dead,
+        )
+        instruments.tick_done(time.perf_counter() - started, result.items_moved)
+        return result
+
+    def deliver_notifications(self, *, now: datetime | None = None) -> DeliveryResult:
+        """Send the state-change notifications that are due (the tick calls this); nothing
+        without a configured URL. See ``ratepay_oms.engine.outbox``."""
+        return OutboxDelivery(self._sessions, self.notifications, self.worker_id).deliver(now)
 
     def _tick_runner(self) -> TickRunner:
         return TickRunner(

@@ -48,7 +48,15 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
-from ratepay_oms.persistence.models import EventTimeout, OrderItem, StateHistory, TransitionLog
+from ratepay_oms.ops import instruments
+from ratepay_oms.persistence.models import (
+    OUTBOX_PENDING,
+    EventTimeout,
+    OrderItem,
+    OutboxEntry,
+    StateHistory,
+    TransitionLog,
+)
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
@@ -157,6 +165,8 @@ class StateWriter:
         condition: str | None = None,
         error: str | None = None,
     ) -> None:
+        if error is not None:
+            instruments.note_error(self.session, process, event)
         self._log_rows.append(
             {
                 "item_id": item.id,
@@ -189,6 +199,9 @@ class StateWriter:
             return
         self._history([(i, None, definition.initial, None) for i in items])
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
+        if definition.notifies(definition.initial):
+            for part in chunked(sorted(i.id for i in items)):
+                self._notify(part, definition.name, None, definition.initial, None)
 
     def write_moves(self, moves: Sequence[Move], definitions: dict[str, ProcessDefinition]) -> None:
         """Persist ``moves`` (one transaction with whatever else the caller wrote)."""
@@ -221,6 +234,8 @@ class StateWriter:
         the tick can call it for rows it never loaded; the caller updates any it holds."""
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
+            notify = definitions[key.process].notifies(key.target)
+            instruments.note_moves(self.session, key.process, key.event, len(ids))
             for part in chunked(sorted(ids)):
                 self.session.execute(
                     update(OrderItem)
@@ -251,6 +266,8 @@ class StateWriter:
                     argv=self.origin.argv,
                     created_at=self.now,
                 )
+                if notify:
+                    self._notify(part, key.process, key.source, key.target, key.event)
                 self.session.execute(
                     delete(EventTimeout).where(id_in(EventTimeout.item_id, part, self.session))
                 )
@@ -264,6 +281,29 @@ class StateWriter:
                         event=event.name,
                         due_at=self.now + event.timeout,
                     )
+
+    def _notify(
+        self,
+        ids: Sequence[int],
+        process: str,
+        source: str | None,
+        target: str,
+        event: str | None,
+    ) -> None:
+        """Outbox rows for items entering a state that notifies, in this same transaction
+        (the transactional outbox: see ``ratepay_oms.engine.outbox``)."""
+        self._insert_from_items(
+            OutboxEntry,
+            ids,
+            process=process,
+            from_state=source,
+            to_state=target,
+            event=event,
+            created_at=self.now,
+            status=OUTBOX_PENDING,
+            attempts=0,
+            next_attempt_at=self.now,
+        )
 
     def _insert_from_items(
         self, model: type[Any], ids: Sequence[int], *, with_order: bool = True, **same: Any

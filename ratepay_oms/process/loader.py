@@ -55,7 +55,7 @@ MAX_TIMEOUT = timedelta(days=3660)  # ten years: a due time must stay a storable
 
 _MAIN_KEYS = ("process", "initial", "include", "states", "transitions", "events")
 _SUB_KEYS = ("subprocess", "include", "states", "transitions", "events")
-_STATE_KEYS = ("display", "flags", "reserved")
+_STATE_KEYS = ("display", "flags", "reserved", "notify")
 _TRANSITION_KEYS = ("source", "target", "event", "condition", "happy")
 _EVENT_KEYS = ("command", "on_enter", "manual", "timeout")
 _INCLUDE_KEYS = ("file", "prefix")
@@ -274,6 +274,7 @@ class _FileReader:
                     display=self.opt_name(spec, "display"),
                     flags=frozenset(flags),
                     reserved=self.opt_bool(spec, "reserved"),
+                    notify=self.opt_bool(spec, "notify"),
                 )
             out.append(state)
         return out

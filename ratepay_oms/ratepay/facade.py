@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote
 
+from ratepay_oms.ops import instruments
+from ratepay_oms.ops.tracing import span
 from ratepay_oms.ratepay.api_log import ApiCallRecord, ApiLogSink
 from ratepay_oms.ratepay.builders import BuiltRequest, RequestBuilder
 from ratepay_oms.ratepay.codes import ChangeSubtype
@@ -238,6 +240,10 @@ class RatepayFacade:
         if not isinstance(transaction_id, str) or not transaction_id.strip():
             raise RatepayValidationError("transaction_status needs a transaction id")
         url = base + quote(transaction_id, safe="")
+        with span(f"ratepay {STATUS_LOOKUP}", {"ratepay.operation": STATUS_LOOKUP}):
+            return self._status(url, transaction_id)
+
+    def _status(self, url: str, transaction_id: str) -> TransactionStatus:
         started = time.monotonic()
         http_status: int | None = None
         body: bytes | None = None
@@ -297,6 +303,13 @@ class RatepayFacade:
         return int((time.monotonic() - started) * 1000)
 
     def _call(self, built: BuiltRequest) -> RatepayResult:
+        attributes = {"ratepay.operation": built.operation.value}
+        if built.subtype:
+            attributes["ratepay.subtype"] = built.subtype
+        with span(f"ratepay {built.operation.value}", attributes):
+            return self._send(built)
+
+    def _send(self, built: BuiltRequest) -> RatepayResult:
         body = to_bytes(built.root)
         masked_request = self._mask(body) or ""
         op = built.operation
@@ -368,6 +381,13 @@ class RatepayFacade:
         return result
 
     def _record(self, exchange: Exchange, result: RatepayResult | None) -> None:
+        if exchange.error is not None:
+            outcome = "error"
+        elif result is None or result.success:
+            outcome = "success"
+        else:
+            outcome = "declined"
+        instruments.gateway_call(exchange.operation, outcome, exchange.duration_ms / 1000)
         if self.api_log is None:
             return
         self.api_log.record(
