@@ -18,7 +18,10 @@ from ratepay_oms.errors import OmsError
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
-GROUP_MODULES = ("db", "orders", "process", "tick", "sandbox", "demo", "console", "intents")
+GROUP_MODULES = (
+    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents",
+    "outbox", "prune", "metrics",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

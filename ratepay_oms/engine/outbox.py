@@ -38,7 +38,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import requests
 from sqlalchemy import and_, exists, or_, select, update
-from sqlalchemy.orm import Session, aliased, sessionmaker
+from sqlalchemy.orm import Session, aliased
 
 from ratepay_oms.engine.clock import naive_utc, wall_now
 from ratepay_oms.errors import OmsError
@@ -262,7 +262,7 @@ class OutboxDelivery:
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        sessions: Callable[[], Session],
         settings: NotificationSettings,
         worker_id: str,
         http: requests.Session | None = None,
@@ -456,3 +456,188 @@ class OutboxDelivery:
                 .values(claimed_by=None, claim_expires_at=None)
                 .execution_options(synchronize_session=False)
             )
+
+
+# -- what a person does with the outbox ---------------------------------------------------------
+
+
+class OutboxError(OmsError):
+    """A retry or purge that cannot be done as asked (unknown id, delivered row, …)."""
+
+
+@dataclass(frozen=True)
+class OutboxView:
+    """One outbox row, detached (for ``outbox list`` and the Python API)."""
+
+    id: int
+    order_ref: str
+    item_id: int
+    process: str
+    from_state: str | None
+    to_state: str
+    event: str | None
+    created_at: datetime
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    idempotency_key: str | None
+    claimed_by: str | None
+    last_error: str | None
+    last_http_status: int | None
+    delivered_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "id": self.id,
+            "order": self.order_ref,
+            "item": self.item_id,
+            "process": self.process,
+            "from": self.from_state,
+            "to": self.to_state,
+            "event": self.event,
+            "at": iso(self.created_at),
+            "status": self.status,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at) if self.status == OUTBOX_PENDING else None,
+            "idempotency_key": self.idempotency_key,
+            "claimed_by": self.claimed_by,
+            "last_error": self.last_error,
+            "last_http_status": self.last_http_status,
+            "delivered_at": iso(self.delivered_at),
+        }
+
+
+class Outbox:
+    """Listing, retrying and purging notifications: the operator's side of the outbox."""
+
+    def __init__(self, sessions: Callable[[], Session]) -> None:
+        self.sessions = sessions
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        order_ref: str | None = None,
+        limit: int | None = 100,
+    ) -> list[OutboxView]:
+        """Rows newest first (``status`` ``None``: every status)."""
+        with self.sessions() as session:
+            stmt = (
+                select(OutboxEntry, Order.order_ref)
+                .join(Order, Order.id == OutboxEntry.order_id)
+                .order_by(OutboxEntry.id.desc())
+            )
+            if status is not None:
+                stmt = stmt.where(OutboxEntry.status == status)
+            if order_ref is not None:
+                stmt = stmt.where(Order.order_ref == order_ref)
+            if limit is not None:
+                stmt = stmt.limit(limit)
+            return [_view(row, ref) for row, ref in session.execute(stmt).all()]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status (every status present, zero when none)."""
+        from sqlalchemy import func
+
+        found = dict.fromkeys((OUTBOX_PENDING, OUTBOX_DELIVERED, OUTBOX_DEAD), 0)
+        with self.sessions() as session:
+            for status, count in session.execute(
+                select(OutboxEntry.status, func.count()).group_by(OutboxEntry.status)
+            ):
+                found[status] = int(count)
+        return found
+
+    def retry(self, ids: Sequence[int] = (), *, all_dead: bool = False) -> int:
+        """Put dead rows (``ids``, or every dead row with ``all_dead``) back to pending with a
+        fresh attempt budget, due now; pending rows named in ``ids`` are made due now. Keeps
+        the idempotency key, so a receiver that did get an earlier attempt still de-duplicates.
+        Returns how many rows were reset."""
+        if not ids and not all_dead:
+            raise OutboxError("name the notifications to retry (IDs) or pass --all-dead")
+        now = wall_now()
+        with self.sessions() as session, session.begin():
+            if ids:
+                rows = {
+                    r.id: r
+                    for r in session.scalars(select(OutboxEntry).where(OutboxEntry.id.in_(ids)))
+                }
+                missing = sorted(set(ids) - set(rows))
+                if missing:
+                    raise OutboxError(f"no notification with id {', '.join(map(str, missing))}")
+                delivered = sorted(i for i, r in rows.items() if r.status == OUTBOX_DELIVERED)
+                if delivered:
+                    raise OutboxError(
+                        f"notification {', '.join(map(str, delivered))} was delivered already; "
+                        "nothing to retry"
+                    )
+                where: Any = OutboxEntry.id.in_(ids)
+            else:
+                where = OutboxEntry.status == OUTBOX_DEAD
+            result = session.execute(
+                update(OutboxEntry)
+                .where(where, OutboxEntry.status != OUTBOX_DELIVERED)
+                .values(
+                    status=OUTBOX_PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    claimed_by=None,
+                    claim_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    def purge(
+        self,
+        *,
+        statuses: Sequence[str] = (OUTBOX_DELIVERED,),
+        older_than: datetime | None = None,
+        dry_run: bool = False,
+    ) -> int:
+        """Delete delivered (and, if asked, dead) rows created before ``older_than``; never a
+        pending one (it has not been delivered). Returns how many rows were (or would be)
+        deleted."""
+        from sqlalchemy import delete, func
+
+        if OUTBOX_PENDING in statuses:
+            raise OutboxError("pending notifications are never purged: they are not delivered")
+        unknown = sorted(set(statuses) - {OUTBOX_DELIVERED, OUTBOX_DEAD})
+        if unknown:
+            raise OutboxError(f"unknown status {', '.join(unknown)} (delivered or dead)")
+        where = [OutboxEntry.status.in_(list(statuses))]
+        if older_than is not None:
+            where.append(OutboxEntry.created_at < older_than)
+        with self.sessions() as session, session.begin():
+            if dry_run:
+                return int(
+                    session.scalar(select(func.count()).select_from(OutboxEntry).where(*where))
+                    or 0
+                )
+            result = session.execute(
+                delete(OutboxEntry).where(*where).execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def _view(row: OutboxEntry, order_ref: str) -> OutboxView:
+    return OutboxView(
+        id=row.id,
+        order_ref=order_ref,
+        item_id=row.item_id,
+        process=row.process,
+        from_state=row.from_state,
+        to_state=row.to_state,
+        event=row.event,
+        created_at=row.created_at,
+        status=row.status,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        idempotency_key=row.idempotency_key,
+        claimed_by=row.claimed_by,
+        last_error=row.last_error,
+        last_http_status=row.last_http_status,
+        delivered_at=row.delivered_at,
+    )

@@ -1,0 +1,341 @@
+"""Pruning: drop old audit rows of finished orders, in short batches, optionally archived.
+
+An order is *finished* when every one of its items rests in a final state of its process
+(a state no transition leaves) and has rested there since before the cutoff: nothing will
+ever read its history to decide a move again. For such orders the rows created before the
+cutoff go, table by table (``--what``): state history, transition log, RatePAY API log (by
+order reference), outbox (delivered or dead rows only: a pending notification is never
+dropped). API log rows that belong to no order (profile and configuration requests, status
+look-ups without an order reference) go when they are older than the cutoff. Orders, items,
+intents and timeouts are never touched.
+
+Batches keep every transaction short, so workers and the console are never locked out for
+long: finished orders are found ``order_batch`` at a time (keyset on the order id), and rows
+are deleted by primary key at most ``row_batch`` per transaction. With an archive, each
+batch is written (gzip JSON Lines, one ``{"table", "row"}`` object per removed row) and
+flushed to disk *before* the transaction that deletes it commits: a crash can leave a row
+archived but not yet deleted (the next run archives it again), never deleted but not archived.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import ColumnElement, and_, delete, exists, false, func, not_, or_, select
+from sqlalchemy.orm import Session
+
+from ratepay_oms.engine.persist import id_in
+from ratepay_oms.errors import OmsError
+from ratepay_oms.persistence.models import (
+    OUTBOX_DEAD,
+    OUTBOX_DELIVERED,
+    ApiLogEntry,
+    Order,
+    OrderItem,
+    OutboxEntry,
+    StateHistory,
+    TransitionLog,
+)
+from ratepay_oms.process.model import ProcessDefinition
+
+log = logging.getLogger(__name__)
+
+WHAT = {
+    "history": StateHistory,
+    "log": TransitionLog,
+    "api-log": ApiLogEntry,
+    "outbox": OutboxEntry,
+}
+"""``--what`` names and their tables (all by default)."""
+
+ORDER_BATCH = 500
+ROW_BATCH = 5000
+
+
+class PruneError(OmsError):
+    """A prune that cannot start as asked (unknown ``--what``, archive file exists, …)."""
+
+
+@dataclass
+class PruneReport:
+    cutoff: datetime
+    dry_run: bool
+    what: tuple[str, ...]
+    orders: int = 0
+    """Finished orders whose rows were looked at."""
+    removed: dict[str, int] = field(default_factory=dict)
+    archive: str | None = None
+    duration_s: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.removed.values())
+
+    def summary(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        parts = ", ".join(f"{self.removed.get(w, 0)} {w}" for w in self.what)
+        text = (
+            f"prune: {self.orders} finished orders before {self.cutoff.isoformat(sep=' ')}; "
+            f"{verb} {parts} rows in {self.duration_s:.2f} s"
+        )
+        if self.archive and not self.dry_run:
+            text += f"; archived to {self.archive}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cutoff": self.cutoff.isoformat(),
+            "dry_run": self.dry_run,
+            "what": list(self.what),
+            "orders": self.orders,
+            "removed": {w: self.removed.get(w, 0) for w in self.what},
+            "total": self.total,
+            "archive": self.archive,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+def parse_what(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``history,log`` → ``("history", "log")``; all tables for ``None``."""
+    if text is None:
+        return tuple(WHAT)
+    names = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in WHAT]
+    if unknown or not names:
+        raise PruneError(
+            f"unknown --what {', '.join(unknown) or '(empty)'}; choose from {', '.join(WHAT)}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+class _Archive:
+    """Gzip JSON Lines, flushed to disk after every batch (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._raw: IO[bytes] = open(path, "xb")  # noqa: SIM115 - closed in close()
+        except FileExistsError:
+            raise PruneError(
+                f"archive {path} exists already; give a new file name (nothing was removed)"
+            ) from None
+        except OSError as exc:
+            raise PruneError(f"cannot create archive {path}: {exc.strerror}") from None
+        self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb")
+
+    def write(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        lines = [
+            json.dumps(
+                {"table": table, "row": {k: _jsonable(v) for k, v in row.items()}},
+                ensure_ascii=False, separators=(",", ":"),
+            )
+            for row in rows
+        ]
+        self._gz.write(("\n".join(lines) + "\n").encode())
+
+    def sync(self) -> None:
+        self._gz.flush()  # a full flush point: what was written so far is readable
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+
+    def close(self) -> None:
+        self._gz.close()
+        self._raw.close()
+
+
+def read_archive(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(table, row)`` for every row in an archive (values as JSON: times are ISO text)."""
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                entry = json.loads(line)
+                yield entry["table"], entry["row"]
+
+
+class Pruner:
+    """One prune run over the database behind ``sessions`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        sessions: Callable[[], Session],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        order_batch: int = ORDER_BATCH,
+        row_batch: int = ROW_BATCH,
+    ) -> None:
+        self.sessions = sessions
+        self.definitions = definitions
+        self.order_batch = order_batch
+        self.row_batch = row_batch
+
+    def _final(self) -> ColumnElement[bool]:
+        clauses = []
+        for name, definition in self.definitions.items():
+            finals = [s for s in definition.states if definition.is_final(s)]
+            if finals:
+                clauses.append(and_(OrderItem.process == name, OrderItem.state.in_(finals)))
+        return or_(*clauses) if clauses else false()
+
+    def finished_orders(
+        self, session: Session, cutoff: datetime, after: int
+    ) -> list[tuple[int, str]]:
+        """The next ``order_batch`` finished orders after id ``after``: (id, order_ref)."""
+        unfinished = exists().where(
+            OrderItem.order_id == Order.id,
+            or_(not_(self._final()), OrderItem.state_entered_at >= cutoff),
+        )
+        has_items = exists().where(OrderItem.order_id == Order.id)
+        rows = session.execute(
+            select(Order.id, Order.order_ref)
+            .where(Order.id > after, has_items, ~unfinished)
+            .order_by(Order.id)
+            .limit(self.order_batch)
+        ).all()
+        return [(r[0], r[1]) for r in rows]
+
+    def _where(
+        self, name: str, cutoff: datetime, ids: Sequence[int], refs: Sequence[str], session: Session
+    ) -> ColumnElement[bool]:
+        model = WHAT[name]
+        if name == "api-log":
+            return and_(ApiLogEntry.order_ref.in_(list(refs)), ApiLogEntry.created_at < cutoff)
+        clause = and_(id_in(model.order_id, ids, session), model.created_at < cutoff)
+        if name == "outbox":
+            clause = and_(clause, OutboxEntry.status.in_([OUTBOX_DELIVERED, OUTBOX_DEAD]))
+        return clause
+
+    def run(
+        self,
+        cutoff: datetime,
+        what: Sequence[str] | None = None,
+        *,
+        dry_run: bool = False,
+        archive: str | Path | None = None,
+    ) -> PruneReport:
+        chosen = parse_what(list(what) if what is not None else None)
+        report = PruneReport(cutoff=cutoff, dry_run=dry_run, what=chosen,
+                             removed=dict.fromkeys(chosen, 0))
+        started = time.perf_counter()
+        sink = _Archive(Path(archive)) if archive is not None and not dry_run else None
+        report.archive = str(archive) if archive is not None else None
+        try:
+            after = 0
+            while True:
+                with self.sessions() as session:
+                    batch = self.finished_orders(session, cutoff, after)
+                if not batch:
+                    break
+                after = batch[-1][0]
+                report.orders += len(batch)
+                ids = [b[0] for b in batch]
+                refs = [b[1] for b in batch]
+                for name in chosen:
+                    report.removed[name] += self._drain(name, cutoff, ids, refs, dry_run, sink)
+            if "api-log" in chosen:
+                report.removed["api-log"] += self._drain_orderless(cutoff, dry_run, sink)
+        finally:
+            if sink is not None:
+                sink.close()
+        report.duration_s = time.perf_counter() - started
+        log.info("%s", report.summary())
+        return report
+
+    def _drain(
+        self,
+        name: str,
+        cutoff: datetime,
+        ids: Sequence[int],
+        refs: Sequence[str],
+        dry_run: bool,
+        sink: _Archive | None,
+    ) -> int:
+        return self._delete_where(
+            name,
+            where_of=lambda session: self._where(name, cutoff, ids, refs, session),
+            dry_run=dry_run,
+            sink=sink,
+        )
+
+    def _drain_orderless(self, cutoff: datetime, dry_run: bool, sink: _Archive | None) -> int:
+        return self._delete_where(
+            "api-log",
+            where_of=lambda _s: and_(
+                ApiLogEntry.order_ref.is_(None), ApiLogEntry.created_at < cutoff
+            ),
+            dry_run=dry_run,
+            sink=sink,
+        )
+
+    def _delete_where(
+        self,
+        name: str,
+        *,
+        where_of: Callable[[Session], ColumnElement[bool]],
+        dry_run: bool,
+        sink: _Archive | None,
+    ) -> int:
+        """Delete the rows of ``WHAT[name]`` matching ``where_of``, ``row_batch`` per
+        transaction, archiving each batch first. Returns the count (would-be, if dry)."""
+        model = WHAT[name]
+        table = model.__table__
+        if dry_run:
+            with self.sessions() as session:
+                return int(
+                    session.scalar(select(func.count()).select_from(table).where(where_of(session)))
+                    or 0
+                )
+        total = 0
+        after = 0
+        while True:
+            with self.sessions() as session, session.begin():
+                if sink is None:
+                    ids = list(
+                        session.scalars(
+                            select(model.id)
+                            .where(where_of(session), model.id > after)
+                            .order_by(model.id)
+                            .limit(self.row_batch)
+                        )
+                    )
+                else:
+                    rows = [
+                        dict(r._mapping)
+                        for r in session.connection().execute(
+                            select(table)
+                            .where(where_of(session), table.c.id > after)
+                            .order_by(table.c.id)
+                            .limit(self.row_batch)
+                        )
+                    ]
+                    ids = [r["id"] for r in rows]
+                    if rows:
+                        sink.write(str(table.name), rows)
+                        sink.sync()  # on disk before the delete commits
+                if not ids:
+                    return total
+                session.execute(
+                    delete(model)
+                    .where(id_in(model.id, ids, session))
+                    .execution_options(synchronize_session=False)
+                )
+                after = ids[-1]
+                total += len(ids)
