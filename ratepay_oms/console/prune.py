@@ -85,7 +85,8 @@ class PruneReport:
         verb = "would remove" if self.dry_run else "removed"
         parts = ", ".join(f"{self.removed.get(w, 0)} {w}" for w in self.what)
         text = (
-            f"prune: {self.orders} finished orders before {self.cutoff.isoformat(sep=' ')}; "
+            f"prune: {self.orders} finished orders before "
+            f"{self.cutoff.replace(microsecond=0).isoformat(sep=' ')}; "
             f"{verb} {parts} rows in {self.duration_s:.2f} s"
         )
         if self.archive and not self.dry_run:
