@@ -67,9 +67,12 @@ def _order(engine: Engine, placed: datetime, finished: datetime | None, items: i
     if finished is not None:
         engine.trigger("finish", ref, now=finished)
     with engine.session() as session, session.begin():
+        # PAYMENT_INIT has only the transaction id; later calls have the order reference too.
+        session.add(ApiLogEntry(created_at=placed, operation="PAYMENT_INIT", order_ref=None,
+                                transaction_id=f"TX-{ref}", success=True, duration_ms=5))
         session.add_all(
             ApiLogEntry(created_at=placed + timedelta(minutes=m), operation="PAYMENT_REQUEST",
-                        order_ref=ref, success=True, duration_ms=5)
+                        order_ref=ref, transaction_id=f"TX-{ref}", success=True, duration_ms=5)
             for m in (1, 2)
         )
     return ref
@@ -121,8 +124,8 @@ def _rows_of(url: str, refs: list[str]) -> dict[str, set[int]]:
                     sa.bindparam("r", expanding=True)), {"r": refs}).scalars())
             found = {}
             for name, model in TABLES.items():
-                where = (model.order_ref.in_(refs) if model is ApiLogEntry
-                         else model.order_id.in_(order_ids))
+                where = (model.transaction_id.in_([f"TX-{r}" for r in refs])
+                         if model is ApiLogEntry else model.order_id.in_(order_ids))
                 found[name] = set(conn.execute(sa.select(model.id).where(where)).scalars())
             return found
     finally:
@@ -143,6 +146,7 @@ def test_prune_removes_old_rows_of_finished_orders_only_and_archives_them(
     doomed["ratepay_api_log"].add(orderless_old)
     # 2 + 1 items: 3 history rows each (new, open, done), log rows for the 2 moves each.
     assert len(doomed["oms_state_history"]) == 9 and len(doomed["oms_transition_log"]) == 6
+    assert len(doomed["ratepay_api_log"]) == 2 * 3 + 1  # each order's init + 2, one orderless
 
     pruner = Pruner(engine.session, engine.definitions(), order_batch=1, row_batch=2)
     cutoff = NOW - timedelta(days=365)

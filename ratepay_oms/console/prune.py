@@ -5,8 +5,9 @@ An order is *finished* when every one of its items rests in a final state of its
 ever read its history to decide a move again. For such orders the rows created before the
 cutoff go, table by table (``--what``): state history, transition log, RatePAY API log (by
 order reference), outbox (delivered or dead rows only: a pending notification is never
-dropped). API log rows that belong to no order (profile and configuration requests, status
-look-ups without an order reference) go when they are older than the cutoff. Orders, items,
+dropped). API log rows without an order reference go with the order whose other calls carry
+the same transaction id (PAYMENT_INIT, status look-ups); those without either (profile and
+configuration requests) go when they are older than the cutoff. Orders, items,
 intents and timeouts are never touched.
 
 Batches keep every transaction short, so workers and the console are never locked out for
@@ -187,6 +188,8 @@ class Pruner:
         self.definitions = definitions
         self.order_batch = order_batch
         self.row_batch = row_batch
+        self._txids_for: tuple[str, ...] | None = None
+        self._txids: list[str] = []
 
     def _final(self) -> ColumnElement[bool]:
         clauses = []
@@ -218,11 +221,36 @@ class Pruner:
     ) -> ColumnElement[bool]:
         model = WHAT[name]
         if name == "api-log":
-            return and_(ApiLogEntry.order_ref.in_(list(refs)), ApiLogEntry.created_at < cutoff)
+            # Calls before the order reference was known (PAYMENT_INIT) and status look-ups
+            # carry only the transaction id: they go with the order whose calls share it.
+            txids = self._transaction_ids(session, refs)
+            linked = or_(
+                ApiLogEntry.order_ref.in_(list(refs)),
+                and_(ApiLogEntry.order_ref.is_(None), ApiLogEntry.transaction_id.in_(txids)),
+            )
+            return and_(linked, ApiLogEntry.created_at < cutoff)
         clause = and_(id_in(model.order_id, ids, session), model.created_at < cutoff)
         if name == "outbox":
             clause = and_(clause, OutboxEntry.status.in_([OUTBOX_DELIVERED, OUTBOX_DEAD]))
         return clause
+
+    def _transaction_ids(self, session: Session, refs: Sequence[str]) -> list[str]:
+        """The RatePAY transaction ids of the orders ``refs``, read once per order batch
+        (before any of their rows is deleted, so later row batches still find them)."""
+        key = tuple(refs)
+        if self._txids_for != key:
+            self._txids = sorted(
+                t
+                for t in session.scalars(
+                    select(ApiLogEntry.transaction_id)
+                    .where(ApiLogEntry.order_ref.in_(list(refs)))
+                    .where(ApiLogEntry.transaction_id.is_not(None))
+                    .distinct()
+                )
+                if t
+            )
+            self._txids_for = key
+        return self._txids
 
     def run(
         self,
@@ -280,7 +308,9 @@ class Pruner:
         return self._delete_where(
             "api-log",
             where_of=lambda _s: and_(
-                ApiLogEntry.order_ref.is_(None), ApiLogEntry.created_at < cutoff
+                ApiLogEntry.order_ref.is_(None),
+                ApiLogEntry.transaction_id.is_(None),
+                ApiLogEntry.created_at < cutoff,
             ),
             dry_run=dry_run,
             sink=sink,
