@@ -121,12 +121,13 @@ def parse_what(text: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _jsonable(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
+    """Only the values JSON lacks reach here (the C encoder handles the rest)."""
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, Decimal):
         return str(value)
-    return value
+    raise TypeError(f"cannot archive a {type(value).__name__}")
 
 
 class _Archive:
@@ -142,16 +143,15 @@ class _Archive:
             ) from None
         except OSError as exc:
             raise PruneError(f"cannot create archive {path}: {exc.strerror}") from None
-        self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb")
+        # zlib's default level: level 9 costs twice the time for a few per cent.
+        self._gz = gzip.GzipFile(fileobj=self._raw, mode="wb", compresslevel=6)
+        self._encode = json.JSONEncoder(
+            ensure_ascii=False, separators=(",", ":"), default=_json_default
+        ).encode
 
     def write(self, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        lines = [
-            json.dumps(
-                {"table": table, "row": {k: _jsonable(v) for k, v in row.items()}},
-                ensure_ascii=False, separators=(",", ":"),
-            )
-            for row in rows
-        ]
+        encode, head = self._encode, '{"table":' + json.dumps(table) + ',"row":'
+        lines = [head + encode(row) + "}" for row in rows]
         self._gz.write(("\n".join(lines) + "\n").encode())
 
     def sync(self) -> None:
@@ -348,15 +348,14 @@ class Pruner:
                         )
                     )
                 else:
-                    rows = [
-                        dict(r._mapping)
-                        for r in session.connection().execute(
-                            select(table)
-                            .where(where_of(session), table.c.id > after)
-                            .order_by(table.c.id)
-                            .limit(self.row_batch)
-                        )
-                    ]
+                    result = session.connection().execute(
+                        select(table)
+                        .where(where_of(session), table.c.id > after)
+                        .order_by(table.c.id)
+                        .limit(self.row_batch)
+                    )
+                    keys = list(result.keys())
+                    rows = [dict(zip(keys, r, strict=True)) for r in result.all()]
                     ids = [r["id"] for r in rows]
                     if rows:
                         sink.write(str(table.name), rows)
