@@ -7,12 +7,14 @@ Not a test: it prints figures and never asserts them. For each database it
    rest in the final state ``done`` of ``bench/processes/BenchTick01.yaml`` since two years,
    and ``--rows`` history rows (default 1,000,000) spread over them, with bulk inserts
    (setup is not measured);
-2. (a) runs ``Pruner.run(--what history)`` with an archive, (b) the same without one, and
-   (c) the *baseline*: one ``DELETE … WHERE created_at < cutoff AND order_id IN (finished
-   orders)`` in one transaction, the fastest way known to remove the rows (and the one that
-   holds its locks for the whole run) — each in a child process of its own, after re-seeding;
-3. prints the time, the child's peak resident memory (``wait4`` rusage), the longest
-   transaction (how long a table is locked at most) and the ratio to the baseline.
+2. runs, each in a child process of its own on a fresh copy of the seeded database:
+   (a) ``Pruner.run(--what history)`` with an archive; (b) the same without one;
+   (c) the *baseline* for (b): one ``DELETE … WHERE created_at < cutoff AND order_id IN
+   (finished orders)`` in one transaction, the fastest way known to remove the rows (and the
+   one that holds its locks for the whole run); (d) the baseline for (a): the same DELETE after
+   one streaming SELECT of the rows written with the same gzip JSON Lines encoder;
+3. prints the time, the child's peak resident memory (``VmHWM``), the longest
+   transaction (how long a table is locked at most) and the ratio to its baseline.
 
     python bench/prune.py
     python bench/prune.py --rows 200000 --db sqlite --db postgresql+psycopg://postgres@127.0.0.1:5432/test
@@ -23,9 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -73,11 +80,24 @@ event.listen(sa.engine.Engine, "rollback", _end)
 
 mode, url, process_dir, cutoff, archive = sys.argv[1:6]
 cutoff = datetime.fromisoformat(cutoff)
-if mode == "baseline":
+if mode in ("baseline", "baseline-archive"):
+    from ratepay_oms.console.prune import _Archive
     from ratepay_oms.persistence.db import create_db_engine
+    from ratepay_oms.persistence.models import StateHistory
+    from pathlib import Path
     eng = create_db_engine(url)
     started = time.perf_counter()
     with eng.begin() as conn:
+        if mode == "baseline-archive":
+            sink = _Archive(Path(archive))
+            table = StateHistory.__table__
+            result = conn.execute(sa.select(table).where(table.c.created_at < cutoff)
+                                  .execution_options(yield_per=5000))
+            keys = list(result.keys())
+            for part in result.partitions():
+                sink.write(table.name, [dict(zip(keys, r)) for r in part])
+            sink.sync()
+            sink.close()
         removed = conn.execute(sa.text(
             "DELETE FROM oms_state_history WHERE created_at < :c AND order_id IN ("
             " SELECT o.id FROM oms_order o WHERE NOT EXISTS ("
@@ -92,8 +112,13 @@ else:
     report = Pruner(engine.session, engine.definitions()).run(
         cutoff, ["history"], archive=archive if mode == "archive" else None)
     removed = report.removed["history"]
-print(json.dumps({"seconds": time.perf_counter() - started, "removed": removed,
-                  "longest_transaction": longest}))
+elapsed = time.perf_counter() - started
+# Peak resident memory of this process since it was exec'ed (rusage would include what the
+# parent held when it forked).
+with open("/proc/self/status") as status:
+    hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": elapsed, "removed": removed, "longest_transaction": longest,
+                  "peak_rss_mb": hwm_kb / 1024}))
 """
 
 
@@ -141,6 +166,39 @@ def seed(url: str, orders: int, per_order: int, rows: int) -> None:
     eng.dispose()
 
 
+@contextmanager
+def copy_of(template: str, orders: int, per_order: int, rows: int) -> Iterator[str]:
+    """A fresh copy of the seeded database: a file copy (SQLite), ``CREATE DATABASE …
+    TEMPLATE`` (PostgreSQL), or seeding again (others)."""
+    parsed = sa.engine.make_url(template)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        source = Path(parsed.database or "")
+        target = source.with_name(f"copy-{secrets.token_hex(3)}.sqlite")
+        shutil.copyfile(source, target)
+        try:
+            yield f"sqlite:///{target}"
+        finally:
+            target.unlink(missing_ok=True)
+        return
+    if backend != "postgresql":
+        with throwaway_database(parsed.set(database="test").render_as_string(False)) as url:
+            fresh_schema(url)
+            seed(url, orders, per_order, rows)
+            yield url
+        return
+    name = f"{parsed.database}_c{secrets.token_hex(2)}"
+    admin = sa.create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name} TEMPLATE {parsed.database}"))
+    try:
+        yield parsed.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
 def run_child(mode: str, url: str, archive: Path) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RATEPAY_OMS_PLUGINS", None)
@@ -152,13 +210,9 @@ def run_child(mode: str, url: str, archive: Path) -> dict[str, float]:
     assert proc.stdout is not None and proc.stderr is not None
     out = proc.stdout.read()
     err = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    if proc.wait() != 0:
         raise SystemExit(f"{mode} failed:\n{err}")
-    figures = json.loads(out.strip().splitlines()[-1])
-    figures["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux: kilobytes
-    return figures
+    return dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,18 +228,18 @@ def main(argv: list[str] | None = None) -> int:
           f"items per order: {args.items_per_order}")
     failed = False
     for spec in args.db or ["sqlite"]:
-        with throwaway_database(spec) as url:
-            name = f"[{sa.engine.make_url(url).get_backend_name()}]"
+        with throwaway_database(spec) as template:
+            name = f"[{sa.engine.make_url(template).get_backend_name()}]"
+            fresh_schema(template)
+            started = time.perf_counter()
+            seed(template, args.orders, args.items_per_order, args.rows)
+            print(f"{name} seeded in {time.perf_counter() - started:.1f} s", flush=True)
             results = {}
-            for mode in ("archive", "plain", "baseline"):
-                fresh_schema(url)
-                started = time.perf_counter()
-                seed(url, args.orders, args.items_per_order, args.rows)
-                print(f"{name} seeded in {time.perf_counter() - started:.1f} s", flush=True)
-                archive = Path(url.rsplit("/", 1)[-1] + f".{os.getpid()}.{mode}.jsonl.gz")
-                archive = Path("/tmp") / archive.name
+            for mode in ("archive", "plain", "baseline", "baseline-archive"):
+                archive = Path(tempfile.gettempdir()) / f"rpoms-prune-{os.getpid()}-{mode}.jsonl.gz"
                 archive.unlink(missing_ok=True)
-                figures = run_child(mode, url, archive)
+                with copy_of(template, args.orders, args.items_per_order, args.rows) as url:
+                    figures = run_child(mode, url, archive)
                 if archive.exists():
                     figures["archive_mb"] = archive.stat().st_size / 1e6
                     archive.unlink()
@@ -193,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
                 if figures["removed"] != args.rows:
                     print(f"{name} WARNING: {mode} removed {figures['removed']} of {args.rows}")
                     failed = True
-            base = results["baseline"]["seconds"]
+            baselines = {"archive": "baseline-archive", "plain": "baseline"}
             for mode, f in results.items():
+                base = results[baselines.get(mode, mode)]["seconds"]
                 extra = f"  archive {f['archive_mb']:.1f} MB" if "archive_mb" in f else ""
                 print(
-                    f"{name} {mode:8}: {f['seconds']:7.2f} s  {args.rows / f['seconds']:9.0f} "
+                    f"{name} {mode:16}: {f['seconds']:7.2f} s  {args.rows / f['seconds']:9.0f} "
                     f"rows/s  peak RSS {f['peak_rss_mb']:6.1f} MB  longest transaction "
-                    f"{f['longest_transaction']:6.3f} s  ratio to baseline "
+                    f"{f['longest_transaction']:6.3f} s  ratio to {baselines.get(mode, mode)} "
                     f"{f['seconds'] / base:5.2f}{extra}",
                     flush=True,
                 )
