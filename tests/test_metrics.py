@@ -82,9 +82,9 @@ def _value(name: str, **labels: str) -> float:
 
 
 def test_moves_and_errors_are_counted_when_their_transaction_commits(
-    server_db_url: str, pdir: Path
+    fresh_db_url: str, pdir: Path
 ) -> None:
-    engine = _engine(server_db_url, pdir)
+    engine = _engine(fresh_db_url, pdir)  # its own database: the tick sees only our orders
     moved = _value("ratepay_oms_transitions_total", process="Metrics01", event="start")
     failed = _value("ratepay_oms_transition_errors_total", process="Metrics01", event="explode")
     exploded = _value("ratepay_oms_transitions_total", process="Metrics01", event="explode")
@@ -220,12 +220,10 @@ def _get(url: str) -> str:
         return answer.read().decode()
 
 
-def test_a_tick_worker_and_metrics_serve_answer_scrapes(
-    server_db_url: str, pdir: Path
-) -> None:
-    engine = _engine(server_db_url, pdir)
+def test_a_tick_worker_and_metrics_serve_answer_scrapes(fresh_db_url: str, pdir: Path) -> None:
+    engine = _engine(fresh_db_url, pdir)
     _place(engine, items=1, fire=False)
-    common = ["--db", server_db_url, "--processes", str(pdir)]
+    common = ["--db", fresh_db_url, "--processes", str(pdir)]
     with _serving("tick", "--loop", "--interval", "0.2", "--metrics-port", "0", *common) as (
         worker_url, worker
     ), _serving("metrics", "serve", "--port", "0", *common) as (serve_url, server):
