@@ -658,9 +658,6 @@ class Driver:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for engine in self._engines:
-            sink = getattr(engine.services.get("ratepay"), "api_log", None)
-            if sink is not None and hasattr(sink, "flush"):
-                sink.flush()
             engine.close()
 
 

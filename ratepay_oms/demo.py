@@ -332,7 +332,6 @@ def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
     engine = None
     try:
         engine = demo_engine(db_url, sandbox.settings)
-        facade = engine.services[SERVICE_NAME]
         console.print(f"[bold]ratepay-oms demo[/bold]  database {db_url}")
         console.print(f"sandbox gateway {sandbox.url}\n")
         now = datetime.now(UTC).replace(tzinfo=None)
@@ -352,8 +351,6 @@ def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
         for item_id, state in run.expected.items():
             if state == "ready for refund":
                 run.expected[item_id] = "completed"
-        if hasattr(facade.api_log, "flush"):
-            facade.api_log.flush()
         return max(_report(run), 1 if broken else 0)
     finally:
         if engine is not None:

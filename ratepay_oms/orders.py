@@ -162,7 +162,8 @@ class OrderInput:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (money as strings) that ``parse_order`` reads back unchanged."""
-        return _to_jsonable(self)
+        data: dict[str, Any] = _to_jsonable(self)
+        return data
 
 
 def _to_jsonable(obj: Any) -> Any:

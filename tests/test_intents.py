@@ -46,7 +46,6 @@ def url(server_db_url: str) -> str:
 def engine(url, sandbox):
     eng = demo_engine(url, sandbox.settings)
     yield eng
-    eng.services["ratepay"].api_log.flush()
     eng.close()
 
 
@@ -56,7 +55,6 @@ def blind_engine(url, sandbox):
     settings = {k: v for k, v in sandbox.settings.items() if k != "STATUS_API_URL"}
     eng = demo_engine(url, settings)
     yield eng
-    eng.services["ratepay"].api_log.flush()
     eng.close()
 
 

@@ -164,18 +164,17 @@ def test_the_database_figures_are_read_at_scrape_time(
     assert isinstance(DatabaseCollector(broken).describe(), list)
 
 
-def test_an_expired_lease_taken_over_is_counted(server_db_url: str, pdir: Path) -> None:
-    engine = _engine(server_db_url, pdir)
-    ref = _place(engine, items=1, fire=False)
+def test_an_expired_lease_taken_over_is_counted(fresh_db_url: str, pdir: Path) -> None:
+    engine = _engine(fresh_db_url, pdir)
+    ref = _place(engine, items=1, fire=False)  # its on-enter event is due
     with engine.session() as session, session.begin():
         order = session.scalars(sa.select(Order).where(Order.order_ref == ref)).one()
         order.claimed_by, order.claim_expires_at = "dead-worker", wall_now() - timedelta(seconds=1)
-        order_id = order.id
     before = _value("ratepay_oms_lease_takeovers_total")
-    assert engine.claims.claim([order_id]) == [order_id]
-    assert engine.claims.claim([order_id]) == [order_id]  # our own lease: no takeover
+    assert engine.tick().items_moved == 1
     assert _value("ratepay_oms_lease_takeovers_total") == before + 1
-    engine.claims.release([order_id])
+    assert engine.tick().items_moved == 0
+    assert _value("ratepay_oms_lease_takeovers_total") == before + 1
 
 
 def test_names_follow_prometheus_conventions() -> None:

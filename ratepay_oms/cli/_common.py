@@ -138,7 +138,9 @@ def database_errors(url: str) -> Iterator[None]:
         raise DatabaseUnavailableError(f"database {_safe(url)}: {first}") from None
 
 
-def engine_from_options(db_url: str | None, process_dir: str | Path | None) -> Engine:
+def engine_from_options(
+    db_url: str | None, process_dir: str | Path | None, *, concurrency: int | None = None
+) -> Engine:
     """The one place the console builds an :class:`Engine` from ``--db`` / ``--processes``.
 
     The URL is checked (parseable, driver installed, SQLite file present) before the engine
@@ -150,7 +152,10 @@ def engine_from_options(db_url: str | None, process_dir: str | Path | None) -> E
     from ratepay_oms.engine.engine import Engine
 
     with database_errors(url):
-        engine = Engine(url, process_dir=process_dir)
+        if concurrency is None:
+            engine = Engine(url, process_dir=process_dir)
+        else:
+            engine = Engine(url, process_dir=process_dir, concurrency=concurrency)
     from ratepay_oms.plugins.ratepay.services import attach_configured_ratepay
 
     attach_configured_ratepay(engine)  # RATEPAY_* settings → services["ratepay"], if set

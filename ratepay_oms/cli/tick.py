@@ -29,6 +29,7 @@ from ratepay_oms.cli._common import (
     stdout_console,
     translate_db_errors,
 )
+from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.engine import Engine
@@ -158,6 +159,9 @@ def _metrics_server(engine: Engine, port: int | None, host: str | None) -> Itera
               help="Seconds between ticks with --loop (default 10).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each tick's result as JSON (one document per tick).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
+              show_default=True, metavar="K",
+              help="Gateway calls in flight at once (at most one per order; 1: one by one).")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
               metavar="P", help="With --loop: serve Prometheus /metrics on port P (0: any).")
 @click.option("--metrics-host", default=None, metavar="ADDR",
@@ -171,6 +175,7 @@ def tick(
     loop: bool,
     interval: float | None,
     as_json: bool,
+    concurrency: int,
     metrics_port: int | None,
     metrics_host: str | None,
 ) -> None:
@@ -184,6 +189,7 @@ def tick(
       ratepay-oms tick
       ratepay-oms tick --now 2024-08-01T00:00:00Z --limit 1000
       ratepay-oms tick --loop --interval 30 --json
+      ratepay-oms tick --loop --concurrency 16
       ratepay-oms tick --loop --metrics-port 9464
     """
     if interval is not None and not loop:
@@ -192,7 +198,7 @@ def tick(
         raise click.UsageError("--metrics-port only makes sense with --loop")
     if metrics_host is not None and metrics_port is None:
         raise click.UsageError("--metrics-host needs --metrics-port")
-    engine = engine_from_options(db_url, process_dir)
+    engine = engine_from_options(db_url, process_dir, concurrency=concurrency)
     if not loop:
         _run_one(engine, now, limit, as_json)
         return

@@ -203,7 +203,9 @@ class StateWriter:
             for part in chunked(sorted(i.id for i in items)):
                 self._notify(part, definition.name, None, definition.initial, None)
 
-    def write_moves(self, moves: Sequence[Move], definitions: dict[str, ProcessDefinition]) -> None:
+    def write_moves(
+        self, moves: Sequence[Move], definitions: Mapping[str, ProcessDefinition]
+    ) -> None:
         """Persist ``moves`` (one transaction with whatever else the caller wrote)."""
         if not moves:
             self.flush_log()

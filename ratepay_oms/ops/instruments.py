@@ -83,7 +83,9 @@ _PENDING_KEY = "ratepay_oms.metrics.pending"
 def _pending(session: Session) -> dict[str, _Tally[tuple[str, str]]]:
     found: dict[str, _Tally[tuple[str, str]]] | None = session.info.get(_PENDING_KEY)
     if found is None:
-        found = session.info[_PENDING_KEY] = {"moves": _Tally(), "errors": _Tally()}
+        found = session.info[_PENDING_KEY] = {
+            "moves": _Tally(), "errors": _Tally(), "takeovers": _Tally()
+        }
     return found
 
 
@@ -99,6 +101,12 @@ def note_error(session: Session, process: str, event_name: str | None, count: in
         _pending(session)["errors"][(process, event_name or "")] += count
 
 
+def note_takeovers(session: Session, count: int) -> None:
+    """Expired leases of other workers cleared in ``session``'s open transaction."""
+    if count:
+        _pending(session)["takeovers"][("", "")] += count
+
+
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING_KEY, None)
@@ -108,6 +116,8 @@ def _after_commit(session: Session) -> None:
         TRANSITIONS.labels(process, name).inc(count)
     for (process, name), count in pending["errors"].items():
         TRANSITION_ERRORS.labels(process, name).inc(count)
+    for count in pending["takeovers"].values():
+        LEASE_TAKEOVERS.inc(count)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -57,6 +57,10 @@ def _refused_before_sending(exc: requests.ConnectionError) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
+POOL_MAXSIZE = 32
+"""Kept-alive connections per host: at least the most calls a worker has in flight at once."""
+
+
 class RequestsTransport:
     """``requests.Session`` transport with explicit connect/read timeouts and a body cap.
 
@@ -74,7 +78,8 @@ class RequestsTransport:
         verify: bool | str = True,
     ) -> None:
         self.session = session or requests.Session()
-        adapter = HTTPAdapter(max_retries=0)
+        # Enough kept-alive connections for a tick's concurrent calls (tick --concurrency).
+        adapter = HTTPAdapter(max_retries=0, pool_maxsize=POOL_MAXSIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.retries = retries

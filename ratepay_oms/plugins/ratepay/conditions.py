@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ratepay_oms.engine.plugins import Condition
 from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class OutcomeSucceeded:
+class OutcomeSucceeded(Condition):
     """True when the item's newest outcome of ``action`` is a success."""
 
     action: str
@@ -37,7 +38,7 @@ class OutcomeSucceeded:
 
 
 @dataclass(frozen=True)
-class PaymentRequestDeclined:
+class PaymentRequestDeclined(Condition):
     """True when RatePAY declined the item's newest payment request (result 401): a risk
     decision, not a technical failure, so retrying is pointless; the shopper needs another
     method (``payment.customer_message`` says so)."""
@@ -51,7 +52,7 @@ class PaymentRequestDeclined:
         )
 
 
-CONDITIONS: dict[str, OutcomeSucceeded | PaymentRequestDeclined] = {
+CONDITIONS: dict[str, Condition] = {
     "Ratepay/IsPaymentRequestSuccess": OutcomeSucceeded(PAYMENT_REQUEST),
     "Ratepay/IsPaymentRequestDeclined": PaymentRequestDeclined(),
     "Ratepay/IsPaymentConfirmed": OutcomeSucceeded(PAYMENT_CONFIRM),
