@@ -32,7 +32,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import ColumnElement, and_, delete, exists, false, func, not_, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    delete,
+    exists,
+    false,
+    func,
+    not_,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from ratepay_oms.engine.persist import id_in
@@ -51,7 +62,7 @@ from ratepay_oms.process.model import ProcessDefinition
 
 log = logging.getLogger(__name__)
 
-WHAT = {
+WHAT: dict[str, Any] = {
     "history": StateHistory,
     "log": TransitionLog,
     "api-log": ApiLogEntry,
@@ -327,7 +338,7 @@ class Pruner:
         """Delete the rows of ``WHAT[name]`` matching ``where_of``, ``row_batch`` per
         transaction, archiving each batch first. Returns the count (would-be, if dry)."""
         model = WHAT[name]
-        table = model.__table__
+        table: Table = model.__table__
         if dry_run:
             with self.sessions() as session:
                 return int(

@@ -45,7 +45,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, and_, exists, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from ratepay_oms.engine.clock import naive_utc, wall_now
@@ -607,7 +607,7 @@ class Outbox:
         unknown = sorted(set(statuses) - {OUTBOX_DELIVERED, OUTBOX_DEAD})
         if unknown:
             raise OutboxError(f"unknown status {', '.join(unknown)} (delivered or dead)")
-        where = [OutboxEntry.status.in_(list(statuses))]
+        where: list[ColumnElement[bool]] = [OutboxEntry.status.in_(list(statuses))]
         if older_than is not None:
             where.append(OutboxEntry.created_at < older_than)
         with self.sessions() as session, session.begin():
