@@ -27,8 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ratepay_oms.errors import OmsError
-from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
-from ratepay_oms.plugins.ratepay.services import build_facade
+from ratepay_oms.plugins.ratepay.services import build_facade, facade_services
 from ratepay_oms.ratepay import RatepayFacade, RatepaySettings
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ def attach_ratepay(engine: Any, settings: RatepaySettings | dict[str, str]) -> R
     if isinstance(settings, dict):
         settings = RatepaySettings.from_mapping(settings)
     facade = build_facade(settings, engine.session)
-    engine.services[SERVICE_NAME] = facade
+    engine.services.update(facade_services(facade))
     return facade
 
 

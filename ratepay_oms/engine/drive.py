@@ -34,9 +34,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ratepay_oms.engine.claims import LeaseKeeper
-from ratepay_oms.engine.clock import retry_delay, wall_now
+from ratepay_oms.engine.clock import naive_utc, retry_delay, wall_now
 from ratepay_oms.engine.context import EngineContext
-from ratepay_oms.engine.plugins import CallContext, CallNotSentError, Reconciled
+from ratepay_oms.engine.plugins import CallContext, CallNotSentError, Reconciled, ReconcileLater
 from ratepay_oms.engine.runner import (
     ANSWERED,
     NOT_SENT,
@@ -172,6 +172,9 @@ class Drive:
         """Ask what the lost call booked; what to write about it."""
         try:
             verdict = reconcile(call.summary, io)
+        except ReconcileLater as later:
+            log.info("intent %s not final yet: %s", call.intent_id, later.detail)
+            return _ask_later(call, later)
         except Exception as exc:
             return _lookup_failed(call, describe_error(exc))
         if verdict is None:
@@ -226,6 +229,21 @@ def _lookup_failed(call: Call, message: str) -> Callable[[Runner], object]:
     return work
 
 
+def _ask_later(call: Call, later: ReconcileLater) -> Callable[[Runner], object]:
+    """Not final yet: ask again with backoff (at the latest when it becomes final)."""
+
+    def work(runner: Runner) -> None:
+        intent = runner.session.get_one(Intent, call.intent_id)
+        intent.attempts = (intent.attempts or 0) + 1
+        intent.last_error = f"not final yet: {later.detail}"
+        when = wall_now() + retry_delay(intent.attempts)
+        if later.at is not None:
+            when = min(when, max(naive_utc(later.at), wall_now()))
+        intent.reconcile_at = when
+
+    return work
+
+
 def _unknown(call: Call) -> Callable[[Runner], object]:
     def work(runner: Runner) -> None:
         runner.session.execute(
@@ -233,8 +251,9 @@ def _unknown(call: Call) -> Callable[[Runner], object]:
             .where(Intent.id == call.intent_id, Intent.status == INTENT_PENDING)
             .values(
                 status=INTENT_UNKNOWN,
-                last_error="no transaction status source to ask (set RATEPAY_STATUS_API_URL); "
-                "a person must check and resolve it",
+                last_error="the status lookup cannot settle it (no status source configured, "
+                "or an answer that fits neither booked nor not booked); a person must check "
+                "and resolve it",
             )
             .execution_options(synchronize_session=False)
         )

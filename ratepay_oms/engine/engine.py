@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from ratepay_oms.engine.errors import (
 from ratepay_oms.engine.intents import IntentError, IntentView, list_intents
 from ratepay_oms.engine.outbox import DeliveryResult, NotificationSettings, OutboxDelivery
 from ratepay_oms.engine.persist import Origin
-from ratepay_oms.engine.plugins import PluginRegistry, Reconciled
+from ratepay_oms.engine.plugins import INSTALLMENT_SERVICE, PluginRegistry, Reconciled
 from ratepay_oms.engine.runner import (
     RESOLVED_BOOKED,
     RESOLVED_NOT_BOOKED,
@@ -56,7 +57,12 @@ from ratepay_oms.engine.views import (
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ops import instruments
 from ratepay_oms.ops.tracing import span
-from ratepay_oms.orders import OrderInput, OrderInputError, parse_order
+from ratepay_oms.orders import (
+    DEFAULT_PAYMENT_FIRSTDAY,
+    OrderInput,
+    OrderInputError,
+    parse_order,
+)
 from ratepay_oms.persistence.db import (
     create_db_engine,
     default_database_url,
@@ -76,6 +82,10 @@ from ratepay_oms.process.model import ProcessDefinition
 log = logging.getLogger(__name__)
 
 PLUGINS_ENV = "RATEPAY_OMS_PLUGINS"
+
+
+class EngineConfigError(OmsError):
+    """A service the call needs is not configured; the message names the settings."""
 
 
 class PluginConfigError(OmsError):
@@ -400,6 +410,31 @@ class Engine:
             stayed=list(stats.stayed),
             errors=list(stats.error_messages),
         )
+
+    # -- checkout ----------------------------------------------------------------------------
+
+    def calculate_installment(
+        self,
+        amount: Decimal,
+        *,
+        months: int | None = None,
+        rate: Decimal | None = None,
+        payment_firstday: int | None = DEFAULT_PAYMENT_FIRSTDAY,
+    ) -> Any:
+        """The instalment plan for ``amount`` (the basket amount) by ``months`` or by ``rate``,
+        for the shop's checkout: the plan an INSTALLMENT order with the same choice sends.
+
+        Delegates to the ``installments`` service the RatePAY plugin registers (its
+        ``InstallmentQuote``: ``plan``, ``adjusted``, ``notice``, ``details``); raises its
+        ``InstallmentUnavailable`` when RatePAY offers no usable plan.
+        """
+        calculator = self.services.get(INSTALLMENT_SERVICE)
+        if calculator is None:
+            raise EngineConfigError(
+                "no instalment calculator configured: set the RATEPAY_* settings (the RatePAY "
+                "plugin registers services['installments'])"
+            )
+        return calculator(amount, months=months, rate=rate, payment_firstday=payment_firstday)
 
     # -- queries ---------------------------------------------------------------------------
 

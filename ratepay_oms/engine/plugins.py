@@ -51,6 +51,11 @@ PayloadT = TypeVar("PayloadT")
 AnswerT = TypeVar("AnswerT")
 
 
+INSTALLMENT_SERVICE = "installments"
+"""The ``services`` key of the instalment calculator behind ``Engine.calculate_installment``
+(a callable ``(amount, *, months, rate, payment_firstday)``; the RatePAY plugin registers one)."""
+
+
 @dataclass
 class CommandContext:
     """What a command or condition may use besides the order and its items (inside a
@@ -117,6 +122,18 @@ class Reconciled:
     detail: str = ""
 
 
+class ReconcileLater(Exception):
+    """Raised by :meth:`ExternalCommand.reconcile` when the other side cannot tell *yet* (a
+    booking may take a while to show): the intent stays pending, nothing is re-sent, nobody is
+    called, and it is asked again with backoff, at the latest at ``at`` (when the answer
+    becomes final)."""
+
+    def __init__(self, detail: str, at: datetime | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.at = at
+
+
 class CallNotSentError(Exception):
     """Raised by :meth:`ExternalCommand.send`: the booking certainly never left (connection
     refused, an earlier non-booking step failed), so the items get an ordinary retry. Any
@@ -155,7 +172,8 @@ class ExternalCommand(ABC, Generic[PayloadT, AnswerT]):
 
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
         """What the other side booked for a call whose answer was lost; ``None``: nobody can
-        tell (the default), a person decides."""
+        tell (the default), a person decides; raise :class:`ReconcileLater` when the answer
+        is not final yet."""
         return None
 
 

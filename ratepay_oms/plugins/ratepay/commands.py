@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ratepay_oms.engine.plugins import (
@@ -46,8 +47,10 @@ from ratepay_oms.persistence.payment import (
     RETURNED,
 )
 from ratepay_oms.plugins.ratepay import basket as baskets
+from ratepay_oms.plugins.ratepay import installments
 from ratepay_oms.plugins.ratepay import payment_store as store
 from ratepay_oms.plugins.ratepay import reconcile as recon
+from ratepay_oms.plugins.ratepay.installments import InstallmentQuote, InstallmentUnavailable
 from ratepay_oms.ratepay import (
     Address,
     BankAccount,
@@ -57,11 +60,13 @@ from ratepay_oms.ratepay import (
     Customer,
     InstallmentDetails,
     InstallmentPlan,
+    Operation,
     PaymentInfo,
     RatepayFacade,
     RatepayResult,
     RatepayTransportError,
 )
+from ratepay_oms.ratepay.codes import MAX_PAYMENT_ATTEMPTS, PAYMENT_ATTEMPT_WINDOW_HOURS
 
 PayloadT = TypeVar("PayloadT")
 R = TypeVar("R")
@@ -107,6 +112,7 @@ def _address(a: OrderAddress) -> Address:
         first_name=a.first_name,
         last_name=a.last_name,
         company=a.company,
+        delivery_type=a.delivery_type,
     )
 
 
@@ -127,6 +133,10 @@ def to_customer(c: CustomerInput) -> Customer:
         bank_account=BankAccount(bank.owner, bank.iban, bank.bic, bank.bank_name) if bank else None,
         company_name=c.company_name,
         vat_id=c.vat_id,
+        company_id=c.company_id,
+        registry_location=c.registry_location,
+        company_type=c.company_type,
+        homepage=c.homepage,
     )
 
 
@@ -178,10 +188,10 @@ class _External(ExternalCommand[PayloadT, AnswerT]):
 
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
         facade = io.services.get(SERVICE_NAME)
-        if not isinstance(facade, RatepayFacade) or not facade.settings.status_api_url:
+        if not isinstance(facade, RatepayFacade) or not facade.settings.status_lookup_configured:
             return None  # nobody to ask: a person decides
         status = facade.transaction_status(summary["transaction_id"])
-        return recon.verdict(summary, status.data)
+        return recon.verdict(summary, status.report).reconciled()
 
     def _record_reconciled(
         self,
@@ -244,8 +254,15 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
 
     def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall[PaymentPayload]:
+    ) -> PreparedCall[PaymentPayload] | None:
         facade_in(ctx.services)
+        refusal = self._attempts_refusal(ctx, order)
+        if refusal is not None:
+            store.record_outcomes(
+                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
+                operation=Operation.PAYMENT_REQUEST.value, message=refusal,
+            )
+            return None
         data = store.order_input(order)
         store.ensure_payment(ctx.session, order, data.payment.method, ctx.now)
         basket = to_basket(baskets.full_basket(data, store.units(order.items)))
@@ -254,8 +271,25 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
             "operation": "PAYMENT_REQUEST",
             "method": data.payment.method,
             "amount": str(basket.amount),
+            "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
         return PreparedCall(summary, PaymentPayload(data, to_customer(data.customer), basket))
+
+    @staticmethod
+    def _attempts_refusal(ctx: CommandContext, order: Order) -> str | None:
+        """Why a new attempt may not go out now (RatePAY: at most 3 per order in 24 hours)."""
+        window = timedelta(hours=PAYMENT_ATTEMPT_WINDOW_HOURS)
+        sent = store.payment_attempts(ctx.session, order.id, ctx.now - window)
+        if len(sent) < MAX_PAYMENT_ATTEMPTS:
+            return None
+        next_at = sent[-MAX_PAYMENT_ATTEMPTS] + window
+        return (
+            f"not sent: RatePAY allows {MAX_PAYMENT_ATTEMPTS} payment attempts per order within "
+            f"{PAYMENT_ATTEMPT_WINDOW_HOURS} hours and this order had {len(sent)}; retry after "
+            f"{next_at:%Y-%m-%d %H:%M} UTC (event 'retry payment request'), or offer another "
+            "payment method"
+        )
 
     def send(self, call: PreparedCall[PaymentPayload], io: CallContext) -> PaymentAnswer:
         data, basket = call.payload.data, call.payload.basket
@@ -263,14 +297,19 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
             facade = facade_in(io.services)
             plan: InstallmentPlan | None = None
             if data.payment.method == "INSTALLMENT":
-                calc = self._calculate(facade, data, basket)
-                if not calc.success or calc.installment_plan is None:
-                    return PaymentAnswer(None, refused=calc)
-                plan = calc.installment_plan
+                try:
+                    plan = self._calculate(facade, data, basket).plan
+                except InstallmentUnavailable as unavailable:
+                    if unavailable.result is None:
+                        raise
+                    return PaymentAnswer(None, refused=unavailable.result)
             init = facade.init_payment()
             if not init.success or not init.transaction_id:
                 return PaymentAnswer(None, refused=init, plan=plan)
-            facts: dict[str, Any] = {"transaction_id": init.transaction_id}
+            facts: dict[str, Any] = {
+                "transaction_id": init.transaction_id,
+                "planned_at": recon.planned_now(),  # the request leaves right after this
+            }
             if init.transaction_short_id:
                 facts["transaction_short_id"] = init.transaction_short_id
             if plan is not None:
@@ -301,15 +340,17 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         return PaymentAnswer(result, init=init, plan=plan)
 
     @staticmethod
-    def _calculate(facade: RatepayFacade, data: OrderInput, basket: Basket) -> RatepayResult:
+    def _calculate(facade: RatepayFacade, data: OrderInput, basket: Basket) -> InstallmentQuote:
+        """The plan through the checkout calculator's own function, so it is the one shown."""
         choice = data.payment.installment
         assert choice is not None  # the order input requires it for INSTALLMENT
         if choice.calculation_type == "calculation-by-rate":
-            return facade.installment_calculation(
-                basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
+            return installments.quote(
+                facade, basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
             )
-        return facade.installment_calculation(
-            basket.amount, months=int(choice.value), payment_firstday=choice.payment_firstday
+        return installments.quote(
+            facade, basket.amount, months=int(choice.value),
+            payment_firstday=choice.payment_firstday,
         )
 
     def apply(
@@ -420,6 +461,7 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
             "operation": "PAYMENT_CONFIRM",
             "transaction_id": payment.transaction_id,
             "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
         return PreparedCall(summary, None)
 

@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
+from ratepay_oms.plugins.ratepay.installments import SERVICE_NAME as INSTALLMENTS
+from ratepay_oms.plugins.ratepay.installments import InstallmentCalculator
 from ratepay_oms.ratepay import (
     RatepayFacade,
     RatepaySettings,
@@ -38,10 +40,16 @@ def ratepay_services(
     environ: Mapping[str, str] | None = None,
     toml_path: str | None = None,
 ) -> dict[str, Any]:
-    """``{"ratepay": facade}`` from ``RATEPAY_<KEY>`` variables (and an optional TOML file),
-    for ``Engine(services=...)``. Raises ``RatepaySettingsError`` naming a missing key."""
+    """``{"ratepay": facade, "installments": calculator}`` from ``RATEPAY_<KEY>`` variables
+    (and an optional TOML file), for ``Engine(services=...)``. Raises ``RatepaySettingsError``
+    naming a missing key."""
     settings = RatepaySettings.from_env(environ, toml_path)
-    return {SERVICE_NAME: build_facade(settings, session_factory)}
+    return facade_services(build_facade(settings, session_factory))
+
+
+def facade_services(facade: RatepayFacade) -> dict[str, Any]:
+    """The services the RatePAY plugin offers around one facade."""
+    return {SERVICE_NAME: facade, INSTALLMENTS: InstallmentCalculator(facade)}
 
 
 def ratepay_services_if_configured(
