@@ -46,7 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from ratepay_oms.engine.persist import id_in
+from ratepay_oms.engine.persist import chunked, id_in
 from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.models import (
     OUTBOX_DEAD,
@@ -308,12 +308,42 @@ class Pruner:
         dry_run: bool,
         sink: _Archive | None,
     ) -> int:
-        return self._delete_where(
-            name,
-            where_of=lambda session: self._where(name, cutoff, ids, refs, session),
-            dry_run=dry_run,
-            sink=sink,
-        )
+        """One table's rows of one batch of finished orders: their ids in one read (through
+        the order_id index; bounded by the order batch), then deleted ``row_batch`` at a time.
+
+        No ``LIMIT`` on that read: with one, PostgreSQL prefers scanning the table until it has
+        enough rows, and an order's rows are spread over the whole table, so every batch read
+        most of it."""
+        model = WHAT[name]
+        with self.sessions() as session:
+            where = self._where(name, cutoff, ids, refs, session)
+            if dry_run:
+                return int(
+                    session.scalar(select(func.count()).select_from(model).where(where)) or 0
+                )
+            doomed = sorted(session.scalars(select(model.id).where(where)))
+        for part in chunked(doomed, self.row_batch):
+            self._delete_ids(model, part, sink)
+        return len(doomed)
+
+    def _delete_ids(self, model: Any, ids: Sequence[int], sink: _Archive | None) -> None:
+        """Delete rows ``ids`` of ``model`` in one short transaction, archived first."""
+        table: Table = model.__table__
+        with self.sessions() as session, session.begin():
+            if sink is not None:
+                result = session.connection().execute(
+                    select(table).where(id_in(model.id, ids, session)).order_by(table.c.id)
+                )
+                keys = list(result.keys())
+                rows = [dict(zip(keys, r, strict=True)) for r in result.all()]
+                if rows:
+                    sink.write(str(table.name), rows)
+                    sink.sync()  # on disk before the delete commits
+            session.execute(
+                delete(model)
+                .where(id_in(model.id, ids, session))
+                .execution_options(synchronize_session=False)
+            )
 
     def _drain_orderless(self, cutoff: datetime, dry_run: bool, sink: _Archive | None) -> int:
         return self._delete_where(
@@ -335,8 +365,9 @@ class Pruner:
         dry_run: bool,
         sink: _Archive | None,
     ) -> int:
-        """Delete the rows of ``WHAT[name]`` matching ``where_of``, ``row_batch`` per
-        transaction, archiving each batch first. Returns the count (would-be, if dry)."""
+        """Delete the rows of ``WHAT[name]`` matching ``where_of`` (rows tied to no order),
+        walking the primary key ``row_batch`` at a time, each batch archived first. Returns the
+        count (would-be, if dry)."""
         model = WHAT[name]
         table: Table = model.__table__
         if dry_run:
@@ -346,36 +377,19 @@ class Pruner:
                     or 0
                 )
         total = 0
+        after = 0
         while True:
-            # No ORDER BY id / keyset here: with one, PostgreSQL walks the primary key and
-            # filters, reading the table once per batch (an order's rows are spread over it);
-            # without, it takes the rows through the order_id index. What was deleted is gone,
-            # so the next round finds the rest.
-            with self.sessions() as session, session.begin():
-                if sink is None:
-                    ids = sorted(
-                        session.scalars(
-                            select(model.id).where(where_of(session)).limit(self.row_batch)
-                        )
+            with self.sessions() as session:
+                ids = list(
+                    session.scalars(
+                        select(model.id)
+                        .where(where_of(session), model.id > after)
+                        .order_by(model.id)
+                        .limit(self.row_batch)
                     )
-                else:
-                    result = session.connection().execute(
-                        select(table).where(where_of(session)).limit(self.row_batch)
-                    )
-                    keys = list(result.keys())
-                    rows = sorted(
-                        (dict(zip(keys, r, strict=True)) for r in result.all()),
-                        key=lambda row: row["id"],
-                    )
-                    ids = [r["id"] for r in rows]
-                    if rows:
-                        sink.write(str(table.name), rows)
-                        sink.sync()  # on disk before the delete commits
-                if not ids:
-                    return total
-                session.execute(
-                    delete(model)
-                    .where(id_in(model.id, ids, session))
-                    .execution_options(synchronize_session=False)
                 )
-                total += len(ids)
+            if not ids:
+                return total
+            self._delete_ids(model, ids, sink)
+            after = ids[-1]
+            total += len(ids)
