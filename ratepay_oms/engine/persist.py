@@ -49,8 +49,16 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ratepay_oms.engine.verdict import Verdict
+from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.conditions import ConditionResult
-from ratepay_oms.persistence.models import EventTimeout, OrderItem, StateHistory, TransitionLog
+from ratepay_oms.persistence.models import (
+    OUTBOX_PENDING,
+    EventTimeout,
+    OrderItem,
+    OutboxEntry,
+    StateHistory,
+    TransitionLog,
+)
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
@@ -175,6 +183,8 @@ class StateWriter:
         condition: str | None = None,
         error: str | None = None,
     ) -> None:
+        if error is not None:
+            instruments.note_error(self.session, process, event)
         self._log_rows.append(
             {
                 "item_id": item.id,
@@ -256,6 +266,9 @@ class StateWriter:
             return
         self._history([(i, None, definition.initial, None) for i in items])
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
+        if definition.notifies(definition.initial):
+            for part in chunked(sorted(i.id for i in items)):
+                self._notify(part, definition.name, None, definition.initial, None)
 
     def write_moves(
         self,
@@ -300,6 +313,8 @@ class StateWriter:
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
             audit = key.forced.columns() if key.forced is not None else {}
+            notify = definitions[key.process].notifies(key.target)
+            instruments.note_moves(self.session, key.process, key.event, len(ids))
             for part in chunked(sorted(ids)):
                 self.session.execute(
                     update(OrderItem)
@@ -333,6 +348,8 @@ class StateWriter:
                     created_at=self.now,
                     **audit,
                 )
+                if notify:
+                    self._notify(part, key.process, key.source, key.target, key.event)
                 self.session.execute(
                     delete(EventTimeout).where(id_in(EventTimeout.item_id, part, self.session))
                 )
@@ -363,6 +380,29 @@ class StateWriter:
         set_committed_value(item, "state_entered_at", self.now)
         for name, value in _CLEARED_RETRY.items():
             set_committed_value(item, name, value)
+
+    def _notify(
+        self,
+        ids: Sequence[int],
+        process: str,
+        source: str | None,
+        target: str,
+        event: str | None,
+    ) -> None:
+        """Outbox rows for items entering a state that notifies, in this same transaction
+        (the transactional outbox: see ``ratepay_oms.engine.outbox``)."""
+        self._insert_from_items(
+            OutboxEntry,
+            ids,
+            process=process,
+            from_state=source,
+            to_state=target,
+            event=event,
+            created_at=self.now,
+            status=OUTBOX_PENDING,
+            attempts=0,
+            next_attempt_at=self.now,
+        )
 
     def _insert_from_items(
         self, model: type[Any], ids: Sequence[int], *, with_order: bool = True, **same: Any
