@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import logging
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("ratepay-oms")
+except metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout never installed
+    __version__ = "0+unknown"
 __all__ = ["Engine", "__version__"]
 
 if TYPE_CHECKING:

@@ -321,7 +321,7 @@ FLOWS: list[tuple[str, Callable[[DemoRun], None]]] = [
 
 def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
     """Run every flow; 0 when every item ended where it should, 1 otherwise."""
-    from ratepay_oms.sandbox.testing import start_sandbox
+    from ratepay_oms.sandbox.running import start_sandbox
 
     console = console or Console(highlight=False)
     tmp: tempfile.TemporaryDirectory[str] | None = None

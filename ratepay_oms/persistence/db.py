@@ -38,10 +38,10 @@ def default_database_url() -> str:
 
 
 def migrations_dir() -> Path:
-    """The top-level ``migrations/`` folder next to the package."""
-    import ratepay_oms
+    """The Alembic folder: inside the installed package, or ``migrations/`` of a checkout."""
+    from ratepay_oms.resources import shipped_path
 
-    return Path(ratepay_oms.__file__).resolve().parents[1] / "migrations"
+    return shipped_path("migrations")
 
 
 def create_db_engine(url: str | None = None, **kwargs: Any) -> Engine:
