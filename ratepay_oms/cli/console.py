@@ -74,10 +74,11 @@ def load_definitions(
     The matrix still works without them (``required=False``: a warning, then raw states);
     a migration does not.
     """
-    from ratepay_oms.process.loader import default_process_dir, load_processes
+    from ratepay_oms.cli._common import current_config
+    from ratepay_oms.process.loader import load_processes
 
     try:
-        return load_processes(default_process_dir(process_dir))
+        return load_processes(current_config().resolve_process_dir(process_dir))
     except OmsError as exc:
         if required:
             raise

@@ -17,21 +17,32 @@ from rich.table import Table
 
 from ratepay_oms.cli import cli
 from ratepay_oms.cli._common import (
+    any_call_failed,
+    call_json,
+    describe_call,
     engine_from_options,
     engine_options,
     fmt_time,
+    gateway_calls,
     print_json,
     stdout_console,
     translate_db_errors,
 )
-from ratepay_oms.errors import OmsError
+from ratepay_oms.errors import ExitCode, OmsError
 
 log = logging.getLogger(__name__)
 
 
 class EventCommandFailedError(OmsError):
     """The event's command raised: its items stayed where they were and a retry is scheduled
-    (the engine logged it); the console reports it and exits non-zero."""
+    (the engine logged it); the console reports it and exits with ``GATEWAY_FAILED``."""
+
+    exit_code = ExitCode.GATEWAY_FAILED
+
+
+def _print_calls(calls: list[Any]) -> None:
+    for call in calls:
+        click.echo(describe_call(call))
 
 
 @cli.group()
@@ -80,28 +91,47 @@ def _items_table(view: Any, *, detailed: bool) -> Table:
 
 @order.command("place")
 @engine_options
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", metavar="FILE|-", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--no-fire", is_flag=True,
               help="Only store the order; the next tick runs the initial state's events.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the order and the gateway calls as one JSON document.")
 @translate_db_errors
-def place(db_url: str | None, process_dir: Path | None, file: Path, no_fire: bool) -> None:
-    """Place the order in FILE (JSON) and start its process.
+def place(
+    db_url: str | None, process_dir: Path | None, file: str, no_fire: bool, as_json: bool
+) -> None:
+    """Place the order in FILE (JSON; - reads stdin) and start its process.
 
     The file is checked completely first (a JSON syntax error names line and column, a wrong
     field is named); an order ref that exists already is refused. Nothing is written on error.
+    Prints the items and the outcome of every gateway call made (result and reason); exit
+    status 4 when a call failed or was refused or a command failed (the items wait where the
+    next tick retries or a person decides).
 
     \b
     Example:
       ratepay-oms order place order.json
+      ratepay-oms order place - --json < order.json
       ratepay-oms order place order.json --no-fire --db sqlite:///oms.sqlite
     """
-    from ratepay_oms.orders import load_order_file
+    from ratepay_oms.orders import load_order_file, load_order_text
 
-    order_input = load_order_file(file)
+    if file == "-":
+        order_input = load_order_text(click.get_text_stream("stdin").read(), "<stdin>")
+    else:
+        order_input = load_order_file(file)
     engine = engine_from_options(db_url, process_dir)
     view = engine.place_order(order_input, fire=not no_fire)
-    click.echo(f"placed order {view.order_ref} ({view.process}): {len(view.items)} items")
-    stdout_console().print(_items_table(view, detailed=False))
+    calls = gateway_calls(engine)
+    item_errors = [i for i in view.items if getattr(i, "last_error", None)]
+    if as_json:
+        print_json({"order": view.to_json(), "gateway_calls": [call_json(c) for c in calls]})
+    else:
+        click.echo(f"placed order {view.order_ref} ({view.process}): {len(view.items)} items")
+        stdout_console().print(_items_table(view, detailed=bool(item_errors)))
+        _print_calls(calls)
+    if any_call_failed(calls) or item_errors:
+        raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
 
 
 @order.command("show")
@@ -199,6 +229,8 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
 @click.argument("ref")
 @click.option("--item", "item_ids", type=int, multiple=True, metavar="ID",
               help="Only this item (repeat for several); default: every item that accepts EVENT.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the moves, errors and gateway calls as one JSON document.")
 @translate_db_errors
 def event(
     db_url: str | None,
@@ -206,12 +238,14 @@ def event(
     event_name: str,
     ref: str,
     item_ids: tuple[int, ...],
+    as_json: bool,
 ) -> None:
     """Fire the manual EVENT on order REF (e.g. ship, cancel, refund).
 
     Only events marked manual in the process can be fired by hand; a refusal says which item
-    is in which state and what it accepts. Prints what moved; a failing command leaves its items
-    in place with a retry scheduled and makes the exit status non-zero.
+    is in which state and what it accepts. Prints what moved and the outcome of every gateway
+    call made (result and reason); exit status 4 when a call failed or was refused or a
+    command failed (its items stay in place with a retry scheduled).
 
     \b
     Example:
@@ -220,14 +254,30 @@ def event(
     """
     engine = engine_from_options(db_url, process_dir)
     result = engine.trigger(event_name, ref, list(item_ids) or None)
+    calls = gateway_calls(engine)
+    if as_json:
+        print_json({
+            "order_ref": ref,
+            "event": event_name,
+            "moved": [{"item_id": i, "from_state": s, "to_state": t} for i, s, t in result.moved],
+            "stayed": list(result.stayed),
+            "errors": list(result.errors),
+            "gateway_calls": [call_json(c) for c in calls],
+        })
+        if result.errors or any_call_failed(calls):
+            raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
+        return
     for item_id, source, target in result.moved:
         click.echo(f"item {item_id}: {source} → {target}")
     for item_id in result.stayed:
         click.echo(f"item {item_id}: stayed in its state (no transition applied)")
     if not result.moved and not result.stayed and not result.errors:
         click.echo("nothing moved")
+    _print_calls(calls)
     if result.errors:
         # An OmsError (not click's Exit, which main() would turn into status 0): main prints it.
         raise EventCommandFailedError(
             "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
+    if any_call_failed(calls):
+        raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ratepay_oms.config import OmsConfig, attach_ratepay
 from ratepay_oms.engine.claims import Claims
 from ratepay_oms.engine.clock import naive_utc
 from ratepay_oms.engine.compiler import CompiledProcess, compile_processes
@@ -47,7 +48,6 @@ from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import OrderInput, OrderInputError, parse_order
 from ratepay_oms.persistence.db import (
     create_db_engine,
-    default_database_url,
     session_factory,
     upgrade,
 )
@@ -83,11 +83,12 @@ def load_env_plugins(registry: PluginRegistry, spec: str | None = None) -> None:
         func(registry)
 
 
-def default_registry() -> PluginRegistry:
+def default_registry(plugins: str | None = None) -> PluginRegistry:
+    """Our plugins, entry-point plugins, and ``plugins`` (default ``$RATEPAY_OMS_PLUGINS``)."""
     from ratepay_oms.plugins import build_default_registry
 
     registry = build_default_registry()
-    load_env_plugins(registry)
+    load_env_plugins(registry, plugins)
     return registry
 
 
@@ -100,6 +101,11 @@ class Engine:
 
     ``definitions`` (an addition to the contract) hands in already-built process definitions
     instead of loading ``process_dir``: for embedding and for tests.
+
+    Settings are found as the console finds them (``ratepay_oms.config``): the arguments, then
+    the environment, then the config file (``config``, ``$RATEPAY_OMS_CONFIG`` or
+    ``./ratepay-oms.toml``). RatePAY is attached from there unless ``services`` has it;
+    ``ratepay_settings`` (a ``RatepaySettings``) overrides the environment and the file.
     """
 
     def __init__(
@@ -113,13 +119,17 @@ class Engine:
         lease_seconds: int = 60,
         definitions: Mapping[str, ProcessDefinition] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        config: str | Path | OmsConfig | None = None,
+        ratepay_settings: Any = None,
     ) -> None:
-        self.database_url = database_url or default_database_url()
-        self.registry = registry if registry is not None else default_registry()
+        cfg = config if isinstance(config, OmsConfig) else OmsConfig.load(config)
+        self.config = cfg
+        self.database_url = cfg.resolve_database_url(database_url)
+        self.registry = registry if registry is not None else default_registry(cfg.plugins_spec())
         if definitions is None:
-            from ratepay_oms.process.loader import default_process_dir, load_processes
+            from ratepay_oms.process.loader import load_processes
 
-            definitions = load_processes(default_process_dir(process_dir), self.registry)
+            definitions = load_processes(cfg.resolve_process_dir(process_dir), self.registry)
         self._compiled: dict[str, CompiledProcess] = compile_processes(
             dict(definitions), self.registry
         )
@@ -131,6 +141,7 @@ class Engine:
         self._sessions = session_factory(self.db)
         self.claims = Claims(self._sessions, self.worker_id, lease_seconds)
         self.origin = Origin.current()
+        attach_ratepay(self, cfg, ratepay_settings)
 
     # -- housekeeping ----------------------------------------------------------------------
 

@@ -9,10 +9,11 @@ and return.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -114,3 +115,38 @@ class MemoryApiLogSink:
 
     def record(self, call: ApiCallRecord) -> None:
         self.records.append(call)
+
+
+class CallCollector:
+    """Passes every record on to ``inner`` and keeps a copy: the console prints the gateway
+    outcome of exactly the calls one command made (``order place``, ``event``, ``tick``), and
+    its exit status says whether any failed. Thread-safe (calls may run in parallel)."""
+
+    def __init__(self, inner: ApiLogSink | None) -> None:
+        self.inner = inner
+        self.records: list[ApiCallRecord] = []
+        self._lock = threading.Lock()
+
+    def record(self, call: ApiCallRecord) -> None:
+        with self._lock:
+            self.records.append(call)
+        if self.inner is not None:
+            self.inner.record(call)
+
+    def take(self) -> list[ApiCallRecord]:
+        """The records collected since the last ``take``, oldest first."""
+        with self._lock:
+            taken, self.records = self.records, []
+        return taken
+
+    def __getattr__(self, name: str) -> Any:
+        # flush()/close() of a background sink stay reachable through the collector.
+        if self.inner is None:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def is_failure(success: bool | None, error: str | None) -> bool:
+    """A call failed when the gateway said no (``success`` false), when it never answered
+    properly (``error``), or when the outcome was never recorded (``success`` unknown)."""
+    return success is not True or bool(error)

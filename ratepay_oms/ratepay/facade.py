@@ -278,7 +278,8 @@ class RatepayFacade:
                 transaction_id=transaction_id,
                 error=error,
             )
-            self._record(exchange, None)
+            # An answered lookup is a successful call (the API log's --errors must not list it).
+            self._record(exchange, None, success=error is None)
         return TransactionStatus(transaction_id=transaction_id, data=data, exchange=exchange)
 
     # --- one call ----------------------------------------------------------------------------
@@ -367,7 +368,9 @@ class RatepayFacade:
         )
         return result
 
-    def _record(self, exchange: Exchange, result: RatepayResult | None) -> None:
+    def _record(
+        self, exchange: Exchange, result: RatepayResult | None, *, success: bool | None = None
+    ) -> None:
         if self.api_log is None:
             return
         self.api_log.record(
@@ -378,7 +381,9 @@ class RatepayFacade:
                 transaction_id=(result.transaction_id if result else None)
                 or exchange.transaction_id,
                 order_ref=exchange.order_ref,
-                success=result.success if result else False,
+                success=success if success is not None else (
+                    result.success if result else False
+                ),
                 status_code=result.status_code if result else None,
                 reason_code=result.reason_code if result else None,
                 reason_text=result.reason_text if result else None,
