@@ -103,8 +103,9 @@ def matrix(
 ) -> None:
     """Items per process and state, by how long they have been there (today, this week, older).
 
-    The "!" column flags states holding items with an error or a pending retry, and states the
-    process file no longer knows: those need a person.
+    The "!" column flags states holding items with an error or a pending retry, items the
+    gateway refused ("… invalid"), and states the process file no longer knows: those need a
+    person. Declined states are labelled.
 
     \b
     Example:
@@ -144,6 +145,10 @@ def matrix(
                 label.append(" (final)", style="dim")
             if not cell.known:
                 label.append(" (unknown state)", style="red")
+            if cell.refusal == "invalid":
+                label.append(" (refused by the gateway: retry or decide)", style="red")
+            elif cell.refusal == "declined":
+                label.append(" (declined)", style="yellow")
             mark = Text("!", style="bold red") if cell.attention else Text("")
             table.add_row(
                 label,

@@ -153,6 +153,7 @@ def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) 
 
     engine = engine_from_options(db_url, process_dir)
     view = engine.order(ref)
+    view = _with_gateway_reasons(engine, view)
     detail = order_detail(engine, ref)
     if as_json:
         print_json(merge_order_json(view.to_json(), detail))
@@ -161,6 +162,25 @@ def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) 
                f"placed {fmt_time(view.created_at)}")
     stdout_console().print(_items_table(view, detailed=True))
     print_order_detail(detail)
+
+
+def _with_gateway_reasons(engine: Any, view: Any) -> Any:
+    """The view with ``last_error`` holding the gateway's refusal (result, reason, text) for
+    each item a command left in an ``… invalid`` state without an error of its own."""
+    import dataclasses
+
+    from ratepay_oms.console.refusals import gateway_reasons, refusal_kind
+
+    refused = [i.id for i in view.items if refusal_kind(i.state) == "invalid" and not i.last_error]
+    if not refused:
+        return view
+    with engine.session() as session:
+        reasons = gateway_reasons(session, refused)
+    items = tuple(
+        dataclasses.replace(i, last_error=reasons[i.id]) if i.id in reasons else i
+        for i in view.items
+    )
+    return dataclasses.replace(view, items=items)
 
 
 @order.command("list")

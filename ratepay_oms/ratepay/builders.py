@@ -416,9 +416,11 @@ class RequestBuilder:
 
     # operations --------------------------------------------------------------------------
 
-    def payment_init(self) -> BuiltRequest:
+    def payment_init(self, order_ref: str | None = None) -> BuiltRequest:
+        """``order_ref`` is not sent (PAYMENT_INIT carries none); the API log files the call
+        under it, so ``log --order`` shows a refused PAYMENT_INIT too."""
         root, _ = self._envelope(Operation.PAYMENT_INIT)
-        return BuiltRequest(Operation.PAYMENT_INIT, None, None, None, root)
+        return BuiltRequest(Operation.PAYMENT_INIT, None, None, order_ref, root)
 
     def payment_query(
         self,

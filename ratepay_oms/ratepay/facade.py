@@ -68,9 +68,10 @@ class RatepayFacade:
 
     # --- checkout ------------------------------------------------------------------------
 
-    def init_payment(self) -> RatepayResult:
-        """PAYMENT_INIT: open a transaction; ``result.transaction_id`` carries the new id."""
-        return self._call(self._builder.payment_init())
+    def init_payment(self, *, order_ref: str | None = None) -> RatepayResult:
+        """PAYMENT_INIT: open a transaction; ``result.transaction_id`` carries the new id.
+        ``order_ref`` only files the call under the order in the API log."""
+        return self._call(self._builder.payment_init(order_ref))
 
     def query_payment(
         self,

@@ -232,7 +232,7 @@ class PaymentRequestCommand(_External):
             details = self._calculate(ctx, facade, data, basket, order, items, payment)
             if details is None:
                 return None
-        init = facade.init_payment()
+        init = facade.init_payment(order_ref=order.order_ref)
         if not init.success or not init.transaction_id:
             self._refused(ctx, order, items, payment, init)
             return None
