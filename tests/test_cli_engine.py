@@ -27,8 +27,8 @@ import pytest
 import sqlalchemy as sa
 
 from ratepay_oms.cli import main
-from ratepay_oms.errors import ExitCode
 from ratepay_oms.cli.tick import parse_iso_time
+from ratepay_oms.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = Path(__file__).resolve().parent / "processes" / "cli"

@@ -47,7 +47,9 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """Install (or replace) the console's stderr handler on the root logger."""
+    """Install (or replace) the console's stderr handler on the root logger. Our loggers
+    (``ratepay_oms…``) log at ``level``; other libraries' (Alembic, SQLAlchemy, urllib3) at
+    warning and above, so ``--log-level info`` shows the engine's lines, not theirs."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
@@ -58,6 +60,6 @@ def configure_logging(level: str, fmt: str) -> None:
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else TextFormatter(tracebacks=numeric <= logging.DEBUG)
     )
-    handler.setLevel(numeric)
     root.addHandler(handler)
-    root.setLevel(min(root.level or logging.WARNING, numeric) if root.handlers[:-1] else numeric)
+    root.setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("ratepay_oms").setLevel(numeric)

@@ -35,7 +35,6 @@ from ratepay_oms.cli._common import (
     translate_db_errors,
 )
 from ratepay_oms.errors import ExitCode
-from ratepay_oms.ratepay.api_log import is_failure
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.engine import Engine
@@ -126,6 +125,8 @@ def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: b
         result = _tick_with_progress(engine, now, limit)
     else:
         result = engine.tick(now=now, limit=limit)
+    from ratepay_oms.ratepay.api_log import is_failure
+
     calls = gateway_calls(engine)
     if as_json:
         print_json(result.to_json())
