@@ -25,6 +25,7 @@ RatePAY plugins' facade into an engine), so the engine itself names no plugin.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ratepay_oms.errors import OmsError
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "RATEPAY_OMS_CONFIG"
 LOCAL_CONFIG_FILE = "ratepay-oms.toml"
@@ -53,6 +56,9 @@ class OmsConfig:
     process_dir: Path | None = None
     plugins: tuple[str, ...] = ()
     ratepay: Mapping[str, Any] = field(default_factory=dict)
+    ratepay_optional: bool = False
+    """True for work that never reaches RatePAY (``order show``): an incomplete RatePAY
+    configuration is then logged and left out instead of refusing the command."""
 
     @classmethod
     def load(cls, explicit: str | os.PathLike[str] | None = None) -> OmsConfig:
@@ -184,7 +190,15 @@ def attach_ratepay(
     if settings is None:
         if not config.ratepay_configured(environ):
             return False
-        settings = config.ratepay_settings(environ)
+        from ratepay_oms.ratepay.errors import RatepaySettingsError
+
+        try:
+            settings = config.ratepay_settings(environ)
+        except RatepaySettingsError as exc:
+            if not config.ratepay_optional:
+                raise
+            log.warning("RatePAY not attached (not needed here): %s", exc)
+            return False
     from ratepay_oms.plugins.ratepay.services import build_facade
 
     engine.services[SERVICE_NAME] = build_facade(settings, engine.session)

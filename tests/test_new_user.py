@@ -565,3 +565,18 @@ def test_the_demo_and_the_sandbox_need_no_dev_dependency(tmp_path: Path) -> None
                           timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "every flow ended where it should" in proc.stdout
+
+
+def test_reading_commands_work_with_an_incomplete_ratepay_configuration(
+    run, migrated: str, gateway: RunningSandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(monkeypatch, gateway)
+    path, ref = order_json(tmp_path)
+    assert run("order", "place", path, "--db", migrated).code == ExitCode.OK
+    monkeypatch.delenv("RATEPAY_SECURITY_CODE")  # a shell where only the profile is exported
+    for args in (("order", "show", ref), ("order", "list"), ("order", "history", ref),
+                 ("intents", "list")):
+        assert run(*args, "--db", migrated).code == ExitCode.OK, args
+    refused = run("tick", "--db", migrated)  # a worker that would call RatePAY refuses to start
+    assert refused.code == ExitCode.ERROR
+    assert "SECURITY_CODE is missing" in one_line(refused.err)

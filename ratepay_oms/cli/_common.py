@@ -177,7 +177,9 @@ def database_errors(url: str) -> Iterator[None]:
         ) from None
 
 
-def engine_from_options(db_url: str | None, process_dir: str | Path | None) -> Engine:
+def engine_from_options(
+    db_url: str | None, process_dir: str | Path | None, *, gateway: bool = True
+) -> Engine:
     """The one place the console builds an :class:`Engine` from ``--db`` / ``--processes``
     and the config file.
 
@@ -186,8 +188,14 @@ def engine_from_options(db_url: str | None, process_dir: str | Path | None) -> E
     ``ProcessDefinitionError`` (an ``OmsError``). The engine attaches RatePAY from the
     environment and the config file itself; the console then collects the gateway calls each
     command makes (``gateway_calls``), to print their outcome and set the exit status.
+    ``gateway=False`` (commands that only read) does not refuse an incomplete RatePAY
+    configuration: ``order show`` works while ``RATEPAY_SECURITY_CODE`` is not exported.
     """
     config = current_config()
+    if not gateway:
+        import dataclasses
+
+        config = dataclasses.replace(config, ratepay_optional=True)
     url = check_database_url(config.resolve_database_url(db_url))
     require_existing_database(url)
     from ratepay_oms.engine.engine import Engine

@@ -151,7 +151,7 @@ def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) 
     from ratepay_oms.cli.console import print_order_detail
     from ratepay_oms.console.inspect import merge_order_json, order_detail
 
-    engine = engine_from_options(db_url, process_dir)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
     view = engine.order(ref)
     view = _with_gateway_reasons(engine, view)
     detail = order_detail(engine, ref)
@@ -203,7 +203,8 @@ def list_orders(
       ratepay-oms order list
       ratepay-oms order list --state "payment pending" --process RatepayInvoice01 --json
     """
-    views = engine_from_options(db_url, process_dir).orders(state=state, process=process_name)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
+    views = engine.orders(state=state, process=process_name)
     if as_json:
         print_json([v.to_json() for v in views])
         return
@@ -230,7 +231,7 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
       ratepay-oms order history 100045
       ratepay-oms order history 100045 --json
     """
-    entries = engine_from_options(db_url, process_dir).history(ref)
+    entries = engine_from_options(db_url, process_dir, gateway=False).history(ref)
     if as_json:
         print_json([e.to_json() for e in entries])
         return

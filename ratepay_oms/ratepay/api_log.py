@@ -98,13 +98,32 @@ class SqlApiLogSink:
     def record(self, call: ApiCallRecord) -> None:
         try:
             with self.session_factory() as session, session.begin():
-                session.add(to_entry(call))
+                entry = to_entry(call)
+                if entry.order_ref is None and entry.transaction_id:
+                    entry.order_ref = _order_of_transaction(session, entry.transaction_id)
+                session.add(entry)
         except Exception:
             log.exception(
                 "could not write the RatePAY API log row for %s %s",
                 call.operation,
                 call.transaction_id,
             )
+
+
+def _order_of_transaction(session: Session, transaction_id: str) -> str | None:
+    """The order a transaction belongs to, so a call made without one (a status lookup) is
+    still filed under it and ``log --order`` lists it."""
+    from sqlalchemy import select
+
+    from ratepay_oms.persistence.models import Order
+    from ratepay_oms.persistence.payment import RatepayPayment
+
+    return session.scalar(
+        select(Order.order_ref)
+        .join(RatepayPayment, RatepayPayment.order_id == Order.id)
+        .where(RatepayPayment.transaction_id == transaction_id)
+        .limit(1)
+    )
 
 
 class MemoryApiLogSink:

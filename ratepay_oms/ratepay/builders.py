@@ -572,6 +572,7 @@ class RequestBuilder:
         rate: Decimal | None = None,
         months: int | None = None,
         payment_firstday: int | None = None,
+        order_ref: str | None = None,
     ) -> BuiltRequest:
         op = Operation.CALCULATION_REQUEST
         if _money(amount, "instalment amount") <= 0:
@@ -596,4 +597,4 @@ class RequestBuilder:
             w.el(w.el(calc, "calculation-time"), "month", str(months))
         if payment_firstday is not None:
             w.el(calc, "payment-firstday", str(payment_firstday))
-        return BuiltRequest(op, subtype.value, None, None, root)
+        return BuiltRequest(op, subtype.value, None, order_ref, root)

@@ -214,12 +214,15 @@ class RatepayFacade:
         rate: Decimal | None = None,
         months: int | None = None,
         payment_firstday: int | None = None,
+        order_ref: str | None = None,
     ) -> RatepayResult:
         """CALCULATION_REQUEST by rate (``rate=``) or by time (``months=``); on success
-        ``result.installment_plan`` feeds ``InstallmentDetails.from_plan``."""
+        ``result.installment_plan`` feeds ``InstallmentDetails.from_plan``. ``order_ref`` only
+        files the call under the order in the API log."""
         return self._call(
             self._builder.calculation_request(
-                amount, rate=rate, months=months, payment_firstday=payment_firstday
+                amount, rate=rate, months=months, payment_firstday=payment_firstday,
+                order_ref=order_ref,
             )
         )
 

@@ -313,11 +313,13 @@ class PaymentRequestCommand(_External):
         assert choice is not None  # the order input requires it for INSTALLMENT
         if choice.calculation_type == "calculation-by-rate":
             calc = facade.installment_calculation(
-                basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
+                basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday,
+                order_ref=order.order_ref,
             )
         else:
             calc = facade.installment_calculation(
-                basket.amount, months=int(choice.value), payment_firstday=choice.payment_firstday
+                basket.amount, months=int(choice.value), payment_firstday=choice.payment_firstday,
+                order_ref=order.order_ref,
             )
         if not calc.success or calc.installment_plan is None:
             self._refused(ctx, order, items, payment, calc)
