@@ -142,13 +142,14 @@ def matrix(
         for cell in row.states:
             label = Text(cell.state)
             if cell.final:
-                label.append(" (final)", style="dim")
+                label.append(" (final, declined)" if cell.refusal == "declined" else " (final)",
+                             style="dim")
+            elif cell.refusal == "declined":
+                label.append(" (declined)", style="yellow")
             if not cell.known:
                 label.append(" (unknown state)", style="red")
             if cell.refusal == "invalid":
                 label.append(" (refused by the gateway: retry or decide)", style="red")
-            elif cell.refusal == "declined":
-                label.append(" (declined)", style="yellow")
             mark = Text("!", style="bold red") if cell.attention else Text("")
             table.add_row(
                 label,
