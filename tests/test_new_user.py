@@ -580,3 +580,15 @@ def test_reading_commands_work_with_an_incomplete_ratepay_configuration(
     refused = run("tick", "--db", migrated)  # a worker that would call RatePAY refuses to start
     assert refused.code == ExitCode.ERROR
     assert "SECURITY_CODE is missing" in one_line(refused.err)
+
+
+def test_the_library_logs_but_configures_no_handler(tmp_path: Path) -> None:
+    code = (
+        "import logging, ratepay_oms\n"
+        "from ratepay_oms import Engine\n"
+        "print(len(logging.getLogger().handlers),"
+        " [type(h).__name__ for h in logging.getLogger('ratepay_oms').handlers])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.split() == ["0", "['NullHandler']"], proc.stdout + proc.stderr
