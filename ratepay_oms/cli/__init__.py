@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    finally:
+        if "ratepay_oms.cli._logging" in sys.modules:
+            sys.modules["ratepay_oms.cli._logging"].reset_logging()
     return ExitCode.OK
 
 

@@ -46,20 +46,41 @@ class TextFormatter(logging.Formatter):
         return f"  {type(ei[1]).__name__}: {str(ei[1]).splitlines()[0] if str(ei[1]) else ''}"
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Install (or replace) the console's stderr handler on the root logger. Our loggers
-    (``ratepay_oms…``) log at ``level``; other libraries' (Alembic, SQLAlchemy, urllib3) at
+class _OursOrWarnings(logging.Filter):
+    """Our records at the chosen level; other libraries' (Alembic, SQLAlchemy, urllib3) at
     warning and above, so ``--log-level info`` shows the engine's lines, not theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("ratepay_oms") or record.levelno >= logging.WARNING
+
+
+_saved_root_level: list[int] = []
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Install (or replace) the console's stderr handler on the root logger; ``reset_logging``
+    takes it away again (``main()`` does, so an application that calls ``main()`` in-process
+    keeps its own logging as it was)."""
+    reset_logging()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if handler.get_name() == _HANDLER_NAME:
-            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
     numeric = getattr(logging, level.upper())
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else TextFormatter(tracebacks=numeric <= logging.DEBUG)
     )
+    handler.setLevel(numeric)
+    handler.addFilter(_OursOrWarnings())
     root.addHandler(handler)
-    root.setLevel(max(numeric, logging.WARNING))
-    logging.getLogger("ratepay_oms").setLevel(numeric)
+    _saved_root_level.append(root.level)
+    if root.level == logging.NOTSET or root.level > numeric:
+        root.setLevel(numeric)
+
+
+def reset_logging() -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() == _HANDLER_NAME:
+            root.removeHandler(handler)
+    if _saved_root_level:
+        root.setLevel(_saved_root_level.pop())

@@ -196,15 +196,23 @@ def schema_problem(engine: Engine) -> str | None:
     that is down or was never upgraded is reported as such rather than as batch errors."""
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
 
     shown = engine.url.render_as_string(hide_password=True)
+    # On SQLite our engines start every transaction with BEGIN IMMEDIATE (the write lock); a
+    # check must not wait for a running tick's lock, so it reads through a plain connection.
+    sqlite = engine.dialect.name == "sqlite"
+    probe = create_engine(engine.url, poolclass=NullPool) if sqlite else engine
     try:
-        with engine.connect() as conn:
+        with probe.connect() as conn:
             revision = MigrationContext.configure(conn).get_current_revision()
     except SQLAlchemyError as exc:
         orig = getattr(exc, "orig", None) or exc
         first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
         return f"database {shown} is unavailable: {first}"
+    finally:
+        if sqlite:
+            probe.dispose()
     head = _cached_head()
     if revision is None:
         return f"database {shown} has no ratepay-oms schema; run: ratepay-oms db upgrade"
