@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 _HANDLER_NAME = "ratepay-oms-cli"
 
@@ -54,7 +55,8 @@ class _OursOrWarnings(logging.Filter):
         return record.name.startswith("ratepay_oms") or record.levelno >= logging.WARNING
 
 
-_saved_root_level: list[int] = []
+_installed: dict[str, Any] = {}
+"""What ``configure_logging`` changed: the handler, and the root level it replaced (if any)."""
 
 
 def configure_logging(level: str, fmt: str) -> None:
@@ -72,15 +74,21 @@ def configure_logging(level: str, fmt: str) -> None:
     handler.setLevel(numeric)
     handler.addFilter(_OursOrWarnings())
     root.addHandler(handler)
-    _saved_root_level.append(root.level)
+    _installed["handler"] = handler
     if root.level == logging.NOTSET or root.level > numeric:
+        _installed["previous_level"] = root.level
+        _installed["level"] = numeric
         root.setLevel(numeric)
 
 
 def reset_logging() -> None:
+    """Remove the handler; put the root level back if it is still the one we set (someone
+    else may have changed it since, e.g. a test's caplog)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if handler.get_name() == _HANDLER_NAME:
-            root.removeHandler(handler)
-    if _saved_root_level:
-        root.setLevel(_saved_root_level.pop())
+    handler = _installed.pop("handler", None)
+    if handler is not None:
+        root.removeHandler(handler)
+    previous = _installed.pop("previous_level", None)
+    ours = _installed.pop("level", None)
+    if previous is not None and root.level == ours:
+        root.setLevel(previous)
