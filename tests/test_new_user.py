@@ -134,6 +134,20 @@ def test_tick_on_a_schema_never_upgraded_exits_3(run, fresh_db_url: str) -> None
     assert "ratepay-oms db upgrade" in one_line(result.err)
 
 
+def test_tick_on_a_schema_behind_or_ahead_says_which(run, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'oms.sqlite'}"
+    assert run("db", "upgrade", "--db", url).code == ExitCode.OK
+    engine = sa.create_engine(url)
+    for revision, expected in (("0001", "run: ratepay-oms db upgrade"),
+                               ("9999", "does not know (a newer version upgraded it?)")):
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+        result = run("tick", "--db", url)
+        assert result.code == ExitCode.DATABASE_UNAVAILABLE, result
+        assert expected in one_line(result.err)
+    engine.dispose()
+
+
 def test_tick_loop_backs_off_then_gives_up_on_a_database_that_stays_away(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -217,9 +217,22 @@ def schema_problem(engine: Engine) -> str | None:
     if revision is None:
         return f"database {shown} has no ratepay-oms schema; run: ratepay-oms db upgrade"
     if revision != head:
+        if not _known_revision(revision):
+            return (f"database {shown} is at schema revision {revision}, which this ratepay-oms "
+                    f"does not know (a newer version upgraded it?); install that version")
         return (f"database {shown} is at schema revision {revision}, this ratepay-oms needs "
                 f"{head}; run: ratepay-oms db upgrade")
     return None
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory(str(migrations_dir())).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 _HEAD: list[str | None] = []
