@@ -373,7 +373,9 @@ class SandboxProcess:
         self.fault_delay = fault_delay
         self.security_code = security_code
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = self.status_url = self.faults_url = ""
+        self.url = self.status_url = self.faults_url = self.ledger_url = ""
+        self.oauth: dict[str, str] = {}
+        self.oauth_secret = secrets.token_hex(16)
         import requests
 
         self.http = requests.Session()
@@ -383,7 +385,9 @@ class SandboxProcess:
             *cli_command(), "sandbox", "serve", "--port", "0", "--profile-id", PROFILE_ID,
             "--seed", str(self.seed), "--fault-delay", str(self.fault_delay),
         ]
-        env = child_env({"RATEPAY_SANDBOX_SECURITY_CODE": self.security_code, "COLUMNS": "200"})
+        env = child_env({"RATEPAY_SANDBOX_SECURITY_CODE": self.security_code,
+                         "RATEPAY_SANDBOX_OAUTH_CLIENT_SECRET": self.oauth_secret,
+                         "COLUMNS": "200"})
         with self.log_path.open("wb") as log:
             self.proc = spawn(command, env, log, subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -392,10 +396,18 @@ class SandboxProcess:
             listening = re.search(r"listening on (\S+)", text)
             status = re.search(r"RATEPAY_STATUS_API_URL=(\S+)", text)
             faults = re.search(r"Faults: (\S+)", text)
-            if listening and status and faults:
-                self.url, self.status_url, self.faults_url = (
-                    listening.group(1), status.group(1), faults.group(1)
+            ledger = re.search(r"Ledger: (\S+?)\{", text)
+            if listening and status and faults and ledger:
+                self.url, self.status_url, self.faults_url, self.ledger_url = (
+                    listening.group(1), status.group(1), faults.group(1), ledger.group(1)
                 )
+                self.oauth = {
+                    key: match.group(1)
+                    for key in ("OAUTH_TOKEN_URL", "OAUTH_CLIENT_ID", "OAUTH_AUDIENCE",
+                                "STATUS_PROCESSING_OFFSET_HOURS")
+                    if (match := re.search(rf"RATEPAY_{key}=(\S+)", text))
+                }
+                self.oauth["OAUTH_CLIENT_SECRET"] = self.oauth_secret
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the sandbox exited at start:\n{text}")
@@ -417,7 +429,7 @@ class SandboxProcess:
         # (it writes headers and body separately; Nagle meets delayed ACK), on a new one 1 ms.
         import requests
 
-        response = requests.get(self.status_url + transaction_id, timeout=10)
+        response = requests.get(self.ledger_url + transaction_id, timeout=10)
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -658,9 +670,6 @@ class Driver:
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for engine in self._engines:
-            sink = getattr(engine.services.get("ratepay"), "api_log", None)
-            if sink is not None and hasattr(sink, "flush"):
-                sink.flush()
             engine.close()
 
 
@@ -947,6 +956,7 @@ class Soak:
                 "MODE": "test",
                 "API_TEST_URL": sandbox.url,
                 "STATUS_API_URL": sandbox.status_url,
+                **sandbox.oauth,
                 "SYSTEM_ID": "ratepay-oms-soak",
                 "CONNECT_TIMEOUT": "2",
                 "READ_TIMEOUT": str(self.o.read_timeout),

@@ -179,10 +179,12 @@ def attach_ratepay(
     settings: Any = None,
     environ: Mapping[str, str] | None = None,
 ) -> bool:
-    """Give ``engine`` the RatePAY facade, with its API log in the engine's database, unless
-    its services have one already. ``settings`` (a ``RatepaySettings``) wins over the
-    environment and the file; without it and without a configured ``PROFILE_ID`` nothing is
-    attached (``False``). A partial configuration raises ``RatepaySettingsError``."""
+    """Give ``engine`` the RatePAY services (the facade, with its API log in the engine's
+    database, and the instalment calculator), unless its services have a facade already.
+    ``settings`` (a ``RatepaySettings``) wins over the environment and the file; without it
+    and without a configured ``PROFILE_ID`` nothing is attached (``False``). A partial
+    configuration raises ``RatepaySettingsError`` (logged and skipped when
+    ``config.ratepay_optional``)."""
     from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
 
     if SERVICE_NAME in engine.services:
@@ -199,7 +201,7 @@ def attach_ratepay(
                 raise
             log.warning("RatePAY not attached (not needed here): %s", exc)
             return False
-    from ratepay_oms.plugins.ratepay.services import build_facade
+    from ratepay_oms.plugins.ratepay.services import build_facade, facade_services
 
-    engine.services[SERVICE_NAME] = build_facade(settings, engine.session)
+    engine.services.update(facade_services(build_facade(settings, engine.session)))
     return True

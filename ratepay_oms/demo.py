@@ -27,8 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ratepay_oms.errors import OmsError
-from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
-from ratepay_oms.plugins.ratepay.services import build_facade
+from ratepay_oms.plugins.ratepay.services import build_facade, facade_services
 from ratepay_oms.ratepay import RatepayFacade, RatepaySettings
 
 log = logging.getLogger(__name__)
@@ -112,7 +111,7 @@ def attach_ratepay(engine: Any, settings: RatepaySettings | dict[str, str]) -> R
     if isinstance(settings, dict):
         settings = RatepaySettings.from_mapping(settings)
     facade = build_facade(settings, engine.session)
-    engine.services[SERVICE_NAME] = facade
+    engine.services.update(facade_services(facade))
     return facade
 
 
@@ -337,7 +336,6 @@ def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
     engine = None
     try:
         engine = demo_engine(db_url, sandbox.settings)
-        facade = engine.services[SERVICE_NAME]
         console.print(f"[bold]ratepay-oms demo[/bold]  database {db_url}")
         console.print(f"sandbox gateway {sandbox.url}\n")
         now = datetime.now(UTC).replace(tzinfo=None)
@@ -357,8 +355,6 @@ def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
         for item_id, state in run.expected.items():
             if state == "ready for refund":
                 run.expected[item_id] = "completed"
-        if hasattr(facade.api_log, "flush"):
-            facade.api_log.flush()
         return max(_report(run), 1 if broken else 0)
     finally:
         if engine is not None:

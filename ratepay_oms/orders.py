@@ -21,15 +21,32 @@ from pathlib import Path
 from typing import Any
 
 from ratepay_oms.errors import OmsError
+from ratepay_oms.sepa import (
+    bic_problem,
+    iban_problem,
+    mandate_reference_problem,
+    normalise_iban,
+)
 
 CENT = Decimal("0.01")
+ORDER_REF_MAX = 50
+"""RatePAY's ``external/order-id`` holds at most 50 characters."""
+DELIVERY_TYPES = ("ADDRESS", "IN_STORE_COLLECT", "PICK_UP_BOX", "PICK_UP_SHOP")
+"""``address/@delivery-type``; anything but ADDRESS must be contracted with RatePAY."""
+B2B_FIELDS = ("vat_id", "company_id", "registry_location", "company_type", "homepage")
+"""Company details RatePAY takes only together with ``company_name``."""
 PAYMENT_METHODS = ("INVOICE", "ELV", "PREPAYMENT", "INSTALLMENT")
 CALCULATION_TYPES = ("calculation-by-rate", "calculation-by-time")
 DEBIT_PAY_TYPES = ("DIRECT-DEBIT", "BANK-TRANSFER")
+DEFAULT_PAYMENT_FIRSTDAY = 28
+"""Day of the month of the instalment debits when the order does not say (RatePAY's usual)."""
 CURRENCIES = ("EUR", "CHF", "AUD", "CAD", "GBP", "JPY", "RUB", "USD")
 GENDERS = ("M", "F", "U")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_DEVICE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,255}")
+"""RatePAY's device token: a UUID or letters, digits, ``_`` and ``-``."""
+_HOMEPAGE = re.compile(r"https?://[^\s/$.?#][^\s]*", re.IGNORECASE)
 
 
 class OrderInputError(OmsError):
@@ -52,6 +69,8 @@ class Address:
     first_name: str | None = None
     last_name: str | None = None
     company: str | None = None
+    delivery_type: str | None = None
+    """A delivery address's kind (``DELIVERY_TYPES``); ``None`` = ADDRESS."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,9 @@ class BankAccount:
     iban: str
     bic: str | None = None
     bank_name: str | None = None
+    mandate_reference: str | None = None
+    """The SEPA mandate reference for the direct debit, kept and shown (not sent: the XML
+    API has no field for it)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,10 @@ class CustomerInput:
     company_name: str | None = None
     vat_id: str | None = None
     bank_account: BankAccount | None = None
+    company_id: str | None = None
+    registry_location: str | None = None
+    company_type: str | None = None
+    homepage: str | None = None
 
     @property
     def is_b2b(self) -> bool:
@@ -123,7 +149,7 @@ class InstallmentInput:
     calculation_type: str
     value: Decimal
     """The monthly rate (by rate) or the number of months (by time)."""
-    payment_firstday: int = 28
+    payment_firstday: int = DEFAULT_PAYMENT_FIRSTDAY
     debit_pay_type: str = "BANK-TRANSFER"
 
 
@@ -162,7 +188,8 @@ class OrderInput:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (money as strings) that ``parse_order`` reads back unchanged."""
-        return _to_jsonable(self)
+        data: dict[str, Any] = _to_jsonable(self)
+        return data
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -293,7 +320,7 @@ def _decimal(value: Any, where: str, places: int) -> Decimal:
     return number.quantize(Decimal(1).scaleb(-places))
 
 
-def _address(r: _Reader) -> Address:
+def _address(r: _Reader, *, delivery: bool = False) -> Address:
     country = r.req_text("country_code").upper()
     if not _COUNTRY.match(country):
         raise OrderInputError(f"{r._at('country_code')}: expected an ISO country code like DE")
@@ -307,9 +334,51 @@ def _address(r: _Reader) -> Address:
         first_name=r.text("first_name", required=False),
         last_name=r.text("last_name", required=False),
         company=r.text("company", required=False),
+        delivery_type=_delivery_type(r, delivery),
     )
     r.finish()
     return address
+
+
+def _delivery_type(r: _Reader, delivery: bool) -> str | None:
+    kind = r.text("delivery_type", required=False)
+    if kind is None:
+        return None
+    if kind not in DELIVERY_TYPES:
+        raise OrderInputError(f"{r._at('delivery_type')}: {kind!r} is not one of "
+                              f"{', '.join(DELIVERY_TYPES)}")
+    if not delivery and kind != "ADDRESS":
+        raise OrderInputError(
+            f"{r._at('delivery_type')}: a billing address is not a pick-up location"
+        )
+    return None if kind == "ADDRESS" else kind
+
+
+def _bank_account(bank: _Reader) -> BankAccount:
+    iban = normalise_iban(bank.req_text("iban", 42))
+    problem = iban_problem(iban)
+    if problem:
+        raise OrderInputError(f"{bank._at('iban')}: {problem}")
+    bic = bank.text("bic", required=False)
+    if bic is not None:
+        bic = "".join(bic.split()).upper()
+        problem = bic_problem(bic)
+        if problem:
+            raise OrderInputError(f"{bank._at('bic')}: {problem}")
+    mandate = bank.text("mandate_reference", required=False, max_len=35)
+    if mandate is not None:
+        problem = mandate_reference_problem(mandate)
+        if problem:
+            raise OrderInputError(f"{bank._at('mandate_reference')}: {problem}")
+    account = BankAccount(
+        owner=bank.req_text("owner"),
+        iban=iban,
+        bic=bic,
+        bank_name=bank.text("bank_name", required=False),
+        mandate_reference=mandate,
+    )
+    bank.finish()
+    return account
 
 
 def _customer(r: _Reader) -> CustomerInput:
@@ -326,15 +395,10 @@ def _customer(r: _Reader) -> CustomerInput:
     billing = r.child("billing_address")
     delivery = r.child("delivery_address", required=False)
     bank = r.child("bank_account", required=False)
-    bank_account = None
-    if bank is not None:
-        bank_account = BankAccount(
-            owner=bank.req_text("owner"),
-            iban=bank.req_text("iban", 34).replace(" ", "").upper(),
-            bic=bank.text("bic", required=False),
-            bank_name=bank.text("bank_name", required=False),
-        )
-        bank.finish()
+    bank_account = _bank_account(bank) if bank is not None else None
+    homepage = r.text("homepage", required=False)
+    if homepage is not None and not _HOMEPAGE.fullmatch(homepage):
+        raise OrderInputError(f"{r._at('homepage')}: expected an http(s) address")
     customer = CustomerInput(
         customer_ref=r.text("customer_ref", required=False),
         first_name=r.req_text("first_name"),
@@ -347,11 +411,19 @@ def _customer(r: _Reader) -> CustomerInput:
         mobile=r.text("mobile", required=False),
         ip_address=r.text("ip_address", required=False),
         language=r.text("language", required=False),
-        delivery_address=_address(delivery) if delivery else None,
+        delivery_address=_address(delivery, delivery=True) if delivery else None,
         company_name=r.text("company_name", required=False),
         vat_id=r.text("vat_id", required=False),
         bank_account=bank_account,
+        company_id=r.text("company_id", required=False),
+        registry_location=r.text("registry_location", required=False),
+        company_type=r.text("company_type", required=False),
+        homepage=homepage,
     )
+    if customer.company_name is None:
+        for name in B2B_FIELDS:
+            if getattr(customer, name) is not None:
+                raise OrderInputError(f"{r._at(name)}: only for a company (set company_name)")
     if customer.company_name is None and customer.date_of_birth is None:
         raise OrderInputError(f"{r._at('date_of_birth')}: missing (required for consumers)")
     r.finish()
@@ -421,7 +493,7 @@ def _payment(r: _Reader, customer: CustomerInput) -> PaymentInput:
         installment = InstallmentInput(
             calculation_type=calculation_type,
             value=value,
-            payment_firstday=plan.integer("payment_firstday", default=28),
+            payment_firstday=plan.integer("payment_firstday", default=DEFAULT_PAYMENT_FIRSTDAY),
             debit_pay_type=plan.choice("debit_pay_type", DEBIT_PAY_TYPES, default="BANK-TRANSFER"),
         )
         plan.finish()
@@ -441,7 +513,7 @@ def _payment(r: _Reader, customer: CustomerInput) -> PaymentInput:
 def parse_order(data: Any) -> OrderInput:
     """Check an order completely and return it typed; raise ``OrderInputError`` otherwise."""
     r = _Reader(data, "")
-    order_ref = r.req_text("order_ref")
+    order_ref = r.req_text("order_ref", ORDER_REF_MAX)
     process = r.req_text("process")
     currency = r.choice("currency", CURRENCIES).upper()
     customer_reader = r.child("customer")
@@ -466,12 +538,21 @@ def parse_order(data: Any) -> OrderInput:
         payment=_payment(payment, customer),
         shipping=_position(shipping, negative=False) if shipping else None,
         discount=_position(discount, negative=True) if discount else None,
-        device_token=r.text("device_token", required=False),
+        device_token=_device_token(r),
     )
     r.finish()
     if order.basket_amount < 0:
         raise OrderInputError("discount.unit_price_gross: the order total would be negative")
     return order
+
+
+def _device_token(r: _Reader) -> str | None:
+    token = r.text("device_token", required=False)
+    if token is not None and not _DEVICE_TOKEN.fullmatch(token):
+        raise OrderInputError(
+            "device_token: a UUID or letters, digits, '_' and '-' only (RatePAY's format)"
+        )
+    return token
 
 
 def load_order_file(path: str | Path) -> OrderInput:

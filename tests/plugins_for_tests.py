@@ -23,7 +23,12 @@ from typing import Any
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, delete, insert, select
 
-from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.engine.plugins import (
+    ByItemCommand,
+    ByOrderCommand,
+    CommandContext,
+    PluginRegistry,
+)
 from ratepay_oms.persistence.db import create_db_engine, upgrade
 from ratepay_oms.persistence.models import (
     EventTimeout,
@@ -68,8 +73,7 @@ def _record(ctx: CommandContext, order: Order, items: Sequence[OrderItem], comma
     )
 
 
-class RecordByOrder:
-    by_order = True
+class RecordByOrder(ByOrderCommand):
 
     def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
         pause = ctx.services.get("sleep", float(os.environ.get("RATEPAY_OMS_TEST_SLEEP", "0")))
@@ -78,17 +82,14 @@ class RecordByOrder:
         _record(ctx, order, items, "Test/RecordByOrder")
 
 
-class RecordByItem:
-    by_order = False
+class RecordByItem(ByItemCommand):
 
     def run_item(self, ctx: CommandContext, order: Order, item: OrderItem) -> None:
         _record(ctx, order, [item], "Test/RecordByItem")
 
 
-class Flaky:
+class Flaky(ByOrderCommand):
     """Raises while ``services["flaky"]["failures"]`` is positive (counting down)."""
-
-    by_order = True
 
     def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
         knob = ctx.services.setdefault("flaky", {"failures": 0})
@@ -98,10 +99,8 @@ class Flaky:
         _record(ctx, order, items, "Test/Flaky")
 
 
-class WriteThenFail:
+class WriteThenFail(ByOrderCommand):
     """Writes its record, then raises: the record must be rolled back with the command."""
-
-    by_order = True
 
     def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
         _record(ctx, order, items, "Test/WriteThenFail")
@@ -118,10 +117,10 @@ def is_cleared(ctx: CommandContext, order: Order, item: OrderItem) -> bool:
 
 
 def register(registry: PluginRegistry) -> None:
-    registry.register_command("Test/RecordByOrder", RecordByOrder())
-    registry.register_command("Test/RecordByItem", RecordByItem())
-    registry.register_command("Test/Flaky", Flaky())
-    registry.register_command("Test/WriteThenFail", WriteThenFail())
+    registry.register_by_order("Test/RecordByOrder", RecordByOrder())
+    registry.register_by_item("Test/RecordByItem", RecordByItem())
+    registry.register_by_order("Test/Flaky", Flaky())
+    registry.register_by_order("Test/WriteThenFail", WriteThenFail())
     registry.register_condition("Test/IsFlagged", is_flagged)
     registry.register_condition("Test/IsCleared", is_cleared)
 

@@ -28,6 +28,7 @@ import sqlalchemy as sa
 
 from ratepay_oms.cli import main
 from ratepay_oms.cli.tick import parse_iso_time
+from ratepay_oms.engine.plugins import ByOrderCommand
 from ratepay_oms.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,10 +344,8 @@ def test_place_no_fire_stores_without_moving(cli, db: str, tmp_path: Path) -> No
     assert len(view["items"]) == 4
 
 
-class AlwaysFails:
+class AlwaysFails(ByOrderCommand):
     """A by-order command that always raises, for the retry/error column."""
-
-    by_order = True
 
     def run(self, ctx: Any, order: Any, items: Any) -> None:
         raise ConnectionError(FAILURE)
@@ -354,7 +353,7 @@ class AlwaysFails:
 
 def register_failing_command(registry: Any) -> None:
     """Loaded by the engine through ``$RATEPAY_OMS_PLUGINS``, as a shop would."""
-    registry.register_command("CliTest/AlwaysFails", AlwaysFails())
+    registry.register_by_order("CliTest/AlwaysFails", AlwaysFails())
 
 
 def test_a_failing_command_shows_its_retry_and_error(

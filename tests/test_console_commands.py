@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from ratepay_oms.cli import main
 from ratepay_oms.engine.engine import Engine
-from ratepay_oms.engine.plugins import PluginRegistry
+from ratepay_oms.engine.plugins import ByItemCommand, PluginRegistry
 from ratepay_oms.persistence.api_log import ApiLogEntry
 from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem, StateHistory
 
@@ -33,10 +33,8 @@ NOW = datetime(2024, 8, 1, 12, 0, 0)
 SECRET = "4c0ffee4c0ffee4c0ffee4c0ffee4c0f"
 
 
-class AlwaysFails:
+class AlwaysFails(ByItemCommand):
     """A command whose gateway is down: leaves the items in place with a retry scheduled."""
-
-    by_order = False
 
     def run_item(self, ctx: Any, order: Any, item: Any) -> None:
         raise RuntimeError("gateway unreachable")
@@ -44,7 +42,7 @@ class AlwaysFails:
 
 def register_plugins(reg: PluginRegistry) -> None:
     """For ``$RATEPAY_OMS_PLUGINS`` when a CLI command builds its own engine."""
-    reg.register_command("Console/AlwaysFails", AlwaysFails())
+    reg.register_by_item("Console/AlwaysFails", AlwaysFails())
 
 
 def registry() -> PluginRegistry:

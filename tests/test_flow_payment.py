@@ -31,7 +31,6 @@ HAPPY_HISTORY = [
 def engine(sandbox, server_db_url):
     eng = demo_engine(server_db_url, sandbox.settings)
     yield eng
-    eng.services["ratepay"].api_log.flush()
     eng.close()
 
 

@@ -20,7 +20,6 @@ from ratepay_oms.sandbox.faults import Fault
 def engine(sandbox, tmp_sqlite_url):
     eng = demo_engine(tmp_sqlite_url, sandbox.settings)
     yield eng
-    eng.services["ratepay"].api_log.flush()
     eng.close()
 
 

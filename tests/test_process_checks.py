@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ratepay_oms.engine.plugins import PluginRegistry
+from ratepay_oms.engine.plugins import ByOrderCommand, PluginRegistry
 from ratepay_oms.errors import OmsError
 from ratepay_oms.process import ProcessDefinitionError, check_files, load_process
 
@@ -200,12 +200,10 @@ events:
     ]
     registry.register_condition("Shop/IsPaid", lambda ctx, order, item: True)
 
-    class Charge:
-        by_order = True
-
+    class Charge(ByOrderCommand):
         def run(self, ctx: object, order: object, items: object) -> None: ...
 
-    registry.register_command("Shop/Charge", Charge())  # type: ignore[arg-type]
+    registry.register_by_order("Shop/Charge", Charge())
     assert load_process(path, registry).name == "P01"
 
 

@@ -18,6 +18,7 @@ from ratepay_oms.ratepay import (
     Invoicing,
     MemoryApiLogSink,
     PaymentInfo,
+    PositionFigures,
     RatepayFacade,
     RatepaySettings,
     RatepayTransportError,
@@ -48,7 +49,7 @@ def api_log() -> MemoryApiLogSink:
 @pytest.fixture
 def facade(sandbox, api_log: MemoryApiLogSink) -> RatepayFacade:
     settings = RatepaySettings.from_mapping(
-        {**sandbox.settings, "STATUS_API_URL": sandbox.status_url, "READ_TIMEOUT": "2"}
+        {**sandbox.settings, "READ_TIMEOUT": "2"}
     )
     return RatepayFacade(settings, api_log=api_log)
 
@@ -200,13 +201,14 @@ def test_transaction_status_reports_the_booking(facade: RatepayFacade, api_log) 
     tx = authorised(facade)
     facade.confirm_delivery(tx, Basket(items=lines((MUG, 1))))
     status = facade.transaction_status(tx)
-    assert status.transaction_id == tx
-    assert tx in str(status.data)
-    assert api_log.records[-1].operation == "TRANSACTION_STATUS"
+    assert status.transaction_id == tx and status.report.found
+    assert status.report.positions["SKU-100"] == PositionFigures(open=2, shipped=1)
+    assert status.report.positions["SKU-200"] == PositionFigures(open=1)
+    assert [r.operation for r in api_log.records[-2:]] == ["OAUTH_TOKEN", "TRANSACTION_STATUS"]
 
 
-def test_transaction_status_without_url_is_unavailable(sandbox) -> None:
-    settings = {k: v for k, v in sandbox.settings.items() if k != "STATUS_API_URL"}
+def test_transaction_status_without_oauth_client_is_unavailable(sandbox) -> None:
+    settings = {k: v for k, v in sandbox.settings.items() if not k.startswith("OAUTH_")}
     facade = RatepayFacade(RatepaySettings.from_mapping(settings))
     with pytest.raises(StatusLookupUnavailable):
         facade.transaction_status("31-202401151000042")

@@ -73,6 +73,14 @@ def test_settings_from_toml_alone_and_test_mode_url(tmp_path: Path) -> None:
         ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "READ_TIMEOUT": "soon"}, "READ_TIMEOUT"),
         ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "API_TEST_URL": "ftp://x"}, "API_TEST_URL"),
         ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "PROFILEID": "typo"}, "PROFILEID"),
+        ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "OAUTH_CLIENT_SECRET": SECRET},
+         "OAUTH_CLIENT_ID is missing"),
+        ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "OAUTH_CLIENT_ID": "c"},
+         "OAUTH_CLIENT_SECRET is missing"),
+        ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "OAUTH_TOKEN_URL": SECRET},
+         "OAUTH_TOKEN_URL"),
+        ({"PROFILE_ID": "P", "SECURITY_CODE": SECRET, "STATUS_PROCESSING_OFFSET_HOURS": "-1"},
+         "STATUS_PROCESSING_OFFSET_HOURS"),
     ],
 )
 def test_bad_settings_name_the_key(values: dict, message: str) -> None:
@@ -94,6 +102,23 @@ def test_settings_file_errors(tmp_path: Path) -> None:
     other.write_text("[database]\nurl = 'x'\n")
     with pytest.raises(RatepaySettingsError, match=r"no \[ratepay\] table"):
         RatepaySettings.from_env({}, toml_path=other)
+
+
+def test_status_api_settings_from_env_and_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "ratepay.toml"
+    toml.write_text(
+        '[ratepay]\nPROFILE_ID = "P"\nSECURITY_CODE = "s3cr3t-code"\nMODE = "live"\n'
+        'OAUTH_CLIENT_ID = "client-7"\nSTATUS_PROCESSING_OFFSET_HOURS = 6\n'
+    )
+    settings = RatepaySettings.from_env(
+        {"RATEPAY_OAUTH_CLIENT_SECRET": "oauth-" + SECRET}, toml_path=toml
+    )
+    assert settings.status_lookup_configured and settings.oauth_client_id == "client-7"
+    assert settings.status_url == "https://api.ratepay.com/order/status/v2/transactions"
+    assert settings.audience == settings.status_url
+    assert settings.status_processing_offset_hours == 6.0
+    assert SECRET not in repr(settings) and SECRET not in str(settings)
+    assert settings.secrets() == ("s3cr3t-code", "oauth-" + SECRET)
 
 
 def test_repr_never_shows_the_security_code() -> None:

@@ -15,7 +15,6 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from ratepay_oms import Engine
 from ratepay_oms.engine.claims import SqliteWorkerBusyError, SqliteWorkerLock
-from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.engine.plugins import ByOrderCommand, CommandContext, PluginRegistry
 from ratepay_oms.persistence.db import create_db_engine, upgrade
 from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from tests.plugins_for_tests import order_doc
@@ -72,12 +71,10 @@ def kill_own_connection(session: Session, admin_url: str) -> None:
         admin.dispose()
 
 
-class Work:
+class Work(ByOrderCommand):
     """Records a run; blocks forever (after touching ``$RELIABILITY_STARTED``) when
     ``$RELIABILITY_BLOCK`` is set; with ``services["kill_backend"]`` kills its own database
     connection from another connection once, mid-command (PostgreSQL or MariaDB)."""
-
-    by_order = True
 
     def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None:
         ctx.session.execute(
@@ -98,7 +95,7 @@ class Work:
 
 
 def register(registry: PluginRegistry) -> None:
-    registry.register_command("Reliability/Work", Work())
+    registry.register_by_order("Reliability/Work", Work())
 
 
 def _registry() -> PluginRegistry:
@@ -192,32 +189,37 @@ def _place(url: str, pdir: Path, n: int = 1) -> tuple[Engine, list[str], list[in
     return engine, refs, ids
 
 
-def test_a_killed_workers_order_is_taken_over_after_its_lease_and_finished_once(
+def test_a_killed_workers_order_is_taken_over_at_once_and_finished_once(
     server_only_db_url: str, tmp_path: Path
 ) -> None:
-    """Server dialects only: SQLite refuses a second worker (the lock tests below)."""
+    """Server dialects only: SQLite refuses a second worker (the lock tests below).
+
+    A worker runs an in-transaction command inside the transaction that row-locks the order
+    (no lease: leases cover gateway calls in flight). While it works, a second worker leaves
+    the order alone; once the first is killed, the database rolls its transaction back and
+    the order is free at once, with nothing to expire, and it is finished exactly once."""
     pdir = _prepare(server_only_db_url, tmp_path)
     engine, refs, ids = _place(server_only_db_url, pdir)
-    lease = 2
-    first = _start_blocked_worker(server_only_db_url, pdir, tmp_path, lease)
-    claimed = engine.order(refs[0]).claimed_by
-    assert claimed is not None and str(first.pid) in claimed
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=10)
+    first = _start_blocked_worker(server_only_db_url, pdir, tmp_path, 60)
+    try:
+        assert engine.order(refs[0]).claimed_by is None
+        # While the first worker holds the order's row, a second worker leaves it alone.
+        busy = engine.tick()
+        assert busy.items_moved == 0 and busy.errors == 0
+        assert engine.order(refs[0]).states() == {"new": 2}
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
     assert _runs(server_only_db_url) == []  # the killed run never committed
 
-    # While the dead worker's lease still runs, a second worker leaves the order alone ...
-    busy = engine.tick()
-    assert busy.items_moved == 0
-    assert engine.order(refs[0]).states() == {"new": 2}
-    # ... and takes it over once the lease has expired (wall clock, as leases always are;
-    # --now only shifts business time, never lease time).
-    time.sleep(lease + 0.5)
-    second = subprocess.run(
-        [sys.executable, "-c", WORKER, server_only_db_url, str(pdir), "60"],
-        env=_env(), capture_output=True, text=True, timeout=60,
-    )
-    assert second.returncode == 0, second.stderr
+    # The server notices the dead client and rolls back at once; no lease to wait for.
+    deadline = time.monotonic() + 30
+    while engine.order(refs[0]).states() != {"done": 2} and time.monotonic() < deadline:
+        second = subprocess.run(
+            [sys.executable, "-c", WORKER, server_only_db_url, str(pdir), "60"],
+            env=_env(), capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode == 0, second.stderr
     assert engine.order(refs[0]).states() == {"done": 2}
     assert sorted(r["item_id"] for r in _runs(server_only_db_url)) == sorted(ids)  # once each
     assert engine.order(refs[0]).claimed_by is None
@@ -247,13 +249,8 @@ def test_sqlite_refuses_a_second_concurrent_worker_with_a_clear_message(
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
-    # The dead worker's lock went with it; its order lease (60 s) still stands, so take the
-    # order over the way an operator would after a crash: clear the stale lease.
+    # The dead worker's lock and transaction went with it: the next tick takes the order.
     assert engine.order(refs[0]).states() == {"new": 2}
-    db = create_db_engine(tmp_sqlite_url)
-    with db.begin() as conn:
-        conn.execute(sa.update(Order).values(claim_expires_at=datetime(2000, 1, 1)))
-    db.dispose()
     result = engine.tick()
     assert result.errors == 0
     assert engine.order(refs[0]).states() == {"done": 2}

@@ -74,8 +74,10 @@ def test_timeout_after_booking_books_then_never_answers(sandbox) -> None:
     with pytest.raises(requests.ReadTimeout):
         post(sandbox, deliver_one(sandbox, tx), timeout=0.3)
     assert sandbox.gateway.ledger(tx)["SKU-100"].delivered == 1
-    status = requests.get(sandbox.status_url + tx, timeout=5).json()
-    assert [b["operation"] for b in status["bookings"]] == ["CONFIRMATION_DELIVER"]
+    shipped = sandbox.status(tx).json()["basket"]["current_items"][0]["shop_items"]
+    assert [(i["identification_number"], i["quantity"]) for i in shipped["shipped_items"]] == [
+        ("SKU-100", 1)
+    ]
     assert sandbox.gateway.received[-1].fault == "timeout_after_booking"
     assert sandbox.gateway.received[-1].http_status is None
 

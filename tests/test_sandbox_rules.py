@@ -15,7 +15,6 @@ from dataclasses import replace
 from decimal import Decimal
 
 import pytest
-import requests
 
 from ratepay_oms.ratepay import (
     Address,
@@ -105,8 +104,14 @@ def assert_nothing_booked(sandbox: RunningSandbox, result: RatepayResult, state:
     tx = result.transaction_id
     assert tx is not None
     assert sandbox.gateway.ledger(tx) == {}
-    status = requests.get(sandbox.status_url + tx, timeout=5).json()
-    assert status["state"] == state and status["bookings"] == []
+    assert sandbox.gateway.transactions[tx].state == state
+    assert sandbox.gateway.transactions[tx].bookings == []
+    if state == "declined":
+        status = sandbox.status(tx).json()
+        assert status["payment_information"]["payment_status"] == "DECLINED"
+        assert status["basket"]["current_items"][0]["shop_items"]["open_items"] == []
+    else:  # a 150 leaves no status to look up: start over with a new transaction
+        assert sandbox.status(tx).status_code == 404
     assert not sandbox.gateway.received[-1].booked
 
 

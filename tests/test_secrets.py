@@ -1,4 +1,5 @@
-"""The RatePAY security code goes into the request body to the gateway and nowhere else.
+"""The RatePAY security code goes into the request body to the gateway and nowhere else; the
+OAuth client secret of the Transaction Status API goes into the token request and nowhere else.
 
 One whole workflow through the console (``ratepay_oms.cli``'s ``cli`` group under click's
 ``CliRunner``) against a sandbox that accepts only a distinctive generated code: place two
@@ -31,11 +32,13 @@ from click.testing import CliRunner
 from ratepay_oms import Engine
 from ratepay_oms.cli import _mount, cli
 from ratepay_oms.errors import ExitCode
+from ratepay_oms.persistence.models import Intent
 from ratepay_oms.plugins.ratepay import services as ratepay_services
 from ratepay_oms.ratepay import RatepayFacade, RatepaySettings
 from ratepay_oms.ratepay.errors import RatepaySettingsError
 from ratepay_oms.sandbox.faults import Fault
 from ratepay_oms.sandbox.gateway import SandboxConfig
+from ratepay_oms.sandbox.status_api import OAuthConfig
 from ratepay_oms.sandbox.testing import RunningSandbox, start_sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +61,8 @@ class Haystack:
     """Every text a user, an operator or a log collector could see, labelled by where it came
     from; ``leaks()`` names the ones that hold the secret or a piece of it."""
 
-    def __init__(self, secret: str) -> None:
-        self.pieces = fragments(secret)
+    def __init__(self, *secrets: str) -> None:
+        self.pieces = set().union(*(fragments(secret) for secret in secrets))
         self.texts: list[tuple[str, str]] = []
 
     def add(self, label: str, text: object) -> None:
@@ -101,8 +104,15 @@ def secret() -> str:
 
 
 @pytest.fixture
-def sandbox_with_secret(secret: str) -> Iterator[RunningSandbox]:
-    running = start_sandbox(SandboxConfig(seed=1, security_code=secret))
+def oauth_secret() -> str:
+    return f"OAuth-{secrets.token_hex(12)}"
+
+
+@pytest.fixture
+def sandbox_with_secret(secret: str, oauth_secret: str) -> Iterator[RunningSandbox]:
+    running = start_sandbox(
+        SandboxConfig(seed=1, security_code=secret, oauth=OAuthConfig(client_secret=oauth_secret))
+    )
     try:
         yield running
     finally:
@@ -128,11 +138,7 @@ def cli_engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Engine]]:
 
 def _close(engines: list[Engine]) -> None:
     while engines:
-        engine = engines.pop()
-        facade = engine.services.get("ratepay")
-        if facade is not None and facade.api_log is not None:
-            facade.api_log.close()  # flushes, then stops the writer thread
-        engine.close()
+        engines.pop().close()
 
 
 def _order_file(tmp_path: Path, ref: str) -> Path:
@@ -195,6 +201,7 @@ def test_the_leak_check_finds_the_secret_whole_folded_and_in_a_database_row(
 def test_the_security_code_appears_in_no_output_log_error_or_table(
     fresh_db_url: str,
     secret: str,
+    oauth_secret: str,
     sandbox_with_secret: RunningSandbox,
     cli_engines: list[Engine],
     caplog: pytest.LogCaptureFixture,
@@ -207,9 +214,10 @@ def test_the_security_code_appears_in_no_output_log_error_or_table(
     sandbox = sandbox_with_secret
     gateway = sandbox.gateway
     assert sandbox.settings["SECURITY_CODE"] == secret
+    assert sandbox.settings["OAUTH_CLIENT_SECRET"] == oauth_secret
     env = {f"RATEPAY_{key}": value for key, value in sandbox.settings.items()}
     env["COLUMNS"] = "200"
-    hay = Haystack(secret)
+    hay = Haystack(secret, oauth_secret)
     url = fresh_db_url
     _mount()  # attach the command groups to ``cli`` (what ``main`` does first)
     runner = CliRunner()
@@ -271,6 +279,32 @@ def test_the_security_code_appears_in_no_output_log_error_or_table(
     assert run("event", "cancel", cancelled).code == 0
     assert states(cancelled) == ["cancelled"] * 4
 
+    # Order 3: the delivery's answer is lost after booking; the tick reconciles it through the
+    # status API (OAuth token with the client secret), first with a wrong secret (refused, the
+    # intent waits), then with the right one.
+    lost = f"L-{secrets.token_hex(4)}"
+    assert run("order", "place", str(_order_file(tmp_path, lost))).code == 0
+    gateway.add_fault(Fault("timeout_after_booking", operation="CONFIRMATION_DELIVER", times=1))
+    assert run("event", "ship", lost).code != 0
+    wrong_secret = {"RATEPAY_OAUTH_CLIENT_SECRET": oauth_secret[::-1]}
+
+    def reconcile_due() -> None:  # the intent's lease and backoff run on the wall clock
+        db = sa.create_engine(url)
+        with db.begin() as conn:
+            conn.execute(sa.update(Intent).values(reconcile_at=datetime(2000, 1, 1)))
+        db.dispose()
+
+    reconcile_due()
+    refused_tick = run("tick", "--json", "--now", later(180), extra_env=wrong_secret)
+    assert "OAUTH_CLIENT_SECRET" in refused_tick.stdout + refused_tick.stderr
+    assert states(lost) == ["shipped"] * 4
+    assert run("intents", "list", engine=False).code == 0
+    assert run("order", "show", lost).code == 0
+    reconcile_due()
+    assert run("tick", "--json", "--now", later(240)).code == 0
+    assert states(lost) == ["ready for refund"] * 4
+    assert gateway.oauth.issued >= 1
+
     # Settings errors: the console refuses to start, and says which key is wrong.
     for key, bad in (("MODE", "sometimes"), ("CONNECT_TIMEOUT", "soon"), ("API_TEST_URL", "x")):
         refused = run("tick", extra_env={f"RATEPAY_{key}": bad})
@@ -279,7 +313,9 @@ def test_the_security_code_appears_in_no_output_log_error_or_table(
 
     # The gateway booked what it was sent (so the code was right) and saw each fault.
     received = gateway.received
-    assert {ex.fault for ex in received} == {None, "http_500", "result_code", "malformed_xml"}
+    assert {ex.fault for ex in received} == {
+        None, "http_500", "result_code", "malformed_xml", "timeout_after_booking"
+    }
     assert sum(ex.booked for ex in received) >= 5
 
     # Everything a person could look at afterwards.
@@ -295,7 +331,10 @@ def test_the_security_code_appears_in_no_output_log_error_or_table(
                  ("log", "--errors")):
         assert run(*args, engine=False).code == 0
     api_calls = run("log", "--json", "--xml", "--limit", "200", engine=False).json()
-    xml_calls = [c for c in api_calls if c["operation"] != "TRANSACTION_STATUS"]
+    xml_calls = [
+        c for c in api_calls if c["operation"] not in ("TRANSACTION_STATUS", "OAUTH_TOKEN")
+    ]
+    assert {"TRANSACTION_STATUS", "OAUTH_TOKEN"} <= {c["operation"] for c in api_calls}
     assert len(xml_calls) == len(received)  # every XML call (faults included) is in the log
     assert all("securitycode" in (call["request_xml"] or "") for call in xml_calls)
     assert CREDENTIAL_REFUSED not in {call["reason_code"] for call in api_calls}
@@ -316,6 +355,9 @@ def test_the_security_code_appears_in_no_output_log_error_or_table(
         {**sandbox.settings, "SECURTY_CODE": secret},  # a typo in the key
         {"SECURITY_CODE": secret},  # no PROFILE_ID
         {**sandbox.settings, "SECURITY_CODE": [secret]},  # not a string
+        {**sandbox.settings, "OAUTH_CLIENT_SECRET": [oauth_secret]},  # not a string
+        {**sandbox.settings, "OAUTH_CLIENT_ID": ""},  # a secret without its client
+        {**sandbox.settings, "OAUTH_TOKEN_URL": oauth_secret},  # pasted in the wrong key
     ):
         with pytest.raises(RatepaySettingsError) as refused:
             RatepaySettings.from_mapping(values)

@@ -16,7 +16,6 @@ from ratepay_oms.demo import demo_engine, example_order, sent_basket
 def engine(sandbox, server_db_url):
     eng = demo_engine(server_db_url, sandbox.settings)
     yield eng
-    eng.services["ratepay"].api_log.flush()
     eng.close()
 
 

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("db", "Database schema: upgrade, current revision."),
     "demo": ("demo", "Every RatePAY flow against the built-in sandbox, no setup needed."),
     "event": ("orders", "Fire a manual event (ship, cancel, refund payment, …) on an order."),
+    "installment": ("installment", "The RatePAY instalment calculator for checkout."),
     "intents": ("intents", "Gateway calls whose answer was lost or is unknown."),
     "locks": ("console", "Order leases held by tick workers: list, clear."),
     "log": ("console", "The RatePAY API log, newest first; the security code masked."),
@@ -37,7 +38,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 """Top-level command → (its modules under ``ratepay_oms.cli``, comma separated; the one line
 ``--help`` lists). ``process migrate`` lives in ``console`` and joins ``process`` from there."""
 
-GROUP_MODULES = ("db", "orders", "process", "tick", "sandbox", "demo", "console", "intents")
+GROUP_MODULES = (
+    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment"
+)
 """Every command module. One that ``COMMANDS`` does not name is imported for the listing."""
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

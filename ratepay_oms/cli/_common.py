@@ -178,7 +178,11 @@ def database_errors(url: str) -> Iterator[None]:
 
 
 def engine_from_options(
-    db_url: str | None, process_dir: str | Path | None, *, gateway: bool = True
+    db_url: str | None,
+    process_dir: str | Path | None,
+    *,
+    gateway: bool = True,
+    concurrency: int | None = None,
 ) -> Engine:
     """The one place the console builds an :class:`Engine` from ``--db`` / ``--processes``
     and the config file.
@@ -201,7 +205,8 @@ def engine_from_options(
     from ratepay_oms.engine.engine import Engine
 
     with database_errors(url):
-        engine = Engine(url, process_dir=process_dir, config=config)
+        extra: dict[str, Any] = {} if concurrency is None else {"concurrency": concurrency}
+        engine = Engine(url, process_dir=process_dir, config=config, **extra)
     from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
     from ratepay_oms.ratepay.api_log import CallCollector
 

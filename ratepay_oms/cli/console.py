@@ -446,11 +446,15 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         "payment: "
         + ", ".join(
             f"{k} {pay[k]}"
-            for k in ("method", "transaction_id", "short_id", "descriptor")
+            for k in ("method", "transaction_id", "short_id", "descriptor", "mandate_reference")
             if pay.get(k)
         ),
         markup=False,
     )
+    if pay.get("method_locked"):
+        console.print(f"method locked: {pay['method_locked']}", style="red", markup=False)
+    if pay.get("customer_message") and pay.get("result_code") in ("401", "150"):
+        console.print(f"RatePAY to the customer: {pay['customer_message']}", markup=False)
     console.print(
         "amounts: "
         + ", ".join(

@@ -14,6 +14,12 @@ from ratepay_oms.cli._common import stdout_console
 from ratepay_oms.errors import OmsError
 from ratepay_oms.sandbox import DEMO_SECURITY_CODE, Fault, SandboxConfig, SandboxGateway
 from ratepay_oms.sandbox.faults import FaultSpecError
+from ratepay_oms.sandbox.status_api import (
+    DEFAULT_AUDIENCE,
+    DEMO_CLIENT_ID,
+    DEMO_CLIENT_SECRET,
+    OAuthConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,33 @@ def _decimal(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
     show_default=False,
     help="Credential to accept (default: the built-in demo code).",
 )
+@click.option(
+    "--oauth-client-id",
+    default=DEMO_CLIENT_ID,
+    show_default=True,
+    help="OAuth client the status API accepts.",
+)
+@click.option(
+    "--oauth-client-secret",
+    default=DEMO_CLIENT_SECRET,
+    envvar="RATEPAY_SANDBOX_OAUTH_CLIENT_SECRET",
+    show_default=False,
+    help="Its secret (default: the built-in demo secret; also "
+    "$RATEPAY_SANDBOX_OAUTH_CLIENT_SECRET).",
+)
+@click.option(
+    "--oauth-audience",
+    default=DEFAULT_AUDIENCE,
+    show_default=True,
+    help="Audience a token must be asked for (RatePAY's integration audience by default).",
+)
+@click.option(
+    "--processing-offset-hours",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="maximum_processing_offset_in_hours in status answers.",
+)
 @click.option("--decline-last-name", default="Ablehnung", show_default=True)
 @click.option("--decline-over", default="5000.00", show_default=True, callback=_decimal)
 @click.option(
@@ -79,6 +112,10 @@ def serve(
     port: int,
     profile_id: str,
     security_code: str,
+    oauth_client_id: str,
+    oauth_client_secret: str,
+    oauth_audience: str,
+    processing_offset_hours: int,
     decline_last_name: str,
     decline_over: Decimal,
     faults: tuple[str, ...],
@@ -101,6 +138,12 @@ def serve(
         decline_last_name=decline_last_name,
         decline_over=decline_over,
         seed=seed,
+        oauth=OAuthConfig(
+            client_id=oauth_client_id,
+            client_secret=oauth_client_secret,
+            audience=oauth_audience,
+            processing_offset_hours=processing_offset_hours,
+        ),
     )
     gateway = SandboxGateway(config)
     for fault in parsed:
@@ -115,10 +158,19 @@ def serve(
     console.print(f"RatePAY sandbox listening on {server.url}")
     console.print("Settings for the facade:")
     console.print(f"  RATEPAY_API_TEST_URL={server.url}")
-    console.print(f"  RATEPAY_STATUS_API_URL={server.status_url}")
     console.print(f"  RATEPAY_PROFILE_ID={profile_id}")
     console.print("  RATEPAY_SECURITY_CODE=******** (the one you passed, or the demo code)")
     console.print("  RATEPAY_MODE=test")
+    console.print("Settings for the Transaction Status API (reconciliation of lost answers):")
+    console.print(f"  RATEPAY_STATUS_API_URL={server.status_url}")
+    console.print(f"  RATEPAY_OAUTH_TOKEN_URL={server.token_url}")
+    console.print(f"  RATEPAY_OAUTH_CLIENT_ID={oauth_client_id}")
+    console.print(
+        "  RATEPAY_OAUTH_CLIENT_SECRET=******** (the one you passed, or the demo secret)"
+    )
+    console.print(f"  RATEPAY_OAUTH_AUDIENCE={oauth_audience}")
+    console.print(f"  RATEPAY_STATUS_PROCESSING_OFFSET_HOURS={processing_offset_hours}")
+    console.print(f"Ledger: {server.ledger_url}{{transaction id}} (the sandbox's own view)")
     console.print(f"Faults: {server.faults_url} (GET / POST JSON / DELETE); active: {len(parsed)}")
     sys.stdout.flush()  # a supervising process reads the URL before the first request
     try:

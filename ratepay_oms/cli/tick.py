@@ -34,6 +34,7 @@ from ratepay_oms.cli._common import (
     stdout_console,
     translate_db_errors,
 )
+from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY
 from ratepay_oms.errors import ExitCode
 
 if TYPE_CHECKING:
@@ -179,6 +180,9 @@ def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None)
               f"this many seconds (default {DEFAULT_MAX_DB_OUTAGE:g}).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each tick's result as JSON (one document per tick).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
+              show_default=True, metavar="K",
+              help="Gateway calls in flight at once (at most one per order; 1: one by one).")
 @translate_db_errors
 def tick(
     db_url: str | None,
@@ -189,6 +193,7 @@ def tick(
     interval: float | None,
     max_db_outage: float | None,
     as_json: bool,
+    concurrency: int,
 ) -> None:
     """Advance every item that is due: retries, timeouts, on-enter events, event-less moves.
 
@@ -204,12 +209,13 @@ def tick(
       ratepay-oms tick
       ratepay-oms tick --now 2024-08-01T00:00:00Z --limit 1000
       ratepay-oms tick --loop --interval 30 --json
+      ratepay-oms tick --loop --concurrency 16
     """
     if interval is not None and not loop:
         raise click.UsageError("--interval only makes sense with --loop")
     if max_db_outage is not None and not loop:
         raise click.UsageError("--max-db-outage only makes sense with --loop")
-    engine = engine_from_options(db_url, process_dir)
+    engine = engine_from_options(db_url, process_dir, concurrency=concurrency)
     if not loop:
         problem = _database_problem(engine)
         if problem is not None:

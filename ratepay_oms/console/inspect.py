@@ -35,6 +35,7 @@ from ratepay_oms.persistence.payment import (
     RatepayPayment,
 )
 from ratepay_oms.process.model import ProcessDefinition
+from ratepay_oms.ratepay.codes import METHOD_LOCKING_REASONS, reason_text
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,12 @@ def _detail(
         for key, value in payment.items():
             if value is not None:
                 payment_out[key] = value
+    bank = ((data.get("customer") or {}).get("bank_account")) or {}
+    if bank.get("mandate_reference"):
+        payment_out["mandate_reference"] = bank["mandate_reference"]
+    lock = method_lock(payment_out.get("reason_code"), payment_out.get("method"))
+    if lock:
+        payment_out["method_locked"] = lock
     lease = None
     if order.claimed_by is not None:
         expires = order.claim_expires_at
@@ -237,6 +244,23 @@ def _detail(
             if i.retry_at is not None
         ],
     }
+
+
+def method_lock(reason_code: object, method: object) -> str | None:
+    """Why RatePAY's decline means "offer this customer another payment method", or None.
+
+    RatePAY's shop plugins hide the method for the customer after reasons 703 / 720 / 721
+    (reference §6.3, §7); the console says so instead of suggesting a retry."""
+    try:
+        code = int(str(reason_code))
+    except ValueError:
+        return None
+    if code not in METHOD_LOCKING_REASONS:
+        return None
+    return (
+        f"RatePAY reason {code} ({reason_text(code)}): {method or 'this method'} is locked for "
+        "this customer; offer another payment method"
+    )
 
 
 def _order_data(order: Order) -> dict[str, Any]:

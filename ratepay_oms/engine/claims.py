@@ -1,12 +1,16 @@
-"""Per-order leases: one worker works on one order at a time.
+"""Per-order leases: one worker works on one order at a time, and only while it does.
 
-A lease is two columns on ``oms_order`` (``claimed_by``, ``claim_expires_at``), taken and
-released in short transactions of their own, so it is visible to every other worker while the
-long transaction that does the work is still open (the pitfall Spryker's docs warn about when
-the lock lives inside the caller's transaction). On PostgreSQL and MariaDB the claim reads the
-rows ``FOR UPDATE SKIP LOCKED``: two workers racing for the same orders never wait for each
-other, each takes what the other has not. SQLite has no row locks; its ``BEGIN IMMEDIATE``
-serialises the claim instead. A lease that expired (its worker died) is taken over.
+Work on an order happens in two shapes. Deciding and writing moves is one short transaction:
+it row-locks the orders it works on (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB, so
+two workers racing for the same orders never wait for each other, each takes what the other
+has not; SQLite's ``BEGIN IMMEDIATE`` serialises writers instead) and skips orders somebody
+holds a *lease* on. A gateway call outlives any transaction, so an order with a call planned
+gets a lease, two columns on ``oms_order`` (``claimed_by``, ``claim_expires_at``) written in
+the same transaction that planned the call and visible to every worker once it commits. The
+lease is renewed while the call is in flight (:class:`LeaseKeeper`) and dropped in the
+transaction that settles the last call of the order. So a worker never holds an order it is
+not working on, and a manual event on an order that is merely due waits at most for one
+short transaction. A lease that expired (its worker died) is taken over.
 
 Leases run on the wall clock, never on a simulated ``now``.
 """
@@ -18,13 +22,16 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Sequence
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.clock import wall_now
+from ratepay_oms.engine.errors import OrderLockedError
 from ratepay_oms.engine.persist import chunked, id_in
 from ratepay_oms.errors import OmsError
 from ratepay_oms.persistence.models import Order
@@ -81,6 +88,98 @@ class Claims:
             )
         return got
 
+    # -- inside the caller's transaction ------------------------------------------------------
+
+    def lock(self, session: Session, order_ids: Sequence[int]) -> list[int]:
+        """The orders of ``order_ids`` nobody holds a lease on, row-locked until the caller's
+        transaction ends (locked by another transaction: skipped, not waited for)."""
+        if not order_ids:
+            return []
+        now = wall_now()
+        skip = self._skip_locked(session)
+        got: list[int] = []
+        expired: list[int] = []
+        for part in chunked(sorted(order_ids)):
+            stmt = (
+                select(Order.id, Order.claimed_by)
+                .where(id_in(Order.id, part, session))
+                .where(or_(Order.claimed_by.is_(None), Order.claim_expires_at < now))
+                .order_by(Order.id)
+            )
+            if skip:
+                stmt = stmt.with_for_update(skip_locked=True)
+            for order_id, holder in session.execute(stmt):
+                got.append(order_id)
+                if holder is not None:
+                    expired.append(order_id)
+        if expired:
+            self._drop(session, expired)
+        return got
+
+    def _drop(self, session: Session, order_ids: Sequence[int]) -> None:
+        """Clear the (expired) leases of ``order_ids``, whoever held them."""
+        for part in chunked(sorted(order_ids)):
+            session.execute(
+                update(Order)
+                .where(id_in(Order.id, part, session))
+                .values(claimed_by=None, claim_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def lock_one(self, session: Session, order_id: int, what: str) -> None:
+        """Row-lock one order for a manual action (waiting for a transaction that has it), or
+        ``OrderLockedError`` while a worker holds its lease (a gateway call is in flight)."""
+        stmt = select(Order.claimed_by, Order.claim_expires_at).where(Order.id == order_id)
+        if self._skip_locked(session):
+            stmt = stmt.with_for_update()
+        holder, until = session.execute(stmt).one()
+        if holder is None:
+            return
+        if until is not None and until >= wall_now():
+            raise OrderLockedError(
+                f"{what} is being worked on by {holder} (lease until {until} UTC); "
+                "try again shortly, or run 'locks clear' if that worker died"
+            )
+        self._drop(session, [order_id])  # its worker died: taken over
+
+    def lease_in(self, session: Session, order_ids: Sequence[int]) -> None:
+        """Lease ``order_ids`` (row-locked by the caller) for a gateway call planned in the
+        caller's transaction."""
+        until = wall_now() + self.lease
+        for part in chunked(sorted(order_ids)):
+            session.execute(
+                update(Order)
+                .where(id_in(Order.id, part, session))
+                .values(claimed_by=self.worker_id, claim_expires_at=until)
+                .execution_options(synchronize_session=False)
+            )
+
+    def release_in(self, session: Session, order_ids: Sequence[int]) -> None:
+        """Drop our leases on ``order_ids`` in the caller's transaction."""
+        for part in chunked(sorted(order_ids)):
+            session.execute(
+                update(Order)
+                .where(id_in(Order.id, part, session), Order.claimed_by == self.worker_id)
+                .values(claimed_by=None, claim_expires_at=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    def renew(self, order_ids: Sequence[int]) -> None:
+        """Push our leases on ``order_ids`` a full lease ahead (own short transaction)."""
+        if not order_ids:
+            return
+        with self.sessions() as session, session.begin():
+            until = wall_now() + self.lease
+            for part in chunked(sorted(order_ids)):
+                session.execute(
+                    update(Order)
+                    .where(id_in(Order.id, part, session), Order.claimed_by == self.worker_id)
+                    .values(claim_expires_at=until)
+                    .execution_options(synchronize_session=False)
+                )
+
+    # -- in short transactions of their own ---------------------------------------------------
+
     def release(self, order_ids: Sequence[int]) -> None:
         if not order_ids:
             return
@@ -104,13 +203,57 @@ class Claims:
     def clear_expired(self) -> int:
         """Drop leases whose time passed (``locks clear``); returns how many."""
         with self.sessions() as session, session.begin():
-            result = session.execute(
+            result = session.connection().execute(
                 update(Order)
                 .where(Order.claimed_by.is_not(None), Order.claim_expires_at < wall_now())
                 .values(claimed_by=None, claim_expires_at=None)
-                .execution_options(synchronize_session=False)
             )
-            return int(result.rowcount or 0)  # type: ignore[attr-defined]
+            return int(result.rowcount or 0)
+
+
+class LeaseKeeper:
+    """Renews the leases of orders whose gateway call is in flight, every third of a lease,
+    from one daemon thread (started on first use), so a slow gateway never lets a lease run
+    out under a call that is still going."""
+
+    def __init__(self, claims: Claims) -> None:
+        self.claims = claims
+        self._lock = threading.Lock()
+        self._orders: Counter[int] = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def in_flight(self, order_id: int) -> Iterator[None]:
+        with self._lock:
+            self._orders[order_id] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._renew, name="oms-lease-keeper", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._orders[order_id] -= 1
+                if self._orders[order_id] <= 0:
+                    del self._orders[order_id]
+
+    def _renew(self) -> None:
+        period = max(self.claims.lease.total_seconds() / 3, 0.05)
+        while not self._stop.wait(period):
+            with self._lock:
+                orders = list(self._orders)
+            try:
+                self.claims.renew(orders)
+            except Exception as exc:  # the database is away: the next round tries again
+                log.warning("could not renew %d leases: %s", len(orders), exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
 
 # -- one tick worker per SQLite database --------------------------------------------------

@@ -32,4 +32,4 @@ def retry_delay(attempts: int) -> timedelta:
     exponent = max(attempts - 1, 0)
     if exponent >= 20:  # 30 s × 2^20 is far past the cap; avoid huge numbers
         return RETRY_CAP
-    return min(RETRY_BASE * (2**exponent), RETRY_CAP)
+    return min(RETRY_BASE * (1 << exponent), RETRY_CAP)

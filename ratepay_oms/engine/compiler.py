@@ -45,6 +45,8 @@ class Subject:
     item: OrderItem
     ctx: CommandContext
     chosen: TransitionDef | None = field(default=None)
+    checks: list[tuple[str, bool]] = field(default_factory=list)
+    """Each condition evaluated for the item and its answer, in order (for an explanation)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ class _ConditionCheck:
     def __call__(self, event_data: Any) -> bool:
         subject: Subject = event_data.model
         condition = self.registry.condition(self.name)
-        return bool(condition.check(subject.ctx, subject.order, subject.item))
+        answer = bool(condition.check(subject.ctx, subject.order, subject.item))
+        subject.checks.append((self.name, answer))
+        return answer
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,16 @@ class CompiledProcess:
             command = event_def.command if event_def is not None else None
             if command is None and definition.on_enter_event(t.target) is None:
                 self._plain[(state, event)] = t
+        self._calls_out = frozenset(
+            name
+            for name, e in definition.events.items()
+            if e.command is not None and registry.is_external(e.command)
+        )
         log.debug("compiled process %s (%d states)", definition.name, len(states))
+
+    def calls_out(self, event: str | None) -> bool:
+        """Whether ``event``'s command is an external one (a gateway call follows)."""
+        return event in self._calls_out
 
     @property
     def name(self) -> str:

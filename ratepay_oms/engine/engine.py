@@ -15,6 +15,7 @@ import secrets
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,26 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ratepay_oms.config import OmsConfig, attach_ratepay
-from ratepay_oms.engine.claims import Claims
+from ratepay_oms.engine.claims import Claims, LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc
 from ratepay_oms.engine.compiler import CompiledProcess, compile_processes
+from ratepay_oms.engine.context import EngineContext
+from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY, Drive
 from ratepay_oms.engine.errors import (
     ManualEventError,
-    OrderLockedError,
     OrderNotFoundError,
     UnknownProcessError,
 )
-from ratepay_oms.engine.intents import ExternalCalls, IntentView, list_intents
+from ratepay_oms.engine.intents import IntentError, IntentView, list_intents
 from ratepay_oms.engine.persist import Origin
-from ratepay_oms.engine.plugins import PluginRegistry
-from ratepay_oms.engine.runner import Runner, RunStats, group_items
+from ratepay_oms.engine.plugins import INSTALLMENT_SERVICE, PluginRegistry, Reconciled
+from ratepay_oms.engine.runner import (
+    RESOLVED_BOOKED,
+    RESOLVED_NOT_BOOKED,
+    Runner,
+    RunStats,
+    group_items,
+)
 from ratepay_oms.engine.tick import DEFAULT_BATCH_SIZE, TickRunner
 from ratepay_oms.engine.views import (
     HistoryEntry,
@@ -45,13 +53,20 @@ from ratepay_oms.engine.views import (
     TriggerResult,
 )
 from ratepay_oms.errors import OmsError
-from ratepay_oms.orders import OrderInput, OrderInputError, parse_order
+from ratepay_oms.orders import (
+    DEFAULT_PAYMENT_FIRSTDAY,
+    OrderInput,
+    OrderInputError,
+    parse_order,
+)
 from ratepay_oms.persistence.db import (
     create_db_engine,
     session_factory,
     upgrade,
 )
 from ratepay_oms.persistence.models import (
+    INTENT_OPEN_STATUSES,
+    Intent,
     Order,
     OrderItem,
     StateHistory,
@@ -62,6 +77,10 @@ from ratepay_oms.process.model import ProcessDefinition
 log = logging.getLogger(__name__)
 
 PLUGINS_ENV = "RATEPAY_OMS_PLUGINS"
+
+
+class EngineConfigError(OmsError):
+    """A service the call needs is not configured; the message names the settings."""
 
 
 class PluginConfigError(OmsError):
@@ -92,6 +111,14 @@ def default_registry(plugins: str | None = None) -> PluginRegistry:
     return registry
 
 
+def _pool_for(url: str, concurrency: int) -> dict[str, Any]:
+    """Connection pool options for ``concurrency`` calls in flight (servers only; SQLite's
+    pool is per thread already)."""
+    if url.startswith("sqlite"):
+        return {}
+    return {"pool_size": concurrency + 2, "max_overflow": concurrency + 2}
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -119,6 +146,7 @@ class Engine:
         lease_seconds: int = 60,
         definitions: Mapping[str, ProcessDefinition] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        concurrency: int = DEFAULT_CONCURRENCY,
         config: str | Path | OmsConfig | None = None,
         ratepay_settings: Any = None,
     ) -> None:
@@ -137,11 +165,26 @@ class Engine:
         self.worker_id = worker_id or default_worker_id()
         self.lease_seconds = lease_seconds
         self.batch_size = batch_size
-        self.db = create_db_engine(self.database_url)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        self.concurrency = concurrency
+        # One connection per call in flight, one for the deciding thread, one for the lease
+        # keeper (and the API log written after each call goes through the same pool).
+        self.db = create_db_engine(self.database_url, **_pool_for(self.database_url, concurrency))
         self._sessions = session_factory(self.db)
         self.claims = Claims(self._sessions, self.worker_id, lease_seconds)
         self.origin = Origin.current()
-        attach_ratepay(self, cfg, ratepay_settings)
+        attach_ratepay(self, cfg, ratepay_settings)  # before the context shares the services
+        self.context = EngineContext(
+            sessions=self._sessions,
+            compiled=self._compiled,
+            definitions={name: c.definition for name, c in self._compiled.items()},
+            registry=self.registry,
+            services=self.services,
+            claims=self.claims,
+            origin=self.origin,
+        )
+        self.leases = LeaseKeeper(self.claims)
 
     # -- housekeeping ----------------------------------------------------------------------
 
@@ -160,6 +203,7 @@ class Engine:
         return self.claims.clear_expired()
 
     def close(self) -> None:
+        self.leases.close()
         self.db.dispose()
 
     def _definition(self, process: str) -> ProcessDefinition:
@@ -169,16 +213,8 @@ class Engine:
             raise UnknownProcessError(f"unknown process {process!r} (known processes: {known})")
         return compiled.definition
 
-    def _runner(self, session: Session, now: datetime, stats: RunStats | None = None) -> Runner:
-        return Runner(
-            session, self._compiled, self.registry, self.services, now, self.origin, stats
-        )
-
-    def _external(self, now: datetime, stats: RunStats) -> ExternalCalls:
-        return ExternalCalls(
-            self._sessions, self._compiled, self.registry, self.services, self.origin,
-            self.claims, now, stats,
-        )
+    def _drive(self, now: datetime, stats: RunStats) -> Drive:
+        return Drive(self.context, self.leases, now, stats)
 
     # -- placing orders --------------------------------------------------------------------
 
@@ -197,60 +233,53 @@ class Engine:
         order_input = order if isinstance(order, OrderInput) else parse_order(order)
         definition = self._definition(order_input.process)
         now = naive_utc(now)
-        try:
-            with self._sessions() as session, session.begin():
-                self._refuse_duplicate(session, order_input.order_ref)
-                row = Order(
-                    order_ref=order_input.order_ref,
+
+        def place(runner: Runner) -> None:
+            session = runner.session
+            self._refuse_duplicate(session, order_input.order_ref)
+            row = Order(
+                order_ref=order_input.order_ref,
+                process=definition.name,
+                currency=order_input.currency,
+                customer_ref=order_input.customer.customer_ref,
+                data=_dump(order_input.to_dict()),
+                goods_total=order_input.goods_total,
+                created_at=now,
+            )
+            session.add(row)
+            session.flush()
+            items = [
+                OrderItem(
+                    order_id=row.id,
+                    line_no=line_no,
+                    sku=line.sku,
+                    name=line.name,
+                    unit_price_gross=line.unit_price_gross,
+                    tax_rate=line.tax_rate,
+                    discount=line.discount,
                     process=definition.name,
-                    currency=order_input.currency,
-                    customer_ref=order_input.customer.customer_ref,
-                    data=_dump(order_input.to_dict()),
-                    goods_total=order_input.goods_total,
-                    created_at=now,
+                    state=definition.initial,
+                    state_entered_at=now,
+                    attempts=0,
                 )
-                session.add(row)
-                session.flush()
-                items = [
-                    OrderItem(
-                        order_id=row.id,
-                        line_no=line_no,
-                        sku=line.sku,
-                        name=line.name,
-                        unit_price_gross=line.unit_price_gross,
-                        tax_rate=line.tax_rate,
-                        discount=line.discount,
-                        process=definition.name,
-                        state=definition.initial,
-                        state_entered_at=now,
-                        attempts=0,
-                    )
-                    for line_no, line in enumerate(order_input.items)
-                    for _ in range(line.quantity)
-                ]
-                session.add_all(items)
-                session.flush()
-                stats = RunStats()
-                runner = self._runner(session, now, stats)
-                runner.writer.enter_initial(items, definition)
-                on_enter = definition.on_enter_event(definition.initial)
-                if fire and on_enter is not None:
-                    runner.run(group_items([(i, on_enter.name) for i in items], {row.id: row}))
-                session.flush()
-                order_id = row.id
-                deferred = runner.deferred
+                for line_no, line in enumerate(order_input.items)
+                for _ in range(line.quantity)
+            ]
+            session.add_all(items)
+            session.flush()
+            runner.writer.enter_initial(items, definition)
+            on_enter = definition.on_enter_event(definition.initial)
+            if fire and on_enter is not None:
+                runner.run(group_items([(i, on_enter.name) for i in items], {row.id: row}))
+
+        try:
+            # The payment request runs after the order is committed (its intent with it).
+            self._drive(now, RunStats()).run(place)
         except IntegrityError as exc:
             with self._sessions() as session:
                 if session.scalar(select(Order.id).where(Order.order_ref == order_input.order_ref)):
                     raise _duplicate(order_input.order_ref) from exc
             raise
-        # External calls (the payment request) run after the order is committed; a tick that
-        # got to the order first has done them already (they are re-checked).
-        if deferred and self.claims.claim([order_id]):
-            try:
-                self._external(now, stats).run(deferred)
-            finally:
-                self.claims.release([order_id])
         view = self.order(order_input.order_ref)
         log.info("placed order %s (%s, %d items)", view.order_ref, view.process, len(view.items))
         return view
@@ -277,42 +306,26 @@ class Engine:
         the order's lease.
         """
         now = naive_utc(now)
-        with self._sessions() as session:
+        stats = RunStats()
+
+        def fire(runner: Runner) -> None:
+            session = runner.session
             order = self._find(session, order_ref)
             definition = self._definition(order.process)
-            items = list(session.scalars(select(OrderItem).where(OrderItem.order_id == order.id)))
-            selected = _select_for_event(definition, order_ref, event, items, item_ids)
-            order_id = order.id
-        if not self.claims.claim([order_id]):
-            holder, until = self.claims.holder(order_id)
-            raise OrderLockedError(
-                f"order {order_ref} is being worked on by {holder} (lease until {until} UTC); "
-                "try again shortly, or run 'locks clear' if that worker died"
+            # Waits for a transaction that has the order; refused only while a gateway call
+            # of another worker is in flight for it.
+            self.claims.lock_one(session, order.id, f"order {order_ref}")
+            items = list(
+                session.scalars(
+                    select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
+                )
             )
-        stats = RunStats()
-        try:
-            with self._sessions() as session, session.begin():
-                order = session.get_one(Order, order_id)
-                items = list(
-                    session.scalars(
-                        select(OrderItem)
-                        .where(OrderItem.order_id == order_id)
-                        .order_by(OrderItem.id)
-                    )
-                )
-                # Re-check under the lease: a tick may have moved them since.
-                chosen = _select_for_event(
-                    definition, order_ref, event, items, [i.id for i in selected]
-                )
-                runner = self._runner(session, now, stats)
-                runner.run(
-                    group_items([(i, event) for i in chosen], {order.id: order}),
-                    record_stays=True,
-                )
-                deferred = runner.deferred
-            self._external(now, stats).run(deferred)
-        finally:
-            self.claims.release([order_id])
+            chosen = _select_for_event(definition, order_ref, event, items, item_ids)
+            runner.run(
+                group_items([(i, event) for i in chosen], {order.id: order}), record_stays=True
+            )
+
+        self._drive(now, stats).run(fire)
         return TriggerResult(
             event=event,
             moved=list(stats.moves),
@@ -328,21 +341,16 @@ class Engine:
         now: datetime | None = None,
         limit: int | None = None,
         progress: Callable[[int], None] | None = None,
+        concurrency: int | None = None,
     ) -> TickResult:
         """Do all due work: open intents, retries, timeouts, on-enter leftovers, event-less
-        transitions."""
-        return self._tick_runner().run(naive_utc(now), limit=limit, progress=progress)
-
-    def _tick_runner(self) -> TickRunner:
-        return TickRunner(
-            sessions=self._sessions,
-            compiled=self._compiled,
-            registry=self.registry,
-            services=self.services,
-            claims=self.claims,
-            origin=self.origin,
-            batch_size=self.batch_size,
-        )
+        transitions. ``concurrency`` (default: the engine's) gateway calls are in flight at
+        once, at most one per order."""
+        k = self.concurrency if concurrency is None else concurrency
+        if k < 1:
+            raise ValueError(f"concurrency must be at least 1, not {k}")
+        runner = TickRunner(self.context, self.leases, self.batch_size, k)
+        return runner.run(naive_utc(now), limit=limit, progress=progress)
 
     # -- gateway-call intents -----------------------------------------------------------------
 
@@ -361,13 +369,53 @@ class Engine:
         retried at once, which sends the call again.
         """
         stats = RunStats()
-        self._external(naive_utc(now), stats).resolve(intent_id, booked=booked, note=note)
+
+        def settle(runner: Runner) -> None:
+            session = runner.session
+            intent = session.get(Intent, intent_id)
+            if intent is None:
+                raise IntentError(f"no intent {intent_id}")
+            if intent.status not in INTENT_OPEN_STATUSES:
+                raise IntentError(
+                    f"intent {intent_id} is already settled ({intent.resolution}); nothing to do"
+                )
+            self.claims.lock_one(session, intent.order_id, f"intent {intent_id}: its order")
+            verdict = Reconciled(booked, None, f"resolved by a person: {note}".rstrip(": "))
+            resolution = RESOLVED_BOOKED if booked else RESOLVED_NOT_BOOKED
+            runner.settle(intent_id, verdict, resolution, note=verdict.detail)
+
+        self._drive(naive_utc(now), stats).run(settle)
         return TriggerResult(
             event="resolve",
             moved=list(stats.moves),
             stayed=list(stats.stayed),
             errors=list(stats.error_messages),
         )
+
+    # -- checkout ----------------------------------------------------------------------------
+
+    def calculate_installment(
+        self,
+        amount: Decimal,
+        *,
+        months: int | None = None,
+        rate: Decimal | None = None,
+        payment_firstday: int | None = DEFAULT_PAYMENT_FIRSTDAY,
+    ) -> Any:
+        """The instalment plan for ``amount`` (the basket amount) by ``months`` or by ``rate``,
+        for the shop's checkout: the plan an INSTALLMENT order with the same choice sends.
+
+        Delegates to the ``installments`` service the RatePAY plugin registers (its
+        ``InstallmentQuote``: ``plan``, ``adjusted``, ``notice``, ``details``); raises its
+        ``InstallmentUnavailable`` when RatePAY offers no usable plan.
+        """
+        calculator = self.services.get(INSTALLMENT_SERVICE)
+        if calculator is None:
+            raise EngineConfigError(
+                "no instalment calculator configured: set the RATEPAY_* settings (the RatePAY "
+                "plugin registers services['installments'])"
+            )
+        return calculator(amount, months=months, rate=rate, payment_firstday=payment_firstday)
 
     # -- queries ---------------------------------------------------------------------------
 

@@ -190,7 +190,9 @@ class StateWriter:
         self._history([(i, None, definition.initial, None) for i in items])
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
 
-    def write_moves(self, moves: Sequence[Move], definitions: dict[str, ProcessDefinition]) -> None:
+    def write_moves(
+        self, moves: Sequence[Move], definitions: Mapping[str, ProcessDefinition]
+    ) -> None:
         """Persist ``moves`` (one transaction with whatever else the caller wrote)."""
         if not moves:
             self.flush_log()

@@ -1,33 +1,40 @@
-"""The plugin interface: commands and conditions, registered by the name process files use.
+"""The plugin interface: four kinds of plugin, registered by the name process files use.
 
-A command does the work of an event (call RatePAY, send a mail, …) before the items change
-state; a condition answers a yes/no question about one item so the engine can pick among the
-transitions of an event. A shop registers its own next to ours, explicitly with
-``registry.register_command`` / ``register_condition`` or through the entry-point group
+A *command* does the work of an event before the items change state; a *condition* answers a
+yes/no question about one item so the engine can pick among the transitions of an event. Each
+kind is its own base class with its own ``register_*`` method, so mypy checks a plugin against
+the methods the engine will call, and the engine tells the kinds apart by type:
+
+- :class:`ByItemCommand` — ``run_item`` once per item, inside the transaction that moves it;
+- :class:`ByOrderCommand` — ``run`` once per (order, source state, event) group, same;
+- :class:`ExternalCommand` — an effect outside the database that must happen exactly once (a
+  RatePAY booking). ``plan`` decides the call, touching only the database (it runs in the
+  transaction that writes the moves, which also commits an *intent* row: what will be sent);
+  ``send`` makes every network call, outside any transaction; ``apply`` records the answer in
+  the transaction that settles the intent and moves the items; ``reconcile`` asks the other
+  side what it booked when the answer was lost. Doing the call inside the state change's
+  transaction would lose the knowledge that it was made whenever that transaction dies after
+  the call (re-sending then books twice), and holds database locks for a network round trip;
+- :class:`Condition` — ``check`` one item (read only).
+
+Commands write what they learned (outcomes per item) through ``ctx.session``: those rows commit
+in the same transaction as the state change, so a crash can never leave a recorded outcome
+without its state or the other way round. A command that raises leaves its items where they
+were; the engine logs the error and schedules a retry with backoff.
+
+A shop registers its own plugins next to ours, explicitly or through the entry-point group
 ``ratepay_oms.plugins`` (each entry point is a callable taking the registry).
-
-Commands write what they learned (outcomes per item) through ``ctx.session``: those rows
-commit in the same transaction as the state change, so a crash can never leave a recorded
-outcome without its state or the other way round. A command that raises leaves its items where
-they were; the engine logs the error and schedules a retry with backoff.
-
-A command whose effect lies outside the database and must happen at most once (a RatePAY
-booking) is an :class:`ExternalCommand`: it is split into ``prepare`` (decide the call, in a
-transaction that also commits an *intent*), ``send`` (the call, outside any transaction),
-``apply`` (record the answer, in the transaction that settles the intent and moves the items)
-and ``reconcile`` (ask the other side what it booked when the answer was lost). Doing the call
-inside the state change's transaction would lose the knowledge that it was made whenever that
-transaction dies after the call; re-sending it then books twice.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -40,10 +47,19 @@ log.addHandler(logging.NullHandler())
 
 ENTRY_POINT_GROUP = "ratepay_oms.plugins"
 
+PayloadT = TypeVar("PayloadT")
+AnswerT = TypeVar("AnswerT")
+
+
+INSTALLMENT_SERVICE = "installments"
+"""The ``services`` key of the instalment calculator behind ``Engine.calculate_installment``
+(a callable ``(amount, *, months, rate, payment_firstday)``; the RatePAY plugin registers one)."""
+
 
 @dataclass
 class CommandContext:
-    """What a command or condition may use besides the order and its items."""
+    """What a command or condition may use besides the order and its items (inside a
+    transaction: ``session`` is the one that writes the moves)."""
 
     session: Session
     process: ProcessDefinition
@@ -53,27 +69,36 @@ class CommandContext:
     """Shared objects the host registered on the engine (e.g. ``"ratepay"``: a facade)."""
 
 
-@runtime_checkable
-class ByOrderCommand(Protocol):
-    """Runs once for all items of one order that take the same event from the same state."""
+@dataclass
+class CallContext:
+    """What :meth:`ExternalCommand.send` and ``reconcile`` may use: no database session (they
+    run outside any transaction), the engine's services, and :meth:`remember`."""
 
-    by_order: bool  # True
+    services: Mapping[str, Any]
+    remember: Callable[[Mapping[str, Any]], None] = field(default=lambda facts: None)
+    """Store ``facts`` in the intent's summary at once (its own short transaction), before
+    the next network call: what ``reconcile`` will need if the answer of that call is lost
+    (e.g. the transaction id an earlier, non-booking call returned)."""
 
-    def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None: ...
 
+class ByItemCommand(ABC):
+    """Runs once per item, inside the transaction that moves it."""
 
-@runtime_checkable
-class ByItemCommand(Protocol):
-    """Runs once per item."""
-
-    by_order: bool  # False
-
+    @abstractmethod
     def run_item(self, ctx: CommandContext, order: Order, item: OrderItem) -> None: ...
 
 
+class ByOrderCommand(ABC):
+    """Runs once for all items of one order that take the same event from the same state,
+    inside the transaction that moves them."""
+
+    @abstractmethod
+    def run(self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]) -> None: ...
+
+
 @dataclass(frozen=True)
-class PreparedCall:
-    """What ``ExternalCommand.prepare`` decided to send.
+class PreparedCall(Generic[PayloadT]):
+    """What :meth:`ExternalCommand.plan` decided to send.
 
     ``summary`` is stored with the intent as JSON (operation, positions, amounts, ids): it is
     all ``apply`` and ``reconcile`` get after a crash, so it must be enough for them.
@@ -81,7 +106,7 @@ class PreparedCall:
     """
 
     summary: dict[str, Any]
-    payload: Any = None
+    payload: PayloadT
 
 
 @dataclass(frozen=True)
@@ -97,48 +122,70 @@ class Reconciled:
     detail: str = ""
 
 
-@runtime_checkable
-class ExternalCommand(Protocol):
+class ReconcileLater(Exception):
+    """Raised by :meth:`ExternalCommand.reconcile` when the other side cannot tell *yet* (a
+    booking may take a while to show): the intent stays pending, nothing is re-sent, nobody is
+    called, and it is asked again with backoff, at the latest at ``at`` (when the answer
+    becomes final)."""
+
+    def __init__(self, detail: str, at: datetime | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.at = at
+
+
+class CallNotSentError(Exception):
+    """Raised by :meth:`ExternalCommand.send`: the booking certainly never left (connection
+    refused, an earlier non-booking step failed), so the items get an ordinary retry. Any
+    other exception from ``send`` means it may have been booked: the intent stays open and is
+    reconciled, never re-sent blindly."""
+
+
+class ExternalCommand(ABC, Generic[PayloadT, AnswerT]):
     """A by-order command with an outside effect that must happen exactly once.
 
-    ``send`` raising an exception whose ``sent`` attribute is ``False`` means the request
-    certainly never left (the items get a normal retry); any other exception means it may
-    have been booked, and the intent stays open for ``reconcile``. ``reconcile`` returns
-    ``None`` when it cannot tell (no status source): the items then wait for a person.
+    ``plan`` returns ``None`` when it decided without a call (having recorded why through
+    ``ctx.session``): the engine then goes on as if answered. ``reconcile`` returns ``None``
+    when it cannot tell (no status source): the items then wait for a person.
     """
 
-    by_order: bool  # True
-    external: bool  # True
-
-    def prepare(
+    @abstractmethod
+    def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall | None: ...
+    ) -> PreparedCall[PayloadT] | None:
+        """Decide the call from the database alone (no network: this runs in a transaction)."""
 
-    def send(self, services: dict[str, Any], call: PreparedCall) -> Any: ...
+    @abstractmethod
+    def send(self, call: PreparedCall[PayloadT], io: CallContext) -> AnswerT:
+        """Make the call (every network request of it), outside any transaction."""
 
+    @abstractmethod
     def apply(
         self,
         ctx: CommandContext,
         order: Order,
         items: Sequence[OrderItem],
         summary: dict[str, Any],
-        answer: Any,
-    ) -> None: ...
+        answer: AnswerT | Reconciled,
+    ) -> None:
+        """Record the answer (or the reconciled verdict) for the items."""
 
-    def reconcile(self, services: dict[str, Any], summary: dict[str, Any]) -> Reconciled | None:
-        ...
-
-
-def is_external(command: object) -> bool:
-    return bool(getattr(command, "external", False))
-
-
-Command = ByOrderCommand | ByItemCommand | ExternalCommand
+    def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
+        """What the other side booked for a call whose answer was lost; ``None``: nobody can
+        tell (the default), a person decides; raise :class:`ReconcileLater` when the answer
+        is not final yet."""
+        return None
 
 
-@runtime_checkable
-class Condition(Protocol):
+class Condition(ABC):
+    """A yes/no question about one item (read only)."""
+
+    @abstractmethod
     def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool: ...
+
+
+ConditionFunction: TypeAlias = "Callable[[CommandContext, Order, OrderItem], bool]"
+AnyCommand: TypeAlias = "ByItemCommand | ByOrderCommand | ExternalCommand[Any, Any]"
 
 
 class UnknownPluginError(LookupError):
@@ -146,33 +193,57 @@ class UnknownPluginError(LookupError):
 
 
 class PluginRegistry:
-    """Commands and conditions by name (``Ratepay/ConfirmDelivery``)."""
+    """Commands and conditions by name (``Ratepay/ConfirmDelivery``), one kind each."""
 
     def __init__(self) -> None:
-        self._commands: dict[str, Command] = {}
+        self._commands: dict[str, AnyCommand] = {}
         self._conditions: dict[str, Condition] = {}
 
-    def register_command(self, name: str, command: Command) -> None:
-        if not hasattr(command, "by_order"):
-            raise TypeError(f"command {name!r} must say whether it runs by order (by_order)")
+    def register_by_item(self, name: str, command: ByItemCommand) -> None:
+        self._add(name, command, ByItemCommand)
+
+    def register_by_order(self, name: str, command: ByOrderCommand) -> None:
+        self._add(name, command, ByOrderCommand)
+
+    def register_external(self, name: str, command: ExternalCommand[Any, Any]) -> None:
+        self._add(name, command, ExternalCommand)
+
+    def register_condition(self, name: str, condition: Condition | ConditionFunction) -> None:
+        if isinstance(condition, Condition):
+            self._conditions[name] = condition
+        elif callable(condition):
+            self._conditions[name] = _FunctionCondition(condition)
+        else:
+            raise TypeError(f"condition {name!r} must be a Condition or a function")
+
+    def _add(self, name: str, command: AnyCommand, kind: type) -> None:
+        if not isinstance(command, kind):
+            raise TypeError(
+                f"command {name!r} must be a {kind.__name__} (ratepay_oms.engine.plugins), "
+                f"got {type(command).__name__}"
+            )
         self._commands[name] = command
 
-    def register_condition(self, name: str, condition: Condition | Callable[..., bool]) -> None:
-        if not hasattr(condition, "check"):
-            condition = _FunctionCondition(condition)
-        self._conditions[name] = condition  # type: ignore[assignment]
-
-    def command(self, name: str) -> Command:
+    def command(self, name: str) -> AnyCommand:
         try:
             return self._commands[name]
         except KeyError:
             raise UnknownPluginError(f"no command plugin registered as {name!r}") from None
+
+    def external(self, name: str) -> ExternalCommand[Any, Any]:
+        command = self.command(name)
+        if not isinstance(command, ExternalCommand):
+            raise UnknownPluginError(f"command {name!r} is not an external command")
+        return command
 
     def condition(self, name: str) -> Condition:
         try:
             return self._conditions[name]
         except KeyError:
             raise UnknownPluginError(f"no condition plugin registered as {name!r}") from None
+
+    def is_external(self, name: str) -> bool:
+        return isinstance(self._commands.get(name), ExternalCommand)
 
     def has_command(self, name: str) -> bool:
         return name in self._commands
@@ -195,9 +266,11 @@ class PluginRegistry:
             ep.load()(self)
 
 
-@dataclass(frozen=True)
-class _FunctionCondition:
-    func: Callable[..., bool]
+class _FunctionCondition(Condition):
+    """A plain function registered as a condition."""
+
+    def __init__(self, func: ConditionFunction) -> None:
+        self.func = func
 
     def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
         return bool(self.func(ctx, order, item))

@@ -1,49 +1,77 @@
-"""Firing events for groups of items: command, conditions, state change, on-enter cascade.
+"""One transaction of the drive loop: commands, conditions, moves, on-enter cascade, intents.
 
 The order of work is Spryker's: items are grouped by (order, source state, event); a by-order
 command runs once per group (a by-item command once per item); then each item's transition is
-chosen by the compiled machine (conditional transitions first, the unconditional fallback
-last); then the moves are written set-based; then the on-enter events of the states the items
-landed in fire for them, grouped again, until the items rest.
+chosen (:meth:`Runner.choose`, the one place that does so); then the moves are written
+set-based; then the on-enter events of the states the items landed in fire for them, grouped
+again, until the items rest.
 
-A command with an outside effect (``ExternalCommand``, a RatePAY booking) is not run here: its
-group is handed back in ``deferred`` and the caller runs it after committing, through
-``ratepay_oms.engine.intents`` (intent, call, settle), which continues the cascade with
-:meth:`Runner.resume`.
+An :class:`ExternalCommand` (a RatePAY booking) only *plans* here: its ``plan`` reads the
+database, the runner writes the intent row and marks the items as waiting on it, in this same
+transaction, and hands the call back in :attr:`Runner.calls`. The drive loop
+(``ratepay_oms.engine.drive``) commits, makes the call outside any transaction, and settles it
+in a new transaction through :meth:`Runner.settle`, which continues the cascade.
 
-Everything else happens inside the caller's transaction. Each command (and each item's condition
-checks) runs inside a SAVEPOINT, so a command that raises is rolled back alone: its items stay
-where they were with an error row in the transition log and a retry scheduled with backoff,
-while the other groups of the same batch still commit. What a command wrote through
-``ctx.session`` commits together with the state change it led to.
+Each command (and each item's condition checks) runs inside a SAVEPOINT, so a command that
+raises is rolled back alone: its items stay where they were with an error row in the
+transition log and a retry scheduled with backoff, while the other groups of the same
+transaction still commit. What a command wrote through ``ctx.session`` commits together with
+the state change it led to.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
-from ratepay_oms.engine.clock import retry_delay
-from ratepay_oms.engine.compiler import CompiledProcess, Subject
-from ratepay_oms.engine.persist import Move, Origin, StateWriter
-from ratepay_oms.engine.plugins import CommandContext, PluginRegistry, is_external
-from ratepay_oms.persistence.models import Order, OrderItem
-from ratepay_oms.process.model import ProcessDefinition
+from ratepay_oms.engine.clock import retry_delay, wall_now
+from ratepay_oms.engine.compiler import Subject
+from ratepay_oms.engine.persist import Move, StateWriter, chunked, id_in
+from ratepay_oms.engine.plugins import (
+    ByItemCommand,
+    ByOrderCommand,
+    CommandContext,
+    ExternalCommand,
+    PreparedCall,
+    Reconciled,
+)
+from ratepay_oms.persistence.models import (
+    INTENT_OPEN_STATUSES,
+    INTENT_PENDING,
+    INTENT_SETTLED,
+    Intent,
+    Order,
+    OrderItem,
+)
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_REPEATS = 10
-"""How often one (order, state, event) may fire in one cascade before the loop guard stops it."""
+"""How often one (order, state, event) may fire in one drive before the loop guard stops it."""
 
 MAX_ERROR_LENGTH = 2000
+
+# How an intent was settled (``Intent.resolution``).
+ANSWERED = "answered"
+NOT_SENT = "not_sent"
+RECONCILED_BOOKED = "reconciled_booked"
+RECONCILED_NOT_BOOKED = "reconciled_not_booked"
+RESOLVED_BOOKED = "resolved_booked"
+RESOLVED_NOT_BOOKED = "resolved_not_booked"
 
 
 @dataclass
@@ -58,21 +86,22 @@ class Group:
 
 
 @dataclass(frozen=True)
-class Deferred:
-    """A group whose external command runs after the caller's transaction committed."""
+class Call:
+    """A gateway call the drive loop makes after the transaction that planned it commits:
+    ``send`` of ``prepared`` (a new intent) or, with ``prepared`` ``None``, ``reconcile`` of
+    an intent whose answer was lost."""
 
+    intent_id: int
     order_id: int
-    process: str
-    state: str
-    event: str | None
     command: str
-    item_ids: tuple[int, ...]
+    summary: dict[str, Any]
+    prepared: PreparedCall[Any] | None = None
     record_stays: bool = False
 
 
 @dataclass
 class RunStats:
-    """What one or more runs did; the engine turns it into a Trigger- or TickResult."""
+    """What one or more transactions did; the engine turns it into a Trigger- or TickResult."""
 
     items_moved: int = 0
     commands_run: int = 0
@@ -81,6 +110,31 @@ class RunStats:
     moves: list[tuple[int, str, str]] = field(default_factory=list)
     stayed: list[int] = field(default_factory=list)
     error_messages: list[str] = field(default_factory=list)
+
+    def add(self, other: RunStats) -> None:
+        """Add what ``other`` (a committed transaction's figures) counted."""
+        for f in fields(self):
+            mine = getattr(self, f.name)
+            if isinstance(mine, list):
+                mine.extend(getattr(other, f.name))
+            else:
+                setattr(self, f.name, mine + getattr(other, f.name))
+
+    def error(self, message: str) -> None:
+        self.errors += 1
+        self.error_messages.append(message)
+
+
+class LoopGuard:
+    """The one loop guard: how often each (order, state, event) fired in one drive."""
+
+    def __init__(self) -> None:
+        self._seen: Counter[tuple[int, str, str | None]] = Counter()
+
+    def allow(self, order_id: int, state: str, event: str | None) -> bool:
+        key = (order_id, state, event)
+        self._seen[key] += 1
+        return self._seen[key] <= MAX_EVENT_REPEATS
 
 
 def group_items(
@@ -100,7 +154,7 @@ def group_items(
 def database_lost(exc: BaseException) -> bool:
     """The connection or the transaction is gone (dropped, killed, deadlock victim): not the
     command's fault, and nothing more can be written in this transaction. The caller re-raises
-    so the whole batch rolls back and is counted as a database failure."""
+    so the whole transaction rolls back and is counted as a database failure."""
     return isinstance(exc, OperationalError | InterfaceError | PendingRollbackError) or bool(
         getattr(exc, "connection_invalidated", False)
     )
@@ -112,29 +166,24 @@ def describe_error(exc: BaseException) -> str:
 
 
 class Runner:
-    """One unit of work over an open session; call :meth:`run` with the starting groups."""
+    """One unit of work over an open session (built by the drive loop, one per transaction)."""
 
     def __init__(
         self,
+        engine: EngineContext,
         session: Session,
-        compiled: Mapping[str, CompiledProcess],
-        registry: PluginRegistry,
-        services: Mapping[str, Any],
         now: datetime,
-        origin: Origin,
+        guard: LoopGuard,
         stats: RunStats | None = None,
     ) -> None:
+        self.engine = engine
         self.session = session
-        self.compiled = compiled
-        self.registry = registry
-        self.services = dict(services)
         self.now = now
+        self.guard = guard
         self.stats = stats if stats is not None else RunStats()
-        self.writer = StateWriter(session, now, origin)
-        self.deferred: list[Deferred] = []
-        self._definitions: dict[str, ProcessDefinition] = {
-            name: c.definition for name, c in compiled.items()
-        }
+        self.writer = StateWriter(session, now, engine.origin)
+        self.calls: list[Call] = []
+        """Gateway calls planned in this transaction (their intents are written)."""
 
     # -- the cascade ---------------------------------------------------------------------
 
@@ -146,55 +195,33 @@ class Runner:
         """
         self._rounds(list(groups), [], record_stays=record_stays)
 
-    def resume(
-        self,
-        group: Group,
-        command_name: str,
-        apply: Callable[[CommandContext], None] | None,
-        *,
-        record_stays: bool = False,
-    ) -> None:
-        """Go on with ``group`` after its external command: ``apply`` records the answer, then
-        conditions choose, the moves are written and the on-enter cascade runs."""
-        ctx = self.context(group)
-        if apply is not None:
-            with self.session.begin_nested():
-                apply(ctx)
-            self.stats.commands_run += 1
-        moves = self._choose(group, list(group.items), command_name, ctx, record_stays)
-        self._rounds([], moves, record_stays=False)
-
     def finish(self) -> None:
         """Write what is buffered (transition-log rows) without firing anything."""
         self.writer.flush_log()
         self.session.flush()
 
     def _rounds(self, pending: list[Group], carried: list[Move], *, record_stays: bool) -> None:
-        repeats: Counter[tuple[int, str, str | None]] = Counter()
         first = True
         while pending or carried:
             moves: list[Move] = carried
             carried = []
             for group in pending:
-                key = (group.order.id, group.state, group.event)
-                repeats[key] += 1
-                if repeats[key] > MAX_EVENT_REPEATS:
+                if not self.guard.allow(group.order.id, group.state, group.event):
                     self._loop_guard(group)
                     continue
                 moves.extend(self._fire(group, record_stays=record_stays and first))
-            self.writer.write_moves(moves, self._definitions)
+            self.writer.write_moves(moves, self.engine.definitions)
             self.stats.items_moved += len(moves)
             self.stats.moves.extend((m.item.id, m.source, m.target) for m in moves)
             pending = self._on_enter_groups(moves)
             first = False
-        self.writer.flush_log()
-        self.session.flush()
+        self.finish()
 
     def _on_enter_groups(self, moves: Sequence[Move]) -> list[Group]:
         landed: list[tuple[OrderItem, str | None]] = []
         orders: dict[int, Order] = {}
         for move in moves:
-            event = self._definitions[move.process].on_enter_event(move.target)
+            event = self.engine.definitions[move.process].on_enter_event(move.target)
             if event is not None:
                 landed.append((move.item, event.name))
                 orders[move.item.order_id] = move.item.order
@@ -203,40 +230,83 @@ class Runner:
     # -- one group -----------------------------------------------------------------------
 
     def context(self, group: Group) -> CommandContext:
-        definition = self.compiled[group.process].definition
-        return CommandContext(self.session, definition, group.event, self.now, self.services)
+        definition = self.engine.definitions[group.process]
+        return CommandContext(self.session, definition, group.event, self.now, self.engine.services)
 
     def _fire(self, group: Group, *, record_stays: bool) -> list[Move]:
-        definition = self.compiled[group.process].definition
+        definition = self.engine.definitions[group.process]
         event_def = definition.events.get(group.event) if group.event is not None else None
         command_name = event_def.command if event_def is not None else None
         ctx = self.context(group)
-        if command_name is not None and self._defer(group, command_name, record_stays):
+        if command_name is None:
+            return self.choose(group, list(group.items), None, ctx, record_stays)
+        try:
+            command = self.engine.registry.command(command_name)
+        except LookupError as exc:
+            self.fail(group, group.items, command_name, exc)
             return []
-        items = self._run_command(group, command_name, ctx)
+        if isinstance(command, ExternalCommand):
+            return self._plan(group, command_name, command, ctx, record_stays)
+        items = self._run_command(group, command_name, command, ctx)
         if not items:
             return []
-        return self._choose(group, items, command_name, ctx, record_stays)
+        return self.choose(group, items, command_name, ctx, record_stays)
 
-    def _defer(self, group: Group, command_name: str, record_stays: bool) -> bool:
-        if not self.registry.has_command(command_name):
-            return False
-        if not is_external(self.registry.command(command_name)):
-            return False
-        self.deferred.append(
-            Deferred(
+    def _plan(
+        self,
+        group: Group,
+        command_name: str,
+        command: ExternalCommand[Any, Any],
+        ctx: CommandContext,
+        record_stays: bool,
+    ) -> list[Move]:
+        """Let ``command`` plan its call and write the intent (the drive loop sends it after
+        this transaction commits); a plan without a call goes on as answered."""
+        try:
+            with self.session.begin_nested():
+                call = command.plan(ctx, group.order, group.items)
+        except Exception as exc:
+            if database_lost(exc):
+                raise
+            self.stats.commands_run += 1
+            self.fail(group, group.items, command_name, exc)
+            return []
+        if call is None:
+            # Decided without a call (the command recorded why): go on as answered.
+            self.stats.commands_run += 1
+            return self.choose(group, list(group.items), command_name, ctx, record_stays)
+        intent = Intent(
+            order_id=group.order.id,
+            process=group.process,
+            state=group.state,
+            event=group.event,
+            command=command_name,
+            item_ids=json.dumps([i.id for i in group.items]),
+            summary=json.dumps(call.summary, default=str, sort_keys=True),
+            status=INTENT_PENDING,
+            worker=self.engine.claims.worker_id,
+            attempts=0,
+            created_at=self.now,
+            # Not before our lease would have run out: until then the call may still be in
+            # flight, and asking too early could read "not booked" and send it twice.
+            reconcile_at=wall_now() + self.engine.claims.lease,
+        )
+        self.session.add(intent)
+        self.session.flush()
+        mark_items(self.session, group.items, intent.id)
+        self.calls.append(
+            Call(
+                intent_id=intent.id,
                 order_id=group.order.id,
-                process=group.process,
-                state=group.state,
-                event=group.event,
                 command=command_name,
-                item_ids=tuple(i.id for i in group.items),
+                summary=call.summary,
+                prepared=call,
                 record_stays=record_stays,
             )
         )
-        return True
+        return []
 
-    def _choose(
+    def choose(
         self,
         group: Group,
         items: list[OrderItem],
@@ -244,8 +314,10 @@ class Runner:
         ctx: CommandContext,
         record_stays: bool,
     ) -> list[Move]:
-        """Pick each item's transition (conditions first, the fallback last)."""
-        compiled = self.compiled[group.process]
+        """Pick each item's transition (conditions first, the fallback last): the one place
+        that chooses, through ``CompiledProcess.choose`` (which records each condition's
+        answer on the subject). Items that stay get their retry cleared."""
+        compiled = self.engine.compiled[group.process]
         candidates = compiled.definition.transitions_from(group.state, group.event)
         moves: list[Move] = []
         stayed: list[OrderItem] = []
@@ -301,20 +373,17 @@ class Runner:
         return moves
 
     def _run_command(
-        self, group: Group, command_name: str | None, ctx: CommandContext
+        self,
+        group: Group,
+        command_name: str,
+        command: ByOrderCommand | ByItemCommand,
+        ctx: CommandContext,
     ) -> list[OrderItem]:
-        """Run the event's command; return the items it succeeded for."""
-        if command_name is None:
-            return list(group.items)
-        try:
-            command = self.registry.command(command_name)
-        except LookupError as exc:
-            self.fail(group, group.items, command_name, exc)
-            return []
-        if getattr(command, "by_order", False):
+        """Run an in-transaction command; return the items it succeeded for."""
+        if isinstance(command, ByOrderCommand):
             try:
                 with self.session.begin_nested():
-                    command.run(ctx, group.order, list(group.items))  # type: ignore[union-attr]
+                    command.run(ctx, group.order, list(group.items))
             except Exception as exc:
                 if database_lost(exc):
                     raise
@@ -327,7 +396,7 @@ class Runner:
         for item in group.items:
             try:
                 with self.session.begin_nested():
-                    command.run_item(ctx, group.order, item)  # type: ignore[union-attr]
+                    command.run_item(ctx, group.order, item)
             except Exception as exc:
                 if database_lost(exc):
                     raise
@@ -338,16 +407,79 @@ class Runner:
                 self.stats.commands_run += 1
         return ok
 
-    # -- failures --------------------------------------------------------------------------
+    # -- settling a gateway call -------------------------------------------------------------
 
-    def note_error(
-        self, group: Group, items: Sequence[OrderItem], command_name: str, message: str
-    ) -> None:
-        """Log an error for ``items`` without scheduling a retry (an open intent blocks them:
-        it is reconciled, not retried)."""
+    def settle(
+        self,
+        intent_id: int,
+        answer: Any,
+        resolution: str,
+        *,
+        record_stays: bool = False,
+        note: str | None = None,
+    ) -> bool:
+        """Settle the intent (compare-and-set on its status, so it is applied at most once),
+        apply ``answer`` (a ``Reconciled`` that is not booked: retry instead), choose, move,
+        cascade. ``False``: someone else settled it first (nothing written)."""
+        booked = not isinstance(answer, Reconciled) or answer.booked
+        won = self.session.connection().execute(
+            update(Intent)
+            .where(Intent.id == intent_id, Intent.status.in_(INTENT_OPEN_STATUSES))
+            .values(status=INTENT_SETTLED, resolution=resolution, settled_at=self.now, note=note)
+        )
+        if won.rowcount != 1:
+            log.warning("intent %s was settled by someone else; nothing applied", intent_id)
+            return False
+        intent = self.session.get_one(Intent, intent_id)
+        summary = json.loads(intent.summary)
+        order = self.session.get_one(Order, intent.order_id)
+        items = blocked_items(self.session, intent_id)
+        mark_items(self.session, items, None)
+        if not items:
+            return True
+        group = Group(order, intent.process, intent.state, intent.event, items)
+        if not booked:
+            detail = answer.detail if isinstance(answer, Reconciled) else ""
+            if resolution == NOT_SENT:
+                self.stats.commands_run += 1
+            self.fail(
+                group,
+                items,
+                intent.command,
+                f"not booked at the gateway ({resolution}): {detail}".rstrip(": "),
+                retry_in=timedelta(0) if resolution != NOT_SENT else None,
+            )
+            self.finish()
+            return True
+        command = self.engine.registry.external(intent.command)
+        ctx = self.context(group)
+        with self.session.begin_nested():
+            command.apply(ctx, order, items, summary, answer)
+        self.stats.commands_run += 1
+        moves = self.choose(group, list(items), intent.command, ctx, record_stays)
+        self._rounds([], moves, record_stays=False)
+        return True
+
+    def leave_open(self, intent_id: int, message: str) -> None:
+        """The call may have been booked (no usable answer): the intent stays open for
+        reconciliation (due at once), its items blocked and the error logged, no retry."""
+        intent = self.session.get_one(Intent, intent_id)
+        intent.last_error = message
+        intent.reconcile_at = wall_now()
+        order = self.session.get_one(Order, intent.order_id)
+        items = blocked_items(self.session, intent_id)
+        group = Group(order, intent.process, intent.state, intent.event, items)
+        text = (
+            f"{message} (may have been booked: intent {intent_id} is reconciled by the "
+            "next tick, not re-sent)"
+        )
         for item in items:
-            item.last_error = message
-        self._record_error(group, items, command_name, message)
+            item.last_error = text
+        self.stats.commands_run += 1
+        self._record_error(group, items, intent.command, text)
+        self.finish()
+
+    # -- failures --------------------------------------------------------------------------
 
     def _record_error(
         self, group: Group, items: Sequence[OrderItem], command_name: str | None, message: str
@@ -363,9 +495,8 @@ class Runner:
                 command=command_name,
                 error=message,
             )
-        self.stats.errors += 1
         ids = ", ".join(str(i.id) for i in items)
-        self.stats.error_messages.append(
+        self.stats.error(
             f"order {group.order.order_ref} items [{ids}] {group.event or '(event-less)'} "
             f"in {group.state}: {message}"
         )
@@ -409,5 +540,26 @@ class Runner:
             group.items,
             None,
             f"loop guard: {group.event or '(event-less)'} fired more than {MAX_EVENT_REPEATS} "
-            f"times from {group.state} in one cascade; check the process for an on-enter cycle",
+            f"times from {group.state} in one run; check the process for an on-enter cycle",
         )
+
+
+def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | None) -> None:
+    """Mark ``items`` as waiting on ``intent_id`` (``None``: no longer waiting)."""
+    for part in chunked([i.id for i in items]):
+        session.execute(
+            update(OrderItem)
+            .where(id_in(OrderItem.id, part, session))
+            .values(intent_id=intent_id)
+            .execution_options(synchronize_session=False)
+        )
+    for item in items:
+        set_committed_value(item, "intent_id", intent_id)
+
+
+def blocked_items(session: Session, intent_id: int) -> list[OrderItem]:
+    return list(
+        session.scalars(
+            select(OrderItem).where(OrderItem.intent_id == intent_id).order_by(OrderItem.id)
+        )
+    )

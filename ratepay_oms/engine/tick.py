@@ -28,6 +28,7 @@ runner. A bulk tick of such moves costs a few statements per thousand items.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict, deque
@@ -38,16 +39,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from ratepay_oms.engine.claims import Claims, sqlite_worker_lock
+from ratepay_oms.engine.claims import LeaseKeeper, sqlite_worker_lock
 from ratepay_oms.engine.compiler import CompiledProcess
-from ratepay_oms.engine.intents import ExternalCalls
-from ratepay_oms.engine.persist import MoveKey, Origin, StateWriter, chunked, id_in
-from ratepay_oms.engine.plugins import PluginRegistry
-from ratepay_oms.engine.runner import Deferred, Runner, RunStats, group_items
+from ratepay_oms.engine.context import EngineContext
+from ratepay_oms.engine.drive import CallPool, Drive, by_order
+from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation
+from ratepay_oms.engine.persist import MoveKey, chunked, id_in
+from ratepay_oms.engine.runner import Call, Group, LoopGuard, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
-from ratepay_oms.persistence.models import EventTimeout, Order, OrderItem
+from ratepay_oms.persistence.models import INTENT_PENDING, EventTimeout, Intent, Order, OrderItem
 from ratepay_oms.process.model import TransitionDef
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,11 @@ class _Step:
         """How much of a batch one due row of :meth:`due_order_ids` takes."""
         return 1.0
 
+    def calls_out(self, row: Sequence[Any]) -> bool:
+        """Whether one due row of :meth:`due_order_ids` will call the gateway (as far as the
+        step can tell from the row; the batch checks again when it fires)."""
+        return False
+
     def due_window(self, session: Session, after: int, rows: int) -> tuple[list[_Due], bool]:
         """Orders after ``after`` with due items, in order, from at most ``rows`` due rows,
         and whether that was all there is (fewer rows came back)."""
@@ -113,11 +120,13 @@ class _Step:
         window: list[_Due] = []
         for row in found:
             weight = self.weight(row)
+            calls = self.calls_out(row)
             if window and window[-1].order_id == row[0]:
                 window[-1].items += 1
                 window[-1].weight += weight
+                window[-1].calls = window[-1].calls or calls
             else:
-                window.append(_Due(row[0], 1, weight))
+                window.append(_Due(row[0], 1, weight, calls))
         return window, len(found) < rows
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
@@ -133,6 +142,8 @@ class _Due:
     order_id: int
     items: int
     weight: float
+    calls: bool = False
+    """Some due item of the order will call the gateway."""
 
 
 class DueItem(NamedTuple):
@@ -272,6 +283,9 @@ class _StateStep(_Step):
             else 1.0
             for (name, state), event in self.events.items()
         }
+        self._calling = {
+            key for key, event in self.events.items() if definitions[key[0]].calls_out(event)
+        }
 
     def _states_of(self, compiled: CompiledProcess) -> list[str]:
         found: dict[str, None] = {}
@@ -291,6 +305,9 @@ class _StateStep(_Step):
 
     def weight(self, row: Sequence[Any]) -> float:
         return self._weights.get((row[1], row[2]), 1.0)
+
+    def calls_out(self, row: Sequence[Any]) -> bool:
+        return (row[1], row[2]) in self._calling
 
     def due(self) -> ColumnElement[bool]:
         return and_(_states_filter(self.states), OrderItem.retry_at.is_(None))
@@ -337,15 +354,12 @@ class _EventLess(_StateStep):
 
 @dataclass
 class TickRunner:
-    """Runs one tick; built by ``Engine.tick`` with the engine's parts."""
+    """Runs one tick; built by ``Engine.tick`` with the engine's context."""
 
-    sessions: sessionmaker[Session]
-    compiled: Mapping[str, CompiledProcess]
-    registry: PluginRegistry
-    services: Mapping[str, Any]
-    claims: Claims
-    origin: Origin
+    engine: EngineContext
+    keeper: LeaseKeeper
     batch_size: int = DEFAULT_BATCH_SIZE
+    concurrency: int = 1
     _db_failures: int = field(default=0, init=False)
 
     def run(
@@ -356,24 +370,33 @@ class TickRunner:
     ) -> TickResult:
         started = time.perf_counter()
         stats = RunStats()
+        drive = Drive(self.engine, self.keeper, now, stats)
         orders_seen: set[int] = set()
         processed = 0
         timeouts_fired = 0
-        steps: list[_Step] = [_Retries(self.compiled, now), _Timeouts(self.compiled, now)]
-        for state_step in (_OnEnter(self.compiled, now), _EventLess(self.compiled, now)):
+        compiled = self.engine.compiled
+        steps: list[_Step] = [_Retries(compiled, now), _Timeouts(compiled, now)]
+        for state_step in (_OnEnter(compiled, now), _EventLess(compiled, now)):
             if not state_step.empty:
                 steps.append(state_step)
-        worker_lock = sqlite_worker_lock(self.sessions)
+        worker_lock = sqlite_worker_lock(self.engine.sessions)
         if worker_lock is not None:
             worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
+        pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
         try:
             # First settle gateway calls whose answer was lost: their items wait on them.
             try:
-                self._external(now, stats).reconcile_open()
+                self._reconcile_open(drive, pool)
             except SQLAlchemyError as exc:
-                self._database_failed(stats, "reconciling open intents", exc)
+                self._database_failed(drive, "reconciling open intents", exc)
+            if pool is not None:
+                pool.join()
             for step in steps:
-                done_total = self._step(step, now, stats, limit, processed, orders_seen, progress)
+                done_total = self._step(
+                    step, drive, pool, limit, processed, orders_seen, progress
+                )
+                if pool is not None:
+                    pool.join()  # one step's calls settle before the next step looks
                 processed += done_total
                 if step.name == "timeouts":
                     timeouts_fired += done_total
@@ -382,6 +405,8 @@ class TickRunner:
                               self._db_failures)
                     break
         finally:
+            if pool is not None:
+                pool.close()
             if worker_lock is not None:
                 worker_lock.release()
         result = TickResult(
@@ -397,11 +422,52 @@ class TickRunner:
         log.info("%s", result.summary())
         return result
 
+    def _dispatch(self, drive: Drive, pool: CallPool | None, calls: Sequence[Call]) -> None:
+        """Start the calls a committed transaction planned: on the pool, or here and now."""
+        if not calls:
+            return
+        if pool is not None:
+            pool.submit(calls)
+            return
+        for order_calls in by_order(calls).values():
+            drive.chain(order_calls)
+
+    # -- open intents ------------------------------------------------------------------------
+
+    def _reconcile_open(self, drive: Drive, pool: CallPool | None) -> None:
+        """Reconcile pending intents whose time has come and whose order nobody holds."""
+        after = 0
+        while True:
+            with self.engine.sessions() as session:
+                rows = due_for_reconciliation(session, after, RECONCILE_BATCH)
+            if not rows:
+                return
+            after = rows[-1][0]
+            for intent_id, order_id in rows:
+                if pool is not None:
+                    pool.wait_for_room()
+                call = self._lease_for_reconciling(intent_id, order_id)
+                if call is not None:
+                    self._dispatch(drive, pool, [call])
+
+    def _lease_for_reconciling(self, intent_id: int, order_id: int) -> Call | None:
+        claims = self.engine.claims
+        with self.engine.sessions() as session, session.begin():
+            if not claims.lock(session, [order_id]):
+                return None  # its worker is still at it, or another worker reconciles it
+            intent = session.get(Intent, intent_id)
+            if intent is None or intent.status != INTENT_PENDING:
+                return None
+            claims.lease_in(session, [order_id])
+            return Call(intent_id, order_id, intent.command, json.loads(intent.summary))
+
+    # -- due work ----------------------------------------------------------------------------
+
     def _step(
         self,
         step: _Step,
-        now: datetime,
-        stats: RunStats,
+        drive: Drive,
+        pool: CallPool | None,
         limit: int | None,
         processed: int,
         orders_seen: set[int],
@@ -409,11 +475,16 @@ class TickRunner:
     ) -> int:
         """Walk one step's due orders batch by batch; returns the items processed.
 
+        A batch takes whole orders up to ``batch_size`` items, but no more orders that will
+        call the gateway than there are free call slots (one without a pool): an order is
+        worked on only when its call can start. The transaction row-locks the batch's
+        orders, skipping those another worker has (locked or leased); orders it did not get
+        to are put back for the next batch.
+
         A database failure (dropped connection, deadlock, serialisation failure) inside a
         batch rolls back that batch's one transaction and nothing else: its items stay as
         they were (no history, no retry — it was not their command that failed), the error is
-        counted, and the tick goes on with the next batch on a fresh connection. The leases of
-        the failed batch are released if the database lets us, else they simply expire.
+        counted, and the tick goes on with the next batch on a fresh connection.
         """
         done_total = 0
         after = 0
@@ -423,103 +494,89 @@ class TickRunner:
             room = None if limit is None else limit - processed - done_total
             if not window and not last_window:
                 try:
-                    with self.sessions() as session:
+                    with self.engine.sessions() as session:
                         found, last_window = step.due_window(
                             session, after, self.batch_size * WINDOW_BATCHES
                         )
                 except SQLAlchemyError as exc:
-                    self._database_failed(stats, f"{step.name}: finding due orders", exc)
+                    self._database_failed(drive, f"{step.name}: finding due orders", exc)
                     return done_total  # nothing to walk on; the next tick looks again
                 window.extend(found)
                 if found:
                     after = found[-1].order_id
             if not window:
                 break
-            order_ids: list[int] = []
-            weight, items = 0.0, 0
+            slots = pool.wait_for_room() if pool is not None else 1
+            batch: dict[int, _Due] = {}
+            weight, items, calling = 0.0, 0, 0
             while window and (
-                not order_ids or (weight < self.batch_size and (room is None or items < room))
+                not batch or (weight < self.batch_size and (room is None or items < room))
             ):
-                due = window.popleft()
-                order_ids.append(due.order_id)
+                due = window[0]
+                if batch and due.calls and calling >= slots:
+                    break
+                window.popleft()
+                batch[due.order_id] = due
                 weight += due.weight
                 items += due.items
+                calling += due.calls
             try:
-                claimed = self.claims.claim(order_ids)
+                done, orders, leftover, calls = self._batch(
+                    step, drive, list(batch), slots, limit, processed + done_total
+                )
             except SQLAlchemyError as exc:
-                self._database_failed(stats, f"{step.name}: leasing orders", exc)
+                self._database_failed(
+                    drive, f"{step.name}: batch of orders {min(batch)}..{max(batch)}", exc
+                )
                 if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
                     return done_total
                 continue
-            if not claimed:
-                continue
-            before = _Marks.of(stats)
-            try:
-                done, orders = self._batch(
-                    step, claimed, now, stats, limit, processed + done_total
-                )
-            except SQLAlchemyError as exc:
-                # What the runner counted for this batch never happened: put the figures back.
-                before.restore(stats)
-                self._database_failed(
-                    stats, f"{step.name}: batch of orders {claimed[0]}..{claimed[-1]}", exc
-                )
-                done, orders = 0, set()
-            else:
-                self._db_failures = 0
-            finally:
-                try:
-                    self.claims.release(claimed)
-                except SQLAlchemyError as exc:
-                    log.warning("could not release %d leases (they expire): %s",
-                                len(claimed), exc)
-            if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
-                return done_total
+            self._db_failures = 0
+            window.extendleft(reversed([batch[o] for o in leftover]))
+            self._dispatch(drive, pool, calls)
             done_total += done
             orders_seen.update(orders)
             if progress is not None:
                 progress(processed + done_total)
         return done_total
 
-    def _external(self, now: datetime, stats: RunStats) -> ExternalCalls:
-        return ExternalCalls(
-            self.sessions, self.compiled, self.registry, self.services, self.origin,
-            self.claims, now, stats,
-        )
-
-    def _database_failed(self, stats: RunStats, where: str, exc: SQLAlchemyError) -> None:
+    def _database_failed(self, drive: Drive, where: str, exc: SQLAlchemyError) -> None:
         """Count a batch the database threw away; the message names the step, not the SQL."""
-        orig = getattr(exc, "orig", None) or exc
-        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
-        message = f"database error in {where} (batch rolled back): {type(orig).__name__}: {first}"
-        log.error("%s", message)
-        stats.errors += 1
         self._db_failures += 1
-        stats.error_messages.append(message)
+        drive.database_failed(f"{where} (batch rolled back)", exc)
 
     def _batch(
         self,
         step: _Step,
-        claimed: Sequence[int],
-        now: datetime,
-        stats: RunStats,
+        drive: Drive,
+        order_ids: Sequence[int],
+        slots: int,
         limit: int | None,
         processed: int,
-    ) -> tuple[int, set[int]]:
-        with self.sessions() as session, session.begin():
+    ) -> tuple[int, set[int], list[int], list[Call]]:
+        """One transaction: lock what is free of ``order_ids``, re-read what is due for those,
+        write plain moves set-based and fire the rest (planning at most ``slots`` orders'
+        calls). Returns items done, their orders, orders put back and the calls planned."""
+
+        def work(runner: Runner) -> tuple[int, set[int], list[int]]:
+            session = runner.session
+            locked = self.engine.claims.lock(session, order_ids)
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
-            due = [d for d in step.due_items(session, claimed) if d.intent_id is None]
+            due = [d for d in step.due_items(session, locked) if d.intent_id is None]
             if limit is not None:
                 due = _whole_orders(due, limit - processed)
             if not due:
-                return 0, set()
+                return 0, set(), []
             plain, fired = self._split(due)
             if plain:
-                self._write_plain(session, plain, now, stats)
-            deferred = self._fire(session, fired, now, stats) if fired else []
-        # The batch is committed; now the external calls it deferred, under the same leases.
-        self._external(now, stats).run(deferred)
-        return len(due), {d.order_id for d in due}
+                self._write_plain(runner, plain)
+            leftover = self._fire(runner, fired, slots) if fired else []
+            put_back = set(leftover)
+            done = [d for d in due if d.order_id not in put_back]
+            return len(done), {d.order_id for d in done}, leftover
+
+        (done, orders, leftover), calls = drive.transact(work, LoopGuard())
+        return done, orders, leftover, calls
 
     def _split(
         self, due: Sequence[DueItem]
@@ -530,34 +587,30 @@ class TickRunner:
         before it writes their moves, and a command of one group must see the order's other
         items as they were, not half moved by the plain path.
         """
-        moves = [(d, self.compiled[d.process].plain_move(d.state, d.event)) for d in due]
+        compiled = self.engine.compiled
+        moves = [(d, compiled[d.process].plain_move(d.state, d.event)) for d in due]
         mixed = {d.order_id for d, t in moves if t is None}
         plain = [(d, t) for d, t in moves if t is not None and d.order_id not in mixed]
         fired = [d for d in due if d.order_id in mixed]
         return plain, fired
 
     def _write_plain(
-        self,
-        session: Session,
-        plain: Sequence[tuple[DueItem, TransitionDef]],
-        now: datetime,
-        stats: RunStats,
+        self, runner: Runner, plain: Sequence[tuple[DueItem, TransitionDef]]
     ) -> None:
         """Write plain moves set-based from the ids alone: the same rows the runner writes
         (state, cleared retry, history, transition log, timeouts), no ORM object loaded."""
         groups: dict[MoveKey, list[int]] = defaultdict(list)
         for d, t in plain:
             groups[MoveKey(d.process, d.state, t.target, d.event, None, t.condition)].append(d.id)
-        definitions = {name: c.definition for name, c in self.compiled.items()}
-        StateWriter(session, now, self.origin).write_grouped_moves(groups, definitions)
-        stats.items_moved += len(plain)
-        stats.moves.extend((d.id, d.state, t.target) for d, t in plain)
+        runner.writer.write_grouped_moves(groups, self.engine.definitions)
+        runner.stats.items_moved += len(plain)
+        runner.stats.moves.extend((d.id, d.state, t.target) for d, t in plain)
 
-    def _fire(
-        self, session: Session, fired: Sequence[DueItem], now: datetime, stats: RunStats
-    ) -> list[Deferred]:
-        """Load ``fired`` as ORM objects with their orders and let the runner fire them;
-        returns the external calls it deferred until the batch has committed."""
+    def _fire(self, runner: Runner, fired: Sequence[DueItem], slots: int) -> list[int]:
+        """Load ``fired`` as ORM objects with their orders and let the runner fire them: the
+        orders that will not call the gateway all at once, then the others one by one until
+        ``slots`` orders have a call planned. Returns the orders not fired (put back)."""
+        session = runner.session
         items: dict[int, OrderItem] = {}
         for part in chunked([d.id for d in fired]):
             items.update(
@@ -566,41 +619,31 @@ class TickRunner:
                     select(OrderItem).where(id_in(OrderItem.id, part, session))
                 )
             )
-        pairs = [(items[d.id], d.event) for d in fired if d.id in items]
         orders: dict[int, Order] = {}
         for part in chunked(sorted({d.order_id for d in fired})):
             orders.update(
                 (o.id, o)
                 for o in session.scalars(select(Order).where(id_in(Order.id, part, session)))
             )
-        runner = Runner(
-            session, self.compiled, self.registry, self.services, now, self.origin, stats
-        )
-        runner.run(group_items(pairs, orders))
-        return runner.deferred
-
-
-@dataclass(frozen=True)
-class _Marks:
-    """Where ``stats`` stood before a batch: counters and list lengths (the lists only grow,
-    so cutting them back undoes a batch; copying them per batch made a bulk tick quadratic)."""
-
-    counters: tuple[int, int, int, int]
-    lengths: tuple[int, int, int]
-
-    _COUNTERS = ("items_moved", "commands_run", "errors", "retries_scheduled")
-    _LISTS = ("moves", "stayed", "error_messages")
-
-    @classmethod
-    def of(cls, stats: RunStats) -> _Marks:
-        c = stats.items_moved, stats.commands_run, stats.errors, stats.retries_scheduled
-        return cls(c, (len(stats.moves), len(stats.stayed), len(stats.error_messages)))
-
-    def restore(self, stats: RunStats) -> None:
-        for name, value in zip(self._COUNTERS, self.counters, strict=True):
-            setattr(stats, name, value)
-        for name, length in zip(self._LISTS, self.lengths, strict=True):
-            del getattr(stats, name)[length:]
+        groups = group_items([(items[d.id], d.event) for d in fired if d.id in items], orders)
+        compiled = self.engine.compiled
+        calling: dict[int, list[Group]] = {}
+        for g in groups:
+            if compiled[g.process].calls_out(g.event):
+                calling.setdefault(g.order.id, [])
+        quiet = [g for g in groups if g.order.id not in calling]
+        for g in groups:
+            if g.order.id in calling:
+                calling[g.order.id].append(g)
+        if quiet:
+            runner.run(quiet)
+        leftover: list[int] = []
+        for order_id, order_groups in calling.items():
+            if len({c.order_id for c in runner.calls}) >= slots:
+                leftover.append(order_id)
+                continue
+            runner.run(order_groups)
+        return leftover
 
 
 def _whole_orders(due: list[DueItem], room: int) -> list[DueItem]:

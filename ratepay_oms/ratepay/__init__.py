@@ -28,6 +28,11 @@ from ratepay_oms.ratepay.errors import (
 )
 from ratepay_oms.ratepay.facade import RatepayFacade
 from ratepay_oms.ratepay.settings import RatepaySettings
+from ratepay_oms.ratepay.status_api import (
+    PositionFigures,
+    StatusApiAuthError,
+    StatusReport,
+)
 from ratepay_oms.ratepay.transport import HttpResponse, RequestsTransport, Transport
 from ratepay_oms.ratepay.types import (
     Address,
@@ -69,6 +74,7 @@ __all__ = [
     "Operation",
     "PaymentInfo",
     "PaymentMethod",
+    "PositionFigures",
     "RatepayError",
     "RatepayFacade",
     "RatepayResult",
@@ -78,7 +84,9 @@ __all__ = [
     "RatepayValidationError",
     "RequestsTransport",
     "SqlApiLogSink",
+    "StatusApiAuthError",
     "StatusLookupUnavailable",
+    "StatusReport",
     "Tracking",
     "TransactionStatus",
     "Transport",

@@ -27,6 +27,7 @@ from ratepay_oms.ratepay.codes import (
     CalculationSubtype,
     ChangeSubtype,
     DebitPayType,
+    DeliveryType,
     Operation,
     PaymentMethod,
 )
@@ -44,6 +45,10 @@ from ratepay_oms.ratepay.types import (
     Tracking,
 )
 from ratepay_oms.ratepay.xml import format_amount
+from ratepay_oms.sepa import bic_problem, iban_problem, normalise_iban
+
+ORDER_ID_MAX = 50
+"""``external/order-id``: at most 50 characters at RatePAY."""
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +169,33 @@ def _check_customer(customer: Customer) -> None:
         customer.delivery_address.first_name and customer.delivery_address.last_name
     ):
         raise RatepayValidationError("a delivery address needs first and last name")
-    if (customer.vat_id) and not customer.company_name:
-        raise RatepayValidationError("vat id is only allowed with a company name (B2B)")
+    company_fields = {
+        "vat id": customer.vat_id,
+        "company id": customer.company_id,
+        "registry location": customer.registry_location,
+        "company type": customer.company_type,
+        "homepage": customer.homepage,
+    }
+    for name, value in company_fields.items():
+        if value and not customer.company_name:
+            raise RatepayValidationError(f"{name} is only allowed with a company name (B2B)")
+    if customer.billing_address.delivery_type not in (None, DeliveryType.ADDRESS):
+        raise RatepayValidationError("a billing address is not a pick-up location")
+    if customer.delivery_address is not None and customer.delivery_address.delivery_type not in (
+        None,
+        *(t.value for t in DeliveryType),
+    ):
+        raise RatepayValidationError(
+            "delivery type must be one of " + ", ".join(t.value for t in DeliveryType)
+        )
     if customer.bank_account is not None:
         _text(customer.bank_account.owner, "bank account owner")
-        _text(customer.bank_account.iban, "bank account IBAN", max_len=34)
+        iban = normalise_iban(_text(customer.bank_account.iban, "bank account IBAN", max_len=42))
+        problem = iban_problem(iban)
+        if problem:
+            raise RatepayValidationError(f"bank account: {problem}")
+        if customer.bank_account.bic and bic_problem(customer.bank_account.bic):
+            raise RatepayValidationError(f"bank account: {bic_problem(customer.bank_account.bic)}")
 
 
 def _check_payment(payment: PaymentInfo, customer: Customer) -> None:
@@ -291,6 +318,8 @@ class RequestBuilder:
         credential = w.el(head, "credential")
         w.el(credential, "profile-id", s.profile_id)
         w.el(credential, "securitycode", s.security_code)
+        if order_id is not None and len(order_id) > ORDER_ID_MAX:
+            raise RatepayValidationError(f"order id longer than {ORDER_ID_MAX} characters")
         if order_id or merchant_consumer_id or tracking:
             external = w.el(head, "external")
             w.opt(external, "order-id", order_id)
@@ -300,6 +329,10 @@ class RequestBuilder:
                 for parcel in tracking:
                     w.el(tracking_el, "id", parcel.code, provider=parcel.provider)
         if device_token:
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", device_token):
+                raise RatepayValidationError(
+                    "device token must be a UUID or letters, digits, '_' and '-'"
+                )
             device = w.el(head, "customer-device")
             w.el(device, "device-token", device_token)
         meta = w.el(head, "meta")
@@ -349,6 +382,8 @@ class RequestBuilder:
     def _address(self, parent: etree._Element, address: Address, kind: str) -> None:
         w = self.w
         node = w.el(parent, "address", type=kind)
+        if kind == "DELIVERY" and address.delivery_type not in (None, DeliveryType.ADDRESS):
+            node.set("delivery-type", str(address.delivery_type))
         if kind == "DELIVERY":
             w.opt(node, "first-name", address.first_name)
             w.opt(node, "last-name", address.last_name)
@@ -365,7 +400,7 @@ class RequestBuilder:
         node = w.el(parent, "bank-account")
         w.el(node, "owner", account.owner)
         w.opt(node, "bank-name", account.bank_name)
-        w.el(node, "iban", account.iban.replace(" ", ""))
+        w.el(node, "iban", normalise_iban(account.iban))
         w.opt(node, "bic-swift", account.bic)
 
     def _customer(
@@ -397,6 +432,10 @@ class RequestBuilder:
         )
         w.opt(node, "company-name", customer.company_name)
         w.opt(node, "vat-id", customer.vat_id)
+        w.opt(node, "company-id", customer.company_id)
+        w.opt(node, "registry-location", customer.registry_location)
+        w.opt(node, "company-type", customer.company_type)
+        w.opt(node, "homepage", customer.homepage)
 
     def _payment(self, parent: etree._Element, payment: PaymentInfo, basket: Basket) -> None:
         w = self.w

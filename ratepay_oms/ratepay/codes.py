@@ -30,6 +30,15 @@ class ChangeSubtype(StrEnum):
     CHANGE_ORDER = "change-order"
 
 
+class DeliveryType(StrEnum):
+    """``address/@delivery-type`` (reference §3.1); anything but ADDRESS must be contracted."""
+
+    ADDRESS = "ADDRESS"
+    IN_STORE_COLLECT = "IN_STORE_COLLECT"
+    PICK_UP_BOX = "PICK_UP_BOX"
+    PICK_UP_SHOP = "PICK_UP_SHOP"
+
+
 class CalculationSubtype(StrEnum):
     BY_RATE = "calculation-by-rate"
     BY_TIME = "calculation-by-time"
@@ -271,6 +280,30 @@ USABLE_CALCULATION_REASONS: frozenset[int] = frozenset(
 
 METHOD_LOCKING_REASONS: frozenset[int] = frozenset({703, 720, 721})
 """Declines after which shops hide the method for this customer."""
+
+REASON_DECLINED_BUYER_IDENTITY = 730
+DECLINES_UNDER_150: frozenset[int] = frozenset({REASON_DECLINED_BUYER_IDENTITY})
+"""Reasons that are declines although RatePAY sends them with result 150 (reference §6.3:
+730 "Declined - Buyer identity"): a risk decision with a customer message, not a data error,
+so the order takes the declined path instead of being retried."""
+
+MAX_PAYMENT_ATTEMPTS = 3
+PAYMENT_ATTEMPT_WINDOW_HOURS = 24
+"""RatePAY's guidance: at most 3 payment attempts per order within 24 hours (§1.4)."""
+
+
+def is_decline(result_code: int | None, reason_code: int | None) -> bool:
+    """A risk or contract decline: result 401, or result 150 with a decline reason (730)."""
+    return result_code == RESULT_DECLINED or (
+        result_code == RESULT_PROCESSING_FAILED and reason_code in DECLINES_UNDER_150
+    )
+
+
+def usable_calculation(result_code: int | None, reason_code: int | None) -> bool:
+    """A CALCULATION_REQUEST answer whose plan can be offered and sent (502 + usable reason)."""
+    return result_code == SUCCESS_RESULT[Operation.CALCULATION_REQUEST] and (
+        reason_code in USABLE_CALCULATION_REASONS
+    )
 
 
 def result_text(code: int) -> str:

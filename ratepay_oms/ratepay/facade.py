@@ -27,6 +27,17 @@ from ratepay_oms.ratepay.errors import (
 )
 from ratepay_oms.ratepay.responses import parse_response
 from ratepay_oms.ratepay.settings import RatepaySettings
+from ratepay_oms.ratepay.status_api import (
+    INCLUDE,
+    OAUTH_OPERATION,
+    StatusApiAuthError,
+    StatusReport,
+    TokenCache,
+    mask_token_answer,
+    read_status,
+    read_token,
+    token_request_body,
+)
 from ratepay_oms.ratepay.transport import RequestsTransport, Transport
 from ratepay_oms.ratepay.types import (
     Basket,
@@ -62,6 +73,9 @@ class RatepayFacade:
         self.transport: Transport = transport or RequestsTransport()
         self.api_log = api_log
         self._builder = RequestBuilder(settings)
+        self._tokens = TokenCache(self._fetch_token)
+        self._processing_offset: Decimal | None = None
+        """``maximum_processing_offset_in_hours`` of the last status answer that had one."""
 
     def __repr__(self) -> str:
         return f"RatepayFacade({self.settings!r})"
@@ -229,47 +243,79 @@ class RatepayFacade:
     # --- reconciliation ------------------------------------------------------------------
 
     def transaction_status(self, transaction_id: str) -> TransactionStatus:
-        """What the gateway has booked for a transaction (the Transaction Status lookup).
+        """What RatePAY has booked for a transaction (the Transaction Status API).
 
-        The tool to settle an ambiguous follow-up (``RatepayTransportError(sent=True)``)
-        instead of re-sending it.
+        The tool to settle an ambiguous booking (``RatepayTransportError(sent=True)``) instead
+        of re-sending it. Asks ``GET {status url}/{id}?include=all`` with an OAuth2
+        client-credentials token (cached; on a 401 renewed and asked once more). A 404 is an
+        answer (``status.report.found`` False), not an error; anything else unusable raises
+        ``RatepayTransportError``, a refused client ``StatusApiAuthError``.
         """
-        base = self.settings.status_api_url
-        if not base:
+        if not self.settings.status_lookup_configured:
             raise StatusLookupUnavailable(
-                "transaction status lookup needs RATEPAY_STATUS_API_URL to be configured"
+                "transaction status lookup needs RATEPAY_OAUTH_CLIENT_ID and "
+                "RATEPAY_OAUTH_CLIENT_SECRET (the Transaction Status API client RatePAY issues)"
             )
         if not isinstance(transaction_id, str) or not transaction_id.strip():
             raise RatepayValidationError("transaction_status needs a transaction id")
-        url = base + quote(transaction_id, safe="")
+        url = f"{self.settings.status_url}/{quote(transaction_id, safe='')}?include={INCLUDE}"
+        for attempt in (1, 2):
+            token = self._tokens.get()
+            http_status, body, exchange = self._status_get(url, token, transaction_id)
+            if http_status == 401 and attempt == 1:
+                self._tokens.drop(token)  # expired or revoked early: one fresh token, once
+                continue
+            break
+        if http_status == 401:
+            raise StatusApiAuthError(
+                f"{STATUS_LOOKUP}: HTTP 401 even with a fresh token; check "
+                "RATEPAY_OAUTH_AUDIENCE and the client's permissions at RatePAY"
+            )
+        if http_status == 404:
+            # A 404 carries no processing window: the last one RatePAY told us, else the setting.
+            offset = self._processing_offset
+            if offset is None:
+                offset = Decimal(str(self.settings.status_processing_offset_hours))
+            report = StatusReport(
+                transaction_id=transaction_id, found=False, processing_offset_hours=offset
+            )
+            return TransactionStatus(transaction_id, {}, exchange, report)
+        if http_status != 200 or body is None:
+            raise RatepayTransportError(
+                f"{STATUS_LOOKUP}: unexpected HTTP status {http_status}",
+                sent=True,
+                operation=STATUS_LOOKUP,
+                http_status=http_status,
+            )
+        report = read_status(transaction_id, body)
+        if report.processing_offset_hours is not None:
+            self._processing_offset = report.processing_offset_hours
+        return TransactionStatus(transaction_id, json.loads(body), exchange, report)
+
+    def _status_get(
+        self, url: str, token: str, transaction_id: str
+    ) -> tuple[int | None, bytes | None, Exchange]:
+        """One GET of the status API, recorded in the API log (token never recorded)."""
         started = time.monotonic()
         http_status: int | None = None
         body: bytes | None = None
         error: str | None = None
         try:
-            response = self.transport.get(url, timeout=self._timeout)
+            response = self.transport.get(
+                url,
+                timeout=self._timeout,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                },
+                operation=STATUS_LOOKUP,
+            )
             http_status, body = response.status, response.body
-            if response.status != 200:
-                raise RatepayTransportError(
-                    f"{STATUS_LOOKUP}: unexpected HTTP status {response.status}",
-                    sent=True,
-                    operation=STATUS_LOOKUP,
-                    http_status=response.status,
-                )
-            try:
-                data = json.loads(body)
-            except ValueError:
-                raise RatepayTransportError(
-                    f"{STATUS_LOOKUP}: answer is not JSON", sent=True, operation=STATUS_LOOKUP
-                ) from None
-            if not isinstance(data, dict):
-                raise RatepayTransportError(
-                    f"{STATUS_LOOKUP}: answer is not a JSON object",
-                    sent=True,
-                    operation=STATUS_LOOKUP,
-                )
+            if http_status not in (200, 401, 404):
+                error = f"{STATUS_LOOKUP}: unexpected HTTP status {http_status}"
         except RatepayTransportError as exc:
-            error = str(exc)
+            error = self._mask(str(exc))
             raise
         finally:
             exchange = Exchange(
@@ -283,8 +329,58 @@ class RatepayFacade:
                 error=error,
             )
             # An answered lookup is a successful call (the API log's --errors must not list it).
-            self._record(exchange, None, success=error is None)
-        return TransactionStatus(transaction_id=transaction_id, data=data, exchange=exchange)
+            self._record(exchange, None, success=error is None and http_status == 200)
+        return http_status, body, exchange
+
+    def _fetch_token(self) -> tuple[str, float]:
+        """POST the client credentials to the token URL (the body is never logged)."""
+        settings = self.settings
+        assert settings.oauth_client_id and settings.oauth_client_secret
+        body = token_request_body(
+            settings.oauth_client_id, settings.oauth_client_secret, settings.audience
+        )
+        started = time.monotonic()
+        http_status: int | None = None
+        answer: bytes | None = None
+        error: str | None = None
+        try:
+            response = self.transport.post_json(
+                settings.oauth_token_url, body, operation=OAUTH_OPERATION, timeout=self._timeout
+            )
+            http_status, answer = response.status, response.body
+            if http_status in (400, 401, 403):
+                error = (
+                    f"{OAUTH_OPERATION}: token refused (HTTP {http_status}); check "
+                    "RATEPAY_OAUTH_CLIENT_ID, RATEPAY_OAUTH_CLIENT_SECRET and "
+                    "RATEPAY_OAUTH_AUDIENCE"
+                )
+                raise StatusApiAuthError(error)
+            if http_status != 200:
+                error = f"{OAUTH_OPERATION}: unexpected HTTP status {http_status}"
+                raise RatepayTransportError(
+                    error, sent=True, operation=OAUTH_OPERATION, http_status=http_status
+                )
+            return read_token(answer)
+        except RatepayTransportError as exc:
+            error = self._mask(str(exc))
+            raise
+        finally:
+            self._record(
+                Exchange(
+                    operation=OAUTH_OPERATION,
+                    subtype=None,
+                    request_xml=(
+                        f"POST {settings.oauth_token_url} (client_id={settings.oauth_client_id}, "
+                        f"audience={settings.audience}, grant_type=client_credentials)"
+                    ),
+                    response_xml=self._mask(mask_token_answer(answer)),
+                    http_status=http_status,
+                    duration_ms=self._ms(started),
+                    error=error,
+                ),
+                None,
+                success=error is None,
+            )
 
     # --- one call ----------------------------------------------------------------------------
 
@@ -293,9 +389,13 @@ class RatepayFacade:
         return (self.settings.connect_timeout, self.settings.read_timeout)
 
     def _mask(self, document: bytes | str | None) -> str | None:
+        """``document`` as text without the security code, the client secret or the token."""
         if document is None:
             return None
-        return mask_secret(mask_security_code(document), self.settings.security_code)
+        text = mask_security_code(document)
+        for secret in (*self.settings.secrets(), self._tokens.current):
+            text = mask_secret(text, secret)
+        return text
 
     @staticmethod
     def _ms(started: float) -> int:
@@ -344,7 +444,7 @@ class RatepayFacade:
         except RatepayTransportError as exc:
             if exc.http_status is not None and http_status is None:
                 http_status = exc.http_status
-            message = mask_secret(str(exc), self.settings.security_code)
+            message = self._mask(str(exc)) or ""
             failed = exchange(message)
             self._record(failed, None)
             log.warning(

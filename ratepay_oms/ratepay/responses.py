@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from lxml import etree
 
-from ratepay_oms.ratepay.codes import SUCCESS_RESULT, Operation, Status
+from ratepay_oms.ratepay.codes import SUCCESS_RESULT, Operation, Status, usable_calculation
 from ratepay_oms.ratepay.errors import (
     MalformedXmlError,
     RatepayTransportError,
@@ -117,6 +117,9 @@ def parse_response(
             f"{op}: gateway answered OK without a result code", sent=True, operation=op
         )
     success = status_code == Status.OK and result_code == SUCCESS_RESULT[operation]
+    if operation == Operation.CALCULATION_REQUEST:
+        # 502 alone is not a plan: only 603 and the "adjusted" reasons are usable (§4.9).
+        success = status_code == Status.OK and usable_calculation(result_code, reason_code)
     content = r.find(root, "content")
     payment = r.find(content, "payment")
     payment_amount: Decimal | None = None

@@ -5,8 +5,14 @@ Environment variables are ``RATEPAY_<KEY>`` (``RATEPAY_PROFILE_ID``, …,
 written (``PROFILE_ID = "…"``). The environment wins over the file, so a deployment can keep the
 secret out of the file.
 
-The security code is held in a field that ``repr``/``str`` never show; nothing in this module
-formats it into a message.
+The Transaction Status API (reconciliation of lost answers) has its own credentials: an OAuth2
+client (``OAUTH_CLIENT_ID`` / ``OAUTH_CLIENT_SECRET``, issued by RatePAY separately from the
+profile id and security code), the token URL, the audience and the status URL. The last three
+default per ``MODE`` (reference ``ratepay-transaction-status-api.md``); without a client id and
+secret there is no status source and a lost answer waits for a person.
+
+The security code and the client secret are held in fields that ``repr``/``str`` never show;
+nothing in this module formats them into a message.
 """
 
 from __future__ import annotations
@@ -32,6 +38,15 @@ DEFAULT_TEST_URL = "https://gateway-int.ratepay.com/api/xml/1_0"
 DEFAULT_LIVE_URL = "https://gateway.ratepay.com/api/xml/1_0"
 MODES = ("test", "live")
 
+DEFAULT_OAUTH_TOKEN_URL = "https://oauth.ratepay.com/oauth/token"
+DEFAULT_STATUS_API_URLS = {
+    "test": "https://api-integration.ratepay.com/order/status/v2/transactions",
+    "live": "https://api.ratepay.com/order/status/v2/transactions",
+}
+"""The status API per MODE, without the transaction id; also the OAuth audience per MODE."""
+
+SECRET_FIELDS = ("security_code", "oauth_client_secret")
+
 REQUIRED_KEYS = ("PROFILE_ID", "SECURITY_CODE")
 KEYS = (
     "PROFILE_ID",
@@ -46,6 +61,11 @@ KEYS = (
     "API_TEST_URL",
     "API_LIVE_URL",
     "STATUS_API_URL",
+    "OAUTH_CLIENT_ID",
+    "OAUTH_CLIENT_SECRET",
+    "OAUTH_TOKEN_URL",
+    "OAUTH_AUDIENCE",
+    "STATUS_PROCESSING_OFFSET_HOURS",
     "CONNECT_TIMEOUT",
     "READ_TIMEOUT",
 )
@@ -74,6 +94,13 @@ class RatepaySettings:
     api_test_url: str = DEFAULT_TEST_URL
     api_live_url: str = DEFAULT_LIVE_URL
     status_api_url: str | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: str | None = field(default=None, repr=False)
+    oauth_token_url: str = DEFAULT_OAUTH_TOKEN_URL
+    oauth_audience: str | None = None
+    status_processing_offset_hours: float = 24.0
+    """How long a booking may take to show in the status API when an answer does not say it
+    (a 404 carries no ``maximum_processing_offset_in_hours``; [INF] default)."""
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
 
@@ -91,22 +118,33 @@ class RatepaySettings:
             ("API_TEST_URL", self.api_test_url),
             ("API_LIVE_URL", self.api_live_url),
             ("STATUS_API_URL", self.status_api_url),
+            ("OAUTH_TOKEN_URL", self.oauth_token_url),
         ):
             if url is not None and urlparse(url).scheme not in ("http", "https"):
-                raise RatepaySettingsError(f"RatePAY setting {key} is not an http(s) URL: {url!r}")
+                # The value is not echoed: a secret pasted into the wrong key would leak.
+                raise RatepaySettingsError(
+                    f"RatePAY setting {key} is not an http(s) URL (expected https://…)"
+                )
         for key, seconds in (
             ("CONNECT_TIMEOUT", self.connect_timeout),
             ("READ_TIMEOUT", self.read_timeout),
         ):
             if not seconds > 0:
                 raise RatepaySettingsError(f"RatePAY setting {key} must be > 0 seconds")
+        if bool(self.oauth_client_id) != bool(self.oauth_client_secret):
+            missing = "OAUTH_CLIENT_SECRET" if self.oauth_client_id else "OAUTH_CLIENT_ID"
+            raise RatepaySettingsError(
+                f"RatePAY setting {missing} is missing: the status API needs both "
+                f"OAUTH_CLIENT_ID and OAUTH_CLIENT_SECRET (set RATEPAY_{missing} or {missing} "
+                "in [ratepay]), or neither"
+            )
         if self.mode == "live" and self.api_live_url.startswith("http://"):
             log.warning("RatePAY live mode over plain http: %s", self.api_live_url)
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{f.name}={MASK!r}"
-            if f.name == "security_code"
+            if f.name in SECRET_FIELDS and getattr(self, f.name)
             else f"{f.name}={getattr(self, f.name)!r}"
             for f in fields(self)
         )
@@ -118,6 +156,25 @@ class RatepaySettings:
     def api_url(self) -> str:
         """The XML gateway URL for the configured MODE."""
         return self.api_live_url if self.mode == "live" else self.api_test_url
+
+    @property
+    def status_url(self) -> str:
+        """The Transaction Status API base (no trailing slash, no transaction id)."""
+        return (self.status_api_url or DEFAULT_STATUS_API_URLS[self.mode]).rstrip("/")
+
+    @property
+    def audience(self) -> str:
+        """The OAuth audience of the status API for the configured MODE."""
+        return self.oauth_audience or DEFAULT_STATUS_API_URLS[self.mode]
+
+    @property
+    def status_lookup_configured(self) -> bool:
+        """True when the status API can be asked (an OAuth client id and secret are set)."""
+        return bool(self.oauth_client_id and self.oauth_client_secret)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values of these settings, for masking texts that might echo them."""
+        return tuple(v for v in (self.security_code, self.oauth_client_secret) if v)
 
     # --- constructors --------------------------------------------------------------------
 
@@ -179,12 +236,27 @@ _FIELD_BY_KEY = {
     "API_TEST_URL": "api_test_url",
     "API_LIVE_URL": "api_live_url",
     "STATUS_API_URL": "status_api_url",
+    "OAUTH_CLIENT_ID": "oauth_client_id",
+    "OAUTH_CLIENT_SECRET": "oauth_client_secret",
+    "OAUTH_TOKEN_URL": "oauth_token_url",
+    "OAUTH_AUDIENCE": "oauth_audience",
+    "STATUS_PROCESSING_OFFSET_HOURS": "status_processing_offset_hours",
     "CONNECT_TIMEOUT": "connect_timeout",
     "READ_TIMEOUT": "read_timeout",
 }
 
 
 def _convert(key: str, value: Any) -> Any:
+    if key == "STATUS_PROCESSING_OFFSET_HOURS":
+        if isinstance(value, bool):
+            raise RatepaySettingsError(f"RatePAY setting {key} must be a number of hours")
+        try:
+            hours = float(value)
+        except (TypeError, ValueError):
+            raise RatepaySettingsError(f"RatePAY setting {key} must be a number of hours") from None
+        if not 0 <= hours < 24 * 365:
+            raise RatepaySettingsError(f"RatePAY setting {key} must be between 0 and 8760 hours")
+        return hours
     if key in ("CONNECT_TIMEOUT", "READ_TIMEOUT"):
         if isinstance(value, bool):
             raise RatepaySettingsError(f"RatePAY setting {key} must be a number of seconds")
@@ -199,7 +271,7 @@ def _convert(key: str, value: Any) -> Any:
         # Spryker's first config used MODE_TEST / MODE_LIVE; accept those spellings too.
         return mode.removeprefix("mode_")
     if not isinstance(value, str | int):
-        # Never echo the value: it might be the security code.
+        # Never echo the value: it might be the security code or the client secret.
         raise RatepaySettingsError(f"RatePAY setting {key} must be a string")
     return str(value).strip()
 

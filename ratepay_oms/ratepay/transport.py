@@ -1,6 +1,7 @@
 """HTTP transport behind the facade: a tiny protocol and a ``requests`` implementation.
 
-The facade only needs "POST these bytes, give me status and body" and "GET this URL". Keeping
+The facade only needs "POST these bytes, give me status and body", "POST this JSON" (the OAuth
+token of the Transaction Status API) and "GET this URL with these headers". Keeping
 that behind ``Transport`` lets a shop plug in its own HTTP stack (proxy, mTLS) without touching
 the protocol code.
 
@@ -28,6 +29,7 @@ from ratepay_oms.ratepay.errors import RatepayTransportError
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/xml; charset=UTF-8"
+JSON_CONTENT_TYPE = "application/json"
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,18 @@ class Transport(Protocol):
         self, url: str, body: bytes, *, operation: Operation, timeout: tuple[float, float]
     ) -> HttpResponse: ...
 
-    def get(self, url: str, *, timeout: tuple[float, float]) -> HttpResponse: ...
+    def post_json(
+        self, url: str, body: bytes, *, operation: str, timeout: tuple[float, float]
+    ) -> HttpResponse: ...
+
+    def get(
+        self,
+        url: str,
+        *,
+        timeout: tuple[float, float],
+        headers: dict[str, str] | None = None,
+        operation: str = "TRANSACTION_STATUS",
+    ) -> HttpResponse: ...
 
 
 def _refused_before_sending(exc: requests.ConnectionError) -> bool:
@@ -55,6 +68,10 @@ def _refused_before_sending(exc: requests.ConnectionError) -> bool:
     if isinstance(reason, MaxRetryError):
         reason = reason.reason
     return isinstance(reason, NewConnectionError)
+
+
+POOL_MAXSIZE = 32
+"""Kept-alive connections per host: at least the most calls a worker has in flight at once."""
 
 
 class RequestsTransport:
@@ -74,7 +91,8 @@ class RequestsTransport:
         verify: bool | str = True,
     ) -> None:
         self.session = session or requests.Session()
-        adapter = HTTPAdapter(max_retries=0)
+        # Enough kept-alive connections for a tick's concurrent calls (tick --concurrency).
+        adapter = HTTPAdapter(max_retries=0, pool_maxsize=POOL_MAXSIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.retries = retries
@@ -104,8 +122,29 @@ class RequestsTransport:
                 time.sleep(self.retry_delay_s * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def get(self, url: str, *, timeout: tuple[float, float]) -> HttpResponse:
-        return self._send("GET", url, None, "TRANSACTION_STATUS", timeout)
+    def post_json(
+        self, url: str, body: bytes, *, operation: str, timeout: tuple[float, float]
+    ) -> HttpResponse:
+        """POST a JSON body (books nothing: a refused connection is retried like INIT)."""
+        headers = {"Content-Type": JSON_CONTENT_TYPE, "Accept": JSON_CONTENT_TYPE}
+        for attempt in range(1, self.retries + 2):
+            try:
+                return self._send("POST", url, body, operation, timeout, headers)
+            except RatepayTransportError as exc:
+                if exc.sent or attempt == self.retries + 1:
+                    raise
+                time.sleep(self.retry_delay_s * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def get(
+        self,
+        url: str,
+        *,
+        timeout: tuple[float, float],
+        headers: dict[str, str] | None = None,
+        operation: str = "TRANSACTION_STATUS",
+    ) -> HttpResponse:
+        return self._send("GET", url, None, operation, timeout, headers)
 
     def _send(
         self,
@@ -114,10 +153,13 @@ class RequestsTransport:
         body: bytes | None,
         operation: str,
         timeout: tuple[float, float],
+        extra_headers: dict[str, str] | None = None,
     ) -> HttpResponse:
         headers = {"Accept": "text/xml, application/json"}
         if body is not None:
             headers["Content-Type"] = CONTENT_TYPE
+        if extra_headers:
+            headers.update(extra_headers)
         try:
             response = self.session.request(
                 method,

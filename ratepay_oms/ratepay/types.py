@@ -12,7 +12,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from ratepay_oms.ratepay.codes import RESULT_DECLINED, RESULT_PROCESSING_FAILED, Status
+from ratepay_oms.ratepay.codes import RESULT_PROCESSING_FAILED, Status, is_decline
+from ratepay_oms.ratepay.status_api import StatusReport
 from ratepay_oms.ratepay.xml import format_amount
 
 # --- inputs --------------------------------------------------------------------------------
@@ -31,6 +32,8 @@ class Address:
     first_name: str | None = None
     last_name: str | None = None
     company: str | None = None
+    delivery_type: str | None = None
+    """``@delivery-type`` of a DELIVERY address (``codes.DeliveryType``); ``None`` = ADDRESS."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class Customer:
     bank_account: BankAccount | None = None
     company_name: str | None = None
     vat_id: str | None = None
+    company_id: str | None = None
+    registry_location: str | None = None
+    company_type: str | None = None
+    homepage: str | None = None
     allow_credit_inquiry: bool = True
 
 
@@ -238,21 +245,24 @@ class RatepayResult:
 
     @property
     def declined(self) -> bool:
-        """Rejected by risk or contract: show ``customer_message``, offer another method."""
-        return self.result_code == RESULT_DECLINED
+        """Rejected by risk or contract (result 401, or 150 with reason 730 "buyer
+        identity"): show ``customer_message``, offer another method."""
+        return is_decline(self.result_code, self.reason_code)
 
     @property
     def failed(self) -> bool:
-        """Technical or validation failure (status not OK, or result 150)."""
-        return not self.success and (
+        """Technical or validation failure (status not OK, or result 150), not a decline."""
+        return not self.success and not self.declined and (
             self.status_code != Status.OK or self.result_code == RESULT_PROCESSING_FAILED
         )
 
 
 @dataclass(frozen=True)
 class TransactionStatus:
-    """What the status lookup reports as booked for a transaction (its JSON, as returned)."""
+    """What the Transaction Status API reports for a transaction: its JSON as returned
+    (``data``, empty for a 404) and the typed reading reconciliation works on (``report``)."""
 
     transaction_id: str
     data: dict[str, Any]
     exchange: Exchange
+    report: StatusReport

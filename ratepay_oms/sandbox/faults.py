@@ -22,6 +22,9 @@ Kinds and what the gateway then did with the booking:
 ``result_warning``         answer status OK with result 405 (warning) and the
                            operation's success reason, nothing booked
 ``drop``                   close the connection before processing (nothing booked)
+``reason_code``            process as usual, but answer with reason ``reason_code``
+                           (e.g. CALCULATION_REQUEST 502 with 650: a plan that is
+                           not usable); books what the request books
 =========================  ==========================================================
 
 The three status/result kinds test the client's evaluation of ``head/processing`` (reference
@@ -52,10 +55,11 @@ logger = logging.getLogger(__name__)
 ANSWER_FAULTS = frozenset({"status_fatal", "status_warning", "result_warning"})
 """Kinds that answer a status/result of their own instead of processing the request."""
 FAULT_KINDS = frozenset(
-    {"delay", "timeout_after_booking", "http_500", "malformed_xml", "result_code", "drop"}
+    {"delay", "timeout_after_booking", "http_500", "malformed_xml", "result_code", "drop",
+     "reason_code"}
     | ANSWER_FAULTS
 )
-BOOKING_FAULTS = frozenset({"delay", "timeout_after_booking", "malformed_xml"})
+BOOKING_FAULTS = frozenset({"delay", "timeout_after_booking", "malformed_xml", "reason_code"})
 """Kinds after which the request was processed (and booked) as usual."""
 
 

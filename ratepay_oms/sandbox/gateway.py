@@ -25,6 +25,7 @@ from ratepay_oms.sandbox import protocol
 from ratepay_oms.sandbox.faults import ANSWER_FAULTS, Fault, FaultSet
 from ratepay_oms.sandbox.installments import InstallmentConfig
 from ratepay_oms.sandbox.ledger import PositionLedger, Transaction
+from ratepay_oms.sandbox.status_api import HttpAnswer, OAuthConfig, OAuthServer, status_answer
 
 if TYPE_CHECKING:
     from ratepay_oms.sandbox.server import SandboxServer
@@ -57,6 +58,7 @@ class SandboxConfig:
       the billing address; any other: ERROR / 2001 / 150.
 
     ``decline_last_name`` and ``decline_over`` are the sandbox's *risk* rules (703 / 401),
+    ``identity_decline_last_name`` its buyer-identity decline (730 / 150),
     checked after the contract: ``decline_over`` below ``tx_limit_max`` declines baskets that
     the contract would allow. The defaults allow every example order, B2B for every method
     but INSTALLMENT and a deviating delivery address for every method.
@@ -65,6 +67,9 @@ class SandboxConfig:
     profile_id: str = "INTEGRATION_TE_DACH"
     security_code: str = field(default=DEMO_SECURITY_CODE, repr=False)
     decline_last_name: str = "Ablehnung"
+    identity_decline_last_name: str = "Unbekannt"
+    """Customers with this last name get RatePAY's 730 "Declined - Buyer identity" (result
+    150, with a customer message)."""
     decline_over: Decimal = Decimal("5000.00")
     max_body_bytes: int = 1_000_000
     seed: int | None = None  # ids, descriptors and fault probabilities become reproducible
@@ -78,6 +83,8 @@ class SandboxConfig:
     tx_limit_max_b2b: Decimal = Decimal("10000.00")
     b2b_methods: tuple[str, ...] = B2B_CAPABLE_METHODS
     delivery_address_methods: tuple[str, ...] = ALL_METHODS
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
+    """The Transaction Status API's OAuth client and answer timing (``status_api.py``)."""
 
     def __post_init__(self) -> None:
         for name in ("methods", "b2b_methods", "delivery_address_methods"):
@@ -128,6 +135,7 @@ class SandboxGateway:
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
         self.faults = FaultSet(self.config.seed)
+        self.oauth = OAuthServer(self.config.oauth)
         self._lock = threading.RLock()
         self.stopping = threading.Event()
         self._init_state()
@@ -147,11 +155,37 @@ class SandboxGateway:
             tx = self.transactions[transaction_id]
             return {k: PositionLedger(**vars(p)) for k, p in tx.positions.items()}
 
-    def status(self, transaction_id: str) -> dict[str, Any] | None:
-        """The Transaction Status equivalent (reference §10.2) as JSON-ready data."""
+    def snapshot(self, transaction_id: str) -> dict[str, Any] | None:
+        """The sandbox's own view of a transaction (``Transaction.as_dict``), or None."""
         with self._lock:
             tx = self.transactions.get(transaction_id)
             return tx.as_dict() if tx is not None else None
+
+    def status_request(
+        self,
+        transaction_id: str,
+        *,
+        authorization: str | None,
+        content_type: str | None,
+        accept: str | None,
+        include: str | None,
+    ) -> HttpAnswer:
+        """One Transaction Status API request (RatePAY's shape; ``status_api.py``)."""
+        now = datetime.now().replace(microsecond=0)
+        with self._lock:
+            return status_answer(
+                self.oauth,
+                self.transactions.get(transaction_id),
+                authorization=authorization,
+                content_type=content_type,
+                accept=accept,
+                include=include,
+                now=now,
+            )
+
+    def token_request(self, content_type: str | None, body: bytes) -> HttpAnswer:
+        """``POST /oauth/token`` (client credentials; ``status_api.py``)."""
+        return self.oauth.token(content_type, body)
 
     def reset(self) -> None:
         """Forget all transactions, exchanges and faults (the configuration stays)."""
@@ -246,6 +280,8 @@ class SandboxGateway:
                 bookings_before = self._booking_count()
                 answer, tx = protocol.process(self, head, now)
                 exchange.booked = self._booking_count() != bookings_before
+                if fault is not None and fault.kind == "reason_code" and fault.reason_code:
+                    answer = protocol.with_reason(answer, fault.reason_code)
             if tx is not None:
                 exchange.transaction_id = tx.transaction_id
             response = protocol.build_response(head, answer, tx, now)

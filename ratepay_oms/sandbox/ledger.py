@@ -103,6 +103,8 @@ class PositionLedger:
     discount: Decimal = ZERO
     kind: str = "item"
     name: str = ""
+    article_number: str = ""
+    unique_article_number: str = ""
 
     @property
     def open(self) -> int | Decimal:
@@ -138,7 +140,7 @@ class PositionLedger:
 
 @dataclass(frozen=True)
 class Booking:
-    """One accepted ledger change, as the status lookup reports it."""
+    """One accepted ledger change."""
 
     number: int
     operation: str
@@ -171,7 +173,10 @@ class Transaction:
     state: str = INITIALIZED
     order_id: str | None = None
     descriptor: str | None = None
-    amount: Decimal = ZERO  # authorised basket amount
+    amount: Decimal = ZERO  # authorised basket amount (after change-orders)
+    initial_amount: Decimal = ZERO  # the PAYMENT_REQUEST basket amount
+    merchant_consumer_id: str | None = None
+    requested_at: datetime | None = None  # when the PAYMENT_REQUEST was decided
     payment_method: str | None = None
     currency: str = "EUR"
     credited: Decimal = ZERO  # Σ of credit/debit bookings (negative = credit to the shopper)
@@ -189,6 +194,8 @@ class Transaction:
         return money(total + self.credited)
 
     def as_dict(self) -> dict[str, object]:
+        """The sandbox's own view of the transaction (``GET /sandbox/transactions/{id}``), for
+        audits from outside the process; RatePAY's status API is ``status_api.py``."""
         return {
             "transaction_id": self.transaction_id,
             "transaction_short_id": self.short_id,
@@ -213,6 +220,7 @@ def authorise(tx: Transaction, lines: list[BasketLine]) -> None:
     """Record the PAYMENT_REQUEST basket as the transaction's ordered positions."""
     tx.positions = {line.key: _new_position(line) for line in lines}
     tx.amount = basket_sum(lines)
+    tx.initial_amount = tx.amount
 
 
 def _new_position(line: BasketLine) -> PositionLedger:
@@ -227,6 +235,8 @@ def _new_position(line: BasketLine) -> PositionLedger:
             line.discount,
             "item",
             line.name,
+            line.article_number,
+            line.unique_article_number,
         )
     return PositionLedger(
         line.unit_price_gross,
@@ -415,6 +425,8 @@ def change_order(tx: Transaction, lines: list[BasketLine], now: datetime) -> Boo
                 pos.discount,
                 pos.kind,
                 line.name,
+                pos.article_number,
+                pos.unique_article_number,
             )
         plan[line.key] = units
     for key, pos in tx.positions.items():
@@ -429,6 +441,8 @@ def change_order(tx: Transaction, lines: list[BasketLine], now: datetime) -> Boo
                 pos.discount,
                 pos.kind,
                 pos.name,
+                pos.article_number,
+                pos.unique_article_number,
             )
             if pos.open:
                 plan[key] = 0 if pos.kind == "item" else ZERO

@@ -14,6 +14,7 @@ caller holds the gateway lock.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -50,6 +51,14 @@ DECLINE_MESSAGES = {
         "on automated data processing."
     ),
 }
+IDENTITY_MESSAGES = {
+    "de": (
+        "Leider konnten wir Ihre Identität nicht bestätigen. Bitte wählen Sie eine andere "
+        "Zahlart."
+    ),
+    "en": "Unfortunately we could not confirm your identity. Please choose another payment method.",
+}
+"""The customer message of reason 730 (declined: buyer identity, sent with result 150)."""
 ACCEPT_MESSAGES = {
     "de": "Die Prüfung war erfolgreich. Vielen Dank, dass Sie sich für Ratepay entschieden haben.",
     "en": "The verification was successful. Thank you for choosing Ratepay.",
@@ -218,6 +227,13 @@ def success(
         result_text=result_text or codes.result_text(result_code),
         customer_message=customer_message,
         content=content,
+    )
+
+
+def with_reason(answer: Answer, reason_code: int) -> Answer:
+    """``answer`` with another reason (the ``reason_code`` fault): all else as processed."""
+    return dataclasses.replace(
+        answer, reason_code=reason_code, reason_text=codes.reason_text(reason_code)
     )
 
 
@@ -470,7 +486,36 @@ def check_customer(content: etree._Element) -> etree._Element:
             raise Refusal(200, f"billing address {tag} must not be blank")
     if len(_text(billing, "zip-code") or "") > 10:
         raise Refusal(200, "zip-code must not be longer than 10 characters")
+    if billing.get("delivery-type", "ADDRESS") != "ADDRESS":
+        raise Refusal(200, "billing address must not be a pick-up location")
+    for address in addresses.iterfind(q("address")):
+        kind = address.get("delivery-type")
+        if kind is not None and kind not in _DELIVERY_TYPES:
+            raise Refusal(
+                200, f"cvc-enumeration-valid: Value '{kind}' is not facet-valid for delivery-type"
+            )
+    if not b2b:
+        for tag in _B2B_ONLY:
+            if c.find(q(tag)) is not None:
+                raise Refusal(200, f"{tag} is only allowed with company-name")
+    bank = c.find(q("bank-account"))
+    if bank is not None:
+        iban = "".join((_text(bank, "iban") or "").split()).upper()
+        if iban and not _iban_ok(iban):
+            raise Refusal(2110)
     return billing
+
+
+_DELIVERY_TYPES = frozenset({"ADDRESS", "IN_STORE_COLLECT", "PICK_UP_BOX", "PICK_UP_SHOP"})
+_B2B_ONLY = ("vat-id", "company-id", "registry-location", "company-type", "homepage")
+
+
+def _iban_ok(iban: str) -> bool:
+    """ISO 13616 check digits (the sandbox's own check, not the client's)."""
+    if not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]{11,30}", iban):
+        return False
+    digits = "".join(str(int(ch, 36)) for ch in iban[4:] + iban[:4])
+    return int(digits) % 97 == 1
 
 
 def check_payment(
@@ -663,6 +708,9 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
     method = payment.get("method") or ""
     tx.payment_method = method
     tx.currency = basket.currency
+    tx.requested_at = now
+    if head.external is not None:
+        tx.merchant_consumer_id = _text(head.external, "merchant-consumer-id")
     customer = content.find(q("customer"))
     refusal = contract_refusal(
         gw,
@@ -679,6 +727,12 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         else:
             tx.state = ledger.FAILED  # a 150: start over with a new PAYMENT_INIT
         raise refusal
+    last_name = (_text(customer, "last-name") or "").strip().lower()
+    if last_name == gw.config.identity_decline_last_name.lower():
+        tx.state = ledger.DECLINED
+        tx.amount = basket.amount
+        msg = IDENTITY_MESSAGES[_language(content, head)]
+        raise Refusal(730, status="ERROR", result=150, customer_message=msg)
     if _declined(gw, content, basket):
         tx.state = ledger.DECLINED
         tx.amount = basket.amount

@@ -3,9 +3,12 @@
 Routes:
 
 * ``POST /api/xml/1_0`` — the RatePAY XML endpoint (bodies over the cap: HTTP 413 unread);
-* ``GET /order/status/v2/transactions/{id}`` — the Transaction Status equivalent (JSON; 404
-  for an unknown id);
-* ``GET|POST|DELETE /sandbox/faults`` — list, add (one JSON object or a list), clear faults.
+* ``POST /oauth/token`` — OAuth2 client credentials for the status API;
+* ``GET /order/status/v2/transactions/{id}`` — RatePAY's Transaction Status API (bearer token,
+  JSON; see ``status_api.py``);
+* ``GET|POST|DELETE /sandbox/faults`` — list, add (one JSON object or a list), clear faults;
+* ``GET /sandbox/transactions/{id}`` — the sandbox's own ledger of a transaction (states,
+  positions, bookings; no credentials), for audits from outside the process. Not a RatePAY API.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ import threading
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from ratepay_oms.errors import OmsError
 from ratepay_oms.sandbox.faults import Fault
 from ratepay_oms.sandbox.gateway import SandboxGateway
+from ratepay_oms.sandbox.status_api import STATUS_PATH, TOKEN_PATH, HttpAnswer
 
 logger = logging.getLogger(__name__)
 
 XML_PATH = "/api/xml/1_0"
-STATUS_PATH = "/order/status/v2/transactions/"
 FAULTS_PATH = "/sandbox/faults"
+LEDGER_PATH = "/sandbox/transactions/"
 
 
 class _Server(ThreadingHTTPServer):
@@ -86,10 +91,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes ----------------------------------------------------------------------------
 
+    def _answer(self, answer: HttpAnswer) -> None:
+        self._send(answer.status, answer.body(), "application/json")
+
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == FAULTS_PATH:
             return self._post_faults()
+        if path == TOKEN_PATH:
+            token_body = self._read_body()
+            if token_body is None:
+                return None
+            return self._answer(
+                self.server.gateway.token_request(self.headers.get("Content-Type"), token_body)
+            )
         if path != XML_PATH:
             self.close_connection = True
             return self._send(404, b"not found", "text/plain")
@@ -105,16 +120,26 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(reply.http_status, reply.body, reply.content_type)
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         gw = self.server.gateway
-        if path.startswith(STATUS_PATH):
-            tx_id = path[len(STATUS_PATH) :]
-            data = gw.status(tx_id)
-            if data is None:
-                return self._json(404, {"error": "TRANSACTION_NOT_FOUND", "transaction_id": tx_id})
-            return self._json(200, data)
+        if path.startswith(STATUS_PATH + "/"):
+            include = parse_qs(query).get("include", [None])[0]
+            return self._answer(
+                gw.status_request(
+                    unquote(path[len(STATUS_PATH) + 1 :]),
+                    authorization=self.headers.get("Authorization"),
+                    content_type=self.headers.get("Content-Type"),
+                    accept=self.headers.get("Accept"),
+                    include=include,
+                )
+            )
         if path == FAULTS_PATH:
             return self._json(200, [f.as_dict() for f in gw.faults.list()])
+        if path.startswith(LEDGER_PATH):
+            snapshot = gw.snapshot(unquote(path[len(LEDGER_PATH) :]))
+            if snapshot is None:
+                return self._json(404, {"error": "unknown transaction"})
+            return self._json(200, snapshot)
         return self._send(404, b"not found", "text/plain")
 
     def do_DELETE(self) -> None:
@@ -165,7 +190,17 @@ class SandboxServer:
 
     @property
     def status_url(self) -> str:
+        """The status API base, without the transaction id (``RATEPAY_STATUS_API_URL``)."""
         return f"{self.base_url}{STATUS_PATH}"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.base_url}{TOKEN_PATH}"
+
+    @property
+    def ledger_url(self) -> str:
+        """``GET {ledger_url}{id}``: the sandbox's own view of a transaction (not RatePAY's)."""
+        return f"{self.base_url}{LEDGER_PATH}"
 
     @property
     def faults_url(self) -> str:

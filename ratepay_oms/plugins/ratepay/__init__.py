@@ -7,7 +7,9 @@ commands need a ``RatepayFacade`` in the engine's services under ``"ratepay"``;
 
 from __future__ import annotations
 
-from ratepay_oms.engine.plugins import PluginRegistry
+from typing import Any
+
+from ratepay_oms.engine.plugins import ExternalCommand, PluginRegistry
 from ratepay_oms.plugins.ratepay.commands import (
     CancelOrderCommand,
     ConfirmDeliveryCommand,
@@ -17,7 +19,7 @@ from ratepay_oms.plugins.ratepay.commands import (
 )
 from ratepay_oms.plugins.ratepay.conditions import CONDITIONS
 
-COMMANDS = {
+COMMANDS: dict[str, ExternalCommand[Any, Any]] = {
     "Ratepay/PaymentRequest": PaymentRequestCommand(),
     "Ratepay/ConfirmPayment": ConfirmPaymentCommand(),
     "Ratepay/ConfirmDelivery": ConfirmDeliveryCommand(),
@@ -28,7 +30,7 @@ COMMANDS = {
 
 def register(registry: PluginRegistry) -> None:
     for name, command in COMMANDS.items():
-        registry.register_command(name, command)
+        registry.register_external(name, command)
     for name, condition in CONDITIONS.items():
         registry.register_condition(name, condition)
 

@@ -1,27 +1,38 @@
 """The RatePAY OMS commands: by order, one booking call per group of items, exactly once.
 
 Every command here books something at RatePAY, so each is an engine ``ExternalCommand``:
-``prepare`` gathers the order data and decides the call (its JSON summary is committed as an
-intent before anything is sent), ``send`` makes the one booking call, ``apply`` records one
-outcome row per item (``payment_store.record_outcomes``) that the conditions read, and
-``reconcile`` asks the transaction status lookup what was booked when the answer was lost.
+``plan`` gathers the order data from the database and decides the call (its JSON summary is
+committed as an intent before anything is sent), ``send`` makes every network call of it
+(for the payment request also PAYMENT_INIT and, for installments, CALCULATION_REQUEST, which
+book nothing), ``apply`` records one outcome row per item (``payment_store.record_outcomes``)
+that the conditions read, and ``reconcile`` asks the transaction status lookup what was booked
+when the answer was lost.
 Kinds of failure are kept apart on purpose:
 
 - a *business* refusal (RatePAY answered, but not with success: decline, 150/2300, …) is
   recorded as a failed outcome, so the conditions route the items to ``… invalid`` (or
   ``payment request declined``), where a person decides (``retry``);
-- *no usable answer* (``RatepayTransportError``): when the request certainly never left
-  (``sent=False``) the engine retries with backoff; otherwise the intent stays open and is
-  reconciled — never re-sent blindly.
+- *no usable answer* (``RatepayTransportError``): when the booking request certainly never left
+  (``sent=False``, or a step before it failed) ``send`` raises ``CallNotSentError`` and the
+  engine retries with backoff; otherwise the intent stays open and is reconciled — never
+  re-sent blindly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ratepay_oms.engine.plugins import PreparedCall, Reconciled
+from ratepay_oms.engine.plugins import (
+    CallContext,
+    CallNotSentError,
+    ExternalCommand,
+    PreparedCall,
+    Reconciled,
+)
 from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import Address as OrderAddress
 from ratepay_oms.orders import CustomerInput, OrderInput, PositionInput
@@ -36,8 +47,10 @@ from ratepay_oms.persistence.payment import (
     RETURNED,
 )
 from ratepay_oms.plugins.ratepay import basket as baskets
+from ratepay_oms.plugins.ratepay import installments
 from ratepay_oms.plugins.ratepay import payment_store as store
 from ratepay_oms.plugins.ratepay import reconcile as recon
+from ratepay_oms.plugins.ratepay.installments import InstallmentQuote, InstallmentUnavailable
 from ratepay_oms.ratepay import (
     Address,
     BankAccount,
@@ -46,10 +59,18 @@ from ratepay_oms.ratepay import (
     BasketPosition,
     Customer,
     InstallmentDetails,
+    InstallmentPlan,
+    Operation,
     PaymentInfo,
     RatepayFacade,
     RatepayResult,
+    RatepayTransportError,
 )
+from ratepay_oms.ratepay.codes import MAX_PAYMENT_ATTEMPTS, PAYMENT_ATTEMPT_WINDOW_HOURS
+
+PayloadT = TypeVar("PayloadT")
+R = TypeVar("R")
+AnswerT = TypeVar("AnswerT")
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.plugins import CommandContext
@@ -66,14 +87,15 @@ class RatepayNotConfiguredError(OmsError):
     """The engine was built without a RatePAY facade (``services={"ratepay": facade}``)."""
 
 
-def facade_of(ctx: CommandContext) -> RatepayFacade:
-    facade = ctx.services.get(SERVICE_NAME)
-    if facade is None:
+def facade_in(services: Any) -> RatepayFacade:
+    """The engine's RatePAY facade (``services["ratepay"]``), or a clear error."""
+    facade = services.get(SERVICE_NAME)
+    if not isinstance(facade, RatepayFacade):
         raise RatepayNotConfiguredError(
             "no RatePAY facade configured: set the RATEPAY_* settings (see docs) or pass "
             "services={'ratepay': RatepayFacade(...)} to the Engine"
         )
-    return facade  # type: ignore[no-any-return]
+    return facade
 
 
 # --- mapping our order onto the facade's types ----------------------------------------------
@@ -90,6 +112,7 @@ def _address(a: OrderAddress) -> Address:
         first_name=a.first_name,
         last_name=a.last_name,
         company=a.company,
+        delivery_type=a.delivery_type,
     )
 
 
@@ -110,6 +133,10 @@ def to_customer(c: CustomerInput) -> Customer:
         bank_account=BankAccount(bank.owner, bank.iban, bank.bic, bank.bank_name) if bank else None,
         company_name=c.company_name,
         vat_id=c.vat_id,
+        company_id=c.company_id,
+        registry_location=c.registry_location,
+        company_type=c.company_type,
+        homepage=c.homepage,
     )
 
 
@@ -143,44 +170,28 @@ def to_basket(plan: baskets.BasketPlan) -> Basket:
 # --- commands ---------------------------------------------------------------------------------
 
 
-def _facade(services: dict[str, Any]) -> RatepayFacade:
-    facade = services.get(SERVICE_NAME)
-    if facade is None:
-        raise RatepayNotConfiguredError("no RatePAY facade configured")
-    return facade  # type: ignore[no-any-return]
+def _booking(call: Callable[[], R]) -> R:
+    """Run the booking request ``call()``; a request that certainly never left becomes
+    ``CallNotSentError`` (safe to retry), anything else propagates (reconcile)."""
+    try:
+        return call()
+    except RatepayTransportError as exc:
+        if not exc.sent:
+            raise CallNotSentError(str(exc)) from exc
+        raise
 
 
-class _External:
+class _External(ExternalCommand[PayloadT, AnswerT]):
     """Shared plumbing of the RatePAY external commands."""
 
-    by_order = True
-    external = True
     action: str
 
-    def prepare(
-        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall | None:
-        raise NotImplementedError
-
-    def send(self, services: dict[str, Any], call: PreparedCall) -> RatepayResult:
-        raise NotImplementedError
-
-    def apply(
-        self,
-        ctx: CommandContext,
-        order: Order,
-        items: Sequence[OrderItem],
-        summary: dict[str, Any],
-        answer: RatepayResult | Reconciled,
-    ) -> None:
-        raise NotImplementedError
-
-    def reconcile(self, services: dict[str, Any], summary: dict[str, Any]) -> Reconciled | None:
-        facade = services.get(SERVICE_NAME)
-        if facade is None or not facade.settings.status_api_url:
+    def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
+        facade = io.services.get(SERVICE_NAME)
+        if not isinstance(facade, RatepayFacade) or not facade.settings.status_lookup_configured:
             return None  # nobody to ask: a person decides
         status = facade.transaction_status(summary["transaction_id"])
-        return recon.verdict(summary, status.data)
+        return recon.verdict(summary, status.report).reconciled()
 
     def _record_reconciled(
         self,
@@ -209,63 +220,138 @@ class _External:
         )
 
 
-class PaymentRequestCommand(_External):
+@dataclass(frozen=True)
+class PaymentPayload:
+    """What the payment request sends, read from the order in ``plan``."""
+
+    data: OrderInput
+    customer: Customer
+    basket: Basket
+
+
+@dataclass(frozen=True)
+class PaymentAnswer:
+    """The answers of one payment request: ``refused`` is the step before PAYMENT_REQUEST that
+    was refused (then ``request`` is ``None``); ``plan`` the instalment plan calculated."""
+
+    request: RatepayResult | None
+    refused: RatepayResult | None = None
+    init: RatepayResult | None = None
+    plan: InstallmentPlan | None = None
+
+
+class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
     """PAYMENT_INIT + PAYMENT_REQUEST (INSTALLMENT: CALCULATION_REQUEST first).
 
     Always starts with a fresh PAYMENT_INIT, as RatePAY asks after a failed request, so the
     manual ``retry payment request`` is a clean new attempt. INIT and CALCULATION book
-    nothing, so they run in ``prepare``; the intent covers the PAYMENT_REQUEST.
+    nothing but are network calls, so they happen in ``send`` like the request; the
+    transaction id INIT returns is remembered on the intent before PAYMENT_REQUEST leaves, so
+    a lost answer can be reconciled (and an intent without one was certainly never sent).
     """
 
     action = PAYMENT_REQUEST
 
-    def prepare(
+    def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall | None:
-        facade = facade_of(ctx)
-        data = store.order_input(order)
-        payment = store.ensure_payment(ctx.session, order, data.payment.method, ctx.now)
-        basket = to_basket(baskets.full_basket(data, store.units(order.items)))
-
-        details: InstallmentDetails | None = None
-        if data.payment.method == "INSTALLMENT":
-            details = self._calculate(ctx, facade, data, basket, order, items, payment)
-            if details is None:
-                return None
-        init = facade.init_payment(order_ref=order.order_ref)
-        if not init.success or not init.transaction_id:
-            self._refused(ctx, order, items, payment, init)
+    ) -> PreparedCall[PaymentPayload] | None:
+        facade_in(ctx.services)
+        refusal = self._attempts_refusal(ctx, order)
+        if refusal is not None:
+            store.record_outcomes(
+                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
+                operation=Operation.PAYMENT_REQUEST.value, message=refusal,
+            )
             return None
-        payment.transaction_id = init.transaction_id
-        payment.transaction_short_id = init.transaction_short_id
-        payment.updated_at = ctx.now
-        info = PaymentInfo(
-            method=data.payment.method,
-            installment=details,
-            debit_pay_type=data.payment.installment.debit_pay_type
-            if data.payment.installment
-            else None,
-        )
+        data = store.order_input(order)
+        store.ensure_payment(ctx.session, order, data.payment.method, ctx.now)
+        basket = to_basket(baskets.full_basket(data, store.units(order.items)))
         summary = {
             "describe": f"PAYMENT_REQUEST of order {order.order_ref}",
             "operation": "PAYMENT_REQUEST",
-            "transaction_id": init.transaction_id,
             "method": data.payment.method,
             "amount": str(basket.amount),
+            "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
-        payload = (init.transaction_id, to_customer(data.customer), basket, info, data)
-        return PreparedCall(summary, payload)
+        return PreparedCall(summary, PaymentPayload(data, to_customer(data.customer), basket))
 
-    def send(self, services: dict[str, Any], call: PreparedCall) -> RatepayResult:
-        tx_id, customer, basket, info, data = call.payload
-        return _facade(services).request_payment(
-            tx_id,
-            customer,
-            basket,
-            info,
-            order_id=data.order_ref,
-            merchant_consumer_id=data.customer.customer_ref,
-            device_token=data.device_token,
+    @staticmethod
+    def _attempts_refusal(ctx: CommandContext, order: Order) -> str | None:
+        """Why a new attempt may not go out now (RatePAY: at most 3 per order in 24 hours)."""
+        window = timedelta(hours=PAYMENT_ATTEMPT_WINDOW_HOURS)
+        sent = store.payment_attempts(ctx.session, order.id, ctx.now - window)
+        if len(sent) < MAX_PAYMENT_ATTEMPTS:
+            return None
+        next_at = sent[-MAX_PAYMENT_ATTEMPTS] + window
+        return (
+            f"not sent: RatePAY allows {MAX_PAYMENT_ATTEMPTS} payment attempts per order within "
+            f"{PAYMENT_ATTEMPT_WINDOW_HOURS} hours and this order had {len(sent)}; retry after "
+            f"{next_at:%Y-%m-%d %H:%M} UTC (event 'retry payment request'), or offer another "
+            "payment method"
+        )
+
+    def send(self, call: PreparedCall[PaymentPayload], io: CallContext) -> PaymentAnswer:
+        data, basket = call.payload.data, call.payload.basket
+        try:
+            facade = facade_in(io.services)
+            plan: InstallmentPlan | None = None
+            if data.payment.method == "INSTALLMENT":
+                try:
+                    plan = self._calculate(facade, data, basket).plan
+                except InstallmentUnavailable as unavailable:
+                    if unavailable.result is None:
+                        raise
+                    return PaymentAnswer(None, refused=unavailable.result)
+            init = facade.init_payment(order_ref=data.order_ref)  # filed under the order
+            if not init.success or not init.transaction_id:
+                return PaymentAnswer(None, refused=init, plan=plan)
+            facts: dict[str, Any] = {
+                "transaction_id": init.transaction_id,
+                "planned_at": recon.planned_now(),  # the request leaves right after this
+            }
+            if init.transaction_short_id:
+                facts["transaction_short_id"] = init.transaction_short_id
+            if plan is not None:
+                facts["installment_plan"] = store.plan_json(plan)
+            io.remember(facts)
+        except CallNotSentError:
+            raise
+        except Exception as exc:  # nothing was booked before PAYMENT_REQUEST
+            raise CallNotSentError(f"before PAYMENT_REQUEST: {type(exc).__name__}: {exc}") from exc
+        choice = data.payment.installment
+        info = PaymentInfo(
+            method=data.payment.method,
+            installment=InstallmentDetails.from_plan(plan) if plan is not None else None,
+            debit_pay_type=choice.debit_pay_type if choice else None,
+        )
+        tx_id = init.transaction_id
+        result = _booking(
+            lambda: facade.request_payment(
+                tx_id,
+                call.payload.customer,
+                basket,
+                info,
+                order_id=data.order_ref,
+                merchant_consumer_id=data.customer.customer_ref,
+                device_token=data.device_token,
+            )
+        )
+        return PaymentAnswer(result, init=init, plan=plan)
+
+    @staticmethod
+    def _calculate(facade: RatepayFacade, data: OrderInput, basket: Basket) -> InstallmentQuote:
+        """The plan through the checkout calculator's own function, so it is the one shown."""
+        choice = data.payment.installment
+        assert choice is not None  # the order input requires it for INSTALLMENT
+        if choice.calculation_type == "calculation-by-rate":
+            return installments.quote(
+                facade, basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday,
+                order_ref=data.order_ref,
+            )
+        return installments.quote(
+            facade, basket.amount, months=int(choice.value),
+            payment_firstday=choice.payment_firstday, order_ref=data.order_ref,
         )
 
     def apply(
@@ -274,14 +360,20 @@ class PaymentRequestCommand(_External):
         order: Order,
         items: Sequence[OrderItem],
         summary: dict[str, Any],
-        answer: RatepayResult | Reconciled,
+        answer: PaymentAnswer | Reconciled,
     ) -> None:
         payment = store.get_payment(ctx.session, order.id)
-        assert payment is not None  # written by prepare
+        assert payment is not None  # written by plan
         payment.updated_at = ctx.now
         if isinstance(answer, Reconciled):
             found = answer.answer if isinstance(answer.answer, dict) else {}
             accepted = found.get("accepted", True)
+            payment.transaction_id = summary.get("transaction_id") or payment.transaction_id
+            payment.transaction_short_id = (
+                summary.get("transaction_short_id") or payment.transaction_short_id
+            )
+            if summary.get("installment_plan"):
+                payment.installment_plan = summary["installment_plan"]
             payment.descriptor = found.get("descriptor") or payment.descriptor
             payment.result_code = "402" if accepted else "401"
             self._record_reconciled(
@@ -289,43 +381,31 @@ class PaymentRequestCommand(_External):
                 result_code=payment.result_code,
             )
             return
-        payment.transaction_id = answer.transaction_id or summary["transaction_id"]
+        if answer.plan is not None:
+            payment.installment_plan = store.plan_json(answer.plan)
+        if answer.init is not None and answer.init.transaction_id:
+            payment.transaction_id = answer.init.transaction_id
+            payment.transaction_short_id = answer.init.transaction_short_id
+        result = answer.request
+        if result is None:
+            assert answer.refused is not None
+            self._refused(ctx, order, items, payment, answer.refused)
+            return
+        payment.transaction_id = result.transaction_id or payment.transaction_id
         payment.transaction_short_id = (
-            answer.transaction_short_id or payment.transaction_short_id
+            result.transaction_short_id or payment.transaction_short_id
         )
-        payment.descriptor = answer.descriptor
-        payment.result_code = None if answer.result_code is None else str(answer.result_code)
-        payment.reason_code = None if answer.reason_code is None else str(answer.reason_code)
-        payment.customer_message = answer.customer_message
-        store.record_outcomes(ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=answer)
+        payment.descriptor = result.descriptor
+        payment.result_code = None if result.result_code is None else str(result.result_code)
+        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
+        payment.customer_message = result.customer_message
+        store.record_outcomes(ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result)
 
-    def _calculate(
-        self,
-        ctx: CommandContext,
-        facade: RatepayFacade,
-        data: OrderInput,
-        basket: Basket,
-        order: Order,
-        items: Sequence[OrderItem],
-        payment: RatepayPayment,
-    ) -> InstallmentDetails | None:
-        choice = data.payment.installment
-        assert choice is not None  # the order input requires it for INSTALLMENT
-        if choice.calculation_type == "calculation-by-rate":
-            calc = facade.installment_calculation(
-                basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday,
-                order_ref=order.order_ref,
-            )
-        else:
-            calc = facade.installment_calculation(
-                basket.amount, months=int(choice.value), payment_firstday=choice.payment_firstday,
-                order_ref=order.order_ref,
-            )
-        if not calc.success or calc.installment_plan is None:
-            self._refused(ctx, order, items, payment, calc)
-            return None
-        payment.installment_plan = store.plan_json(calc.installment_plan)
-        return InstallmentDetails.from_plan(calc.installment_plan)
+    def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
+        if not summary.get("transaction_id"):
+            # The id is remembered before PAYMENT_REQUEST leaves: without it, it never did.
+            return Reconciled(False, detail="no transaction was initialised; not sent")
+        return super().reconcile(summary, io)
 
     @staticmethod
     def _refused(
@@ -365,15 +445,15 @@ def _transaction(
     return payment
 
 
-class ConfirmPaymentCommand(_External):
+class ConfirmPaymentCommand(_External[None, RatepayResult]):
     """PAYMENT_CONFIRM with the order reference."""
 
     action = PAYMENT_CONFIRM
 
-    def prepare(
+    def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall | None:
-        facade_of(ctx)
+    ) -> PreparedCall[None] | None:
+        facade_in(ctx.services)
         payment = _transaction(ctx, order, items, PAYMENT_CONFIRM, "PAYMENT_CONFIRM")
         if payment is None:
             return None
@@ -382,12 +462,16 @@ class ConfirmPaymentCommand(_External):
             "operation": "PAYMENT_CONFIRM",
             "transaction_id": payment.transaction_id,
             "order_ref": order.order_ref,
+            "planned_at": recon.planned_now(),
         }
-        return PreparedCall(summary)
+        return PreparedCall(summary, None)
 
-    def send(self, services: dict[str, Any], call: PreparedCall) -> RatepayResult:
-        return _facade(services).confirm_payment(
-            call.summary["transaction_id"], call.summary["order_ref"]
+    def send(self, call: PreparedCall[None], io: CallContext) -> RatepayResult:
+        facade = facade_in(io.services)
+        return _booking(
+            lambda: facade.confirm_payment(
+                call.summary["transaction_id"], call.summary["order_ref"]
+            )
         )
 
     def apply(
@@ -404,7 +488,7 @@ class ConfirmPaymentCommand(_External):
         store.record_outcomes(ctx.session, order, items, PAYMENT_CONFIRM, ctx.now, result=answer)
 
 
-class _BookingCommand(_External):
+class _BookingCommand(_External[Basket, RatepayResult]):
     """A follow-up that books positions (delivery, cancellation, return)."""
 
     operation: str
@@ -413,7 +497,7 @@ class _BookingCommand(_External):
     field: str
     """The gateway ledger column this booking raises: delivered, cancelled or returned."""
 
-    def plan(
+    def basket_plan(
         self, data: OrderInput, ledger: baskets.OrderLedger, units: list[baskets.Unit]
     ) -> baskets.BasketPlan:
         raise NotImplementedError
@@ -423,16 +507,16 @@ class _BookingCommand(_External):
     ) -> RatepayResult:
         raise NotImplementedError
 
-    def prepare(
+    def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall | None:
-        facade_of(ctx)
+    ) -> PreparedCall[Basket] | None:
+        facade_in(ctx.services)
         payment = _transaction(ctx, order, items, self.action, self.operation)
         if payment is None:
             return None
         data = store.order_input(order)
         ledger = store.load_ledger(ctx.session, order)
-        plan = self.plan(data, ledger, store.units(items))
+        plan = self.basket_plan(data, ledger, store.units(items))
         everything = baskets.full_basket(data, store.units(order.items))
         summary = recon.booking_summary(
             operation=self.operation,
@@ -446,12 +530,15 @@ class _BookingCommand(_External):
         )
         return PreparedCall(summary, to_basket(plan))
 
-    def send(self, services: dict[str, Any], call: PreparedCall) -> RatepayResult:
-        return self.call(
-            _facade(services),
-            call.summary["transaction_id"],
-            call.payload,
-            call.summary["order_ref"],
+    def send(self, call: PreparedCall[Basket], io: CallContext) -> RatepayResult:
+        facade = facade_in(io.services)
+        return _booking(
+            lambda: self.call(
+                facade,
+                call.summary["transaction_id"],
+                call.payload,
+                call.summary["order_ref"],
+            )
         )
 
     def apply(
@@ -485,10 +572,14 @@ class ConfirmDeliveryCommand(_BookingCommand):
     settles_as = DELIVERED
     field = "delivered"
 
-    def plan(self, data, ledger, units):  # type: ignore[no-untyped-def]
+    def basket_plan(
+        self, data: OrderInput, ledger: baskets.OrderLedger, units: list[baskets.Unit]
+    ) -> baskets.BasketPlan:
         return baskets.delivery_basket(data, ledger, units)
 
-    def call(self, facade, transaction_id, basket, order_ref):  # type: ignore[no-untyped-def]
+    def call(
+        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+    ) -> RatepayResult:
         return facade.confirm_delivery(transaction_id, basket, order_id=order_ref)
 
 
@@ -501,10 +592,14 @@ class CancelOrderCommand(_BookingCommand):
     settles_as = CANCELLED
     field = "cancelled"
 
-    def plan(self, data, ledger, units):  # type: ignore[no-untyped-def]
+    def basket_plan(
+        self, data: OrderInput, ledger: baskets.OrderLedger, units: list[baskets.Unit]
+    ) -> baskets.BasketPlan:
         return baskets.cancellation_basket(data, ledger, units)
 
-    def call(self, facade, transaction_id, basket, order_ref):  # type: ignore[no-untyped-def]
+    def call(
+        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+    ) -> RatepayResult:
         return facade.cancel(transaction_id, basket, order_id=order_ref)
 
 
@@ -517,8 +612,12 @@ class RefundCommand(_BookingCommand):
     settles_as = RETURNED
     field = "returned"
 
-    def plan(self, data, ledger, units):  # type: ignore[no-untyped-def]
+    def basket_plan(
+        self, data: OrderInput, ledger: baskets.OrderLedger, units: list[baskets.Unit]
+    ) -> baskets.BasketPlan:
         return baskets.return_basket(data, ledger, units)
 
-    def call(self, facade, transaction_id, basket, order_ref):  # type: ignore[no-untyped-def]
+    def call(
+        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+    ) -> RatepayResult:
         return facade.refund(transaction_id, basket, order_id=order_ref)

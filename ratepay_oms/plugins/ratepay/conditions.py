@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ratepay_oms.engine.plugins import Condition
 from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
@@ -18,7 +19,7 @@ from ratepay_oms.persistence.payment import (
     RETURN,
 )
 from ratepay_oms.plugins.ratepay.payment_store import latest_outcome
-from ratepay_oms.ratepay.codes import RESULT_DECLINED
+from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.plugins import CommandContext
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class OutcomeSucceeded:
+class OutcomeSucceeded(Condition):
     """True when the item's newest outcome of ``action`` is a success."""
 
     action: str
@@ -37,21 +38,25 @@ class OutcomeSucceeded:
 
 
 @dataclass(frozen=True)
-class PaymentRequestDeclined:
-    """True when RatePAY declined the item's newest payment request (result 401): a risk
-    decision, not a technical failure, so retrying is pointless; the shopper needs another
-    method (``payment.customer_message`` says so)."""
+class PaymentRequestDeclined(Condition):
+    """True when RatePAY declined the item's newest payment request (result 401, or 150 with
+    reason 730 "buyer identity"): a risk decision, not a technical failure, so retrying is
+    pointless; the shopper needs another method (``payment.customer_message`` says so)."""
 
     def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
         outcome = latest_outcome(ctx.session, item.id, PAYMENT_REQUEST)
         return (
             outcome is not None
             and not outcome.success
-            and outcome.result_code == str(RESULT_DECLINED)
+            and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
 
 
-CONDITIONS: dict[str, OutcomeSucceeded | PaymentRequestDeclined] = {
+def _code(text: str | None) -> int | None:
+    return int(text) if text is not None and text.isdigit() else None
+
+
+CONDITIONS: dict[str, Condition] = {
     "Ratepay/IsPaymentRequestSuccess": OutcomeSucceeded(PAYMENT_REQUEST),
     "Ratepay/IsPaymentRequestDeclined": PaymentRequestDeclined(),
     "Ratepay/IsPaymentConfirmed": OutcomeSucceeded(PAYMENT_CONFIRM),

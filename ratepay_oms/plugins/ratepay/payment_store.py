@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.orders import OrderInput, parse_order
@@ -24,12 +24,15 @@ from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
     OPEN,
+    PAYMENT_REQUEST,
     RETURN,
     RatepayItemOutcome,
     RatepayPayment,
 )
 from ratepay_oms.plugins.ratepay.basket import OrderLedger, Unit
-from ratepay_oms.ratepay import InstallmentPlan, RatepayResult
+from ratepay_oms.ratepay import InstallmentPlan, Operation, RatepayResult
+
+PAYMENT_REQUEST_OPERATION = Operation.PAYMENT_REQUEST.value
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,23 @@ def record_outcomes(
     ]
     session.add_all([RatepayItemOutcome(**row) for row in rows])
     session.flush()
+
+
+def payment_attempts(session: Session, order_id: int, since: datetime) -> list[datetime]:
+    """When this order's PAYMENT_REQUESTs went out since ``since``: one per transaction (a
+    request refused before it was sent, e.g. a failed PAYMENT_INIT, has none and counts not)."""
+    rows = session.execute(
+        select(RatepayItemOutcome.transaction_id, func.min(RatepayItemOutcome.created_at))
+        .where(
+            RatepayItemOutcome.order_id == order_id,
+            RatepayItemOutcome.action == PAYMENT_REQUEST,
+            RatepayItemOutcome.operation == PAYMENT_REQUEST_OPERATION,
+            RatepayItemOutcome.transaction_id.is_not(None),
+            RatepayItemOutcome.created_at >= since,
+        )
+        .group_by(RatepayItemOutcome.transaction_id)
+    ).all()
+    return sorted(when for _, when in rows)
 
 
 def latest_outcome(session: Session, item_id: int, action: str) -> RatepayItemOutcome | None:

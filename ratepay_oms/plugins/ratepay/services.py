@@ -1,29 +1,23 @@
 """Build the ``services`` the RatePAY commands need: ``{"ratepay": RatepayFacade}``.
 
-The facade's API log goes to the engine's own database, but not from inside the command: the
-engine runs a command inside its state-change transaction, and on SQLite that transaction holds
-the single write lock, so a log row written from a second connection would wait for it (up to
-the busy timeout) and the command would stall. ``BackgroundApiLogSink`` hands records to one
-writer thread that writes each in its own short transaction as soon as the lock is free — after
-the engine commits or rolls back — so the log row survives a rolled-back command (that is when
-it is needed most) and never blocks one.
+The facade's API log goes to the engine's own database, one row per call in a short
+transaction of its own (``SqlApiLogSink``): the engine makes every gateway call outside any
+transaction (see ``ratepay_oms.engine.drive``), so the row is written at once, never waits for
+the engine's write lock, and survives whatever the engine does with the answer.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import queue
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
+from ratepay_oms.plugins.ratepay.installments import SERVICE_NAME as INSTALLMENTS
+from ratepay_oms.plugins.ratepay.installments import InstallmentCalculator
 from ratepay_oms.ratepay import (
-    ApiCallRecord,
-    ApiLogSink,
     RatepayFacade,
     RatepaySettings,
     SqlApiLogSink,
@@ -31,53 +25,12 @@ from ratepay_oms.ratepay import (
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
-
-
-class BackgroundApiLogSink:
-    """Queues API-log records and writes them through ``inner`` on one daemon thread.
-
-    ``flush()`` waits until everything queued so far is written (the demo and tests call it
-    before reading the log); ``close()`` flushes and stops the thread (also run at exit).
-    """
-
-    def __init__(self, inner: ApiLogSink) -> None:
-        self.inner = inner
-        self._queue: queue.Queue[object] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="ratepay-api-log", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
-
-    def record(self, call: ApiCallRecord) -> None:
-        self._queue.put(call)
-
-    def _work(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                self.inner.record(item)  # type: ignore[arg-type]
-            except Exception:  # the inner sinks log their own failures; never die here
-                log.exception("API log writer failed")
-            finally:
-                self._queue.task_done()
-
-    def flush(self) -> None:
-        if self._thread.is_alive():
-            self._queue.join()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join(timeout=10)
-
 
 def build_facade(
     settings: RatepaySettings, session_factory: Callable[[], Session] | None = None
 ) -> RatepayFacade:
     """A facade on ``settings`` whose API log goes to the database of ``session_factory``."""
-    sink = BackgroundApiLogSink(SqlApiLogSink(session_factory)) if session_factory else None
+    sink = SqlApiLogSink(session_factory) if session_factory else None
     return RatepayFacade(settings, api_log=sink)
 
 
@@ -87,10 +40,16 @@ def ratepay_services(
     environ: Mapping[str, str] | None = None,
     toml_path: str | None = None,
 ) -> dict[str, Any]:
-    """``{"ratepay": facade}`` from ``RATEPAY_<KEY>`` variables (and an optional TOML file),
-    for ``Engine(services=...)``. Raises ``RatepaySettingsError`` naming a missing key."""
+    """``{"ratepay": facade, "installments": calculator}`` from ``RATEPAY_<KEY>`` variables
+    (and an optional TOML file), for ``Engine(services=...)``. Raises ``RatepaySettingsError``
+    naming a missing key."""
     settings = RatepaySettings.from_env(environ, toml_path)
-    return {SERVICE_NAME: build_facade(settings, session_factory)}
+    return facade_services(build_facade(settings, session_factory))
+
+
+def facade_services(facade: RatepayFacade) -> dict[str, Any]:
+    """The services the RatePAY plugin offers around one facade."""
+    return {SERVICE_NAME: facade, INSTALLMENTS: InstallmentCalculator(facade)}
 
 
 def ratepay_services_if_configured(

@@ -1,0 +1,287 @@
+"""Scale: how tick workers and gateway concurrency turn into orders per second.
+
+Not a test: it prints one table, measured in the same run, and asserts nothing. For every
+configuration it
+
+1. creates a throw-away PostgreSQL database (``--admin-url``) and migrates it;
+2. starts W ``ratepay-oms tick --loop`` workers (``--concurrency K`` when K > 1), waits until
+   each has finished an idle tick, and stops them with SIGSTOP;
+3. places ``--orders`` invoice orders with ``fire=False`` (so the workers do all the work);
+4. lets the workers go (SIGCONT) and times until every item is at rest (no on-enter or
+   event-less work left, no open intent, no retry), polling the database;
+
+against one sandbox gateway process (``ratepay-oms sandbox serve``) that answers every XML call
+after ``--delay-ms`` (a ``delay`` fault on every operation). The baseline is one serial worker
+(W=1, K=1), the strongest configuration the engine had before ``--concurrency``; the table gives
+orders/s and the speed-up over it for W = 1, 2, 4, 8 workers at concurrency 1 and for one
+worker at K = 1, 4, 16.
+
+Last, the engine's CPU per order: one worker, no gateway delay, ``--cpu-orders`` orders from
+``new`` to ``ready for shipment``; the worker process's user+system CPU time (from
+``/proc/<pid>/stat``) while it works, divided by the orders. The sandbox runs in its own
+process, so its CPU is not counted.
+
+    python3 bench/scale.py
+    python3 bench/scale.py --orders 100 --delay-ms 50 --workers 1,8 --concurrency 16
+
+A checkout whose ``tick`` has no ``--concurrency`` (the engine before it) gets ``n/a`` for
+K > 1, so the same script measures the before figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import sqlalchemy as sa
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from soak import (  # noqa: E402  (bench/ is not a package; soak.py owns these helpers)
+    DEFAULT_ADMIN_URL,
+    ORDER_TEMPLATE,
+    PROCESS_DIR,
+    PROFILE_ID,
+    SandboxProcess,
+    child_env,
+    cli_command,
+    soak_database,
+    spawn,
+)
+
+from ratepay_oms.engine.engine import Engine  # noqa: E402
+from ratepay_oms.persistence.db import upgrade  # noqa: E402
+from ratepay_oms.persistence.models import OrderItem  # noqa: E402
+
+SECURITY_CODE = "bench-" + secrets.token_hex(8)
+PROCESS = "RatepayInvoice01"
+REST = "ready for shipment"
+
+
+@dataclass(frozen=True)
+class Result:
+    workers: int
+    concurrency: int
+    orders: int
+    seconds: float | None
+    cpu_ms_per_order: float | None = None
+
+    @property
+    def rate(self) -> float | None:
+        return None if self.seconds is None else self.orders / self.seconds
+
+
+def supports_concurrency() -> bool:
+    done = subprocess.run(
+        [*cli_command(), "tick", "--help"], env=child_env({}), capture_output=True, text=True
+    )
+    return "--concurrency" in done.stdout
+
+
+def order_docs(count: int, tag: str) -> Iterator[dict[str, Any]]:
+    base = json.loads(ORDER_TEMPLATE.read_text(encoding="utf-8"))
+    for n in range(count):
+        doc = copy.deepcopy(base)
+        doc["order_ref"] = f"scale-{tag}-{n:05d}"
+        doc["process"] = PROCESS
+        yield doc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class Workers:
+    def __init__(self, url: str, sandbox: SandboxProcess, count: int, concurrency: int,
+                 log_dir: Path) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        env = child_env({
+            "RATEPAY_OMS_DATABASE_URL": url,
+            "RATEPAY_OMS_PROCESS_DIR": str(PROCESS_DIR),
+            "RATEPAY_PROFILE_ID": PROFILE_ID,
+            "RATEPAY_SECURITY_CODE": SECURITY_CODE,
+            "RATEPAY_MODE": "test",
+            "RATEPAY_API_TEST_URL": sandbox.url,
+            "RATEPAY_STATUS_API_URL": sandbox.status_url,
+        })
+        command = [*cli_command(), "tick", "--loop", "--interval", "0.05", "--json"]
+        if concurrency > 1:
+            command += ["--concurrency", str(concurrency)]
+        for slot in range(count):
+            path = log_dir / f"worker-{count}x{concurrency}-{slot}.log"
+            self.logs.append(path)
+            with path.open("wb") as out:
+                self.procs.append(spawn(command, env, out, subprocess.STDOUT))
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until every worker has printed one tick result (imports done, connected)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all('"items_moved"' in p.read_text(errors="replace") for p in self.logs):
+                return
+            for proc, path in zip(self.procs, self.logs, strict=True):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited at start:\n{path.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise RuntimeError("workers did not start in time")
+
+    def signal(self, sig: int) -> None:
+        for proc in self.procs:
+            proc.send_signal(sig)
+
+    def stop(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def not_at_rest(db: sa.Engine, busy_states: Sequence[str]) -> int:
+    with db.connect() as conn:
+        return int(conn.execute(
+            sa.select(sa.func.count()).select_from(OrderItem).where(
+                sa.or_(
+                    OrderItem.state.in_(list(busy_states)),
+                    OrderItem.intent_id.is_not(None),
+                    OrderItem.retry_at.is_not(None),
+                )
+            )
+        ).scalar_one())
+
+
+def busy_states(engine: Engine) -> list[str]:
+    """States the tick still has work in: an on-enter event or event-less transitions."""
+    definition = engine.definitions()[PROCESS]
+    return sorted(
+        s for s in definition.states
+        if definition.on_enter_event(s) is not None or definition.has_eventless(s)
+    )
+
+
+def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: int,
+            orders: int, log_dir: Path, deadline: float) -> Result:
+    with soak_database(None, admin_url, keep=False) as (url, _):
+        upgrade(url)
+        engine = Engine(url, process_dir=PROCESS_DIR, services={})
+        busy = busy_states(engine)
+        pool = Workers(url, sandbox, workers, concurrency, log_dir)
+        try:
+            pool.wait_ready()
+            pool.signal(signal.SIGSTOP)
+            tag = f"{workers}x{concurrency}-{secrets.token_hex(2)}"
+            for doc in order_docs(orders, tag):
+                engine.place_order(doc, fire=False)
+            cpu_before = sum(cpu_seconds(p.pid) for p in pool.procs)
+            started = time.perf_counter()
+            pool.signal(signal.SIGCONT)
+            seconds: float | None = None
+            while time.perf_counter() - started < deadline:
+                if not_at_rest(engine.db, busy) == 0:
+                    seconds = time.perf_counter() - started
+                    break
+                time.sleep(0.05)
+            cpu = sum(cpu_seconds(p.pid) for p in pool.procs) - cpu_before
+            with engine.db.connect() as conn:
+                resting = conn.execute(
+                    sa.select(sa.func.count()).select_from(OrderItem)
+                    .where(OrderItem.state == REST)
+                ).scalar_one()
+                total = conn.execute(
+                    sa.select(sa.func.count()).select_from(OrderItem)
+                ).scalar_one()
+            if resting != total:
+                print(f"  note: {total - resting} of {total} items not in {REST!r}",
+                      file=sys.stderr)
+        finally:
+            pool.stop()
+            engine.close()
+        return Result(workers, concurrency, orders, seconds, cpu * 1000 / orders)
+
+
+def set_delay(sandbox: SandboxProcess, delay_ms: float) -> None:
+    sandbox.http.delete(sandbox.faults_url, timeout=10).raise_for_status()
+    if delay_ms > 0:
+        sandbox.add_faults([{"kind": "delay", "probability": 1.0, "delay_s": delay_ms / 1000}])
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orders", type=int, default=200)
+    parser.add_argument("--cpu-orders", type=int, default=100)
+    parser.add_argument("--delay-ms", type=float, default=50.0)
+    parser.add_argument("--workers", default="1,2,4,8", help="worker counts at concurrency 1")
+    parser.add_argument("--concurrency", default="1,4,16", help="K values for one worker")
+    parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL)
+    parser.add_argument("--deadline", type=float, default=600.0, help="seconds per run")
+    args = parser.parse_args(argv)
+    worker_counts = [int(x) for x in args.workers.split(",") if x]
+    ks = [int(x) for x in args.concurrency.split(",") if x]
+    has_k = supports_concurrency()
+
+    print(f"scale: {args.orders} {PROCESS} orders, gateway delay {args.delay_ms:g} ms, "
+          f"PostgreSQL, {os.cpu_count()} cores, load {load()}")
+    results: dict[tuple[int, int], Result] = {}
+    with TemporaryDirectory(prefix="rpoms-scale-") as tmp:
+        log_dir = Path(tmp)
+        sandbox = SandboxProcess(log_dir / "sandbox.log", seed=1, fault_delay=0.0,
+                                 security_code=SECURITY_CODE)
+        sandbox.start()
+        try:
+            set_delay(sandbox, args.delay_ms)
+            configs = [(w, 1) for w in worker_counts] + [(1, k) for k in ks]
+            for w, k in dict.fromkeys(configs):
+                if k > 1 and not has_k:
+                    results[(w, k)] = Result(w, k, args.orders, None)
+                    continue
+                r = measure(args.admin_url, sandbox, w, k, args.orders, log_dir, args.deadline)
+                results[(w, k)] = r
+                rate = "timeout" if r.rate is None else f"{r.rate:.1f} orders/s"
+                print(f"  W={w} K={k}: {rate} (load {load()})", file=sys.stderr)
+            set_delay(sandbox, 0)
+            cpu = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline)
+        finally:
+            sandbox.stop()
+
+    base = results.get((1, 1))
+    base_rate = base.rate if base is not None else None
+    print()
+    print(f"{'workers':>7} {'concurrency':>11} {'orders/s':>9} {'speed-up':>9}")
+    for (w, k), r in results.items():
+        rate = "n/a" if r.rate is None else f"{r.rate:.1f}"
+        up = "n/a" if r.rate is None or not base_rate else f"{r.rate / base_rate:.2f}x"
+        print(f"{w:>7} {k:>11} {rate:>9} {up:>9}")
+    per_order = "n/a" if cpu.cpu_ms_per_order is None else f"{cpu.cpu_ms_per_order:.1f}"
+    speed = "n/a" if cpu.rate is None else f"{cpu.rate:.1f}"
+    print(f"engine CPU per order (1 worker, no delay, {args.cpu_orders} orders new -> {REST}): "
+          f"{per_order} ms ({speed} orders/s)")
+    print(f"load after: {load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""The drive loop: the one firing path of ``place_order``, ``trigger``, ``resolve_intent`` and
+every tick batch.
+
+::
+
+    decide + write moves (one transaction; external commands only plan: intent rows) ─▶ commit
+       ─▶ each planned gateway call, outside any transaction (send, or reconcile)
+       ─▶ settle it (one transaction: compare-and-set the intent, apply the answer, choose,
+          move, on-enter cascade, which may plan further calls) ─▶ commit ─▶ loop
+
+:meth:`Drive.transact` is the only place that opens a transaction for a :class:`Runner`; it
+also writes the leases: an order with a call planned gets one in the same transaction (so it is
+visible to every worker once the plan commits), and an order whose last call is settled loses
+it in the settling transaction. :meth:`Drive.chain` runs one order's calls one after another
+(so an order's calls keep their order); :class:`CallPool` runs the chains of up to K orders at
+once on worker threads, each with its own sessions, stats and loop guard (the figures are added
+to the shared ones under a lock), while the calling thread decides the next batch.
+
+No transaction is open while a call is in flight: on SQLite nobody waits for the write lock
+during a slow gateway, and on the servers no row lock is held across a network round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+
+from ratepay_oms.engine.claims import LeaseKeeper
+from ratepay_oms.engine.clock import naive_utc, retry_delay, wall_now
+from ratepay_oms.engine.context import EngineContext
+from ratepay_oms.engine.plugins import CallContext, CallNotSentError, Reconciled, ReconcileLater
+from ratepay_oms.engine.runner import (
+    ANSWERED,
+    NOT_SENT,
+    RECONCILED_BOOKED,
+    RECONCILED_NOT_BOOKED,
+    Call,
+    LoopGuard,
+    Runner,
+    RunStats,
+    describe_error,
+)
+from ratepay_oms.persistence.models import INTENT_PENDING, INTENT_UNKNOWN, Intent
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_CONCURRENCY = 4
+"""Gateway calls a tick keeps in flight at once (``tick --concurrency``): enough to hide a
+gateway's latency behind the engine's own work on two cores without many idle connections."""
+
+
+def by_order(calls: Sequence[Call]) -> dict[int, list[Call]]:
+    """``calls`` per order, each order's in the order they were planned."""
+    grouped: dict[int, list[Call]] = {}
+    for call in calls:
+        grouped.setdefault(call.order_id, []).append(call)
+    return grouped
+
+
+class Drive:
+    """One unit of driving (a trigger, a placed order, a tick) at one business ``now``."""
+
+    def __init__(
+        self, engine: EngineContext, keeper: LeaseKeeper, now: datetime, stats: RunStats
+    ) -> None:
+        self.engine = engine
+        self.keeper = keeper
+        self.now = now
+        self.stats = stats
+        self._stats_lock = threading.Lock()
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def transact(
+        self,
+        work: Callable[[Runner], T],
+        guard: LoopGuard,
+        *,
+        release: Collection[int] = (),
+    ) -> tuple[T, list[Call]]:
+        """Run ``work`` in one transaction with a :class:`Runner`; lease the orders it
+        planned calls for and drop our lease on ``release`` (those without a new call), in
+        the same transaction; commit. The figures count only once it committed."""
+        stats = RunStats()
+        with self.engine.sessions() as session, session.begin():
+            runner = Runner(self.engine, session, self.now, guard, stats)
+            result = work(runner)
+            runner.finish()
+            calls = runner.calls
+            leased = {c.order_id for c in calls}
+            if leased:
+                self.engine.claims.lease_in(session, sorted(leased))
+            done = [o for o in release if o not in leased]
+            if done:
+                self.engine.claims.release_in(session, done)
+        with self._stats_lock:
+            self.stats.add(stats)
+        return result, calls
+
+    def run(self, work: Callable[[Runner], T]) -> T:
+        """``work`` in one transaction, then its calls and their cascades to the end (in this
+        thread: a manual event or a placed order returns when its items rest)."""
+        guard = LoopGuard()
+        result, calls = self.transact(work, guard)
+        for order_calls in by_order(calls).values():
+            self.chain(order_calls, guard)
+        return result
+
+    # -- gateway calls -----------------------------------------------------------------------
+
+    def chain(self, calls: Sequence[Call], guard: LoopGuard | None = None) -> None:
+        """One order's calls, one at a time, each settled before the next; a settle may plan
+        more (the cascade goes on). The order's lease goes with the last settle."""
+        if not calls:
+            return
+        guard = guard if guard is not None else LoopGuard()
+        queue = deque(calls)
+        order_id = calls[0].order_id
+        while queue:
+            call = queue.popleft()
+            try:
+                queue.extend(self._one(call, guard, last=not queue))
+            except SQLAlchemyError as exc:
+                # The intent (if written) stays open and is reconciled; nothing is lost.
+                self.database_failed(f"{call.command} for order #{order_id}", exc)
+                try:
+                    self.engine.claims.release([order_id])
+                except SQLAlchemyError as again:
+                    log.warning("could not release order #%s (lease expires): %s",
+                                order_id, again)
+                return
+
+    def _one(self, call: Call, guard: LoopGuard, *, last: bool) -> list[Call]:
+        command = self.engine.registry.external(call.command)
+        io = CallContext(self.engine.services, remember=lambda f: self._remember(call, f))
+        release = (call.order_id,) if last else ()
+        work: Callable[[Runner], object]
+        with self.keeper.in_flight(call.order_id):
+            if call.prepared is None:
+                work = self._reconciled(call, command.reconcile, io)
+            else:
+                try:
+                    answer = command.send(call.prepared, io)
+                except CallNotSentError as exc:
+                    verdict = Reconciled(False, detail=describe_error(exc))
+                    work = _settle(call, verdict, NOT_SENT)
+                except Exception as exc:
+                    message = describe_error(exc)
+                    log.warning("intent %s left open after: %s", call.intent_id, message)
+                    work = _leave_open(call, message)
+                else:
+                    work = _settle(call, answer, ANSWERED, record_stays=call.record_stays)
+        _, more = self.transact(work, guard, release=release)
+        return more
+
+    def _reconciled(
+        self,
+        call: Call,
+        reconcile: Callable[[dict[str, Any], CallContext], Reconciled | None],
+        io: CallContext,
+    ) -> Callable[[Runner], object]:
+        """Ask what the lost call booked; what to write about it."""
+        try:
+            verdict = reconcile(call.summary, io)
+        except ReconcileLater as later:
+            log.info("intent %s not final yet: %s", call.intent_id, later.detail)
+            return _ask_later(call, later)
+        except Exception as exc:
+            return _lookup_failed(call, describe_error(exc))
+        if verdict is None:
+            return _unknown(call)
+        resolution = RECONCILED_BOOKED if verdict.booked else RECONCILED_NOT_BOOKED
+        log.info("intent %s reconciled: %s %s", call.intent_id, resolution, verdict.detail)
+        return _settle(call, verdict, resolution, note=verdict.detail or None)
+
+    def _remember(self, call: Call, facts: Mapping[str, Any]) -> None:
+        with self.engine.sessions() as session, session.begin():
+            intent = session.get_one(Intent, call.intent_id)
+            intent.summary = _merged(intent.summary, facts)
+
+    def database_failed(self, where: str, exc: SQLAlchemyError) -> None:
+        orig = getattr(exc, "orig", None) or exc
+        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
+        message = f"database error in {where}: {type(orig).__name__}: {first}"
+        log.error("%s", message)
+        with self._stats_lock:
+            self.stats.error(message)
+
+
+def _merged(summary: str, facts: Mapping[str, Any]) -> str:
+    import json
+
+    data = json.loads(summary)
+    data.update(facts)
+    return json.dumps(data, default=str, sort_keys=True)
+
+
+def _settle(
+    call: Call, answer: Any, resolution: str, *, record_stays: bool = False,
+    note: str | None = None,
+) -> Callable[[Runner], object]:
+    return lambda runner: runner.settle(
+        call.intent_id, answer, resolution, record_stays=record_stays, note=note
+    )
+
+
+def _leave_open(call: Call, message: str) -> Callable[[Runner], object]:
+    return lambda runner: runner.leave_open(call.intent_id, message)
+
+
+def _lookup_failed(call: Call, message: str) -> Callable[[Runner], object]:
+    def work(runner: Runner) -> None:
+        intent = runner.session.get_one(Intent, call.intent_id)
+        intent.attempts = (intent.attempts or 0) + 1
+        intent.last_error = f"status lookup failed: {message}"
+        intent.reconcile_at = wall_now() + retry_delay(intent.attempts)
+        runner.stats.error(f"intent {call.intent_id}: status lookup failed: {message}")
+
+    return work
+
+
+def _ask_later(call: Call, later: ReconcileLater) -> Callable[[Runner], object]:
+    """Not final yet: ask again with backoff (at the latest when it becomes final)."""
+
+    def work(runner: Runner) -> None:
+        intent = runner.session.get_one(Intent, call.intent_id)
+        intent.attempts = (intent.attempts or 0) + 1
+        intent.last_error = f"not final yet: {later.detail}"
+        when = wall_now() + retry_delay(intent.attempts)
+        if later.at is not None:
+            when = min(when, max(naive_utc(later.at), wall_now()))
+        intent.reconcile_at = when
+
+    return work
+
+
+def _unknown(call: Call) -> Callable[[Runner], object]:
+    def work(runner: Runner) -> None:
+        runner.session.execute(
+            update(Intent)
+            .where(Intent.id == call.intent_id, Intent.status == INTENT_PENDING)
+            .values(
+                status=INTENT_UNKNOWN,
+                last_error="the status lookup cannot settle it (no status source configured, "
+                "or an answer that fits neither booked nor not booked); a person must check "
+                "and resolve it",
+            )
+            .execution_options(synchronize_session=False)
+        )
+        message = (
+            f"intent {call.intent_id} ({call.command}): outcome unknown, waiting for a person "
+            f"(ratepay-oms intents resolve {call.intent_id} --booked|--not-booked)"
+        )
+        log.warning("%s", message)
+        runner.stats.error_messages.append(message)
+
+    return work
+
+
+class CallPool:
+    """Up to ``size`` orders' call chains at once, on worker threads.
+
+    Each chain is one order (at most one call per order in flight, in the order planned);
+    the pool counts orders it holds so the caller plans no more than it can start at once.
+    """
+
+    def __init__(self, drive: Drive, size: int) -> None:
+        self.drive = drive
+        self.size = size
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix="oms-call")
+
+    def free(self) -> int:
+        with self._cond:
+            return self.size - self._busy
+
+    def wait_for_room(self) -> int:
+        """Block until at least half the pool (at least one slot) is free; the free slots."""
+        want = max(1, self.size // 2)
+        with self._cond:
+            while self.size - self._busy < want:
+                self._cond.wait()
+            return self.size - self._busy
+
+    def submit(self, calls: Sequence[Call]) -> None:
+        for order_calls in by_order(calls).values():
+            with self._cond:
+                self._busy += 1
+            self._executor.submit(self._chain, order_calls)
+
+    def _chain(self, calls: Sequence[Call]) -> None:
+        try:
+            self.drive.chain(calls)
+        except Exception:  # a chain never takes the pool down; its intent stays open
+            log.exception("gateway calls of order #%s failed", calls[0].order_id)
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def join(self) -> None:
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+
+    def close(self) -> None:
+        self.join()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,208 @@
+"""Gateway calls in flight at once (``tick(concurrency=K)``), one per order, and leases that
+cover only the work being done: a test external command whose ``send`` the test controls.
+
+Every order takes two calls in a row (``new`` → ``first`` → ``second`` → ``done``); each call
+records when it started and ended, per order, in memory (the tick runs in this process).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ratepay_oms import Engine
+from ratepay_oms.engine.clock import wall_now
+from ratepay_oms.engine.errors import OrderLockedError
+from ratepay_oms.engine.plugins import (
+    CallContext,
+    CommandContext,
+    ExternalCommand,
+    PluginRegistry,
+    PreparedCall,
+    Reconciled,
+)
+from ratepay_oms.persistence.db import upgrade
+from ratepay_oms.persistence.models import Order, OrderItem
+from tests.plugins_for_tests import order_doc
+
+PROCESS = """
+process: Drive01
+initial: new
+states:
+  new:
+  first:
+  second:
+  done:
+  cancelled:
+transitions:
+  - {source: new, target: first, event: go}
+  - {source: first, target: second, event: again}
+  - {source: second, target: done, event: finish}
+  - {source: new, target: cancelled, event: cancel}
+  - {source: first, target: cancelled, event: cancel}
+events:
+  go: {on_enter: true, command: Drive/Call}
+  again: {on_enter: true, command: Drive/Call}
+  finish: {on_enter: true}
+  cancel: {manual: true}
+"""
+
+
+@dataclass
+class Gateway:
+    """What the test's calls did, guarded by one lock (the calls run on worker threads)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    calls: list[tuple[str, str, float, float]] = field(default_factory=list)
+    """(order ref, state, start, end) per call."""
+    gather: threading.Barrier | None = None
+    """The first ``parties`` calls wait here for each other (proves they overlap)."""
+    gathered: int = 0
+    hold: threading.Event | None = None
+    """Calls wait for this to be set (a call kept in flight as long as the test likes)."""
+    started: threading.Event = field(default_factory=threading.Event)
+    lease_check: Any = None
+    """Called with the order ref at the end of each call."""
+
+
+class Call(ExternalCommand[dict[str, str], str]):
+    def plan(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> PreparedCall[dict[str, str]]:
+        summary = {"order": order.order_ref, "state": items[0].state}
+        return PreparedCall(summary, dict(summary))
+
+    def send(self, call: PreparedCall[dict[str, str]], io: CallContext) -> str:
+        gw: Gateway = io.services["gateway"]
+        with gw.lock:
+            gw.in_flight += 1
+            gw.most_in_flight = max(gw.most_in_flight, gw.in_flight)
+            gw.gathered += 1
+            wait = gw.gather is not None and gw.gathered <= gw.gather.parties
+        start = time.monotonic()
+        gw.started.set()
+        try:
+            if wait:
+                assert gw.gather is not None
+                gw.gather.wait()
+            if gw.hold is not None:
+                assert gw.hold.wait(timeout=60)
+            time.sleep(0.01)
+            if gw.lease_check is not None:
+                gw.lease_check(call.payload["order"])
+        finally:
+            with gw.lock:
+                gw.in_flight -= 1
+                gw.calls.append((call.payload["order"], call.payload["state"], start,
+                                 time.monotonic()))
+        return "ok"
+
+    def apply(
+        self,
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        summary: dict[str, Any],
+        answer: str | Reconciled,
+    ) -> None:
+        assert answer == "ok"
+
+
+@pytest.fixture
+def world(fresh_db_url: str, tmp_path: Path) -> Iterator[tuple[Engine, Gateway]]:
+    upgrade(fresh_db_url)
+    pdir = tmp_path / "processes"
+    pdir.mkdir()
+    (pdir / "Drive01.yaml").write_text(PROCESS, encoding="utf-8")
+    registry = PluginRegistry()
+    registry.register_external("Drive/Call", Call())
+    gateway = Gateway()
+    engine = Engine(
+        fresh_db_url, process_dir=pdir, registry=registry, services={"gateway": gateway},
+        lease_seconds=1,
+    )
+    yield engine, gateway
+    engine.close()
+
+
+def _place(engine: Engine, n: int) -> list[str]:
+    refs = [f"D-{uuid.uuid4().hex[:8]}" for _ in range(n)]
+    for ref in refs:
+        engine.place_order(order_doc(ref, process="Drive01", lines=(("SKU-A", 1),)), fire=False)
+    return refs
+
+
+def test_a_tick_keeps_k_calls_in_flight_one_per_order_in_order(
+    world: tuple[Engine, Gateway],
+) -> None:
+    engine, gateway = world
+    refs = _place(engine, 8)
+    # The first four calls only return once all four are in flight: with fewer at once the
+    # barrier times out (BrokenBarrierError in a call: intents left open, the test fails).
+    gateway.gather = threading.Barrier(4, timeout=30)
+
+    def lease_held(ref: str) -> None:  # renewed while in flight: never expired under a call
+        with engine.session() as s:
+            order = s.query(Order).filter_by(order_ref=ref).one()
+            assert order.claimed_by == engine.worker_id
+            assert order.claim_expires_at is not None and order.claim_expires_at > wall_now()
+
+    gateway.lease_check = lease_held
+    result = engine.tick(concurrency=4)
+
+    assert result.errors == 0, result.error_messages
+    assert gateway.most_in_flight == 4
+    for ref in refs:
+        view = engine.order(ref)
+        assert view.states() == {"done": 1}
+        assert view.claimed_by is None  # released with the last settle
+        mine = sorted((c for c in gateway.calls if c[0] == ref), key=lambda c: c[2])
+        assert [c[1] for c in mine] == ["new", "first"]  # the order's calls in their order
+        assert mine[0][3] <= mine[1][2]  # never two calls of one order at once
+    assert not engine.intents()
+
+
+def test_concurrency_one_makes_one_call_at_a_time(world: tuple[Engine, Gateway]) -> None:
+    engine, gateway = world
+    refs = _place(engine, 3)
+    result = engine.tick(concurrency=1)
+    assert result.errors == 0, result.error_messages
+    assert gateway.most_in_flight == 1
+    assert all(engine.order(r).states() == {"done": 1} for r in refs)
+
+
+def test_a_manual_event_on_a_merely_due_order_is_not_refused(
+    world: tuple[Engine, Gateway],
+) -> None:
+    """While the tick's call on one order is in flight, another order that is only due (its
+    call not started) takes a manual event; the order with the call in flight refuses one."""
+    engine, gateway = world
+    busy, due = _place(engine, 2)
+    gateway.hold = threading.Event()
+    ticking = threading.Thread(target=lambda: engine.tick(concurrency=1))
+    ticking.start()
+    try:
+        assert gateway.started.wait(timeout=60)
+        assert engine.order(busy).items[0].intent_id is not None  # its call is in flight
+        assert engine.order(due).items[0].intent_id is None  # merely due: not leased
+        assert engine.order(due).claimed_by is None
+
+        result = engine.trigger("cancel", due)
+        assert result.moved and not result.errors
+        with pytest.raises(OrderLockedError, match="being worked on"):
+            engine.trigger("cancel", busy)
+    finally:
+        gateway.hold.set()
+        ticking.join(timeout=60)
+    assert engine.order(due).states() == {"cancelled": 1}
+    assert engine.order(busy).states() == {"done": 1}
+    assert engine.order(busy).claimed_by is None
