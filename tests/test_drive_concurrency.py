@@ -117,21 +117,36 @@ class Call(ExternalCommand[dict[str, str], str]):
         assert answer == "ok"
 
 
-@pytest.fixture
-def world(fresh_db_url: str, tmp_path: Path) -> Iterator[tuple[Engine, Gateway]]:
-    upgrade(fresh_db_url)
+def _engine(url: str, tmp_path: Path, lease_seconds: int) -> tuple[Engine, Gateway]:
+    upgrade(url)
     pdir = tmp_path / "processes"
-    pdir.mkdir()
+    pdir.mkdir(exist_ok=True)
     (pdir / "Drive01.yaml").write_text(PROCESS, encoding="utf-8")
     registry = PluginRegistry()
     registry.register_external("Drive/Call", Call())
     gateway = Gateway()
     engine = Engine(
-        fresh_db_url, process_dir=pdir, registry=registry, services={"gateway": gateway},
-        lease_seconds=1,
+        url, process_dir=pdir, registry=registry, services={"gateway": gateway},
+        lease_seconds=lease_seconds,
     )
+    return engine, gateway
+
+
+@pytest.fixture
+def world(fresh_db_url: str, tmp_path: Path) -> Iterator[tuple[Engine, Gateway]]:
+    engine, gateway = _engine(fresh_db_url, tmp_path, 60)
     yield engine, gateway
     engine.close()
+
+
+def _lease_checker(engine: Engine) -> Any:
+    def lease_held(ref: str) -> None:
+        with engine.session() as s:
+            order = s.query(Order).filter_by(order_ref=ref).one()
+            assert order.claimed_by == engine.worker_id
+            assert order.claim_expires_at is not None and order.claim_expires_at > wall_now()
+
+    return lease_held
 
 
 def _place(engine: Engine, n: int) -> list[str]:
@@ -150,13 +165,7 @@ def test_a_tick_keeps_k_calls_in_flight_one_per_order_in_order(
     # barrier times out (BrokenBarrierError in a call: intents left open, the test fails).
     gateway.gather = threading.Barrier(4, timeout=30)
 
-    def lease_held(ref: str) -> None:  # renewed while in flight: never expired under a call
-        with engine.session() as s:
-            order = s.query(Order).filter_by(order_ref=ref).one()
-            assert order.claimed_by == engine.worker_id
-            assert order.claim_expires_at is not None and order.claim_expires_at > wall_now()
-
-    gateway.lease_check = lease_held
+    gateway.lease_check = _lease_checker(engine)  # ours while the call is in flight
     result = engine.tick(concurrency=4)
 
     assert result.errors == 0, result.error_messages
@@ -206,3 +215,22 @@ def test_a_manual_event_on_a_merely_due_order_is_not_refused(
     assert engine.order(due).states() == {"cancelled": 1}
     assert engine.order(busy).states() == {"done": 1}
     assert engine.order(busy).claimed_by is None
+
+
+def test_the_lease_is_renewed_while_a_call_outlasts_it(fresh_db_url: str, tmp_path: Path) -> None:
+    """A 2 s lease, a call held for 5 s: without renewal the lease would have run out under
+    the call (and another worker could reconcile an intent still in flight)."""
+    engine, gateway = _engine(fresh_db_url, tmp_path, 2)
+    try:
+        (ref,) = _place(engine, 1)
+        gateway.hold = threading.Event()
+        gateway.lease_check = _lease_checker(engine)
+        timer = threading.Timer(5.0, gateway.hold.set)
+        timer.start()
+        result = engine.tick(concurrency=1)
+        timer.join()
+        assert result.errors == 0, result.error_messages
+        assert engine.order(ref).states() == {"done": 1}
+        assert engine.order(ref).claimed_by is None
+    finally:
+        engine.close()

@@ -133,11 +133,32 @@ class CompiledProcess:
             for name, e in definition.events.items()
             if e.command is not None and registry.is_external(e.command)
         )
+        self._may_call: dict[tuple[str, str | None], bool] = {}
         log.debug("compiled process %s (%d states)", definition.name, len(states))
 
-    def calls_out(self, event: str | None) -> bool:
-        """Whether ``event``'s command is an external one (a gateway call follows)."""
-        return event in self._calls_out
+    def calls_out(self, state: str, event: str | None) -> bool:
+        """Whether firing ``event`` from ``state`` may lead to a gateway call in the same
+        cascade: its command is an external one, or a state it can land in has an on-enter
+        event that may (the tick plans no more such orders than it has call slots)."""
+        key = (state, event)
+        found = self._may_call.get(key)
+        if found is None:
+            found = self._may_call[key] = self._reaches_call(state, event, set())
+        return found
+
+    def _reaches_call(
+        self, state: str, event: str | None, seen: set[tuple[str, str | None]]
+    ) -> bool:
+        if (state, event) in seen:
+            return False
+        seen.add((state, event))
+        if event in self._calls_out:
+            return True
+        for t in self.definition.transitions_from(state, event):
+            on_enter = self.definition.on_enter_event(t.target)
+            if on_enter is not None and self._reaches_call(t.target, on_enter.name, seen):
+                return True
+        return False
 
     @property
     def name(self) -> str:

@@ -64,6 +64,11 @@ transaction and lease, and the per-batch cost (three transactions, a dozen state
 spread over more items."""
 WINDOW_BATCHES = 20
 """Batches' worth of due order ids fetched by one query (see the module docstring)."""
+CANDIDATES_PER_SLOT = 4
+"""Orders that will call the gateway a batch looks at per free call slot: it plans calls for
+as many as there are slots and puts the rest back (row locks end with the transaction), so a
+worker that finds its first candidates taken by other workers still finds work in the same
+transaction."""
 MAX_DB_FAILURES_IN_A_ROW = 3
 """A tick gives up after this many batches in a row failed in the database (it is down)."""
 
@@ -163,7 +168,11 @@ class _Retries(_Step):
     name = "retries"
 
     def due(self) -> ColumnElement[bool]:
-        return and_(OrderItem.retry_at <= self.now, OrderItem.process.in_(list(self.compiled)))
+        return and_(
+            OrderItem.retry_at <= self.now,
+            OrderItem.intent_id.is_(None),
+            OrderItem.process.in_(list(self.compiled)),
+        )
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
         due: list[DueItem] = []
@@ -212,6 +221,7 @@ class _Timeouts(_Step):
             EventTimeout.due_at <= self.now,
             EventTimeout.state == OrderItem.state,
             OrderItem.retry_at.is_(None),
+            OrderItem.intent_id.is_(None),
             OrderItem.process.in_(list(self.compiled)),
         )
 
@@ -284,7 +294,9 @@ class _StateStep(_Step):
             for (name, state), event in self.events.items()
         }
         self._calling = {
-            key for key, event in self.events.items() if definitions[key[0]].calls_out(event)
+            (name, state)
+            for (name, state), event in self.events.items()
+            if definitions[name].calls_out(state, event)
         }
 
     def _states_of(self, compiled: CompiledProcess) -> list[str]:
@@ -310,7 +322,11 @@ class _StateStep(_Step):
         return (row[1], row[2]) in self._calling
 
     def due(self) -> ColumnElement[bool]:
-        return and_(_states_filter(self.states), OrderItem.retry_at.is_(None))
+        return and_(
+            _states_filter(self.states),
+            OrderItem.retry_at.is_(None),
+            OrderItem.intent_id.is_(None),
+        )
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
         events = self.events
@@ -475,11 +491,12 @@ class TickRunner:
     ) -> int:
         """Walk one step's due orders batch by batch; returns the items processed.
 
-        A batch takes whole orders up to ``batch_size`` items, but no more orders that will
-        call the gateway than there are free call slots (one without a pool): an order is
-        worked on only when its call can start. The transaction row-locks the batch's
-        orders, skipping those another worker has (locked or leased); orders it did not get
-        to are put back for the next batch.
+        A batch takes whole orders up to ``batch_size`` items, but no more orders that may
+        call the gateway than ``CANDIDATES_PER_SLOT`` per free call slot (one slot without a
+        pool). The transaction row-locks the batch's orders, skipping those another worker
+        has (locked or leased), and plans calls for at most as many orders as there are free
+        slots: an order is leased only when its call can start. Orders it did not get to are
+        put back for the next batch.
 
         A database failure (dropped connection, deadlock, serialisation failure) inside a
         batch rolls back that batch's one transaction and nothing else: its items stay as
@@ -513,7 +530,7 @@ class TickRunner:
                 not batch or (weight < self.batch_size and (room is None or items < room))
             ):
                 due = window[0]
-                if batch and due.calls and calling >= slots:
+                if batch and due.calls and calling >= slots * CANDIDATES_PER_SLOT:
                     break
                 window.popleft()
                 batch[due.order_id] = due
@@ -607,9 +624,18 @@ class TickRunner:
         runner.stats.moves.extend((d.id, d.state, t.target) for d, t in plain)
 
     def _fire(self, runner: Runner, fired: Sequence[DueItem], slots: int) -> list[int]:
-        """Load ``fired`` as ORM objects with their orders and let the runner fire them: the
-        orders that will not call the gateway all at once, then the others one by one until
-        ``slots`` orders have a call planned. Returns the orders not fired (put back)."""
+        """Let the runner fire ``fired``: the orders that cannot reach a gateway call all at
+        once, then those that may, one by one, until ``slots`` orders have a call planned.
+        Orders beyond the slots are put back before anything of them is loaded. Returns the
+        orders not fired."""
+        compiled = self.engine.compiled
+        calling: list[int] = []
+        for d in fired:
+            if compiled[d.process].calls_out(d.state, d.event) and d.order_id not in calling:
+                calling.append(d.order_id)
+        leftover = calling[slots:]
+        put_back = set(leftover)
+        fired = [d for d in fired if d.order_id not in put_back]
         session = runner.session
         items: dict[int, OrderItem] = {}
         for part in chunked([d.id for d in fired]):
@@ -626,23 +652,22 @@ class TickRunner:
                 for o in session.scalars(select(Order).where(id_in(Order.id, part, session)))
             )
         groups = group_items([(items[d.id], d.event) for d in fired if d.id in items], orders)
-        compiled = self.engine.compiled
-        calling: dict[int, list[Group]] = {}
-        for g in groups:
-            if compiled[g.process].calls_out(g.event):
-                calling.setdefault(g.order.id, [])
-        quiet = [g for g in groups if g.order.id not in calling]
+        by_order: dict[int, list[Group]] = {}
+        quiet: list[Group] = []
         for g in groups:
             if g.order.id in calling:
-                calling[g.order.id].append(g)
+                by_order.setdefault(g.order.id, []).append(g)
+            else:
+                quiet.append(g)
         if quiet:
             runner.run(quiet)
-        leftover: list[int] = []
-        for order_id, order_groups in calling.items():
+        for order_id in calling[:slots]:
+            if order_id not in by_order:
+                continue
             if len({c.order_id for c in runner.calls}) >= slots:
                 leftover.append(order_id)
                 continue
-            runner.run(order_groups)
+            runner.run(by_order[order_id])
         return leftover
 
 

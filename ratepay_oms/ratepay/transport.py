@@ -15,6 +15,7 @@ it surfaces as ``RatepayTransportError(sent=True)`` and must be reconciled.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,8 +71,8 @@ def _refused_before_sending(exc: requests.ConnectionError) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
-POOL_MAXSIZE = 32
-"""Kept-alive connections per host: at least the most calls a worker has in flight at once."""
+POOL_MAXSIZE = 4
+"""Kept-alive connections per host and session (one session per calling thread)."""
 
 
 class RequestsTransport:
@@ -90,18 +91,44 @@ class RequestsTransport:
         max_response_bytes: int = 1_000_000,
         verify: bool | str = True,
     ) -> None:
-        self.session = session or requests.Session()
-        # Enough kept-alive connections for a tick's concurrent calls (tick --concurrency).
-        adapter = HTTPAdapter(max_retries=0, pool_maxsize=POOL_MAXSIZE)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self._given = session
+        if session is not None:
+            self._mount(session)
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.max_response_bytes = max_response_bytes
         self.verify = verify
 
+    @property
+    def session(self) -> requests.Session:
+        """The given session, else one per thread: a tick makes calls from several threads
+        (``tick --concurrency``) and a ``requests.Session`` is not made to be shared."""
+        if self._given is not None:
+            return self._given
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = requests.Session()
+            self._mount(session)
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    @staticmethod
+    def _mount(session: requests.Session) -> None:
+        adapter = HTTPAdapter(max_retries=0, pool_maxsize=POOL_MAXSIZE)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+
     def close(self) -> None:
-        self.session.close()
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+        if self._given is not None:
+            self._given.close()
 
     def post_xml(
         self, url: str, body: bytes, *, operation: Operation, timeout: tuple[float, float]
