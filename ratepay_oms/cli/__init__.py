@@ -22,9 +22,13 @@ import click
 from ratepay_oms.errors import ExitCode, OmsError
 
 COMMANDS: dict[str, tuple[str, str]] = {
+    "alerts": ("operator", "Items in a state longer than its SLA, by process and state."),
+    "credit": ("adjustments", "Grant a goodwill credit on a delivered order."),
     "db": ("db", "Database schema: upgrade, current revision."),
+    "debit": ("adjustments", "Charge an adjustment on a delivered order."),
     "demo": ("demo", "Every RatePAY flow against the built-in sandbox, no setup needed."),
-    "event": ("orders", "Fire a manual event (ship, cancel, refund payment, …) on an order."),
+    "event": ("orders", "Fire a manual event (ship, cancel, …) on an order or a CSV."),
+    "explain": ("operator", "Why the items of an order are where they are, and not moving."),
     "installment": ("installment", "The RatePAY instalment calculator for checkout."),
     "intents": ("intents", "Gateway calls whose answer was lost or is unknown."),
     "locks": ("console", "Order leases held by tick workers: list, clear."),
@@ -32,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "matrix": ("console", "Items per process and state, by age; '!' needs a person."),
     "order": ("orders", "Place orders, show their items, states and history."),
     "process": ("process,console", "List, check, draw and migrate the YAML processes."),
+    "profile": ("profiles", "RatePAY profiles: refresh them from RatePAY, show what is kept."),
     "sandbox": ("sandbox", "The offline RatePAY sandbox gateway with fault injection."),
     "tick": ("tick", "Advance every due item: retries, timeouts, automatic steps."),
 }
@@ -39,7 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 ``--help`` lists). ``process migrate`` lives in ``console`` and joins ``process`` from there."""
 
 GROUP_MODULES = (
-    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment"
+    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment",
+    "operator", "profiles", "adjustments",
 )
 """Every command module. One that ``COMMANDS`` does not name is imported for the listing."""
 

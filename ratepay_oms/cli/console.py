@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,9 @@ def matrix(
     """Items per process and state, by how long they have been there (today, this week, older).
 
     The "!" column flags states holding items with an error or a pending retry, items the
-    gateway refused ("… invalid"), and states the process file no longer knows: those need a
-    person. Declined states are labelled.
+    gateway refused ("… invalid"), states the process file no longer knows, and SLA breaches:
+    those need a person. Declined states are labelled. The "sla" column counts items past the
+    state's SLA limits (see `ratepay-oms alerts`).
 
     \b
     Example:
@@ -138,6 +140,7 @@ def matrix(
         table.add_column("state")
         for name in ("today", "week", "older", "total", "errors", "retries"):
             table.add_column(name, justify="right")
+        table.add_column("sla")
         table.add_column("!", justify="center")
         for cell in row.states:
             label = Text(cell.state)
@@ -159,6 +162,7 @@ def matrix(
                 str(cell.total),
                 _nonzero(cell.errors),
                 _nonzero(cell.retries),
+                _sla_mark(cell),
                 mark,
                 style="red" if cell.attention else None,
             )
@@ -173,6 +177,17 @@ def matrix(
 
 def _nonzero(value: int) -> str:
     return str(value) if value else ""
+
+
+def _sla_mark(cell: Any) -> Text:
+    """``breach 2`` (bold red) / ``warn 1`` (yellow): items past the state's SLA limits."""
+    text = Text()
+    if cell.sla_breach:
+        text.append(f"breach {cell.sla_breach}", style="bold red")
+    if cell.sla_warn:
+        text.append(" " if text else "")
+        text.append(f"warn {cell.sla_warn}", style="yellow")
+    return text
 
 
 # -- log --------------------------------------------------------------------------------------
@@ -446,7 +461,10 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         "payment: "
         + ", ".join(
             f"{k} {pay[k]}"
-            for k in ("method", "transaction_id", "short_id", "descriptor", "mandate_reference")
+            for k in (
+                "method", "profile", "transaction_id", "short_id", "descriptor",
+                "mandate_reference",
+            )
             if pay.get(k)
         ),
         markup=False,
@@ -460,9 +478,21 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         + ", ".join(
             f"{k} {amounts[k]} {currency}"
             for k in ("ordered", "delivered", "cancelled", "returned", "open")
+        )
+        + "".join(
+            f", {k} {amounts[k]} {currency}"
+            for k in ("credited", "debited")
+            if amounts.get(k) and Decimal(amounts[k]) != 0
         ),
         markup=False,
     )
+    for adj in detail.get("adjustments", []):
+        console.print(
+            f"{adj['kind']} {adj['amount']} {currency} ({adj['reason'] or 'no reason given'}): "
+            f"{adj['status']}"
+            + (f" — {adj['reason_code']} {adj['message']}" if adj["status"] == "refused" else ""),
+            markup=False,
+        )
     if detail.get("lease"):
         lease = detail["lease"]
         state = "expired" if lease["expired"] else "held"

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from ratepay_oms.cli import cli
 from ratepay_oms.cli._common import (
@@ -231,50 +232,112 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
       ratepay-oms order history 100045
       ratepay-oms order history 100045 --json
     """
-    entries = engine_from_options(db_url, process_dir, gateway=False).history(ref)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
+    entries = engine.history(ref)
     if as_json:
         print_json([e.to_json() for e in entries])
         return
     table = Table()
-    for name in ("time", "item", "sku", "from → to", "event"):
+    for name in ("time", "item", "sku", "from → to", "event", "data"):
         table.add_column(name, justify="right" if name == "item" else "left")
     for e in entries:
         move = f"{e.from_state or '∅'} → {e.to_state}"
-        table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
+        data = ", ".join(f"{k}={v}" for k, v in sorted(e.data.items())) if e.data else ""
+        if e.forced:
+            # A person's decision, not the process: it must stand out (see `order move`).
+            what = Text(f"FORCED by {e.actor}: {e.reason}", style="bold magenta")
+            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, what, data)
+        else:
+            table.add_row(
+                fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "", data
+            )
     stdout_console().print(table)
+    _print_adjustments(engine, ref)
+
+
+def _print_adjustments(engine: Any, ref: str) -> None:
+    """Credits and debits are no state change, so they are listed under the moves."""
+    from ratepay_oms.console.inspect import order_detail
+
+    detail = order_detail(engine, ref, calls=0)
+    for a in detail.get("adjustments", []):
+        when = (a["settled_at"] or a["created_at"] or "").replace("T", " ")[:19]
+        click.echo(
+            f"{when}  {a['kind']} {a['amount']} {detail.get('currency') or ''}"
+            f" ({a['reason'] or 'no reason given'}): {a['status']}"
+        )
 
 
 @cli.command("event")
 @engine_options
 @click.argument("event_name", metavar="EVENT")
-@click.argument("ref")
+@click.argument("ref", required=False)
 @click.option("--item", "item_ids", type=int, multiple=True, metavar="ID",
               help="Only this item (repeat for several); default: every item that accepts EVENT.")
+@click.option("--from-csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Fire EVENT for every row of FILE: order_ref[,item_id][,data columns…].")
+@click.option("--dry-run", is_flag=True, help="With --from-csv: check and report, write nothing.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, metavar="K",
+              help="With --from-csv: orders fired at once (default 4).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the moves, errors and gateway calls as one JSON document.")
+              help="One JSON document: the moves, errors and gateway calls; with --from-csv the "
+              "report.")
+@click.option("--invoice-id", default=None, metavar="ID",
+              help="Your invoice number, sent to RatePAY with the delivery (ship).")
+@click.option("--tracking-id", "tracking_ids", multiple=True, metavar="CODE",
+              help="A parcel's tracking code (repeat for several parcels); needs --carrier.")
+@click.option("--carrier", default=None, metavar="NAME",
+              help="DHL, DPD, GLS, HLG, HVS, OTH, TNT or UPS.")
+@click.option("--data", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="More event data (invoice_date, delivery_date, due_date, …); repeatable.")
 @translate_db_errors
 def event(
     db_url: str | None,
     process_dir: Path | None,
     event_name: str,
-    ref: str,
+    ref: str | None,
     item_ids: tuple[int, ...],
+    csv_file: Path | None,
+    dry_run: bool,
+    concurrency: int | None,
     as_json: bool,
-) -> None:
-    """Fire the manual EVENT on order REF (e.g. ship, cancel, refund).
+    invoice_id: str | None,
+    tracking_ids: tuple[str, ...],
+    carrier: str | None,
+    pairs: tuple[str, ...],
+) -> int | None:
+    """Fire the manual EVENT on order REF (e.g. ship, cancel, refund), or on every order of a
+    CSV file (--from-csv).
 
     Only events marked manual in the process can be fired by hand; a refusal says which item
     is in which state and what it accepts. Prints what moved and the outcome of every gateway
-    call made (result and reason); exit status 4 when a call failed or was refused or a
-    command failed (its items stay in place with a retry scheduled).
+    call made (result and reason); exit status 4 when a call failed or was refused or a command
+    failed (its items stay in place with a retry scheduled). With --from-csv every
+    row is checked and reported (accepted, refused and why, failed); --dry-run says what would
+    happen and writes nothing; the exit status is 1 when any row was refused or failed.
+
+    \b
+    Data given with the event (invoice id, tracking ids, carrier, --data pairs) is checked
+    first, stored with the history rows of the move and sent with the delivery confirmation.
 
     \b
     Example:
       ratepay-oms event ship 100045
+      ratepay-oms event ship 100045 --invoice-id INV-1 --tracking-id 00340434 --carrier DHL
       ratepay-oms event cancel 100045 --item 3 --item 4
+      ratepay-oms event ship --from-csv shipments.csv --dry-run
     """
+    if csv_file is not None or dry_run or concurrency is not None:
+        from ratepay_oms.cli.operator import bulk_event
+
+        return bulk_event(db_url, process_dir, event_name, ref, item_ids, csv_file, dry_run,
+                          concurrency, as_json)
+    if ref is None:
+        raise click.UsageError("give the order REF, or --from-csv FILE")
+    data = _event_data(invoice_id, tracking_ids, carrier, pairs)
     engine = engine_from_options(db_url, process_dir)
-    result = engine.trigger(event_name, ref, list(item_ids) or None)
+    result = engine.trigger(event_name, ref, list(item_ids) or None, data=data)
     calls = gateway_calls(engine)
     if as_json:
         print_json({
@@ -287,7 +350,7 @@ def event(
         })
         if result.errors or any_call_failed(calls):
             raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
-        return
+        return None
     for item_id, source, target in result.moved:
         click.echo(f"item {item_id}: {source} → {target}")
     for item_id in result.stayed:
@@ -302,3 +365,30 @@ def event(
         )
     if any_call_failed(calls):
         raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
+    return None
+
+
+def _event_data(
+    invoice_id: str | None,
+    tracking_ids: tuple[str, ...],
+    carrier: str | None,
+    pairs: tuple[str, ...],
+) -> dict[str, Any] | None:
+    """The event's data from the options, checked before anything is touched."""
+    from ratepay_oms.plugins.ratepay.event_data import EventDataError, check_event_data
+
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise EventDataError(
+                f"--data {pair!r}: write KEY=VALUE, e.g. --data due_date=2026-12-31"
+            )
+        data[key.strip()] = value.strip()
+    if invoice_id is not None:
+        data["invoice_id"] = invoice_id
+    if tracking_ids:
+        data["tracking_ids"] = list(tracking_ids)
+    if carrier is not None:
+        data["carrier"] = carrier
+    return check_event_data(data) if data else None

@@ -9,6 +9,7 @@ units of work, each in its own transaction(s); what they return are detached sna
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import secrets
@@ -17,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -40,6 +41,7 @@ from ratepay_oms.engine.plugins import INSTALLMENT_SERVICE, PluginRegistry, Reco
 from ratepay_oms.engine.runner import (
     RESOLVED_BOOKED,
     RESOLVED_NOT_BOOKED,
+    Group,
     Runner,
     RunStats,
     group_items,
@@ -73,6 +75,11 @@ from ratepay_oms.persistence.models import (
     TransitionLog,
 )
 from ratepay_oms.process.model import ProcessDefinition
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.explain import OrderExplanation
+    from ratepay_oms.engine.forced import ForcedMove
+    from ratepay_oms.engine.many import EventOutcome, EventRequest
 
 log = logging.getLogger(__name__)
 
@@ -298,8 +305,13 @@ class Engine:
         item_ids: Sequence[int] | None = None,
         *,
         now: datetime | None = None,
+        data: Mapping[str, Any] | None = None,
     ) -> TriggerResult:
         """Fire a manual event for items of one order (default: every item that accepts it).
+
+        ``data`` (a JSON object: invoice id, tracking ids, …) is handed to the event's
+        command (``CommandContext.data``) and stored with the history rows of the move, where
+        the commands of the states it leads to find it (``ship`` → the delivery confirmation).
 
         Refuses (``ManualEventError``, nothing written) an unknown or non-manual event and
         items whose state does not accept it; ``OrderLockedError`` while another worker holds
@@ -307,8 +319,10 @@ class Engine:
         """
         now = naive_utc(now)
         stats = RunStats()
+        event_data = _event_data(data)
 
         def fire(runner: Runner) -> None:
+            runner.data = event_data
             session = runner.session
             order = self._find(session, order_ref)
             definition = self._definition(order.process)
@@ -332,6 +346,125 @@ class Engine:
             stayed=list(stats.stayed),
             errors=list(stats.error_messages),
         )
+
+    def trigger_many(
+        self,
+        event: str,
+        requests: Sequence[EventRequest],
+        *,
+        now: datetime | None = None,
+        concurrency: int | None = None,
+    ) -> list[EventOutcome]:
+        """Fire the manual ``event`` for many orders at once (bulk events): one transaction
+        per chunk of orders, their gateway calls ``concurrency`` at a time (default: the
+        engine's); one outcome per request (see ``ratepay_oms.engine.many``)."""
+        from ratepay_oms.engine.many import fire_many
+
+        drive = self._drive(naive_utc(now), RunStats())
+        return fire_many(drive, event, requests, concurrency or self.concurrency)
+
+    # -- operator tools ----------------------------------------------------------------------
+
+    def force_move(
+        self,
+        order_ref: str,
+        item_id: int,
+        to_state: str,
+        *,
+        reason: str,
+        by: str | None = None,
+        now: datetime | None = None,
+    ) -> ForcedMove:
+        """Put one item into ``to_state`` by a person's decision, with ``reason`` and ``by``
+        recorded; refused while the item has an open intent or the order is leased (see
+        ``ratepay_oms.engine.forced``)."""
+        from ratepay_oms.engine.forced import ForcedMoveRequest
+
+        request = ForcedMoveRequest.of(order_ref, item_id, to_state, reason, by)
+        return self._drive(naive_utc(now), RunStats()).run(request.apply)
+
+    def explain(
+        self, order_ref: str, item_id: int | None = None, *, now: datetime | None = None
+    ) -> OrderExplanation:
+        """Per item: its state and since when, every transition out of it, and why it is not
+        moving now (see ``ratepay_oms.engine.explain``). Read-only."""
+        from ratepay_oms.engine.explain import explain_order
+
+        with self._sessions() as session:
+            return explain_order(
+                session, self.definitions(), order_ref, item_id=item_id, now=naive_utc(now)
+            )
+
+    # -- bookings outside a transition ----------------------------------------------------
+
+    def run_external(
+        self,
+        command: str,
+        order_ref: str,
+        data: Mapping[str, Any],
+        *,
+        now: datetime | None = None,
+    ) -> TriggerResult:
+        """Run the external command ``command`` once on order ``order_ref``, outside any
+        transition, with ``data`` as its ``CommandContext.data``: planned with an intent,
+        sent after the plan commits, settled exactly once (reconciled if the answer is lost),
+        like every booking. The intent covers the order's first item (it blocks only that
+        item's events while the call is in flight); nothing moves unless an event-less
+        transition of that item's state applies after it."""
+        now = naive_utc(now)
+        stats = RunStats()
+        event_data = _event_data(data)
+        if not self.registry.is_external(command):
+            raise ManualEventError(f"{command} is not an external command")
+
+        def fire(runner: Runner) -> None:
+            runner.data = event_data
+            session = runner.session
+            order = self._find(session, order_ref)
+            self.claims.lock_one(session, order.id, f"order {order_ref}")
+            first = session.scalars(
+                select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
+            ).first()
+            if first is None:
+                raise ManualEventError(f"order {order_ref} has no items")
+            runner.plan_external(Group(order, first.process, first.state, None, [first]), command)
+
+        self._drive(now, stats).run(fire)
+        return TriggerResult(
+            event=command,
+            moved=list(stats.moves),
+            stayed=list(stats.stayed),
+            errors=list(stats.error_messages),
+        )
+
+    def credit(
+        self,
+        order_ref: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal | None = None,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """A goodwill credit of ``amount`` on the delivered order (RatePAY PAYMENT_CHANGE
+        credit), exactly once; see ``ratepay_oms.plugins.ratepay.adjustments.book``."""
+        from ratepay_oms.plugins.ratepay.adjustments import book
+
+        return book(self, "credit", order_ref, amount, tax_rate=tax_rate, reason=reason, now=now)
+
+    def debit(
+        self,
+        order_ref: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal | None = None,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """An adjustment charge of ``amount`` on the delivered order; see ``credit``."""
+        from ratepay_oms.plugins.ratepay.adjustments import book
+
+        return book(self, "debit", order_ref, amount, tax_rate=tax_rate, reason=reason, now=now)
 
     # -- the tick --------------------------------------------------------------------------
 
@@ -464,7 +597,11 @@ class Engine:
                 .order_by(StateHistory.id)
             )
             return [
-                HistoryEntry(h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at)
+                HistoryEntry(
+                    h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at,
+                    forced=bool(h.forced), actor=h.actor, reason=h.reason,
+                    data=json.loads(h.data) if h.data else None,
+                )
                 for h, sku in rows
             ]
 
@@ -483,6 +620,18 @@ def _dump(data: Mapping[str, Any]) -> str:
     import json
 
     return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def _event_data(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A manual event's data as a JSON object, or ``ManualEventError`` (nothing written)."""
+    if data is None or not data:
+        return None
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) and k for k in data):
+        raise ManualEventError("event data must be an object with text keys")
+    try:
+        return dict(json.loads(json.dumps(dict(data), default=str)))
+    except (TypeError, ValueError) as exc:
+        raise ManualEventError(f"event data cannot be stored as JSON: {exc}") from None
 
 
 def _duplicate(order_ref: str) -> OrderInputError:

@@ -48,11 +48,16 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from ratepay_oms.engine.verdict import Verdict
+from ratepay_oms.persistence.conditions import ConditionResult
 from ratepay_oms.persistence.models import EventTimeout, OrderItem, StateHistory, TransitionLog
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
 """Ids per ``IN (…)`` list: well under every dialect's bind-parameter limit."""
+
+MAX_DETAIL = 4000
+"""Characters of a condition's ``read`` kept in ``oms_condition_result.detail``."""
 
 T = TypeVar("T")
 
@@ -98,6 +103,18 @@ class MoveKey:
     event: str | None
     command: str | None = None
     condition: str | None = None
+    forced: Forced | None = None
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A move a person forced (``order move``): who did it and why, for history and log."""
+
+    actor: str
+    reason: str
+
+    def columns(self) -> dict[str, Any]:
+        return {"forced": True, "actor": self.actor, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,7 @@ class StateWriter:
         self.now = now
         self.origin = origin
         self._log_rows: list[dict[str, Any]] = []
+        self._condition_rows: dict[tuple[int, str], dict[str, Any]] = {}
 
     # -- transition log ------------------------------------------------------------------
 
@@ -180,6 +198,55 @@ class StateWriter:
             rows, self._log_rows = self._log_rows, []
             for part in chunked(rows):
                 self.session.execute(insert(_table(TransitionLog)), list(part))
+        self._flush_conditions()
+
+    # -- condition results ---------------------------------------------------------------
+
+    def record_conditions(
+        self,
+        item: OrderItem,
+        process: str,
+        state: str,
+        event: str | None,
+        checks: Sequence[tuple[str, Verdict]],
+    ) -> None:
+        """Remember each condition's answer for ``item`` (written with the log): the newest
+        per (item, condition) replaces the one before (``oms_condition_result``)."""
+        for name, verdict in checks:
+            detail = None
+            if verdict.read:
+                detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
+                if len(detail) > MAX_DETAIL:  # keep it valid JSON, say it was cut
+                    detail = json.dumps({"truncated": detail[: MAX_DETAIL - 50]})
+            self._condition_rows[(item.id, name)] = {
+                "item_id": item.id,
+                "order_id": item.order_id,
+                "process": process,
+                "state": state,
+                "event": event,
+                "condition": name,
+                "result": verdict.holds,
+                "detail": detail,
+                "evaluated_at": self.now,
+            }
+
+    def _flush_conditions(self) -> None:
+        if not self._condition_rows:
+            return
+        rows, self._condition_rows = list(self._condition_rows.values()), {}
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for row in rows:
+            by_name[row["condition"]].append(row["item_id"])
+        for name, ids in by_name.items():
+            for part in chunked(sorted(ids)):
+                self.session.execute(
+                    delete(ConditionResult).where(
+                        ConditionResult.condition == name,
+                        id_in(ConditionResult.item_id, part, self.session),
+                    )
+                )
+        for rows_part in chunked(rows):
+            self.session.execute(insert(_table(ConditionResult)), list(rows_part))
 
     # -- entering states -----------------------------------------------------------------
 
@@ -191,9 +258,14 @@ class StateWriter:
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
 
     def write_moves(
-        self, moves: Sequence[Move], definitions: Mapping[str, ProcessDefinition]
+        self,
+        moves: Sequence[Move],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
-        """Persist ``moves`` (one transaction with whatever else the caller wrote)."""
+        """Persist ``moves`` (one transaction with whatever else the caller wrote); ``data``
+        (a manual event's) goes on their history rows."""
         if not moves:
             self.flush_log()
             return
@@ -203,7 +275,7 @@ class StateWriter:
                 move.process, move.source, move.target, move.event, move.command, move.condition
             )
             groups[key].append(move.item.id)
-        self.write_grouped_moves(groups, definitions)
+        self.write_grouped_moves(groups, definitions, data=data)
         for move in moves:
             item = move.item
             set_committed_value(item, "state", move.target)
@@ -216,13 +288,18 @@ class StateWriter:
         self.flush_log()
 
     def write_grouped_moves(
-        self, groups: Mapping[MoveKey, Sequence[int]], definitions: Mapping[str, ProcessDefinition]
+        self,
+        groups: Mapping[MoveKey, Sequence[int]],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         """Move the items ``groups`` names by id, all set-based: state, cleared retry, history,
         transition log, old timeouts dropped and the target's armed. Holds no ORM objects, so
         the tick can call it for rows it never loaded; the caller updates any it holds."""
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
+            audit = key.forced.columns() if key.forced is not None else {}
             for part in chunked(sorted(ids)):
                 self.session.execute(
                     update(OrderItem)
@@ -237,6 +314,8 @@ class StateWriter:
                     to_state=key.target,
                     event=key.event,
                     created_at=self.now,
+                    **audit,
+                    data=_data_json(data),
                 )
                 self._insert_from_items(
                     TransitionLog,
@@ -252,6 +331,7 @@ class StateWriter:
                     hostname=self.origin.hostname,
                     argv=self.origin.argv,
                     created_at=self.now,
+                    **audit,
                 )
                 self.session.execute(
                     delete(EventTimeout).where(id_in(EventTimeout.item_id, part, self.session))
@@ -266,6 +346,23 @@ class StateWriter:
                         event=event.name,
                         due_at=self.now + event.timeout,
                     )
+
+    def write_forced_move(
+        self,
+        item: OrderItem,
+        target: str,
+        forced: Forced,
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> None:
+        """Move ``item`` to ``target`` because a person said so: no event, no command; the
+        history and log rows carry ``forced``, who and why; timeouts and retries as for any
+        move (the old state's dropped, the target's armed)."""
+        key = MoveKey(item.process, item.state, target, None, forced=forced)
+        self.write_grouped_moves({key: [item.id]}, definitions)
+        set_committed_value(item, "state", target)
+        set_committed_value(item, "state_entered_at", self.now)
+        for name, value in _CLEARED_RETRY.items():
+            set_committed_value(item, name, value)
 
     def _insert_from_items(
         self, model: type[Any], ids: Sequence[int], *, with_order: bool = True, **same: Any
@@ -341,3 +438,10 @@ class StateWriter:
                 )
         for part in chunked(rows):
             self.session.execute(insert(_table(EventTimeout)), list(part))
+
+
+def _data_json(data: Mapping[str, Any] | None) -> str | None:
+    """A manual event's data as stored on ``oms_state_history.data`` (``None``: no data)."""
+    if not data:
+        return None
+    return json.dumps(dict(data), default=str, ensure_ascii=False, sort_keys=True)

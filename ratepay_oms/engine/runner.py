@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+EVENT_DATA_KEY = "event_data"
+"""Key under which an intent's summary keeps the manual event's data until the call settles."""
+
 MAX_EVENT_REPEATS = 10
 """How often one (order, state, event) may fire in one drive before the loop guard stops it."""
 
@@ -110,6 +113,8 @@ class RunStats:
     moves: list[tuple[int, str, str]] = field(default_factory=list)
     stayed: list[int] = field(default_factory=list)
     error_messages: list[str] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """(item id, error message) of every item whose event failed (bulk events report per item)."""
 
     def add(self, other: RunStats) -> None:
         """Add what ``other`` (a committed transaction's figures) counted."""
@@ -184,6 +189,10 @@ class Runner:
         self.writer = StateWriter(session, now, engine.origin)
         self.calls: list[Call] = []
         """Gateway calls planned in this transaction (their intents are written)."""
+        self.data: dict[str, Any] | None = None
+        """Event data of a manual trigger: given to the first round's commands and written on
+        the history rows of its moves (also after a gateway call, through the intent)."""
+        self._first_round = False
 
     # -- the cascade ---------------------------------------------------------------------
 
@@ -205,12 +214,16 @@ class Runner:
         while pending or carried:
             moves: list[Move] = carried
             carried = []
+            self._first_round = first
             for group in pending:
                 if not self.guard.allow(group.order.id, group.state, group.event):
                     self._loop_guard(group)
                     continue
                 moves.extend(self._fire(group, record_stays=record_stays and first))
-            self.writer.write_moves(moves, self.engine.definitions)
+            self._first_round = False
+            self.writer.write_moves(
+                moves, self.engine.definitions, data=self.data if first else None
+            )
             self.stats.items_moved += len(moves)
             self.stats.moves.extend((m.item.id, m.source, m.target) for m in moves)
             pending = self._on_enter_groups(moves)
@@ -231,7 +244,10 @@ class Runner:
 
     def context(self, group: Group) -> CommandContext:
         definition = self.engine.definitions[group.process]
-        return CommandContext(self.session, definition, group.event, self.now, self.engine.services)
+        data = self.data if self._first_round and self.data else {}
+        return CommandContext(
+            self.session, definition, group.event, self.now, self.engine.services, data
+        )
 
     def _fire(self, group: Group, *, record_stays: bool) -> list[Move]:
         definition = self.engine.definitions[group.process]
@@ -251,6 +267,20 @@ class Runner:
         if not items:
             return []
         return self.choose(group, items, command_name, ctx, record_stays)
+
+    def plan_external(self, group: Group, command_name: str) -> None:
+        """Plan ``command_name`` (an external command) for ``group`` outside any transition:
+        a booking a person asks for on an order (a goodwill credit), exactly once through an
+        intent like every booking. ``group.event`` is ``None``; the first round's
+        ``CommandContext.data`` (``self.data``) tells the command what to book."""
+        command = self.engine.registry.external(command_name)
+        self._first_round = True
+        try:
+            ctx = self.context(group)
+            moves = self._plan(group, command_name, command, ctx, record_stays=False)
+        finally:
+            self._first_round = False
+        self._rounds([], moves, record_stays=False)
 
     def _plan(
         self,
@@ -275,6 +305,9 @@ class Runner:
             # Decided without a call (the command recorded why): go on as answered.
             self.stats.commands_run += 1
             return self.choose(group, list(group.items), command_name, ctx, record_stays)
+        summary = dict(call.summary)
+        if ctx.data:
+            summary[EVENT_DATA_KEY] = dict(ctx.data)  # the move after the call records it
         intent = Intent(
             order_id=group.order.id,
             process=group.process,
@@ -282,7 +315,7 @@ class Runner:
             event=group.event,
             command=command_name,
             item_ids=json.dumps([i.id for i in group.items]),
-            summary=json.dumps(call.summary, default=str, sort_keys=True),
+            summary=json.dumps(summary, default=str, sort_keys=True),
             status=INTENT_PENDING,
             worker=self.engine.claims.worker_id,
             attempts=0,
@@ -332,6 +365,9 @@ class Runner:
                     for item in remaining:
                         subject = Subject(group.state, group.order, item, ctx)
                         chosen = compiled.choose(group.event, subject)
+                        self.writer.record_conditions(
+                            item, group.process, group.state, group.event, subject.checks
+                        )
                         done += 1
                         if chosen is None:
                             stayed.append(item)
@@ -457,6 +493,8 @@ class Runner:
             command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
+        if isinstance(summary.get(EVENT_DATA_KEY), dict):
+            self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
         return True
 
@@ -496,10 +534,12 @@ class Runner:
                 error=message,
             )
         ids = ", ".join(str(i.id) for i in items)
-        self.stats.error(
+        text = (
             f"order {group.order.order_ref} items [{ids}] {group.event or '(event-less)'} "
             f"in {group.state}: {message}"
         )
+        self.stats.error(text)
+        self.stats.failed.extend((i.id, text) for i in items)
 
     def fail(
         self,

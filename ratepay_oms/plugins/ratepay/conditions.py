@@ -8,9 +8,10 @@ command performed, written in the same transaction as the command's state change
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratepay_oms.engine.plugins import Condition
+from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
@@ -24,6 +25,26 @@ from ratepay_oms.ratepay.codes import is_decline
 if TYPE_CHECKING:
     from ratepay_oms.engine.plugins import CommandContext
     from ratepay_oms.persistence.models import Order, OrderItem
+    from ratepay_oms.persistence.payment import RatepayItemOutcome
+
+
+def _read(action: str, outcome: RatepayItemOutcome | None) -> dict[str, Any]:
+    """What a condition looked at, for ``explain``: the outcome row it decided on."""
+    if outcome is None:
+        return {"action": action, "outcome": None}
+    return {
+        "action": action,
+        "outcome": {
+            "id": outcome.id,
+            "success": bool(outcome.success),
+            "operation": outcome.operation,
+            "subtype": outcome.subtype,
+            "result_code": outcome.result_code,
+            "reason_code": outcome.reason_code,
+            "message": outcome.message,
+            "created_at": outcome.created_at.isoformat(),
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -32,9 +53,10 @@ class OutcomeSucceeded(Condition):
 
     action: str
 
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
         outcome = latest_outcome(ctx.session, item.id, self.action)
-        return outcome is not None and outcome.success
+        holds = outcome is not None and bool(outcome.success)
+        return Verdict(holds, _read(self.action, outcome))
 
 
 @dataclass(frozen=True)
@@ -43,13 +65,14 @@ class PaymentRequestDeclined(Condition):
     reason 730 "buyer identity"): a risk decision, not a technical failure, so retrying is
     pointless; the shopper needs another method (``payment.customer_message`` says so)."""
 
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
         outcome = latest_outcome(ctx.session, item.id, PAYMENT_REQUEST)
-        return (
+        holds = (
             outcome is not None
             and not outcome.success
             and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
+        return Verdict(holds, _read(PAYMENT_REQUEST, outcome))
 
 
 def _code(text: str | None) -> int | None:
