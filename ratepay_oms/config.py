@@ -141,16 +141,6 @@ class OmsConfig:
         env = os.environ.get(PLUGINS_ENV)
         return env if env is not None else ",".join(self.plugins)
 
-    def ratepay_configured(self, environ: Mapping[str, str] | None = None) -> bool:
-        env = os.environ if environ is None else environ
-        return bool(env.get("RATEPAY_PROFILE_ID") or self.ratepay.get("PROFILE_ID"))
-
-    def ratepay_settings(self, environ: Mapping[str, str] | None = None) -> Any:
-        """``RatepaySettings`` from ``RATEPAY_*`` over the file's ``[ratepay]`` table."""
-        from ratepay_oms.ratepay.settings import RatepaySettings
-
-        return RatepaySettings.from_env(environ, self.path if self.ratepay else None)
-
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """``explicit``, else ``$RATEPAY_OMS_CONFIG``, else ``./ratepay-oms.toml`` if present.
@@ -179,29 +169,38 @@ def attach_ratepay(
     settings: Any = None,
     environ: Mapping[str, str] | None = None,
 ) -> bool:
-    """Give ``engine`` the RatePAY services (the facade, with its API log in the engine's
-    database, and the instalment calculator), unless its services have a facade already.
-    ``settings`` (a ``RatepaySettings``) wins over the environment and the file; without it
-    and without a configured ``PROFILE_ID`` nothing is attached (``False``). A partial
-    configuration raises ``RatepaySettingsError`` (logged and skipped when
+    """Give ``engine`` the RatePAY services (the facades of the configured profiles, with their
+    API log in the engine's database, and the instalment calculator), unless its services have
+    a facade already. ``settings`` (a ``RatepaySettings``) wins over the environment and the
+    file; without it and without a configured profile nothing is attached (``False``). A
+    partial configuration raises ``RatepaySettingsError`` (logged and skipped when
     ``config.ratepay_optional``)."""
     from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
+    from ratepay_oms.plugins.ratepay.services import (
+        CONFIG_ENV as SERVICES_CONFIG_ENV,
+    )
+    from ratepay_oms.plugins.ratepay.services import (
+        build_facade,
+        facade_services,
+        ratepay_services_if_configured,
+    )
+    from ratepay_oms.ratepay.errors import RatepaySettingsError
 
     if SERVICE_NAME in engine.services:
         return False
-    if settings is None:
-        if not config.ratepay_configured(environ):
-            return False
-        from ratepay_oms.ratepay.errors import RatepaySettingsError
-
-        try:
-            settings = config.ratepay_settings(environ)
-        except RatepaySettingsError as exc:
-            if not config.ratepay_optional:
-                raise
-            log.warning("RatePAY not attached (not needed here): %s", exc)
-            return False
-    from ratepay_oms.plugins.ratepay.services import build_facade, facade_services
-
-    engine.services.update(facade_services(build_facade(settings, engine.session)))
-    return True
+    if settings is not None:
+        engine.services.update(facade_services(build_facade(settings, engine.session)))
+        return True
+    # The file this config was read from, when it has a [ratepay] table; never a second lookup.
+    env = dict(os.environ if environ is None else environ)
+    env.pop(SERVICES_CONFIG_ENV, None)
+    toml = str(config.path) if config.path is not None and config.ratepay else None
+    try:
+        services = ratepay_services_if_configured(engine.session, environ=env, toml_path=toml)
+    except RatepaySettingsError as exc:
+        if not config.ratepay_optional:
+            raise
+        log.warning("RatePAY not attached (not needed here): %s", exc)
+        return False
+    engine.services.update(services)
+    return bool(services)
