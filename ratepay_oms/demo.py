@@ -118,12 +118,17 @@ def attach_ratepay(engine: Any, settings: RatepaySettings | dict[str, str]) -> R
 def demo_engine(db_url: str, settings: RatepaySettings | dict[str, str]) -> Any:
     """An ``Engine`` on ``db_url`` (schema upgraded) with the shipped processes and a RatePAY
     facade on ``settings``: what the demo and the flow tests run against."""
+    from ratepay_oms.config import OmsConfig
     from ratepay_oms.engine.engine import Engine
     from ratepay_oms.process.loader import default_process_dir
 
-    engine = Engine(db_url, process_dir=default_process_dir())
+    if isinstance(settings, dict):
+        settings = RatepaySettings.from_mapping(settings)
+    # No config file and the sandbox's settings, whatever RATEPAY_* the shell has exported.
+    engine = Engine(
+        db_url, process_dir=default_process_dir(), config=OmsConfig(), ratepay_settings=settings
+    )
     engine.upgrade_db()
-    attach_ratepay(engine, settings)
     return engine
 
 
@@ -320,7 +325,7 @@ FLOWS: list[tuple[str, Callable[[DemoRun], None]]] = [
 
 def run_demo(db_url: str | None = None, console: Console | None = None) -> int:
     """Run every flow; 0 when every item ended where it should, 1 otherwise."""
-    from ratepay_oms.sandbox.testing import start_sandbox
+    from ratepay_oms.sandbox.running import start_sandbox
 
     console = console or Console(highlight=False)
     tmp: tempfile.TemporaryDirectory[str] | None = None

@@ -573,13 +573,19 @@ def load_order_file(path: str | Path) -> OrderInput:
         raise OrderInputError(f"{file}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise OrderInputError(f"{file}: not UTF-8 text") from None
+    return load_order_text(text, str(file))
+
+
+def load_order_text(text: str, source: str = "<stdin>") -> OrderInput:
+    """Check an order given as JSON text (``order place -`` reads it from stdin); ``source``
+    names it in messages."""
     try:
         data = json.loads(text, parse_float=Decimal)
     except json.JSONDecodeError as exc:
         raise OrderInputError(
-            f"{file}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
+            f"{source}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"
         ) from None
     try:
         return parse_order(data)
     except OrderInputError as exc:
-        raise OrderInputError(f"{file}: {exc}") from None
+        raise OrderInputError(f"{source}: {exc}") from None

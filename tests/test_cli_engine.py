@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from ratepay_oms.cli import main
 from ratepay_oms.cli.tick import parse_iso_time
 from ratepay_oms.engine.plugins import ByOrderCommand
+from ratepay_oms.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = Path(__file__).resolve().parent / "processes" / "cli"
@@ -364,7 +365,7 @@ def test_a_failing_command_shows_its_retry_and_error(
     assert cli("order", "place", path, *args).code == 0
 
     fired = cli("event", "invoice", ref, *args)
-    assert fired.code == 1
+    assert fired.code == ExitCode.GATEWAY_FAILED  # done, but its command failed
     assert FAILURE in fired.err and "Traceback" not in fired.err
     view = cli("order", "show", ref, "--json", *args).json()
     assert {i["state"] for i in view["items"]} == {"new"}
@@ -375,7 +376,7 @@ def test_a_failing_command_shows_its_retry_and_error(
     assert "retry " in table.out and "(attempt 1)" in table.out and FAILURE in table.out
 
     retried = cli("tick", "--now", "2099-01-01T00:00:00Z", "--json", *args)
-    assert retried.code == 0, retried.err
+    assert retried.code == ExitCode.GATEWAY_FAILED, retried.err  # the retry failed again
     assert retried.json()["errors"] >= 1
     assert {i["attempts"] for i in cli("order", "show", ref, "--json", *args).json()["items"]} \
         == {2}

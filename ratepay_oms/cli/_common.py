@@ -27,15 +27,19 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import click
 from rich.console import Console
 
-from ratepay_oms.errors import OmsError
+from ratepay_oms.errors import ExitCode, OmsError
 
 if TYPE_CHECKING:
+    from ratepay_oms.config import OmsConfig
     from ratepay_oms.engine.engine import Engine
+    from ratepay_oms.ratepay.api_log import ApiCallRecord
 
 log = logging.getLogger(__name__)
 
 DATABASE_URL_ENV = "RATEPAY_OMS_DATABASE_URL"
 FALLBACK_DATABASE_URL = "sqlite:///ratepay-oms.sqlite"
+"""For ``--help`` texts only (they must not import SQLAlchemy); the lookup is
+``OmsConfig.resolve_database_url``."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,22 +47,39 @@ R = TypeVar("R")
 
 class DatabaseUnavailableError(OmsError):
     """The ``--db`` URL is malformed, names a driver that is not installed, points at a server
-    that does not answer, or at a database whose schema was never created."""
+    that does not answer, or at a database whose schema was never created or upgraded."""
+
+    exit_code = ExitCode.DATABASE_UNAVAILABLE
+
+
+def current_config() -> OmsConfig:
+    """The config file of this command line (``--config``, ``$RATEPAY_OMS_CONFIG``,
+    ``./ratepay-oms.toml``), read once per command."""
+    from ratepay_oms.config import OmsConfig
+
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    obj = root.obj if root is not None and isinstance(root.obj, dict) else None
+    if obj is None:
+        return OmsConfig.load()
+    if "config" not in obj:
+        obj["config"] = OmsConfig.load(obj.get("config_file"))
+    return obj["config"]  # type: ignore[no-any-return]
 
 
 def resolve_database_url(db_url: str | None) -> str:
-    """``--db`` if given, else ``RATEPAY_OMS_DATABASE_URL``, else a SQLite file in the cwd.
+    """``--db`` if given, else ``RATEPAY_OMS_DATABASE_URL``, else the config file's
+    ``[oms] database_url``, else a SQLite file in the cwd (``OmsConfig.resolve_database_url``)."""
+    return current_config().resolve_database_url(db_url)
 
-    Defers to ``ratepay_oms.persistence.db.default_database_url`` when it exists so the
-    default is defined once for the library and the console.
-    """
-    if db_url:
-        return db_url
-    try:
-        from ratepay_oms.persistence.db import default_database_url
-    except ImportError:  # pragma: no cover - persistence not written yet
-        return os.environ.get(DATABASE_URL_ENV) or FALLBACK_DATABASE_URL
-    return default_database_url()
+
+class DatabaseConfigError(OmsError):
+    """The database URL cannot be used as written: malformed, an unknown dialect, or a driver
+    that is not installed (the message names the extra that installs it)."""
+
+
+DRIVER_EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+"""Backend → the ``ratepay-oms[extra]`` that installs its default driver (pyproject.toml)."""
 
 
 def check_database_url(url: str) -> str:
@@ -68,20 +89,25 @@ def check_database_url(url: str) -> str:
 
     try:
         parsed = sa.engine.make_url(url)
-        parsed.get_dialect()
+        dialect = parsed.get_dialect()
+        dialect.import_dbapi()  # the driver module: missing → ImportError here, not mid-command
     except NoSuchModuleError:
-        raise DatabaseUnavailableError(
+        raise DatabaseConfigError(
             f"invalid database URL {_safe(url)!r}: unknown dialect or driver "
             f"{parsed.drivername!r}"
         ) from None
     except (ArgumentError, ValueError) as exc:
-        raise DatabaseUnavailableError(
+        raise DatabaseConfigError(
             f"invalid database URL {url!r}: {exc} "
             "(expected e.g. sqlite:///oms.sqlite or postgresql+psycopg://user@host/db)"
         ) from None
     except ImportError as exc:
-        raise DatabaseUnavailableError(
-            f"database driver for {parsed.drivername!r} is not installed: {exc.name or exc}"
+        extra = DRIVER_EXTRAS.get(parsed.get_backend_name())
+        hint = (f"pip install 'ratepay-oms[{extra}]'" if extra
+                else f"install the Python driver for {parsed.drivername}")
+        raise DatabaseConfigError(
+            f"the database driver for {parsed.drivername} is not installed "
+            f"(no module {exc.name or exc}); {hint}"
         ) from None
     return url
 
@@ -121,10 +147,20 @@ def require_existing_database(url: str) -> None:
 @contextmanager
 def database_errors(url: str) -> Iterator[None]:
     """Turn the database errors a user causes into one-line :class:`OmsError` messages."""
-    from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+    from sqlalchemy.exc import DataError, DBAPIError, OperationalError, ProgrammingError
 
     try:
         yield
+    except DataError as exc:
+        text = str(exc.orig if exc.orig else exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        hint = ""
+        if "incorrect string value" in first.lower():
+            hint = ("; the database cannot store these characters: run "
+                    f"`ratepay-oms db upgrade --db {_safe(url)}` for the utf8mb4 fix")
+        raise DatabaseConfigError(
+            f"database {_safe(url)} refused the data ({first}){hint}"
+        ) from None
     except (OperationalError, ProgrammingError) as exc:
         text = str(exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc)
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
@@ -135,31 +171,105 @@ def database_errors(url: str) -> Iterator[None]:
                 f"database {_safe(url)} has no ratepay-oms tables ({first}); "
                 f"run: ratepay-oms db upgrade --db {_safe(url)}"
             ) from None
-        raise DatabaseUnavailableError(f"database {_safe(url)}: {first}") from None
+        raise DatabaseUnavailableError(
+            f"database {_safe(url)} is unavailable: {first} "
+            "(check the URL, that the server runs, and the credentials)"
+        ) from None
 
 
 def engine_from_options(
-    db_url: str | None, process_dir: str | Path | None, *, concurrency: int | None = None
+    db_url: str | None,
+    process_dir: str | Path | None,
+    *,
+    gateway: bool = True,
+    concurrency: int | None = None,
 ) -> Engine:
-    """The one place the console builds an :class:`Engine` from ``--db`` / ``--processes``.
+    """The one place the console builds an :class:`Engine` from ``--db`` / ``--processes``
+    and the config file.
 
     The URL is checked (parseable, driver installed, SQLite file present) before the engine
     is built; process files are loaded by the engine and their errors surface as
-    ``ProcessDefinitionError`` (an ``OmsError``).
+    ``ProcessDefinitionError`` (an ``OmsError``). The engine attaches RatePAY from the
+    environment and the config file itself; the console then collects the gateway calls each
+    command makes (``gateway_calls``), to print their outcome and set the exit status.
+    ``gateway=False`` (commands that only read) does not refuse an incomplete RatePAY
+    configuration: ``order show`` works while ``RATEPAY_SECURITY_CODE`` is not exported.
     """
-    url = check_database_url(resolve_database_url(db_url))
+    config = current_config()
+    if not gateway:
+        import dataclasses
+
+        config = dataclasses.replace(config, ratepay_optional=True)
+    url = check_database_url(config.resolve_database_url(db_url))
     require_existing_database(url)
     from ratepay_oms.engine.engine import Engine
 
     with database_errors(url):
-        if concurrency is None:
-            engine = Engine(url, process_dir=process_dir)
-        else:
-            engine = Engine(url, process_dir=process_dir, concurrency=concurrency)
-    from ratepay_oms.plugins.ratepay.services import attach_configured_ratepay
+        extra: dict[str, Any] = {} if concurrency is None else {"concurrency": concurrency}
+        engine = Engine(url, process_dir=process_dir, config=config, **extra)
+    from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
+    from ratepay_oms.ratepay.api_log import CallCollector
 
-    attach_configured_ratepay(engine)  # RATEPAY_* settings → services["ratepay"], if set
+    facade = engine.services.get(SERVICE_NAME)
+    if facade is not None and not isinstance(facade.api_log, CallCollector):
+        facade.api_log = CallCollector(facade.api_log)
     return engine
+
+
+def gateway_calls(engine: Engine) -> list[ApiCallRecord]:
+    """The gateway calls made through ``engine`` since the last look, oldest first."""
+    from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
+    from ratepay_oms.ratepay.api_log import CallCollector
+
+    facade = engine.services.get(SERVICE_NAME)
+    sink = getattr(facade, "api_log", None)
+    return sink.take() if isinstance(sink, CallCollector) else []
+
+
+def describe_call(call: ApiCallRecord) -> str:
+    """One line per gateway call: operation, verdict, result and reason (code and text)."""
+    from ratepay_oms.ratepay.api_log import is_failure
+
+    label = f"{call.operation}/{call.subtype}" if call.subtype else call.operation
+    if call.error and call.result_code is None:
+        return f"gateway: {label} failed: {call.error}"
+    verdict = "refused" if is_failure(call.success, call.error) else "ok"
+    parts = [f"gateway: {label} {verdict}"]
+    if call.result_code is not None:
+        parts.append(f"result {call.result_code} {call.result_text or ''}".rstrip())
+    if call.reason_code is not None:
+        parts.append(f"reason {call.reason_code} {call.reason_text or ''}".rstrip())
+    if call.error:
+        parts.append(call.error)
+    return ": ".join(parts[:1]) + (": " + ", ".join(parts[1:]) if parts[1:] else "")
+
+
+def call_json(call: ApiCallRecord) -> dict[str, Any]:
+    """A gateway call for ``--json`` output (the ``log --json`` fields, without documents)."""
+    from ratepay_oms.ratepay.api_log import is_failure
+
+    return {
+        "operation": call.operation,
+        "subtype": call.subtype,
+        "transaction_id": call.transaction_id,
+        "order_ref": call.order_ref,
+        "success": call.success,
+        "failed": is_failure(call.success, call.error),
+        "status_code": call.status_code,
+        "result_code": call.result_code,
+        "result_text": call.result_text,
+        "reason_code": call.reason_code,
+        "reason_text": call.reason_text,
+        "http_status": call.http_status,
+        "error": call.error,
+        "duration_ms": call.duration_ms,
+    }
+
+
+def any_call_failed(calls: list[ApiCallRecord]) -> bool:
+    from ratepay_oms.ratepay.api_log import is_failure
+
+    return any(is_failure(c.success, c.error) for c in calls)
 
 
 def db_option(func: Callable[P, R]) -> Callable[P, R]:
@@ -169,8 +279,8 @@ def db_option(func: Callable[P, R]) -> Callable[P, R]:
         "db_url",
         metavar="URL",
         default=None,
-        help=f"SQLAlchemy database URL (default: ${DATABASE_URL_ENV}, "
-        f"else {FALLBACK_DATABASE_URL}).",
+        help=f"SQLAlchemy database URL (default: ${DATABASE_URL_ENV}, else [oms] "
+        f"database_url of the config file, else {FALLBACK_DATABASE_URL}).",
     )(func)
 
 
@@ -182,8 +292,8 @@ def engine_options(func: Callable[P, R]) -> Callable[P, R]:
         metavar="DIR",
         type=click.Path(exists=True, file_okay=False, path_type=Path),
         default=None,
-        help="Processes directory (default: $RATEPAY_OMS_PROCESS_DIR, ./processes, "
-        "the shipped one).",
+        help="Processes directory (default: $RATEPAY_OMS_PROCESS_DIR, [oms] process_dir, "
+        "./processes, the shipped one).",
     )(func)
     return db_option(func)
 
@@ -205,13 +315,22 @@ PIPE_WIDTH = 200
 """Table width when stdout is a pipe or file: wide enough that rows stay one line for grep."""
 
 
-def stdout_console() -> Console:
+class PipeSafeConsole(Console):
+    """Rich's console, except that a closed pipe (``| head``) raises ``BrokenPipeError`` for
+    ``main()`` to end the command quietly with status 0, instead of Rich's exit status 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+def stdout_console(*, soft_wrap: bool = False) -> Console:
     """Rich console on stdout; built per call so it sees the stream the command runs with.
 
     On a terminal Rich fits its width; into a pipe it would fall back to 80 columns and wrap
     table rows, so there we allow ``$COLUMNS`` or :data:`PIPE_WIDTH`.
     """
-    console = Console(highlight=False, soft_wrap=False)
+    console = PipeSafeConsole(highlight=False, soft_wrap=soft_wrap)
     if not console.is_terminal and not os.environ.get("COLUMNS"):
         console.width = PIPE_WIDTH
     return console

@@ -75,10 +75,11 @@ def load_definitions(
     The matrix still works without them (``required=False``: a warning, then raw states);
     a migration does not.
     """
-    from ratepay_oms.process.loader import default_process_dir, load_processes
+    from ratepay_oms.cli._common import current_config
+    from ratepay_oms.process.loader import load_processes
 
     try:
-        return load_processes(default_process_dir(process_dir))
+        return load_processes(current_config().resolve_process_dir(process_dir))
     except OmsError as exc:
         if required:
             raise
@@ -103,9 +104,10 @@ def matrix(
 ) -> None:
     """Items per process and state, by how long they have been there (today, this week, older).
 
-    The "!" column flags states holding items with an error or a pending retry, states the
-    process file no longer knows, and SLA breaches: those need a person. The "sla" column counts
-    items past the state's SLA limits (see `ratepay-oms alerts`).
+    The "!" column flags states holding items with an error or a pending retry, items the
+    gateway refused ("… invalid"), states the process file no longer knows, and SLA breaches:
+    those need a person. Declined states are labelled. The "sla" column counts items past the
+    state's SLA limits (see `ratepay-oms alerts`).
 
     \b
     Example:
@@ -143,9 +145,14 @@ def matrix(
         for cell in row.states:
             label = Text(cell.state)
             if cell.final:
-                label.append(" (final)", style="dim")
+                label.append(" (final, declined)" if cell.refusal == "declined" else " (final)",
+                             style="dim")
+            elif cell.refusal == "declined":
+                label.append(" (declined)", style="yellow")
             if not cell.known:
                 label.append(" (unknown state)", style="red")
+            if cell.refusal == "invalid":
+                label.append(" (refused by the gateway: retry or decide)", style="red")
             mark = Text("!", style="bold red") if cell.attention else Text("")
             table.add_row(
                 label,

@@ -54,7 +54,8 @@ def intents_list(
     Example:
       ratepay-oms intents list --json | jq '.[] | select(.status == "unknown")'
     """
-    views = engine_from_options(db_url, process_dir).intents(order_ref, open_only=not show_all)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
+    views = engine.intents(order_ref, open_only=not show_all)
     if as_json:
         print_json([v.to_json() for v in views])
         return

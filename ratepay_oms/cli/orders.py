@@ -18,21 +18,32 @@ from rich.text import Text
 
 from ratepay_oms.cli import cli
 from ratepay_oms.cli._common import (
+    any_call_failed,
+    call_json,
+    describe_call,
     engine_from_options,
     engine_options,
     fmt_time,
+    gateway_calls,
     print_json,
     stdout_console,
     translate_db_errors,
 )
-from ratepay_oms.errors import OmsError
+from ratepay_oms.errors import ExitCode, OmsError
 
 log = logging.getLogger(__name__)
 
 
 class EventCommandFailedError(OmsError):
     """The event's command raised: its items stayed where they were and a retry is scheduled
-    (the engine logged it); the console reports it and exits non-zero."""
+    (the engine logged it); the console reports it and exits with ``GATEWAY_FAILED``."""
+
+    exit_code = ExitCode.GATEWAY_FAILED
+
+
+def _print_calls(calls: list[Any]) -> None:
+    for call in calls:
+        click.echo(describe_call(call))
 
 
 @cli.group()
@@ -81,28 +92,47 @@ def _items_table(view: Any, *, detailed: bool) -> Table:
 
 @order.command("place")
 @engine_options
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", metavar="FILE|-", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--no-fire", is_flag=True,
               help="Only store the order; the next tick runs the initial state's events.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the order and the gateway calls as one JSON document.")
 @translate_db_errors
-def place(db_url: str | None, process_dir: Path | None, file: Path, no_fire: bool) -> None:
-    """Place the order in FILE (JSON) and start its process.
+def place(
+    db_url: str | None, process_dir: Path | None, file: str, no_fire: bool, as_json: bool
+) -> None:
+    """Place the order in FILE (JSON; - reads stdin) and start its process.
 
     The file is checked completely first (a JSON syntax error names line and column, a wrong
     field is named); an order ref that exists already is refused. Nothing is written on error.
+    Prints the items and the outcome of every gateway call made (result and reason); exit
+    status 4 when a call failed or was refused or a command failed (the items wait where the
+    next tick retries or a person decides).
 
     \b
     Example:
       ratepay-oms order place order.json
+      ratepay-oms order place - --json < order.json
       ratepay-oms order place order.json --no-fire --db sqlite:///oms.sqlite
     """
-    from ratepay_oms.orders import load_order_file
+    from ratepay_oms.orders import load_order_file, load_order_text
 
-    order_input = load_order_file(file)
+    if file == "-":
+        order_input = load_order_text(click.get_text_stream("stdin").read(), "<stdin>")
+    else:
+        order_input = load_order_file(file)
     engine = engine_from_options(db_url, process_dir)
     view = engine.place_order(order_input, fire=not no_fire)
-    click.echo(f"placed order {view.order_ref} ({view.process}): {len(view.items)} items")
-    stdout_console().print(_items_table(view, detailed=False))
+    calls = gateway_calls(engine)
+    item_errors = [i for i in view.items if getattr(i, "last_error", None)]
+    if as_json:
+        print_json({"order": view.to_json(), "gateway_calls": [call_json(c) for c in calls]})
+    else:
+        click.echo(f"placed order {view.order_ref} ({view.process}): {len(view.items)} items")
+        stdout_console().print(_items_table(view, detailed=bool(item_errors)))
+        _print_calls(calls)
+    if any_call_failed(calls) or item_errors:
+        raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
 
 
 @order.command("show")
@@ -122,8 +152,9 @@ def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) 
     from ratepay_oms.cli.console import print_order_detail
     from ratepay_oms.console.inspect import merge_order_json, order_detail
 
-    engine = engine_from_options(db_url, process_dir)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
     view = engine.order(ref)
+    view = _with_gateway_reasons(engine, view)
     detail = order_detail(engine, ref)
     if as_json:
         print_json(merge_order_json(view.to_json(), detail))
@@ -132,6 +163,25 @@ def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) 
                f"placed {fmt_time(view.created_at)}")
     stdout_console().print(_items_table(view, detailed=True))
     print_order_detail(detail)
+
+
+def _with_gateway_reasons(engine: Any, view: Any) -> Any:
+    """The view with ``last_error`` holding the gateway's refusal (result, reason, text) for
+    each item a command left in an ``… invalid`` state without an error of its own."""
+    import dataclasses
+
+    from ratepay_oms.console.refusals import gateway_reasons, refusal_kind
+
+    refused = [i.id for i in view.items if refusal_kind(i.state) == "invalid" and not i.last_error]
+    if not refused:
+        return view
+    with engine.session() as session:
+        reasons = gateway_reasons(session, refused)
+    items = tuple(
+        dataclasses.replace(i, last_error=reasons[i.id]) if i.id in reasons else i
+        for i in view.items
+    )
+    return dataclasses.replace(view, items=items)
 
 
 @order.command("list")
@@ -154,7 +204,8 @@ def list_orders(
       ratepay-oms order list
       ratepay-oms order list --state "payment pending" --process RatepayInvoice01 --json
     """
-    views = engine_from_options(db_url, process_dir).orders(state=state, process=process_name)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
+    views = engine.orders(state=state, process=process_name)
     if as_json:
         print_json([v.to_json() for v in views])
         return
@@ -181,7 +232,7 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
       ratepay-oms order history 100045
       ratepay-oms order history 100045 --json
     """
-    engine = engine_from_options(db_url, process_dir)
+    engine = engine_from_options(db_url, process_dir, gateway=False)
     entries = engine.history(ref)
     if as_json:
         print_json([e.to_json() for e in entries])
@@ -229,7 +280,9 @@ def _print_adjustments(engine: Any, ref: str) -> None:
 @click.option("--dry-run", is_flag=True, help="With --from-csv: check and report, write nothing.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, metavar="K",
               help="With --from-csv: orders fired at once (default 4).")
-@click.option("--json", "as_json", is_flag=True, help="With --from-csv: the report as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document: the moves, errors and gateway calls; with --from-csv the "
+              "report.")
 @click.option("--invoice-id", default=None, metavar="ID",
               help="Your invoice number, sent to RatePAY with the delivery (ship).")
 @click.option("--tracking-id", "tracking_ids", multiple=True, metavar="CODE",
@@ -258,8 +311,9 @@ def event(
     CSV file (--from-csv).
 
     Only events marked manual in the process can be fired by hand; a refusal says which item
-    is in which state and what it accepts. Prints what moved; a failing command leaves its items
-    in place with a retry scheduled and makes the exit status non-zero. With --from-csv every
+    is in which state and what it accepts. Prints what moved and the outcome of every gateway
+    call made (result and reason); exit status 4 when a call failed or was refused or a command
+    failed (its items stay in place with a retry scheduled). With --from-csv every
     row is checked and reported (accepted, refused and why, failed); --dry-run says what would
     happen and writes nothing; the exit status is 1 when any row was refused or failed.
 
@@ -274,7 +328,7 @@ def event(
       ratepay-oms event cancel 100045 --item 3 --item 4
       ratepay-oms event ship --from-csv shipments.csv --dry-run
     """
-    if csv_file is not None or dry_run or concurrency is not None or as_json:
+    if csv_file is not None or dry_run or concurrency is not None:
         from ratepay_oms.cli.operator import bulk_event
 
         return bulk_event(db_url, process_dir, event_name, ref, item_ids, csv_file, dry_run,
@@ -284,17 +338,33 @@ def event(
     data = _event_data(invoice_id, tracking_ids, carrier, pairs)
     engine = engine_from_options(db_url, process_dir)
     result = engine.trigger(event_name, ref, list(item_ids) or None, data=data)
+    calls = gateway_calls(engine)
+    if as_json:
+        print_json({
+            "order_ref": ref,
+            "event": event_name,
+            "moved": [{"item_id": i, "from_state": s, "to_state": t} for i, s, t in result.moved],
+            "stayed": list(result.stayed),
+            "errors": list(result.errors),
+            "gateway_calls": [call_json(c) for c in calls],
+        })
+        if result.errors or any_call_failed(calls):
+            raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
+        return None
     for item_id, source, target in result.moved:
         click.echo(f"item {item_id}: {source} → {target}")
     for item_id in result.stayed:
         click.echo(f"item {item_id}: stayed in its state (no transition applied)")
     if not result.moved and not result.stayed and not result.errors:
         click.echo("nothing moved")
+    _print_calls(calls)
     if result.errors:
         # An OmsError (not click's Exit, which main() would turn into status 0): main prints it.
         raise EventCommandFailedError(
             "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
+    if any_call_failed(calls):
+        raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
     return None
 
 

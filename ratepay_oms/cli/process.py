@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from ratepay_oms.cli import cli
+from ratepay_oms.cli._common import stdout_console
 from ratepay_oms.process.draw import DRAW_FORMATS, draw
 from ratepay_oms.process.errors import ProcessCheckFailed
 from ratepay_oms.process.loader import (
     check_files,
-    default_process_dir,
     load_named_process,
     load_processes,
 )
@@ -41,8 +40,16 @@ dir_option = click.option(
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Processes directory (default: $RATEPAY_OMS_PROCESS_DIR, ./processes, the shipped one).",
+    help="Processes directory (default: $RATEPAY_OMS_PROCESS_DIR, [oms] process_dir, "
+    "./processes, the shipped one).",
 )
+
+
+def _process_dir(directory: Path | None) -> Path:
+    """``--dir``, else what the environment or the config file say (``OmsConfig``)."""
+    from ratepay_oms.cli._common import current_config
+
+    return current_config().resolve_process_dir(directory)
 
 
 def _registry() -> PluginRegistry:
@@ -83,7 +90,7 @@ def list_processes(directory: Path | None, as_json: bool) -> None:
     Example:
       ratepay-oms process list --dir processes --json
     """
-    root = default_process_dir(directory)
+    root = _process_dir(directory)
     definitions = load_processes(root)
     ordered = [d for _, d in sorted(definitions.items())]
     if as_json:
@@ -101,7 +108,7 @@ def list_processes(directory: Path | None, as_json: bool) -> None:
             str(len(d.transitions)),
             "\n".join(os.path.relpath(f, root) for f in d.files),  # short: the title has root
         )
-    Console(highlight=False, soft_wrap=True).print(table)
+    stdout_console(soft_wrap=True).print(table)
 
 
 @process_group.command("check")
@@ -118,7 +125,7 @@ def check(files: tuple[Path, ...], directory: Path | None) -> None:
     Example:
       ratepay-oms process check processes/RatepayInvoice01.yaml
     """
-    targets = list(files) or [default_process_dir(directory)]
+    targets = list(files) or [_process_dir(directory)]
     problems = check_files(targets, registry=_registry())
     for problem in problems:
         click.echo(problem.format())
@@ -188,7 +195,7 @@ def draw_process(
       ratepay-oms process draw RatepayInvoice01 --format mermaid > invoice.mmd
       ratepay-oms process draw RatepayInvoice01 --order 100045 -o order.svg
     """
-    definition = load_named_process(default_process_dir(directory), name)
+    definition = load_named_process(_process_dir(directory), name)
     highlight = None
     if order_ref is not None:
         from ratepay_oms.cli.console import open_session

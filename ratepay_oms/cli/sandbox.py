@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from decimal import Decimal, InvalidOperation
 
 import click
-from rich.console import Console
 
 from ratepay_oms.cli import cli
+from ratepay_oms.cli._common import stdout_console
+from ratepay_oms.errors import OmsError
 from ratepay_oms.sandbox import DEMO_SECURITY_CODE, Fault, SandboxConfig, SandboxGateway
 from ratepay_oms.sandbox.faults import FaultSpecError
 from ratepay_oms.sandbox.status_api import (
@@ -20,7 +22,6 @@ from ratepay_oms.sandbox.status_api import (
 )
 
 logger = logging.getLogger(__name__)
-console = Console(highlight=False, soft_wrap=True)
 
 
 @cli.group()
@@ -32,6 +33,22 @@ def sandbox() -> None:
     Example:
       ratepay-oms sandbox serve --port 8899 --fault http_500:CONFIRMATION_DELIVER
     """
+
+
+class SandboxStartError(OmsError):
+    """The sandbox could not listen: the port is taken, the address is not this host's, or a
+    port below 1024 needs privileges."""
+
+
+def _bind_problem(exc: OSError, host: str, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is in use (another sandbox?); pick another with "
+                "--port N, or --port 0 for a free one")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: not an address of this machine (--host)"
+    if exc.errno == errno.EACCES:
+        return f"no permission to listen on port {port} (below 1024 needs root); use --port N"
+    return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
 def _decimal(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
@@ -133,7 +150,11 @@ def serve(
         gateway.faults.add(fault)
     from ratepay_oms.sandbox.server import SandboxServer
 
-    server = SandboxServer(gateway, host, port)
+    try:
+        server = SandboxServer(gateway, host, port)
+    except OSError as exc:
+        raise SandboxStartError(_bind_problem(exc, host, port)) from None
+    console = stdout_console(soft_wrap=True)
     console.print(f"RatePAY sandbox listening on {server.url}")
     console.print("Settings for the facade:")
     console.print(f"  RATEPAY_API_TEST_URL={server.url}")

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,19 +23,31 @@ import click
 
 from ratepay_oms.cli import cli
 from ratepay_oms.cli._common import (
+    DatabaseUnavailableError,
+    any_call_failed,
+    describe_call,
     engine_from_options,
     engine_options,
+    gateway_calls,
     print_json,
     stderr_console,
     stdout_console,
     translate_db_errors,
 )
 from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY
+from ratepay_oms.errors import ExitCode
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.engine import Engine
 
 log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 10.0
+"""Seconds between ticks with ``--loop``."""
+DEFAULT_MAX_DB_OUTAGE = 300.0
+"""Seconds a ``--loop`` worker waits for an unavailable database before it exits with 3."""
+MAX_DB_BACKOFF = 60.0
+"""The longest wait between two database checks during an outage."""
 
 
 def parse_iso_time(text: str) -> datetime:
@@ -106,15 +119,34 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: bool) -> None:
+def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: bool) -> int:
+    """One tick; returns its exit status (``ExitCode``): the database was lost during the tick,
+    a gateway call failed or was refused or a command failed, or all well."""
     if not as_json and sys.stdout.isatty():
         result = _tick_with_progress(engine, now, limit)
     else:
         result = engine.tick(now=now, limit=limit)
+    from ratepay_oms.ratepay.api_log import is_failure
+
+    calls = gateway_calls(engine)
     if as_json:
         print_json(result.to_json())
     else:
         click.echo(result.summary())
+        for call in calls:
+            if is_failure(call.success, call.error):
+                click.echo(describe_call(call))
+    if result.errors and _database_problem(engine) is not None:
+        return ExitCode.DATABASE_UNAVAILABLE
+    if result.errors or any_call_failed(calls):
+        return ExitCode.GATEWAY_FAILED
+    return ExitCode.OK
+
+
+def _database_problem(engine: Engine) -> str | None:
+    from ratepay_oms.persistence.db import schema_problem
+
+    return schema_problem(engine.db)
 
 
 def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None) -> Any:
@@ -157,6 +189,9 @@ def _metrics_server(engine: Engine, port: int | None, host: str | None) -> Itera
 @click.option("--loop", is_flag=True, help="Tick again every --interval seconds until stopped.")
 @click.option("--interval", type=click.FloatRange(min=0.0), default=None, metavar="S",
               help="Seconds between ticks with --loop (default 10).")
+@click.option("--max-db-outage", type=click.FloatRange(min=0.0), default=None, metavar="S",
+              help=f"With --loop: give up (exit 3) when the database has been unavailable "
+              f"this many seconds (default {DEFAULT_MAX_DB_OUTAGE:g}).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each tick's result as JSON (one document per tick).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
@@ -174,6 +209,7 @@ def tick(
     now: datetime | None,
     loop: bool,
     interval: float | None,
+    max_db_outage: float | None,
     as_json: bool,
     concurrency: int,
     metrics_port: int | None,
@@ -182,7 +218,11 @@ def tick(
     """Advance every item that is due: retries, timeouts, on-enter events, event-less moves.
 
     Run it from cron (once) or as a worker (--loop). Prints items moved, commands run and
-    errors; a failing command leaves its items in place with a retry scheduled.
+    errors, and every gateway call that failed or was refused; a failing command leaves its
+    items in place with a retry scheduled. Exit status: 0 all well, 3 the database is
+    unavailable or not upgraded, 4 a gateway call failed or was refused or a command failed.
+    With --loop the worker waits out a database outage (logged, backing off) and exits 3 only
+    after --max-db-outage seconds.
 
     \b
     Example:
@@ -198,17 +238,69 @@ def tick(
         raise click.UsageError("--metrics-port only makes sense with --loop")
     if metrics_host is not None and metrics_port is None:
         raise click.UsageError("--metrics-host needs --metrics-port")
+    if max_db_outage is not None and not loop:
+        raise click.UsageError("--max-db-outage only makes sense with --loop")
     engine = engine_from_options(db_url, process_dir, concurrency=concurrency)
     if not loop:
-        _run_one(engine, now, limit, as_json)
+        problem = _database_problem(engine)
+        if problem is not None:
+            raise DatabaseUnavailableError(problem)
+        code = _run_one(engine, now, limit, as_json)
+        if code:
+            raise click.exceptions.Exit(code)
         return
     flag = StopFlag()
-    pause = 10.0 if interval is None else interval
+    pause = DEFAULT_INTERVAL if interval is None else interval
+    outage_limit = DEFAULT_MAX_DB_OUTAGE if max_db_outage is None else max_db_outage
+    outage = DatabaseOutage(outage_limit, pause)
     with stop_on_signals(flag), _metrics_server(engine, metrics_port, metrics_host):
         while not flag.is_set:
+            problem = _database_problem(engine)
+            if problem is not None:
+                wait = outage.failed(problem)  # DatabaseUnavailableError past the limit
+                if flag.wait(wait):
+                    break
+                continue
+            outage.recovered()
             _run_one(engine, now, limit, as_json)
             if flag.wait(pause):
                 break
     if not as_json:
         stderr_console().print(f"stopped by {flag.signal_name or 'signal'} after the current tick")
     log.info("tick loop stopped by %s", flag.signal_name)
+
+
+class DatabaseOutage:
+    """The ``--loop`` worker's patience with a database that is away: each failed check is
+    logged with the next wait (backing off from the interval, doubling, at most
+    ``MAX_DB_BACKOFF`` s); once it has been away longer than ``limit`` seconds the worker gives
+    up with ``DatabaseUnavailableError`` (exit status 3), so systemd or the supervisor sees it."""
+
+    def __init__(self, limit: float, interval: float) -> None:
+        self.limit = limit
+        self.interval = max(interval, 1.0)
+        self.since: float | None = None
+        self.failures = 0
+
+    def failed(self, problem: str) -> float:
+        clock = time.monotonic()
+        if self.since is None:
+            self.since = clock
+        self.failures += 1
+        away = clock - self.since
+        if away >= self.limit:
+            raise DatabaseUnavailableError(
+                f"{problem} (for {away:.0f} s, longer than --max-db-outage {self.limit:g} s; "
+                "giving up)"
+            )
+        wait = min(self.interval * 2 ** (self.failures - 1), MAX_DB_BACKOFF,
+                   self.limit - away)
+        log.error("%s; tick retries in %.0f s (gives up after %g s away)", problem, wait,
+                  self.limit)
+        return max(wait, 0.1)
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            log.warning("database is back after %.0f s", time.monotonic() - self.since)
+        self.since = None
+        self.failures = 0

@@ -17,6 +17,7 @@ from sqlalchemy import or_, select
 
 from ratepay_oms.console._session import session_of
 from ratepay_oms.persistence.api_log import ApiLogEntry
+from ratepay_oms.ratepay.api_log import is_failure
 from ratepay_oms.ratepay.xml import MASK, mask_security_code
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,6 @@ class ApiCall:
             data["request_xml"] = self.request_xml
             data["response_xml"] = self.response_xml
         return data
-
-
-def is_failure(success: bool | None, error: str | None) -> bool:
-    """A call failed when the gateway said no (``success`` false), when it never answered
-    properly (``error``), or when the outcome was never recorded (``success`` unknown)."""
-    return success is not True or bool(error)
 
 
 def api_calls(

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from ratepay_oms.console._session import session_of, utc_now
 from ratepay_oms.console.alerts import sla_alerts
+from ratepay_oms.console.refusals import refusal_kind
 from ratepay_oms.persistence.models import OrderItem
 from ratepay_oms.process.model import ProcessDefinition
 
@@ -66,9 +67,17 @@ class StateCell:
         return self.today + self.week + self.older
 
     @property
+    def refusal(self) -> str | None:
+        """``"invalid"`` (the gateway refused; a person retries or decides) or ``"declined"``."""
+        return refusal_kind(self.state)
+
+    @property
     def attention(self) -> bool:
         """The marker the table shows: something here needs a person."""
-        return bool(self.errors or self.retries or not self.known or self.sla_breach)
+        return bool(
+            self.errors or self.retries or not self.known or self.sla_breach
+            or (self.refusal == "invalid" and self.total)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +95,8 @@ class StateCell:
                 if self.sla
                 else None
             ),
+            "refusal": self.refusal,
+            "attention": self.attention,
         }
 
 

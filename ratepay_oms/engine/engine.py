@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ratepay_oms.config import OmsConfig, attach_ratepay
 from ratepay_oms.engine.claims import Claims, LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc
 from ratepay_oms.engine.compiler import CompiledProcess, compile_processes
@@ -67,7 +68,6 @@ from ratepay_oms.orders import (
 )
 from ratepay_oms.persistence.db import (
     create_db_engine,
-    default_database_url,
     session_factory,
     upgrade,
 )
@@ -114,11 +114,12 @@ def load_env_plugins(registry: PluginRegistry, spec: str | None = None) -> None:
         func(registry)
 
 
-def default_registry() -> PluginRegistry:
+def default_registry(plugins: str | None = None) -> PluginRegistry:
+    """Our plugins, entry-point plugins, and ``plugins`` (default ``$RATEPAY_OMS_PLUGINS``)."""
     from ratepay_oms.plugins import build_default_registry
 
     registry = build_default_registry()
-    load_env_plugins(registry)
+    load_env_plugins(registry, plugins)
     return registry
 
 
@@ -139,6 +140,11 @@ class Engine:
 
     ``definitions`` (an addition to the contract) hands in already-built process definitions
     instead of loading ``process_dir``: for embedding and for tests.
+
+    Settings are found as the console finds them (``ratepay_oms.config``): the arguments, then
+    the environment, then the config file (``config``, ``$RATEPAY_OMS_CONFIG`` or
+    ``./ratepay-oms.toml``). RatePAY is attached from there unless ``services`` has it;
+    ``ratepay_settings`` (a ``RatepaySettings``) overrides the environment and the file.
     """
 
     def __init__(
@@ -154,13 +160,17 @@ class Engine:
         batch_size: int = DEFAULT_BATCH_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
         notifications: NotificationSettings | None = None,
+        config: str | Path | OmsConfig | None = None,
+        ratepay_settings: Any = None,
     ) -> None:
-        self.database_url = database_url or default_database_url()
-        self.registry = registry if registry is not None else default_registry()
+        cfg = config if isinstance(config, OmsConfig) else OmsConfig.load(config)
+        self.config = cfg
+        self.database_url = cfg.resolve_database_url(database_url)
+        self.registry = registry if registry is not None else default_registry(cfg.plugins_spec())
         if definitions is None:
-            from ratepay_oms.process.loader import default_process_dir, load_processes
+            from ratepay_oms.process.loader import load_processes
 
-            definitions = load_processes(default_process_dir(process_dir), self.registry)
+            definitions = load_processes(cfg.resolve_process_dir(process_dir), self.registry)
         self.notifications = (
             notifications if notifications is not None else NotificationSettings.from_env()
         )
@@ -182,6 +192,7 @@ class Engine:
         self._sessions = session_factory(self.db)
         self.claims = Claims(self._sessions, self.worker_id, lease_seconds)
         self.origin = Origin.current()
+        attach_ratepay(self, cfg, ratepay_settings)  # before the context shares the services
         self.context = EngineContext(
             sessions=self._sessions,
             compiled=self._compiled,

@@ -21,9 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from ratepay_oms.errors import OmsError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,10 @@ def default_database_url() -> str:
 
 
 def migrations_dir() -> Path:
-    """The top-level ``migrations/`` folder next to the package."""
-    import ratepay_oms
+    """The Alembic folder: inside the installed package, or ``migrations/`` of a checkout."""
+    from ratepay_oms.resources import shipped_path
 
-    return Path(ratepay_oms.__file__).resolve().parents[1] / "migrations"
+    return shipped_path("migrations")
 
 
 def create_db_engine(url: str | None = None, **kwargs: Any) -> Engine:
@@ -94,11 +96,77 @@ def _alembic_config(url: str) -> Any:
     return cfg
 
 
+MYSQL_CHARSET = "utf8mb4"
+MYSQL_COLLATION = "utf8mb4_unicode_ci"
+
+
+class DatabaseCharsetError(OmsError):
+    """A MariaDB/MySQL database (or one of our tables) is not utf8mb4: names, addresses and
+    notes with characters outside its set (an emoji, most scripts) would be refused mid-order.
+    The message holds the statements that fix it."""
+
+
+def charset_fixes(conn: Connection) -> list[str]:
+    """The ``ALTER`` statements that make a MariaDB/MySQL database and our tables utf8mb4;
+    empty when nothing needs fixing or the dialect is not MariaDB/MySQL.
+
+    We refuse rather than convert: changing a database's character set is the DBA's call
+    (it changes the default for every other table in it), and converting a filled table locks
+    it. The tables our migrations create inherit the database's set, so a utf8mb4 database is
+    all it takes on a fresh install.
+    """
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return []
+    name, charset = conn.execute(text("SELECT DATABASE(), @@character_set_database")).one()
+    fixes = []
+    if charset != MYSQL_CHARSET:
+        fixes.append(
+            f"ALTER DATABASE `{name}` CHARACTER SET {MYSQL_CHARSET} COLLATE {MYSQL_COLLATION};"
+        )
+    tables = conn.execute(
+        text(
+            "SELECT table_name, table_collation FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE' "
+            "AND (table_name LIKE 'oms\\_%' OR table_name LIKE 'ratepay\\_%' "
+            "OR table_name = 'alembic_version')"
+        )
+    ).all()
+    for table, collation in sorted(tables):
+        if not (collation or "").startswith(MYSQL_CHARSET):
+            fixes.append(
+                f"ALTER TABLE `{table}` CONVERT TO CHARACTER SET {MYSQL_CHARSET} "
+                f"COLLATE {MYSQL_COLLATION};"
+            )
+    return fixes
+
+
+def check_charset(url: str) -> None:
+    """Refuse a MariaDB/MySQL database that is not utf8mb4, with the statements to run."""
+    if make_url(url).get_backend_name() not in ("mysql", "mariadb"):
+        return
+    engine = create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            fixes = charset_fixes(conn)
+    finally:
+        engine.dispose()
+    if fixes:
+        raise DatabaseCharsetError(
+            f"database {make_url(url).render_as_string(hide_password=True)} is not "
+            f"{MYSQL_CHARSET}, so orders with characters outside its set would fail; "
+            f"run: {' '.join(fixes)} then ratepay-oms db upgrade again"
+        )
+
+
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    """Bring the schema at ``url`` to ``revision`` (default: the newest)."""
+    """Bring the schema at ``url`` to ``revision`` (default: the newest).
+
+    A MariaDB/MySQL database that is not utf8mb4 is refused first (``DatabaseCharsetError``).
+    """
     from alembic import command
 
     url = url or default_database_url()
+    check_charset(url)
     log.info("upgrading database schema to %s", revision)
     command.upgrade(_alembic_config(url), revision)
 
@@ -120,3 +188,57 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory(str(migrations_dir())).get_current_head()
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """``None`` when the database answers and its schema is at the newest revision; else one
+    line saying what is wrong and what to run. The tick asks before it works, so a database
+    that is down or was never upgraded is reported as such rather than as batch errors."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    shown = engine.url.render_as_string(hide_password=True)
+    # On SQLite our engines start every transaction with BEGIN IMMEDIATE (the write lock); a
+    # check must not wait for a running tick's lock, so it reads through a plain connection.
+    sqlite = engine.dialect.name == "sqlite"
+    probe = create_engine(engine.url, poolclass=NullPool) if sqlite else engine
+    try:
+        with probe.connect() as conn:
+            revision = MigrationContext.configure(conn).get_current_revision()
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+        return f"database {shown} is unavailable: {first}"
+    finally:
+        if sqlite:
+            probe.dispose()
+    head = _cached_head()
+    if revision is None:
+        return f"database {shown} has no ratepay-oms schema; run: ratepay-oms db upgrade"
+    if revision != head:
+        if not _known_revision(revision):
+            return (f"database {shown} is at schema revision {revision}, which this ratepay-oms "
+                    f"does not know (a newer version upgraded it?); install that version")
+        return (f"database {shown} is at schema revision {revision}, this ratepay-oms needs "
+                f"{head}; run: ratepay-oms db upgrade")
+    return None
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory(str(migrations_dir())).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+_HEAD: list[str | None] = []
+
+
+def _cached_head() -> str | None:
+    if not _HEAD:
+        _HEAD.append(head_revision())
+    return _HEAD[0]

@@ -26,7 +26,6 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-import ratepay_oms
 from ratepay_oms.process.checks import Declarations, PluginLookup, check_declarations
 from ratepay_oms.process.errors import (
     ERROR,
@@ -88,7 +87,9 @@ def default_process_dir(override: str | os.PathLike[str] | None = None) -> Path:
     local = Path("processes")
     if local.is_dir():
         return local
-    return Path(ratepay_oms.__file__).resolve().parent.parent / "processes"
+    from ratepay_oms.resources import shipped_path
+
+    return shipped_path("processes")
 
 
 def parse_timeout(text: str, what: str = "timeout") -> timedelta:

@@ -9,10 +9,11 @@ and return.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
@@ -97,13 +98,32 @@ class SqlApiLogSink:
     def record(self, call: ApiCallRecord) -> None:
         try:
             with self.session_factory() as session, session.begin():
-                session.add(to_entry(call))
+                entry = to_entry(call)
+                if entry.order_ref is None and entry.transaction_id:
+                    entry.order_ref = _order_of_transaction(session, entry.transaction_id)
+                session.add(entry)
         except Exception:
             log.exception(
                 "could not write the RatePAY API log row for %s %s",
                 call.operation,
                 call.transaction_id,
             )
+
+
+def _order_of_transaction(session: Session, transaction_id: str) -> str | None:
+    """The order a transaction belongs to, so a call made without one (a status lookup) is
+    still filed under it and ``log --order`` lists it."""
+    from sqlalchemy import select
+
+    from ratepay_oms.persistence.models import Order
+    from ratepay_oms.persistence.payment import RatepayPayment
+
+    return session.scalar(
+        select(Order.order_ref)
+        .join(RatepayPayment, RatepayPayment.order_id == Order.id)
+        .where(RatepayPayment.transaction_id == transaction_id)
+        .limit(1)
+    )
 
 
 class MemoryApiLogSink:
@@ -114,3 +134,38 @@ class MemoryApiLogSink:
 
     def record(self, call: ApiCallRecord) -> None:
         self.records.append(call)
+
+
+class CallCollector:
+    """Passes every record on to ``inner`` and keeps a copy: the console prints the gateway
+    outcome of exactly the calls one command made (``order place``, ``event``, ``tick``), and
+    its exit status says whether any failed. Thread-safe (calls may run in parallel)."""
+
+    def __init__(self, inner: ApiLogSink | None) -> None:
+        self.inner = inner
+        self.records: list[ApiCallRecord] = []
+        self._lock = threading.Lock()
+
+    def record(self, call: ApiCallRecord) -> None:
+        with self._lock:
+            self.records.append(call)
+        if self.inner is not None:
+            self.inner.record(call)
+
+    def take(self) -> list[ApiCallRecord]:
+        """The records collected since the last ``take``, oldest first."""
+        with self._lock:
+            taken, self.records = self.records, []
+        return taken
+
+    def __getattr__(self, name: str) -> Any:
+        # flush()/close() of a background sink stay reachable through the collector.
+        if self.inner is None:
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def is_failure(success: bool | None, error: str | None) -> bool:
+    """A call failed when the gateway said no (``success`` false), when it never answered
+    properly (``error``), or when the outcome was never recorded (``success`` unknown)."""
+    return success is not True or bool(error)

@@ -500,9 +500,11 @@ class RequestBuilder:
 
     # operations --------------------------------------------------------------------------
 
-    def payment_init(self) -> BuiltRequest:
+    def payment_init(self, order_ref: str | None = None) -> BuiltRequest:
+        """``order_ref`` is not sent (PAYMENT_INIT carries none); the API log files the call
+        under it, so ``log --order`` shows a refused PAYMENT_INIT too."""
         root, _ = self._envelope(Operation.PAYMENT_INIT)
-        return BuiltRequest(Operation.PAYMENT_INIT, None, None, None, root)
+        return BuiltRequest(Operation.PAYMENT_INIT, None, None, order_ref, root)
 
     def payment_query(
         self,
@@ -664,6 +666,7 @@ class RequestBuilder:
         rate: Decimal | None = None,
         months: int | None = None,
         payment_firstday: int | None = None,
+        order_ref: str | None = None,
     ) -> BuiltRequest:
         op = Operation.CALCULATION_REQUEST
         if _money(amount, "instalment amount") <= 0:
@@ -688,4 +691,4 @@ class RequestBuilder:
             w.el(w.el(calc, "calculation-time"), "month", str(months))
         if payment_firstday is not None:
             w.el(calc, "payment-firstday", str(payment_firstday))
-        return BuiltRequest(op, subtype.value, None, None, root)
+        return BuiltRequest(op, subtype.value, None, order_ref, root)

@@ -84,9 +84,10 @@ class RatepayFacade:
 
     # --- checkout ------------------------------------------------------------------------
 
-    def init_payment(self) -> RatepayResult:
-        """PAYMENT_INIT: open a transaction; ``result.transaction_id`` carries the new id."""
-        return self._call(self._builder.payment_init())
+    def init_payment(self, *, order_ref: str | None = None) -> RatepayResult:
+        """PAYMENT_INIT: open a transaction; ``result.transaction_id`` carries the new id.
+        ``order_ref`` only files the call under the order in the API log."""
+        return self._call(self._builder.payment_init(order_ref))
 
     def query_payment(
         self,
@@ -265,12 +266,15 @@ class RatepayFacade:
         rate: Decimal | None = None,
         months: int | None = None,
         payment_firstday: int | None = None,
+        order_ref: str | None = None,
     ) -> RatepayResult:
         """CALCULATION_REQUEST by rate (``rate=``) or by time (``months=``); on success
-        ``result.installment_plan`` feeds ``InstallmentDetails.from_plan``."""
+        ``result.installment_plan`` feeds ``InstallmentDetails.from_plan``. ``order_ref`` only
+        files the call under the order in the API log."""
         return self._call(
             self._builder.calculation_request(
-                amount, rate=rate, months=months, payment_firstday=payment_firstday
+                amount, rate=rate, months=months, payment_firstday=payment_firstday,
+                order_ref=order_ref,
             )
         )
 
@@ -363,7 +367,8 @@ class RatepayFacade:
                 transaction_id=transaction_id,
                 error=error,
             )
-            self._record(exchange, None)
+            # An answered lookup is a successful call (the API log's --errors must not list it).
+            self._record(exchange, None, success=error is None and http_status == 200)
         return http_status, body, exchange
 
     def _fetch_token(self) -> tuple[str, float]:
@@ -413,6 +418,7 @@ class RatepayFacade:
                     error=error,
                 ),
                 None,
+                success=error is None,
             )
 
     # --- one call ----------------------------------------------------------------------------
@@ -512,9 +518,13 @@ class RatepayFacade:
         )
         return result
 
-    def _record(self, exchange: Exchange, result: RatepayResult | None) -> None:
+    def _record(
+        self, exchange: Exchange, result: RatepayResult | None, *, success: bool | None = None
+    ) -> None:
         if exchange.error is not None:
             outcome = "error"
+        elif success is not None:
+            outcome = "success" if success else "declined"
         elif result is None or result.success:
             outcome = "success"
         else:
@@ -530,7 +540,9 @@ class RatepayFacade:
                 transaction_id=(result.transaction_id if result else None)
                 or exchange.transaction_id,
                 order_ref=exchange.order_ref,
-                success=result.success if result else False,
+                success=success if success is not None else (
+                    result.success if result else False
+                ),
                 status_code=result.status_code if result else None,
                 reason_code=result.reason_code if result else None,
                 reason_text=result.reason_text if result else None,

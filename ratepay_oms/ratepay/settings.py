@@ -82,6 +82,13 @@ VOUCHER_RULES = ("last_delivery", "prorata")
 """How the order discount is settled over partial deliveries (docs/processes.md)."""
 
 
+def _package_version() -> str:
+    """CLIENT_VERSION's default: the installed package's version (one place: its metadata)."""
+    from ratepay_oms import __version__
+
+    return __version__
+
+
 @dataclass(frozen=True)
 class RatepaySettings:
     """Validated settings; build them with ``from_env``, ``from_toml`` or ``from_mapping``."""
@@ -92,7 +99,7 @@ class RatepaySettings:
     shop_id: str | None = None
     mode: str = "test"
     client_name: str = "ratepay-oms"
-    client_version: str = "0.1.0"
+    client_version: str = field(default_factory=_package_version)
     request_version: str = ENVELOPE_VERSION
     xmlns_urn: str = RATEPAY_NS
     api_test_url: str = DEFAULT_TEST_URL

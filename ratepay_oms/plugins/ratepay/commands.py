@@ -370,7 +370,7 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
                     if unavailable.result is None:
                         raise
                     return PaymentAnswer(None, refused=unavailable.result)
-            init = facade.init_payment()
+            init = facade.init_payment(order_ref=data.order_ref)  # filed under the order
             if not init.success or not init.transaction_id:
                 return PaymentAnswer(None, refused=init, plan=plan)
             facts: dict[str, Any] = {
@@ -413,11 +413,12 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         assert choice is not None  # the order input requires it for INSTALLMENT
         if choice.calculation_type == "calculation-by-rate":
             return installments.quote(
-                facade, basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday
+                facade, basket.amount, rate=choice.value, payment_firstday=choice.payment_firstday,
+                order_ref=data.order_ref,
             )
         return installments.quote(
             facade, basket.amount, months=int(choice.value),
-            payment_firstday=choice.payment_firstday,
+            payment_firstday=choice.payment_firstday, order_ref=data.order_ref,
         )
 
     def apply(

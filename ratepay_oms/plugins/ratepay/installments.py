@@ -77,8 +77,10 @@ def quote(
     months: int | None = None,
     rate: Decimal | None = None,
     payment_firstday: int | None = DEFAULT_PAYMENT_FIRSTDAY,
+    order_ref: str | None = None,
 ) -> InstallmentQuote:
-    """CALCULATION_REQUEST by time (``months``) or by rate (``rate``) for ``amount``."""
+    """CALCULATION_REQUEST by time (``months``) or by rate (``rate``) for ``amount``;
+    ``order_ref`` files the call under an order in the API log (an order's own plan)."""
     if (months is None) == (rate is None):
         raise InstallmentUnavailable("give either months or a monthly rate, not both")
     if not isinstance(amount, Decimal) or not amount.is_finite() or amount <= 0:
@@ -88,7 +90,7 @@ def quote(
     if rate is not None and (not rate.is_finite() or rate <= 0):
         raise InstallmentUnavailable("the monthly rate must be positive")
     result = facade.installment_calculation(
-        amount, rate=rate, months=months, payment_firstday=payment_firstday
+        amount, rate=rate, months=months, payment_firstday=payment_firstday, order_ref=order_ref
     )
     return from_result(result)
 
