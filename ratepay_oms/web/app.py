@@ -31,7 +31,15 @@ from starlette.staticfiles import StaticFiles
 from ratepay_oms.web.base import DEFAULT_EVENT_DATA, Console, Handler, page
 from ratepay_oms.web.login import login_page, login_post, logout
 from ratepay_oms.web.operate import fire_event, resolve_intent
-from ratepay_oms.web.pages import gateway_call, home, matrix, order_page, orders, process_page
+from ratepay_oms.web.pages import (
+    alerts,
+    gateway_call,
+    home,
+    matrix,
+    order_page,
+    orders,
+    process_page,
+)
 from ratepay_oms.web.users import SESSION_HOURS
 
 __all__ = ["DEFAULT_EVENT_DATA", "create_app"]
@@ -78,6 +86,7 @@ def create_app(
               guarded(operator=True, post=True)(resolve_intent), methods=["POST"], name="resolve"),
         Route("/orders/{ref}/calls/{call_id:int}", guarded()(gateway_call), name="call"),
         Route("/matrix", guarded()(matrix), name="matrix"),
+        Route("/alerts", guarded()(alerts), name="alerts"),
         Route("/processes/{name}", guarded()(process_page), name="process"),
         Mount("/static", app=StaticFiles(directory=static), name="static"),
     ]

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from ratepay_oms.console.alerts import sla_alerts
 from ratepay_oms.console.apilog import api_calls
 from ratepay_oms.console.inspect import OrderNotFound, order_detail
 from ratepay_oms.console.matrix import build_matrix
@@ -192,6 +193,23 @@ async def matrix(console: Console, request: Request, login: LoginSession) -> Res
         lambda: build_matrix(console.engine, definitions=console.engine.definitions())
     )
     return console.render(request, "matrix.html", login=login, matrix=result)
+
+
+async def alerts(console: Console, request: Request, login: LoginSession) -> Response:
+    """Items past their state's SLA (``ratepay-oms alerts``); ``?now=`` (ISO, UTC) asks as of
+    another moment, like the command's ``--now``."""
+    raw = request.query_params.get("now", "").strip()
+    now = None
+    if raw:
+        try:
+            now = datetime.fromisoformat(raw).replace(tzinfo=None)
+        except ValueError:
+            return console.refuse(request, 400, f"now={raw!r}: write an ISO time, e.g. "
+                                  "2026-12-01T12:00:00", login)
+    report = await run_in_threadpool(
+        lambda: sla_alerts(console.engine, console.engine.definitions(), now=now)
+    )
+    return console.render(request, "alerts.html", login=login, report=report)
 
 
 async def process_page(console: Console, request: Request, login: LoginSession) -> Response:
