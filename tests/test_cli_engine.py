@@ -521,6 +521,9 @@ def bench_output(tmp_path: Path) -> Iterator[subprocess.CompletedProcess[str]]:
 def test_the_tick_benchmark_still_runs(bench_output: subprocess.CompletedProcess[str]) -> None:
     assert bench_output.returncode == 0, bench_output.stderr
     lines = bench_output.stdout.splitlines()
-    assert "[sqlite] items: 200  moved by tick: 200" in lines
-    ratio = [line for line in lines if line.startswith("[sqlite] ratio tick/floor: ")]
+    assert "[sqlite 200] moved by tick: 200" in lines
+    assert not [line for line in lines if "WARNING" in line]  # every write of both runs is there
+    ratio = [line for line in lines if line.startswith("[sqlite 200] ratio tick/floor: ")]
     assert len(ratio) == 1 and float(ratio[0].rsplit(" ", 1)[1]) > 0
+    peak = [line for line in lines if line.startswith("[sqlite 200] tick :")]
+    assert len(peak) == 1 and "peak RSS" in peak[0]
