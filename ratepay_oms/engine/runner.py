@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from ratepay_oms.engine.context import EngineContext
 
 log = logging.getLogger(__name__)
+
+ITEMS = cast(Table, OrderItem.__table__)
 
 MAX_EVENT_REPEATS = 10
 """How often one (order, state, event) may fire in one drive before the loop guard stops it."""
@@ -453,8 +455,9 @@ class Runner:
             return True
         command = self.engine.registry.external(intent.command)
         ctx = self.context(group)
-        with self.session.begin_nested():
-            command.apply(ctx, order, items, summary, answer)
+        # No savepoint: nothing here catches a failing ``apply``; it rolls the whole settling
+        # transaction back (compare-and-set included), which a savepoint did not change.
+        command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
         self._rounds([], moves, record_stays=False)
@@ -545,13 +548,15 @@ class Runner:
 
 
 def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | None) -> None:
-    """Mark ``items`` as waiting on ``intent_id`` (``None``: no longer waiting)."""
+    """Mark ``items`` as waiting on ``intent_id`` (``None``: no longer waiting). A Core
+    UPDATE on the session's connection, after a flush so it sees what the session holds."""
+    if not items:
+        return
+    session.flush()
+    conn = session.connection()
     for part in chunked([i.id for i in items]):
-        session.execute(
-            update(OrderItem)
-            .where(id_in(OrderItem.id, part, session))
-            .values(intent_id=intent_id)
-            .execution_options(synchronize_session=False)
+        conn.execute(
+            update(ITEMS).where(id_in(OrderItem.id, part, session)).values(intent_id=intent_id)
         )
     for item in items:
         set_committed_value(item, "intent_id", intent_id)
