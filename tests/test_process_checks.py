@@ -339,7 +339,7 @@ events:
     assert error_text(text).splitlines() == [
         "P01.yaml:6: 'happy' must be true or false, not a string",
         "P01.yaml:8: bad timeout 'never': write 'N unit' with unit second(s), minute(s), "
-        "hour(s), day(s) or week(s), e.g. '90 days' or '1 day 2 hours'",
+        "hour(s), day(s) or week(s) (or s, m, h, d, w), e.g. '90 days', '1 day 2 hours' or '3d'",
         "P01.yaml:2: initial state 'begin' is not a state",
         "P01.yaml:6: transition target 'shiped' is not a state",
     ]

@@ -19,7 +19,8 @@ from ratepay_oms.errors import OmsError
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 GROUP_MODULES = (
-    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment"
+    "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment",
+    "operator",
 )
 
 

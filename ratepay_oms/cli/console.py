@@ -102,8 +102,9 @@ def matrix(
 ) -> None:
     """Items per process and state, by how long they have been there (today, this week, older).
 
-    The "!" column flags states holding items with an error or a pending retry, and states the
-    process file no longer knows: those need a person.
+    The "!" column flags states holding items with an error or a pending retry, states the
+    process file no longer knows, and SLA breaches: those need a person. The "sla" column counts
+    items past the state's SLA limits (see `ratepay-oms alerts`).
 
     \b
     Example:
@@ -136,6 +137,7 @@ def matrix(
         table.add_column("state")
         for name in ("today", "week", "older", "total", "errors", "retries"):
             table.add_column(name, justify="right")
+        table.add_column("sla")
         table.add_column("!", justify="center")
         for cell in row.states:
             label = Text(cell.state)
@@ -152,6 +154,7 @@ def matrix(
                 str(cell.total),
                 _nonzero(cell.errors),
                 _nonzero(cell.retries),
+                _sla_mark(cell),
                 mark,
                 style="red" if cell.attention else None,
             )
@@ -166,6 +169,17 @@ def matrix(
 
 def _nonzero(value: int) -> str:
     return str(value) if value else ""
+
+
+def _sla_mark(cell: Any) -> Text:
+    """``breach 2`` (bold red) / ``warn 1`` (yellow): items past the state's SLA limits."""
+    text = Text()
+    if cell.sla_breach:
+        text.append(f"breach {cell.sla_breach}", style="bold red")
+    if cell.sla_warn:
+        text.append(" " if text else "")
+        text.append(f"warn {cell.sla_warn}", style="yellow")
+    return text
 
 
 # -- log --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from ratepay_oms.cli import cli
 from ratepay_oms.cli._common import (
@@ -189,35 +190,62 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
         table.add_column(name, justify="right" if name == "item" else "left")
     for e in entries:
         move = f"{e.from_state or '∅'} → {e.to_state}"
-        table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
+        if e.forced:
+            # A person's decision, not the process: it must stand out (see `order move`).
+            what = Text(f"FORCED by {e.actor}: {e.reason}", style="bold magenta")
+            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, what)
+        else:
+            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
     stdout_console().print(table)
 
 
 @cli.command("event")
 @engine_options
 @click.argument("event_name", metavar="EVENT")
-@click.argument("ref")
+@click.argument("ref", required=False)
 @click.option("--item", "item_ids", type=int, multiple=True, metavar="ID",
               help="Only this item (repeat for several); default: every item that accepts EVENT.")
+@click.option("--from-csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, metavar="FILE",
+              help="Fire EVENT for every row of FILE: order_ref[,item_id][,data columns…].")
+@click.option("--dry-run", is_flag=True, help="With --from-csv: check and report, write nothing.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=None, metavar="K",
+              help="With --from-csv: orders fired at once (default 4).")
+@click.option("--json", "as_json", is_flag=True, help="With --from-csv: the report as JSON.")
 @translate_db_errors
 def event(
     db_url: str | None,
     process_dir: Path | None,
     event_name: str,
-    ref: str,
+    ref: str | None,
     item_ids: tuple[int, ...],
-) -> None:
-    """Fire the manual EVENT on order REF (e.g. ship, cancel, refund).
+    csv_file: Path | None,
+    dry_run: bool,
+    concurrency: int | None,
+    as_json: bool,
+) -> int | None:
+    """Fire the manual EVENT on order REF (e.g. ship, cancel, refund), or on every order of a
+    CSV file (--from-csv).
 
     Only events marked manual in the process can be fired by hand; a refusal says which item
     is in which state and what it accepts. Prints what moved; a failing command leaves its items
-    in place with a retry scheduled and makes the exit status non-zero.
+    in place with a retry scheduled and makes the exit status non-zero. With --from-csv every
+    row is checked and reported (accepted, refused and why, failed); --dry-run says what would
+    happen and writes nothing; the exit status is 1 when any row was refused or failed.
 
     \b
     Example:
       ratepay-oms event ship 100045
       ratepay-oms event cancel 100045 --item 3 --item 4
+      ratepay-oms event ship --from-csv shipments.csv --dry-run
     """
+    if csv_file is not None or dry_run or concurrency is not None or as_json:
+        from ratepay_oms.cli.operator import bulk_event
+
+        return bulk_event(db_url, process_dir, event_name, ref, item_ids, csv_file, dry_run,
+                          concurrency, as_json)
+    if ref is None:
+        raise click.UsageError("give the order REF, or --from-csv FILE")
     engine = engine_from_options(db_url, process_dir)
     result = engine.trigger(event_name, ref, list(item_ids) or None)
     for item_id, source, target in result.moved:
@@ -231,3 +259,4 @@ def event(
         raise EventCommandFailedError(
             "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
+    return None

@@ -4,6 +4,9 @@ Spryker's back office shows the same table as "process performance indicators": 
 items in ``older`` is an order that got stuck. We add what Spryker hides: how many of those
 items carry an error or wait for a retry, so a broken gateway shows up as a red column.
 
+States past their SLA (``sla:`` in the process file, see ``console.alerts``) are marked with
+how many items are past ``warn`` and ``breach``; a breach also raises the ``!`` mark.
+
 Age buckets are computed from ``state_entered_at`` relative to ``now``: ``today`` (entered on
 or after midnight UTC of ``now``'s day), ``week`` (within the seven days before ``now`` but not
 today), ``older``. The bucket is a SQL ``CASE`` inside a subquery and the grouping happens
@@ -23,6 +26,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.console._session import session_of, utc_now
+from ratepay_oms.console.alerts import sla_alerts
 from ratepay_oms.persistence.models import OrderItem
 from ratepay_oms.process.model import ProcessDefinition
 
@@ -47,6 +51,15 @@ class StateCell:
     known: bool = True
     """False when the state is not (any more) in the loaded definition of the process."""
     final: bool = False
+    sla_warn: int = 0
+    """Items past the state's SLA ``warn`` limit but not its ``breach`` (``console.alerts``)."""
+    sla_breach: int = 0
+    """Items past the state's SLA ``breach`` limit."""
+
+    @property
+    def sla(self) -> str | None:
+        """``"breach"``, ``"warn"`` or ``None``: the SLA mark of the cell."""
+        return "breach" if self.sla_breach else "warn" if self.sla_warn else None
 
     @property
     def total(self) -> int:
@@ -55,7 +68,7 @@ class StateCell:
     @property
     def attention(self) -> bool:
         """The marker the table shows: something here needs a person."""
-        return bool(self.errors or self.retries or not self.known)
+        return bool(self.errors or self.retries or not self.known or self.sla_breach)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +81,11 @@ class StateCell:
             "retries": self.retries,
             "known": self.known,
             "final": self.final,
+            "sla": (
+                {"level": self.sla, "warn": self.sla_warn, "breach": self.sla_breach}
+                if self.sla
+                else None
+            ),
         }
 
 
@@ -186,6 +204,14 @@ def build_matrix(
         setattr(cell, bucket, getattr(cell, bucket) + int(items))
         cell.errors += int(errors or 0)
         cell.retries += int(retries or 0)
+
+    if definitions:
+        with session_of(source) as session:
+            report = sla_alerts(session, definitions, now=now, process=process)
+        for alert in report.alerts:
+            marked = cells.get(alert.process, {}).get(alert.state)
+            if marked is not None:
+                marked.sla_warn, marked.sla_breach = alert.warn, alert.breach
 
     names = set(cells)
     if include_empty:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from transitions import Machine
 
 from ratepay_oms.engine.plugins import CommandContext, PluginRegistry
+from ratepay_oms.engine.verdict import Verdict, verdict_of
 from ratepay_oms.process.model import ProcessDefinition, TransitionDef
 
 if TYPE_CHECKING:
@@ -45,8 +46,9 @@ class Subject:
     item: OrderItem
     ctx: CommandContext
     chosen: TransitionDef | None = field(default=None)
-    checks: list[tuple[str, bool]] = field(default_factory=list)
-    """Each condition evaluated for the item and its answer, in order (for an explanation)."""
+    checks: list[tuple[str, Verdict]] = field(default_factory=list)
+    """Every condition asked for this subject and its answer, in order (recorded for
+    ``explain``)."""
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,9 @@ class _ConditionCheck:
     def __call__(self, event_data: Any) -> bool:
         subject: Subject = event_data.model
         condition = self.registry.condition(self.name)
-        answer = bool(condition.check(subject.ctx, subject.order, subject.item))
-        subject.checks.append((self.name, answer))
-        return answer
+        verdict = verdict_of(condition.check(subject.ctx, subject.order, subject.item))
+        subject.checks.append((self.name, verdict))
+        return verdict.holds
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -73,6 +73,11 @@ from ratepay_oms.persistence.models import (
     TransitionLog,
 )
 from ratepay_oms.process.model import ProcessDefinition
+
+if TYPE_CHECKING:
+    from ratepay_oms.engine.explain import OrderExplanation
+    from ratepay_oms.engine.forced import ForcedMove
+    from ratepay_oms.engine.many import EventOutcome, EventRequest
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +327,54 @@ class Engine:
             errors=list(stats.error_messages),
         )
 
+    def trigger_many(
+        self,
+        event: str,
+        requests: Sequence[EventRequest],
+        *,
+        now: datetime | None = None,
+        concurrency: int | None = None,
+    ) -> list[EventOutcome]:
+        """Fire the manual ``event`` for many orders at once (bulk events): one transaction
+        per chunk of orders, their gateway calls ``concurrency`` at a time (default: the
+        engine's); one outcome per request (see ``ratepay_oms.engine.many``)."""
+        from ratepay_oms.engine.many import fire_many
+
+        drive = self._drive(naive_utc(now), RunStats())
+        return fire_many(drive, event, requests, concurrency or self.concurrency)
+
+    # -- operator tools ----------------------------------------------------------------------
+
+    def force_move(
+        self,
+        order_ref: str,
+        item_id: int,
+        to_state: str,
+        *,
+        reason: str,
+        by: str | None = None,
+        now: datetime | None = None,
+    ) -> ForcedMove:
+        """Put one item into ``to_state`` by a person's decision, with ``reason`` and ``by``
+        recorded; refused while the item has an open intent or the order is leased (see
+        ``ratepay_oms.engine.forced``)."""
+        from ratepay_oms.engine.forced import ForcedMoveRequest
+
+        request = ForcedMoveRequest.of(order_ref, item_id, to_state, reason, by)
+        return self._drive(naive_utc(now), RunStats()).run(request.apply)
+
+    def explain(
+        self, order_ref: str, item_id: int | None = None, *, now: datetime | None = None
+    ) -> OrderExplanation:
+        """Per item: its state and since when, every transition out of it, and why it is not
+        moving now (see ``ratepay_oms.engine.explain``). Read-only."""
+        from ratepay_oms.engine.explain import explain_order
+
+        with self._sessions() as session:
+            return explain_order(
+                session, self.definitions(), order_ref, item_id=item_id, now=naive_utc(now)
+            )
+
     # -- the tick --------------------------------------------------------------------------
 
     def tick(
@@ -453,7 +506,10 @@ class Engine:
                 .order_by(StateHistory.id)
             )
             return [
-                HistoryEntry(h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at)
+                HistoryEntry(
+                    h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at,
+                    forced=bool(h.forced), actor=h.actor, reason=h.reason,
+                )
                 for h, sku in rows
             ]
 

@@ -49,11 +49,16 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from ratepay_oms.engine.verdict import Verdict
+from ratepay_oms.persistence.conditions import ConditionResult
 from ratepay_oms.persistence.models import EventTimeout, OrderItem, StateHistory, TransitionLog
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
 """Ids per ``IN (…)`` list: well under every dialect's bind-parameter limit."""
+
+MAX_DETAIL = 4000
+"""Characters of a condition's ``read`` kept in ``oms_condition_result.detail``."""
 
 T = TypeVar("T")
 
@@ -99,6 +104,18 @@ class MoveKey:
     event: str | None
     command: str | None = None
     condition: str | None = None
+    forced: Forced | None = None
+
+
+@dataclass(frozen=True)
+class Forced:
+    """A move a person forced (``order move``): who did it and why, for history and log."""
+
+    actor: str
+    reason: str
+
+    def columns(self) -> dict[str, Any]:
+        return {"forced": True, "actor": self.actor, "reason": self.reason}
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,7 @@ class StateWriter:
         self.now = now
         self.origin = origin
         self._log_rows: list[dict[str, Any]] = []
+        self._condition_rows: dict[tuple[int, str], dict[str, Any]] = {}
 
     # -- transition log ------------------------------------------------------------------
 
@@ -181,6 +199,55 @@ class StateWriter:
             rows, self._log_rows = self._log_rows, []
             for part in chunked(rows):
                 self.session.execute(insert(_table(TransitionLog)), list(part))
+        self._flush_conditions()
+
+    # -- condition results ---------------------------------------------------------------
+
+    def record_conditions(
+        self,
+        item: OrderItem,
+        process: str,
+        state: str,
+        event: str | None,
+        checks: Sequence[tuple[str, Verdict]],
+    ) -> None:
+        """Remember each condition's answer for ``item`` (written with the log): the newest
+        per (item, condition) replaces the one before (``oms_condition_result``)."""
+        for name, verdict in checks:
+            detail = None
+            if verdict.read:
+                detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
+                if len(detail) > MAX_DETAIL:  # keep it valid JSON, say it was cut
+                    detail = json.dumps({"truncated": detail[: MAX_DETAIL - 50]})
+            self._condition_rows[(item.id, name)] = {
+                "item_id": item.id,
+                "order_id": item.order_id,
+                "process": process,
+                "state": state,
+                "event": event,
+                "condition": name,
+                "result": verdict.holds,
+                "detail": detail,
+                "evaluated_at": self.now,
+            }
+
+    def _flush_conditions(self) -> None:
+        if not self._condition_rows:
+            return
+        rows, self._condition_rows = list(self._condition_rows.values()), {}
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for row in rows:
+            by_name[row["condition"]].append(row["item_id"])
+        for name, ids in by_name.items():
+            for part in chunked(sorted(ids)):
+                self.session.execute(
+                    delete(ConditionResult).where(
+                        ConditionResult.condition == name,
+                        id_in(ConditionResult.item_id, part, self.session),
+                    )
+                )
+        for rows_part in chunked(rows):
+            self.session.execute(insert(_table(ConditionResult)), list(rows_part))
 
     # -- entering states -----------------------------------------------------------------
 
@@ -235,6 +302,7 @@ class StateWriter:
         style = _ids_style(conn.dialect)
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
+            forced = key.forced
             for part in chunked(sorted(ids)):
                 shared = {
                     "ids": _ids_value(part, style),
@@ -247,6 +315,9 @@ class StateWriter:
                     "v_hostname": self.origin.hostname,
                     "v_argv": self.origin.argv,
                     "v_now": self.now,
+                    "v_forced": forced is not None,
+                    "v_actor": forced.actor if forced is not None else None,
+                    "v_reason": forced.reason if forced is not None else None,
                 }
                 conn.execute(_move_statement("update", style), shared)
                 conn.execute(_move_statement("history", style), shared)
@@ -263,6 +334,23 @@ class StateWriter:
                             "v_due": self.now + event.timeout,
                         },
                     )
+
+    def write_forced_move(
+        self,
+        item: OrderItem,
+        target: str,
+        forced: Forced,
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> None:
+        """Move ``item`` to ``target`` because a person said so: no event, no command; the
+        history and log rows carry ``forced``, who and why; timeouts and retries as for any
+        move (the old state's dropped, the target's armed)."""
+        key = MoveKey(item.process, item.state, target, None, forced=forced)
+        self.write_grouped_moves({key: [item.id]}, definitions)
+        set_committed_value(item, "state", target)
+        set_committed_value(item, "state_entered_at", self.now)
+        for name, value in _CLEARED_RETRY.items():
+            set_committed_value(item, name, value)
 
     def clear_retry(self, items: Iterable[OrderItem]) -> None:
         """Items whose event went through without moving them: the retry is settled."""
@@ -384,6 +472,7 @@ def _move_statement(kind: str, style: str) -> Executable:
         statement = _from_items(
             _table(StateHistory), True, style,
             from_state="v_source", to_state="v_target", event="v_event", created_at="v_now",
+            forced="v_forced", actor="v_actor", reason="v_reason",
         )
     elif kind == "log":
         log = _table(TransitionLog)
@@ -391,7 +480,7 @@ def _move_statement(kind: str, style: str) -> Executable:
             [
                 "item_id", "order_id", "process", "event", "source_state", "target_state",
                 "command", "condition", "is_error", "error_message", "hostname", "argv",
-                "created_at",
+                "created_at", "forced", "actor", "reason",
             ],
             select(
                 OrderItem.id,
@@ -407,6 +496,9 @@ def _move_statement(kind: str, style: str) -> Executable:
                 _param(log, "hostname", "v_hostname"),
                 _param(log, "argv", "v_argv"),
                 _param(log, "created_at", "v_now"),
+                _param(log, "forced", "v_forced"),
+                _param(log, "actor", "v_actor"),
+                _param(log, "reason", "v_reason"),
             )
             .where(_ids_clause(OrderItem.id, style))
             .order_by(OrderItem.id),

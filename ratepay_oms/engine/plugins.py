@@ -36,6 +36,8 @@ from datetime import datetime
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
+from ratepay_oms.engine.verdict import Verdict
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
@@ -185,10 +187,12 @@ class Condition(ABC):
     """A yes/no question about one item (read only)."""
 
     @abstractmethod
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool: ...
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool | Verdict:
+        """The answer; a ``Verdict`` (``engine.verdict``) also says what it read, which the
+        engine records for ``explain``."""
 
 
-ConditionFunction: TypeAlias = "Callable[[CommandContext, Order, OrderItem], bool]"
+ConditionFunction: TypeAlias = "Callable[[CommandContext, Order, OrderItem], bool | Verdict]"
 AnyCommand: TypeAlias = "ByItemCommand | ByOrderCommand | ExternalCommand[Any, Any]"
 
 
@@ -276,5 +280,6 @@ class _FunctionCondition(Condition):
     def __init__(self, func: ConditionFunction) -> None:
         self.func = func
 
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
-        return bool(self.func(ctx, order, item))
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool | Verdict:
+        answer = self.func(ctx, order, item)
+        return answer if isinstance(answer, Verdict) else bool(answer)

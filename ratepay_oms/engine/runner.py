@@ -112,6 +112,8 @@ class RunStats:
     moves: list[tuple[int, str, str]] = field(default_factory=list)
     stayed: list[int] = field(default_factory=list)
     error_messages: list[str] = field(default_factory=list)
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """(item id, error message) of every item whose event failed (bulk events report per item)."""
 
     def add(self, other: RunStats) -> None:
         """Add what ``other`` (a committed transaction's figures) counted."""
@@ -334,6 +336,9 @@ class Runner:
                     for item in remaining:
                         subject = Subject(group.state, group.order, item, ctx)
                         chosen = compiled.choose(group.event, subject)
+                        self.writer.record_conditions(
+                            item, group.process, group.state, group.event, subject.checks
+                        )
                         done += 1
                         if chosen is None:
                             stayed.append(item)
@@ -499,10 +504,12 @@ class Runner:
                 error=message,
             )
         ids = ", ".join(str(i.id) for i in items)
-        self.stats.error(
+        text = (
             f"order {group.order.order_ref} items [{ids}] {group.event or '(event-less)'} "
             f"in {group.state}: {message}"
         )
+        self.stats.error(text)
+        self.stats.failed.extend((i.id, text) for i in items)
 
     def fail(
         self,

@@ -137,6 +137,10 @@ class HistoryEntry:
     to_state: str
     event: str | None
     created_at: datetime
+    forced: bool = False
+    """A person forced this move (``order move``); ``actor`` and ``reason`` say who and why."""
+    actor: str | None = None
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -146,6 +150,9 @@ class HistoryEntry:
             "to_state": self.to_state,
             "event": self.event,
             "created_at": _iso(self.created_at),
+            "forced": self.forced,
+            "actor": self.actor,
+            "reason": self.reason,
         }
 
 
@@ -163,6 +170,9 @@ class TransitionLogEntry:
     hostname: str | None
     argv: str | None
     created_at: datetime
+    forced: bool = False
+    actor: str | None = None
+    reason: str | None = None
 
     @classmethod
     def of(cls, row: TransitionLog) -> TransitionLogEntry:
@@ -179,6 +189,9 @@ class TransitionLogEntry:
             hostname=row.hostname,
             argv=row.argv,
             created_at=row.created_at,
+            forced=bool(row.forced),
+            actor=row.actor,
+            reason=row.reason,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -195,6 +208,9 @@ class TransitionLogEntry:
             "hostname": self.hostname,
             "argv": self.argv,
             "created_at": _iso(self.created_at),
+            "forced": self.forced,
+            "actor": self.actor,
+            "reason": self.reason,
         }
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -139,6 +140,13 @@ class StateHistory(Base):
     to_state: Mapped[str] = mapped_column(NAME, nullable=False)
     event: Mapped[str | None] = mapped_column(NAME)
     created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    forced: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
+    """A person forced this move (``order move``): no event, no command; ``actor`` and
+    ``reason`` say who and why."""
+    actor: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_oms_state_history_item_id", "item_id"),
@@ -172,6 +180,12 @@ class TransitionLog(Base):
     hostname: Mapped[str | None] = mapped_column(String(255))
     argv: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    forced: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
+    """A forced move (see ``StateHistory.forced``)."""
+    actor: Mapped[str | None] = mapped_column(String(100))
+    reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_oms_transition_log_order_id", "order_id"),

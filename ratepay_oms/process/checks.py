@@ -68,7 +68,23 @@ def check_declarations(
         problems += _on_enter(decl)
         problems += _unused_events(decl)
         problems += _racy_states(decl)
+        problems += _sla_on_final_states(decl)
     return problems
+
+
+def _sla_on_final_states(decl: Declarations) -> list[ProcessProblem]:
+    """An SLA on a state nothing leaves would report every item that ever finished."""
+    sources = {t.source for t in decl.transitions}
+    return [
+        _problem(
+            s.sla.location or s.location,
+            decl.file,
+            f"state {s.name!r} has an 'sla' but is final (no transition leaves it): every item "
+            "that finishes there would breach it; remove the sla or give the state a way out",
+        )
+        for s in decl.states
+        if s.sla is not None and s.name not in sources
+    ]
 
 
 def _duplicates(decl: Declarations) -> list[ProcessProblem]:

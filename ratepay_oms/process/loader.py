@@ -40,6 +40,7 @@ from ratepay_oms.process.errors import (
 from ratepay_oms.process.model import (
     EventDef,
     ProcessDefinition,
+    SlaDef,
     SourceLocation,
     StateDef,
     TransitionDef,
@@ -55,7 +56,8 @@ MAX_TIMEOUT = timedelta(days=3660)  # ten years: a due time must stay a storable
 
 _MAIN_KEYS = ("process", "initial", "include", "states", "transitions", "events")
 _SUB_KEYS = ("subprocess", "include", "states", "transitions", "events")
-_STATE_KEYS = ("display", "flags", "reserved")
+_STATE_KEYS = ("display", "flags", "reserved", "sla")
+_SLA_KEYS = ("warn", "breach")
 _TRANSITION_KEYS = ("source", "target", "event", "condition", "happy")
 _EVENT_KEYS = ("command", "on_enter", "manual", "timeout")
 _INCLUDE_KEYS = ("file", "prefix")
@@ -64,8 +66,12 @@ _TAG = "tag:yaml.org,2002:"
 # plain scalars a name may be written as (``404`` or ``yes`` are names too); explicit tags
 # such as ``!!python/object`` are refused, never constructed
 _NAME_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "timestamp"))
-_TIMEOUT_PART = re.compile(r"\s*(\d+)\s*(second|minute|hour|day|week)s?\b", re.IGNORECASE)
+_TIMEOUT_PART = re.compile(
+    r"\s*(\d+)\s*(seconds?|minutes?|hours?|days?|weeks?|min|s|m|h|d|w)(?![a-z])", re.IGNORECASE
+)
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}
+_UNIT_ABBREVIATIONS = {"s": "second", "m": "minute", "min": "minute", "h": "hour", "d": "day",
+                       "w": "week"}
 
 
 def default_process_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -85,10 +91,13 @@ def default_process_dir(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(ratepay_oms.__file__).resolve().parent.parent / "processes"
 
 
-def parse_timeout(text: str) -> timedelta:
-    """``"90 days"``, ``"1 day 2 hours"``, ``"90days"`` (Spryker's spelling) → ``timedelta``.
+def parse_timeout(text: str, what: str = "timeout") -> timedelta:
+    """``"90 days"``, ``"1 day 2 hours"``, ``"90days"`` (Spryker's spelling), ``"3d"``,
+    ``"1d 12h"`` → ``timedelta``. Units: second(s)/s, minute(s)/min/m, hour(s)/h, day(s)/d,
+    week(s)/w.
 
-    Raises ``ValueError`` with a message fit for a problem report.
+    Raises ``ValueError`` with a message fit for a problem report; ``what`` names the value
+    in it (``timeout``, ``sla warn``, …).
     """
     pos, total = 0, 0
     stripped = text.strip()
@@ -96,17 +105,19 @@ def parse_timeout(text: str) -> timedelta:
         match = _TIMEOUT_PART.match(stripped, pos)
         if match is None:
             raise ValueError(
-                f"bad timeout {text!r}: write 'N unit' with unit second(s), minute(s), hour(s), "
-                "day(s) or week(s), e.g. '90 days' or '1 day 2 hours'"
+                f"bad {what} {text!r}: write 'N unit' with unit second(s), minute(s), hour(s), "
+                "day(s) or week(s) (or s, m, h, d, w), e.g. '90 days', '1 day 2 hours' or '3d'"
             )
-        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+        unit = match.group(2).lower()
+        unit = _UNIT_ABBREVIATIONS.get(unit, unit.rstrip("s") if len(unit) > 1 else unit)
+        total += int(match.group(1)) * _UNIT_SECONDS[unit]
         pos = match.end()
     if not stripped:
-        raise ValueError("bad timeout '': write e.g. '90 days'")
+        raise ValueError(f"bad {what} '': write e.g. '90 days'")
     if total <= 0:
-        raise ValueError(f"bad timeout {text!r}: it must be longer than zero")
+        raise ValueError(f"bad {what} {text!r}: it must be longer than zero")
     if total > MAX_TIMEOUT.total_seconds():
-        raise ValueError(f"bad timeout {text!r}: more than {MAX_TIMEOUT.days} days")
+        raise ValueError(f"bad {what} {text!r}: more than {MAX_TIMEOUT.days} days")
     return timedelta(seconds=total)
 
 
@@ -119,6 +130,17 @@ def format_timeout(duration: timedelta) -> str:
         if count:
             parts.append(f"{count} {unit}{'s' if count != 1 else ''}")
     return " ".join(parts) or "0 seconds"
+
+
+def format_elapsed(duration: timedelta) -> str:
+    """A waiting time for people, as precise as it matters: ``4 days 2 hours``, ``3 hours
+    12 minutes``, ``45 seconds`` (minutes dropped past a day, seconds past an hour)."""
+    seconds = max(int(duration.total_seconds()), 0)
+    if seconds >= 86400:
+        seconds -= seconds % 3600
+    elif seconds >= 3600:
+        seconds -= seconds % 60
+    return format_timeout(timedelta(seconds=seconds))
 
 
 @dataclass
@@ -274,6 +296,7 @@ class _FileReader:
                     display=self.opt_name(spec, "display"),
                     flags=frozenset(flags),
                     reserved=self.opt_bool(spec, "reserved"),
+                    sla=self.sla(spec["sla"], name) if "sla" in spec else None,
                 )
             out.append(state)
         return out
@@ -296,6 +319,40 @@ class _FileReader:
                 )
             out.append(event)
         return out
+
+    def sla(self, node: Node, state: str) -> SlaDef | None:
+        """``sla: {warn: 1d, breach: 3d}``: at least one limit, ``warn`` below ``breach``."""
+        spec = self.fields(node, f"'sla' of state {state!r}", _SLA_KEYS)
+        if spec is None:
+            return None
+        limits: dict[str, timedelta | None] = {}
+        for key in _SLA_KEYS:
+            limits[key] = self.duration(spec[key], f"sla {key}") if key in spec else None
+        if not spec:
+            self.report(node, f"'sla' of state {state!r} needs 'warn', 'breach' or both")
+            return None
+        warn, breach = limits["warn"], limits["breach"]
+        if warn is not None and breach is not None and warn >= breach:
+            self.report(
+                spec["warn"],
+                f"sla of state {state!r}: warn ({format_timeout(warn)}) must be shorter than "
+                f"breach ({format_timeout(breach)})",
+            )
+        if warn is None and breach is None:
+            return None
+        return SlaDef(warn=warn, breach=breach, location=self.loc(node))
+
+    def duration(self, node: Node, what: str) -> timedelta | None:
+        if not isinstance(node, ScalarNode) or _is_null(node):
+            self.report(
+                node, f"{what!r} must be a duration like '3d' or '2 days', not {_kind(node)}"
+            )
+            return None
+        try:
+            return parse_timeout(node.value, what)
+        except ValueError as exc:
+            self.report(node, str(exc))
+            return None
 
     def timeout(self, node: Node) -> timedelta | None:
         if not isinstance(node, ScalarNode) or _is_null(node):

@@ -28,12 +28,31 @@ class SourceLocation:
 
 
 @dataclass(frozen=True)
+class SlaDef:
+    """How long an item may sit in a state: past ``warn`` it is reported, past ``breach`` it
+    is a breach (``ratepay-oms alerts`` exits non-zero). Either may be absent, not both."""
+
+    warn: timedelta | None = None
+    breach: timedelta | None = None
+    location: SourceLocation | None = None
+
+    def level(self, waited: timedelta) -> str | None:
+        """``"breach"``, ``"warn"`` or ``None`` for an item that has waited ``waited``."""
+        if self.breach is not None and waited >= self.breach:
+            return "breach"
+        if self.warn is not None and waited >= self.warn:
+            return "warn"
+        return None
+
+
+@dataclass(frozen=True)
 class StateDef:
     name: str
     display: str | None = None
     flags: frozenset[str] = frozenset()
     reserved: bool = False
     location: SourceLocation | None = None
+    sla: SlaDef | None = None
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ per group for all the order's items, see :func:`newest_outcome`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ratepay_oms.engine.plugins import Condition
+from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
@@ -19,12 +20,32 @@ from ratepay_oms.persistence.payment import (
     PAYMENT_REQUEST,
     RETURN,
 )
-from ratepay_oms.plugins.ratepay.payment_store import OutcomeVerdict, latest_outcomes
+from ratepay_oms.plugins.ratepay.payment_store import latest_outcomes
 from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.plugins import CommandContext
     from ratepay_oms.persistence.models import Order, OrderItem
+    from ratepay_oms.persistence.payment import RatepayItemOutcome
+
+
+def _read(action: str, outcome: RatepayItemOutcome | None) -> dict[str, Any]:
+    """What a condition looked at, for ``explain``: the outcome row it decided on."""
+    if outcome is None:
+        return {"action": action, "outcome": None}
+    return {
+        "action": action,
+        "outcome": {
+            "id": outcome.id,
+            "success": bool(outcome.success),
+            "operation": outcome.operation,
+            "subtype": outcome.subtype,
+            "result_code": outcome.result_code,
+            "reason_code": outcome.reason_code,
+            "message": outcome.message,
+            "created_at": outcome.created_at.isoformat(),
+        },
+    }
 
 
 @dataclass(frozen=True)
@@ -33,9 +54,10 @@ class OutcomeSucceeded(Condition):
 
     action: str
 
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
         outcome = newest_outcome(ctx, order, item, self.action)
-        return outcome is not None and outcome.success
+        holds = outcome is not None and bool(outcome.success)
+        return Verdict(holds, _read(self.action, outcome))
 
 
 @dataclass(frozen=True)
@@ -44,23 +66,24 @@ class PaymentRequestDeclined(Condition):
     reason 730 "buyer identity"): a risk decision, not a technical failure, so retrying is
     pointless; the shopper needs another method (``payment.customer_message`` says so)."""
 
-    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
         outcome = newest_outcome(ctx, order, item, PAYMENT_REQUEST)
-        return (
+        holds = (
             outcome is not None
             and not outcome.success
             and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
+        return Verdict(holds, _read(PAYMENT_REQUEST, outcome))
 
 
 def newest_outcome(
     ctx: CommandContext, order: Order, item: OrderItem, action: str
-) -> OutcomeVerdict | None:
+) -> RatepayItemOutcome | None:
     """The item's newest outcome of ``action``, read once per group for all items of the order
     (kept in ``ctx.memo``: a context lives for one group, and its command has run before the
     first check, so nothing writes outcomes between the read and the last check)."""
     key = ("ratepay.latest_outcomes", order.id, action)
-    outcomes: dict[int, OutcomeVerdict] | None = ctx.memo.get(key)
+    outcomes: dict[int, RatepayItemOutcome] | None = ctx.memo.get(key)
     if outcomes is None:
         outcomes = ctx.memo[key] = latest_outcomes(ctx.session, order.id, action)
     return outcomes.get(item.id)

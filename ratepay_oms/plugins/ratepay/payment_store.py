@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -147,32 +147,18 @@ def payment_attempts(session: Session, order_id: int, since: datetime) -> list[d
     return sorted(when for _, when in rows)
 
 
-class OutcomeVerdict(NamedTuple):
-    """What a condition needs of an item's newest outcome row."""
-
-    success: bool
-    result_code: str | None
-    reason_code: str | None
-
-
-def latest_outcomes(session: Session, order_id: int, action: str) -> dict[int, OutcomeVerdict]:
+def latest_outcomes(
+    session: Session, order_id: int, action: str
+) -> dict[int, RatepayItemOutcome]:
     """The newest outcome of ``action`` for every item of one order that has one, in one
     query: conditions check a whole group's items with this instead of one query each."""
-    rows = session.execute(
-        select(
-            RatepayItemOutcome.item_id,
-            RatepayItemOutcome.success,
-            RatepayItemOutcome.result_code,
-            RatepayItemOutcome.reason_code,
-        )
+    newest = (
+        select(func.max(RatepayItemOutcome.id))
         .where(RatepayItemOutcome.order_id == order_id, RatepayItemOutcome.action == action)
-        .order_by(RatepayItemOutcome.id)
+        .group_by(RatepayItemOutcome.item_id)
     )
-    # Ascending ids: a later (newer) row of an item replaces an earlier one.
-    return {
-        item_id: OutcomeVerdict(success, result_code, reason_code)
-        for item_id, success, result_code, reason_code in rows
-    }
+    rows = session.scalars(select(RatepayItemOutcome).where(RatepayItemOutcome.id.in_(newest)))
+    return {row.item_id: row for row in rows}
 
 
 def load_ledger(session: Session, order: Order) -> OrderLedger:
