@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ratepay_oms.errors import OmsError
+from ratepay_oms.ratepay.profiles import PROFILE_NAME
 from ratepay_oms.sepa import (
     bic_problem,
     iban_problem,
@@ -157,6 +158,9 @@ class InstallmentInput:
 class PaymentInput:
     method: str
     installment: InstallmentInput | None = None
+    profile: str | None = None
+    """The RatePAY profile to use (a name from ``[ratepay.profiles.<NAME>]``); without it the
+    profile is chosen by billing country and currency."""
 
 
 @dataclass(frozen=True)
@@ -506,8 +510,13 @@ def _payment(r: _Reader, customer: CustomerInput) -> PaymentInput:
         )
     if method == "INSTALLMENT" and customer.is_b2b:
         raise OrderInputError("payment.method: INSTALLMENT is not offered to companies")
+    profile = r.text("profile", required=False, max_len=40)
+    if profile is not None and not PROFILE_NAME.fullmatch(profile):
+        raise OrderInputError(
+            f"{r._at('profile')}: a profile name is letters, digits and '-', got {profile!r}"
+        )
     r.finish()
-    return PaymentInput(method=method, installment=installment)
+    return PaymentInput(method=method, installment=installment, profile=profile)
 
 
 def parse_order(data: Any) -> OrderInput:

@@ -198,12 +198,15 @@ def test_payment_request_follows_the_documented_element_order(builder: RequestBu
 
 def test_delivery_with_invoicing_puts_invoicing_before_the_basket(builder: RequestBuilder) -> None:
     from datetime import datetime
+    from zoneinfo import ZoneInfo
 
+    # The shop's local time (TIME_ZONE, default Europe/Berlin) is what RatePAY reads.
+    local = datetime(2024, 1, 16, 9, 30, tzinfo=ZoneInfo("Europe/Berlin"))
     built = builder.confirmation_deliver(
         TX,
         Basket(items=lines((MUG, 2)), shipping=SHIPPING),
         order_id=ORDER_ID,
-        invoicing=Invoicing("INV-2024-000311", invoice_date=datetime(2024, 1, 16, 9, 30)),
+        invoicing=Invoicing("INV-2024-000311", invoice_date=local),
         tracking=[Tracking("DHL", "00340434161094021234")],
     )
     doc = etree.fromstring(to_bytes(built.root))

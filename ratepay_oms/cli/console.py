@@ -11,6 +11,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +454,10 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         "payment: "
         + ", ".join(
             f"{k} {pay[k]}"
-            for k in ("method", "transaction_id", "short_id", "descriptor", "mandate_reference")
+            for k in (
+                "method", "profile", "transaction_id", "short_id", "descriptor",
+                "mandate_reference",
+            )
             if pay.get(k)
         ),
         markup=False,
@@ -467,9 +471,21 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
         + ", ".join(
             f"{k} {amounts[k]} {currency}"
             for k in ("ordered", "delivered", "cancelled", "returned", "open")
+        )
+        + "".join(
+            f", {k} {amounts[k]} {currency}"
+            for k in ("credited", "debited")
+            if amounts.get(k) and Decimal(amounts[k]) != 0
         ),
         markup=False,
     )
+    for adj in detail.get("adjustments", []):
+        console.print(
+            f"{adj['kind']} {adj['amount']} {currency} ({adj['reason'] or 'no reason given'}): "
+            f"{adj['status']}"
+            + (f" — {adj['reason_code']} {adj['message']}" if adj["status"] == "refused" else ""),
+            markup=False,
+        )
     if detail.get("lease"):
         lease = detail["lease"]
         state = "expired" if lease["expired"] else "held"

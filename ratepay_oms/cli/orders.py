@@ -181,22 +181,40 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
       ratepay-oms order history 100045
       ratepay-oms order history 100045 --json
     """
-    entries = engine_from_options(db_url, process_dir).history(ref)
+    engine = engine_from_options(db_url, process_dir)
+    entries = engine.history(ref)
     if as_json:
         print_json([e.to_json() for e in entries])
         return
     table = Table()
-    for name in ("time", "item", "sku", "from → to", "event"):
+    for name in ("time", "item", "sku", "from → to", "event", "data"):
         table.add_column(name, justify="right" if name == "item" else "left")
     for e in entries:
         move = f"{e.from_state or '∅'} → {e.to_state}"
+        data = ", ".join(f"{k}={v}" for k, v in sorted(e.data.items())) if e.data else ""
         if e.forced:
             # A person's decision, not the process: it must stand out (see `order move`).
             what = Text(f"FORCED by {e.actor}: {e.reason}", style="bold magenta")
-            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, what)
+            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, what, data)
         else:
-            table.add_row(fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "")
+            table.add_row(
+                fmt_time(e.created_at), str(e.item_id), e.sku, move, e.event or "", data
+            )
     stdout_console().print(table)
+    _print_adjustments(engine, ref)
+
+
+def _print_adjustments(engine: Any, ref: str) -> None:
+    """Credits and debits are no state change, so they are listed under the moves."""
+    from ratepay_oms.console.inspect import order_detail
+
+    detail = order_detail(engine, ref, calls=0)
+    for a in detail.get("adjustments", []):
+        when = (a["settled_at"] or a["created_at"] or "").replace("T", " ")[:19]
+        click.echo(
+            f"{when}  {a['kind']} {a['amount']} {detail.get('currency') or ''}"
+            f" ({a['reason'] or 'no reason given'}): {a['status']}"
+        )
 
 
 @cli.command("event")
@@ -212,6 +230,14 @@ def history(db_url: str | None, process_dir: Path | None, ref: str, as_json: boo
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, metavar="K",
               help="With --from-csv: orders fired at once (default 4).")
 @click.option("--json", "as_json", is_flag=True, help="With --from-csv: the report as JSON.")
+@click.option("--invoice-id", default=None, metavar="ID",
+              help="Your invoice number, sent to RatePAY with the delivery (ship).")
+@click.option("--tracking-id", "tracking_ids", multiple=True, metavar="CODE",
+              help="A parcel's tracking code (repeat for several parcels); needs --carrier.")
+@click.option("--carrier", default=None, metavar="NAME",
+              help="DHL, DPD, GLS, HLG, HVS, OTH, TNT or UPS.")
+@click.option("--data", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="More event data (invoice_date, delivery_date, due_date, …); repeatable.")
 @translate_db_errors
 def event(
     db_url: str | None,
@@ -223,6 +249,10 @@ def event(
     dry_run: bool,
     concurrency: int | None,
     as_json: bool,
+    invoice_id: str | None,
+    tracking_ids: tuple[str, ...],
+    carrier: str | None,
+    pairs: tuple[str, ...],
 ) -> int | None:
     """Fire the manual EVENT on order REF (e.g. ship, cancel, refund), or on every order of a
     CSV file (--from-csv).
@@ -234,8 +264,13 @@ def event(
     happen and writes nothing; the exit status is 1 when any row was refused or failed.
 
     \b
+    Data given with the event (invoice id, tracking ids, carrier, --data pairs) is checked
+    first, stored with the history rows of the move and sent with the delivery confirmation.
+
+    \b
     Example:
       ratepay-oms event ship 100045
+      ratepay-oms event ship 100045 --invoice-id INV-1 --tracking-id 00340434 --carrier DHL
       ratepay-oms event cancel 100045 --item 3 --item 4
       ratepay-oms event ship --from-csv shipments.csv --dry-run
     """
@@ -246,8 +281,9 @@ def event(
                           concurrency, as_json)
     if ref is None:
         raise click.UsageError("give the order REF, or --from-csv FILE")
+    data = _event_data(invoice_id, tracking_ids, carrier, pairs)
     engine = engine_from_options(db_url, process_dir)
-    result = engine.trigger(event_name, ref, list(item_ids) or None)
+    result = engine.trigger(event_name, ref, list(item_ids) or None, data=data)
     for item_id, source, target in result.moved:
         click.echo(f"item {item_id}: {source} → {target}")
     for item_id in result.stayed:
@@ -260,3 +296,29 @@ def event(
             "; ".join(result.errors) + f" (see `ratepay-oms order show {ref}`)"
         )
     return None
+
+
+def _event_data(
+    invoice_id: str | None,
+    tracking_ids: tuple[str, ...],
+    carrier: str | None,
+    pairs: tuple[str, ...],
+) -> dict[str, Any] | None:
+    """The event's data from the options, checked before anything is touched."""
+    from ratepay_oms.plugins.ratepay.event_data import EventDataError, check_event_data
+
+    data: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise EventDataError(
+                f"--data {pair!r}: write KEY=VALUE, e.g. --data due_date=2026-12-31"
+            )
+        data[key.strip()] = value.strip()
+    if invoice_id is not None:
+        data["invoice_id"] = invoice_id
+    if tracking_ids:
+        data["tracking_ids"] = list(tracking_ids)
+    if carrier is not None:
+        data["carrier"] = carrier
+    return check_event_data(data) if data else None

@@ -31,6 +31,7 @@ from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
     RETURN,
+    RatepayAdjustment,
     RatepayItemOutcome,
     RatepayPayment,
 )
@@ -125,6 +126,15 @@ def order_detail(
         if settled is None:
             settled = _settled_items(items, history, definitions)
         detail = _detail(order, items, settled, timeouts, payment, now, definitions)
+        adjustments = _adjustments(session, order)
+        detail["adjustments"] = adjustments
+        booked = [a for a in adjustments if a["status"] == "booked"]
+        detail["amounts"]["credited"] = _money(
+            sum((Decimal(a["amount"]) for a in booked if a["kind"] == "credit"), Decimal("0"))
+        )
+        detail["amounts"]["debited"] = _money(
+            sum((Decimal(a["amount"]) for a in booked if a["kind"] == "debit"), Decimal("0"))
+        )
         detail["intents"] = [
             {**v.to_json(), "last_error": mask_text(v.last_error)}
             for v in _list_intents(session, order.id)
@@ -315,7 +325,36 @@ def _payment_row(session: Session, order: Order) -> dict[str, Any] | None:
         "customer_message": row.customer_message,
         "shipping_status": row.shipping_status,
         "discount_status": row.discount_status,
+        "profile": row.profile,
+        "voucher_rule": row.voucher_rule,
     }
+
+
+def _adjustments(session: Session, order: Order) -> list[dict[str, Any]]:
+    """Goodwill credits and debits of the order (``[]`` without the table)."""
+    if not _has_table(session, RatepayAdjustment.__tablename__):
+        return []
+    rows = session.scalars(
+        select(RatepayAdjustment)
+        .where(RatepayAdjustment.order_id == order.id)
+        .order_by(RatepayAdjustment.id)
+    )
+    return [
+        {
+            "id": row.id,
+            "kind": row.kind,
+            "amount": _money(row.amount),
+            "tax_rate": str(row.tax_rate),
+            "reason": row.reason,
+            "status": row.status,
+            "result_code": row.result_code,
+            "reason_code": row.reason_code,
+            "message": mask_text(row.message),
+            "created_at": _iso(row.created_at),
+            "settled_at": _iso(row.settled_at),
+        }
+        for row in rows
+    ]
 
 
 def _outcome_settled(session: Session, order: Order) -> dict[int, set[str]] | None:

@@ -9,6 +9,7 @@ units of work, each in its own transaction(s); what they return are detached sna
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import secrets
@@ -39,6 +40,7 @@ from ratepay_oms.engine.plugins import INSTALLMENT_SERVICE, PluginRegistry, Reco
 from ratepay_oms.engine.runner import (
     RESOLVED_BOOKED,
     RESOLVED_NOT_BOOKED,
+    Group,
     Runner,
     RunStats,
     group_items,
@@ -292,8 +294,13 @@ class Engine:
         item_ids: Sequence[int] | None = None,
         *,
         now: datetime | None = None,
+        data: Mapping[str, Any] | None = None,
     ) -> TriggerResult:
         """Fire a manual event for items of one order (default: every item that accepts it).
+
+        ``data`` (a JSON object: invoice id, tracking ids, …) is handed to the event's
+        command (``CommandContext.data``) and stored with the history rows of the move, where
+        the commands of the states it leads to find it (``ship`` → the delivery confirmation).
 
         Refuses (``ManualEventError``, nothing written) an unknown or non-manual event and
         items whose state does not accept it; ``OrderLockedError`` while another worker holds
@@ -301,8 +308,10 @@ class Engine:
         """
         now = naive_utc(now)
         stats = RunStats()
+        event_data = _event_data(data)
 
         def fire(runner: Runner) -> None:
+            runner.data = event_data
             session = runner.session
             order = self._find(session, order_ref)
             definition = self._definition(order.process)
@@ -374,6 +383,77 @@ class Engine:
             return explain_order(
                 session, self.definitions(), order_ref, item_id=item_id, now=naive_utc(now)
             )
+
+    # -- bookings outside a transition ----------------------------------------------------
+
+    def run_external(
+        self,
+        command: str,
+        order_ref: str,
+        data: Mapping[str, Any],
+        *,
+        now: datetime | None = None,
+    ) -> TriggerResult:
+        """Run the external command ``command`` once on order ``order_ref``, outside any
+        transition, with ``data`` as its ``CommandContext.data``: planned with an intent,
+        sent after the plan commits, settled exactly once (reconciled if the answer is lost),
+        like every booking. The intent covers the order's first item (it blocks only that
+        item's events while the call is in flight); nothing moves unless an event-less
+        transition of that item's state applies after it."""
+        now = naive_utc(now)
+        stats = RunStats()
+        event_data = _event_data(data)
+        if not self.registry.is_external(command):
+            raise ManualEventError(f"{command} is not an external command")
+
+        def fire(runner: Runner) -> None:
+            runner.data = event_data
+            session = runner.session
+            order = self._find(session, order_ref)
+            self.claims.lock_one(session, order.id, f"order {order_ref}")
+            first = session.scalars(
+                select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
+            ).first()
+            if first is None:
+                raise ManualEventError(f"order {order_ref} has no items")
+            runner.plan_external(Group(order, first.process, first.state, None, [first]), command)
+
+        self._drive(now, stats).run(fire)
+        return TriggerResult(
+            event=command,
+            moved=list(stats.moves),
+            stayed=list(stats.stayed),
+            errors=list(stats.error_messages),
+        )
+
+    def credit(
+        self,
+        order_ref: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal | None = None,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """A goodwill credit of ``amount`` on the delivered order (RatePAY PAYMENT_CHANGE
+        credit), exactly once; see ``ratepay_oms.plugins.ratepay.adjustments.book``."""
+        from ratepay_oms.plugins.ratepay.adjustments import book
+
+        return book(self, "credit", order_ref, amount, tax_rate=tax_rate, reason=reason, now=now)
+
+    def debit(
+        self,
+        order_ref: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal | None = None,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> Any:
+        """An adjustment charge of ``amount`` on the delivered order; see ``credit``."""
+        from ratepay_oms.plugins.ratepay.adjustments import book
+
+        return book(self, "debit", order_ref, amount, tax_rate=tax_rate, reason=reason, now=now)
 
     # -- the tick --------------------------------------------------------------------------
 
@@ -509,6 +589,7 @@ class Engine:
                 HistoryEntry(
                     h.item_id, sku, h.from_state, h.to_state, h.event, h.created_at,
                     forced=bool(h.forced), actor=h.actor, reason=h.reason,
+                    data=json.loads(h.data) if h.data else None,
                 )
                 for h, sku in rows
             ]
@@ -528,6 +609,18 @@ def _dump(data: Mapping[str, Any]) -> str:
     import json
 
     return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+
+def _event_data(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A manual event's data as a JSON object, or ``ManualEventError`` (nothing written)."""
+    if data is None or not data:
+        return None
+    if not isinstance(data, Mapping) or not all(isinstance(k, str) and k for k in data):
+        raise ManualEventError("event data must be an object with text keys")
+    try:
+        return dict(json.loads(json.dumps(dict(data), default=str)))
+    except (TypeError, ValueError) as exc:
+        raise ManualEventError(f"event data cannot be stored as JSON: {exc}") from None
 
 
 def _duplicate(order_ref: str) -> OrderInputError:

@@ -259,9 +259,14 @@ class StateWriter:
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
 
     def write_moves(
-        self, moves: Sequence[Move], definitions: Mapping[str, ProcessDefinition]
+        self,
+        moves: Sequence[Move],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
-        """Persist ``moves`` (one transaction with whatever else the caller wrote)."""
+        """Persist ``moves`` (one transaction with whatever else the caller wrote); ``data``
+        (a manual event's) goes on their history rows."""
         if not moves:
             self.flush_log()
             return
@@ -271,7 +276,7 @@ class StateWriter:
                 move.process, move.source, move.target, move.event, move.command, move.condition
             )
             groups[key].append(move.item.id)
-        self.write_grouped_moves(groups, definitions)
+        self.write_grouped_moves(groups, definitions, data=data)
         for move in moves:
             item = move.item
             set_committed_value(item, "state", move.target)
@@ -284,7 +289,11 @@ class StateWriter:
         self.flush_log()
 
     def write_grouped_moves(
-        self, groups: Mapping[MoveKey, Sequence[int]], definitions: Mapping[str, ProcessDefinition]
+        self,
+        groups: Mapping[MoveKey, Sequence[int]],
+        definitions: Mapping[str, ProcessDefinition],
+        *,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         """Move the items ``groups`` names by id, all set-based: state, cleared retry, history,
         transition log, old timeouts dropped and the target's armed. Holds no ORM objects, so
@@ -300,6 +309,7 @@ class StateWriter:
         self.session.flush()
         conn = self.session.connection()
         style = _ids_style(conn.dialect)
+        history_data = _data_json(data)
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
             forced = key.forced
@@ -318,6 +328,7 @@ class StateWriter:
                     "v_forced": forced is not None,
                     "v_actor": forced.actor if forced is not None else None,
                     "v_reason": forced.reason if forced is not None else None,
+                    "v_data": history_data,
                 }
                 conn.execute(_move_statement("update", style), shared)
                 conn.execute(_move_statement("history", style), shared)
@@ -472,7 +483,7 @@ def _move_statement(kind: str, style: str) -> Executable:
         statement = _from_items(
             _table(StateHistory), True, style,
             from_state="v_source", to_state="v_target", event="v_event", created_at="v_now",
-            forced="v_forced", actor="v_actor", reason="v_reason",
+            forced="v_forced", actor="v_actor", reason="v_reason", data="v_data",
         )
     elif kind == "log":
         log = _table(TransitionLog)
@@ -514,3 +525,10 @@ def _move_statement(kind: str, style: str) -> Executable:
         raise ValueError(f"no move statement {kind!r}")
     _STATEMENTS[(kind, style)] = statement
     return statement
+
+
+def _data_json(data: Mapping[str, Any] | None) -> str | None:
+    """A manual event's data as stored on ``oms_state_history.data`` (``None``: no data)."""
+    if not data:
+        return None
+    return json.dumps(dict(data), default=str, ensure_ascii=False, sort_keys=True)

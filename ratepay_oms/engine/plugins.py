@@ -69,6 +69,10 @@ class CommandContext:
     now: datetime
     services: dict[str, Any] = field(default_factory=dict)
     """Shared objects the host registered on the engine (e.g. ``"ratepay"``: a facade)."""
+    data: Mapping[str, Any] = field(default_factory=dict)
+    """What the person gave with the manual event (``Engine.trigger(..., data=...)``), for
+    the commands of that event; empty for every other group (cascades read it from the
+    history rows of the move: ``StateHistory.data``)."""
     memo: dict[Hashable, Any] = field(default_factory=dict)
     """Scratch space for one group (one context per group, built before its command runs):
     a condition reads what it needs for all items of the order once, on its first check

@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ITEMS = cast(Table, OrderItem.__table__)
+EVENT_DATA_KEY = "event_data"
+"""Key under which an intent's summary keeps the manual event's data until the call settles."""
 
 MAX_EVENT_REPEATS = 10
 """How often one (order, state, event) may fire in one drive before the loop guard stops it."""
@@ -188,6 +190,10 @@ class Runner:
         self.writer = StateWriter(session, now, engine.origin)
         self.calls: list[Call] = []
         """Gateway calls planned in this transaction (their intents are written)."""
+        self.data: dict[str, Any] | None = None
+        """Event data of a manual trigger: given to the first round's commands and written on
+        the history rows of its moves (also after a gateway call, through the intent)."""
+        self._first_round = False
 
     # -- the cascade ---------------------------------------------------------------------
 
@@ -209,12 +215,16 @@ class Runner:
         while pending or carried:
             moves: list[Move] = carried
             carried = []
+            self._first_round = first
             for group in pending:
                 if not self.guard.allow(group.order.id, group.state, group.event):
                     self._loop_guard(group)
                     continue
                 moves.extend(self._fire(group, record_stays=record_stays and first))
-            self.writer.write_moves(moves, self.engine.definitions)
+            self._first_round = False
+            self.writer.write_moves(
+                moves, self.engine.definitions, data=self.data if first else None
+            )
             self.stats.items_moved += len(moves)
             self.stats.moves.extend((m.item.id, m.source, m.target) for m in moves)
             pending = self._on_enter_groups(moves)
@@ -235,7 +245,10 @@ class Runner:
 
     def context(self, group: Group) -> CommandContext:
         definition = self.engine.definitions[group.process]
-        return CommandContext(self.session, definition, group.event, self.now, self.engine.services)
+        data = self.data if self._first_round and self.data else {}
+        return CommandContext(
+            self.session, definition, group.event, self.now, self.engine.services, data
+        )
 
     def _fire(self, group: Group, *, record_stays: bool) -> list[Move]:
         definition = self.engine.definitions[group.process]
@@ -255,6 +268,20 @@ class Runner:
         if not items:
             return []
         return self.choose(group, items, command_name, ctx, record_stays)
+
+    def plan_external(self, group: Group, command_name: str) -> None:
+        """Plan ``command_name`` (an external command) for ``group`` outside any transition:
+        a booking a person asks for on an order (a goodwill credit), exactly once through an
+        intent like every booking. ``group.event`` is ``None``; the first round's
+        ``CommandContext.data`` (``self.data``) tells the command what to book."""
+        command = self.engine.registry.external(command_name)
+        self._first_round = True
+        try:
+            ctx = self.context(group)
+            moves = self._plan(group, command_name, command, ctx, record_stays=False)
+        finally:
+            self._first_round = False
+        self._rounds([], moves, record_stays=False)
 
     def _plan(
         self,
@@ -279,6 +306,9 @@ class Runner:
             # Decided without a call (the command recorded why): go on as answered.
             self.stats.commands_run += 1
             return self.choose(group, list(group.items), command_name, ctx, record_stays)
+        summary = dict(call.summary)
+        if ctx.data:
+            summary[EVENT_DATA_KEY] = dict(ctx.data)  # the move after the call records it
         intent = Intent(
             order_id=group.order.id,
             process=group.process,
@@ -286,7 +316,7 @@ class Runner:
             event=group.event,
             command=command_name,
             item_ids=json.dumps([i.id for i in group.items]),
-            summary=json.dumps(call.summary, default=str, sort_keys=True),
+            summary=json.dumps(summary, default=str, sort_keys=True),
             status=INTENT_PENDING,
             worker=self.engine.claims.worker_id,
             attempts=0,
@@ -465,6 +495,8 @@ class Runner:
         command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
+        if isinstance(summary.get(EVENT_DATA_KEY), dict):
+            self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
         return True
 

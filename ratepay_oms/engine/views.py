@@ -141,6 +141,8 @@ class HistoryEntry:
     """A person forced this move (``order move``); ``actor`` and ``reason`` say who and why."""
     actor: str | None = None
     reason: str | None = None
+    data: dict[str, Any] | None = None
+    """What a person gave with the manual event that made this move (invoice id, …)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,6 +155,7 @@ class HistoryEntry:
             "forced": self.forced,
             "actor": self.actor,
             "reason": self.reason,
+            "data": self.data,
         }
 
 

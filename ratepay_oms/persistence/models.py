@@ -147,6 +147,9 @@ class StateHistory(Base):
     ``reason`` say who and why."""
     actor: Mapped[str | None] = mapped_column(String(100))
     reason: Mapped[str | None] = mapped_column(Text)
+    data: Mapped[str | None] = mapped_column(Text)
+    """JSON object a person gave with the manual event that moved the item (invoice id,
+    tracking ids, …); ``None`` for every other move."""
 
     __table_args__ = (
         Index("ix_oms_state_history_item_id", "item_id"),

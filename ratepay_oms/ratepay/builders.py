@@ -12,8 +12,9 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from lxml import etree
 
@@ -105,6 +106,7 @@ def _check_basket(
     *,
     need_item: bool,
     allow_negative_amount: bool = False,
+    adjustment: bool = False,
 ) -> None:
     if not isinstance(basket, Basket):
         raise RatepayValidationError(f"{where}: basket must be a Basket")
@@ -130,7 +132,7 @@ def _check_basket(
     if basket.discount is not None:
         _money(basket.discount.unit_price_gross, f"{where} discount")
         _money(basket.discount.tax_rate, f"{where} discount tax-rate")
-        if basket.discount.unit_price_gross > 0:
+        if basket.discount.unit_price_gross > 0 and not adjustment:
             raise RatepayValidationError(f"{where}: the basket discount must be negative")
     if not allow_negative_amount and basket.amount < 0:
         raise RatepayValidationError(f"{where}: basket amount {basket.amount} is negative")
@@ -273,10 +275,53 @@ class _Writer:
             self.el(parent, tag, text)
 
 
-def _dt(value: datetime | date) -> str:
+def _dt(value: datetime | date, zone: ZoneInfo) -> str:
+    """An invoicing date as RatePAY reads it: ``YYYY-MM-DDThh:mm:ss`` in the shop's time zone
+    (the format has no zone, reference §1.3). An aware datetime is converted; a naive one is
+    UTC, as every datetime of this project; a ``date`` is that day at 00:00."""
+    return _local(value, zone).isoformat()
+
+
+def _local(value: datetime | date, zone: ZoneInfo) -> datetime:
     if isinstance(value, datetime):
-        return value.replace(tzinfo=None, microsecond=0).isoformat()
-    return datetime(value.year, value.month, value.day).isoformat()
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return aware.astimezone(zone).replace(tzinfo=None, microsecond=0)
+    return datetime(value.year, value.month, value.day)
+
+
+def check_invoicing(invoicing: Invoicing, zone: ZoneInfo, now: datetime | None = None) -> None:
+    """RatePAY's window for CONFIRMATION_DELIVER invoicing, checked before sending: delivery and
+    invoice date not after today (the shop's day: RatePAY wants the delivery reported on the
+    day of dispatch, reference §4.5), the due date not before the invoice date (else 2004
+    "Due date parameter(s) not valid")."""
+    if not isinstance(invoicing, Invoicing):
+        raise RatepayValidationError("invoicing must be an Invoicing")
+    if invoicing.invoice_id is not None:
+        _text(invoicing.invoice_id, "invoice id")
+    today = _local(now or datetime.now(UTC), zone).date()
+    for what, when in (
+        ("invoice date", invoicing.invoice_date),
+        ("delivery date", invoicing.delivery_date),
+        ("due date", invoicing.due_date),
+    ):
+        if when is not None and not isinstance(when, date):
+            raise RatepayValidationError(f"{what} must be a date or datetime")
+    for what, when in (
+        ("invoice date", invoicing.invoice_date),
+        ("delivery date", invoicing.delivery_date),
+    ):
+        if when is not None and _local(when, zone).date() > today:
+            raise RatepayValidationError(
+                f"{what} {_local(when, zone):%Y-%m-%d} ({zone.key}) is in the future; RatePAY "
+                "takes a delivery on the day of dispatch"
+            )
+    if invoicing.due_date is not None:
+        start = invoicing.invoice_date or invoicing.delivery_date or now or datetime.now(UTC)
+        if _local(invoicing.due_date, zone).date() < _local(start, zone).date():
+            raise RatepayValidationError(
+                f"due date {_local(invoicing.due_date, zone):%Y-%m-%d} is before the invoice "
+                f"date {_local(start, zone):%Y-%m-%d}"
+            )
 
 
 def _rate(value: Decimal) -> str:
@@ -545,6 +590,8 @@ class RequestBuilder:
                     f"{', '.join(sorted(TRACKING_PROVIDERS))}"
                 )
             _text(parcel.code, "tracking code")
+        if invoicing is not None:
+            check_invoicing(invoicing, ZoneInfo(self.settings.time_zone))
         root, _ = self._envelope(
             op, transaction_id=transaction_id, order_id=order_id, tracking=parcels
         )
@@ -552,6 +599,7 @@ class RequestBuilder:
         content = w.el(root, "content")
         if invoicing is not None:
             node = w.el(content, "invoicing")
+            zone = ZoneInfo(self.settings.time_zone)
             w.opt(node, "invoice-id", invoicing.invoice_id)
             for tag, when in (
                 ("invoice-date", invoicing.invoice_date),
@@ -559,7 +607,7 @@ class RequestBuilder:
                 ("due-date", invoicing.due_date),
             ):
                 if when is not None:
-                    w.el(node, tag, _dt(when))
+                    w.el(node, tag, _dt(when, zone))
         self._basket(content, basket)
         return BuiltRequest(op, None, transaction_id, order_id, root)
 
@@ -582,7 +630,14 @@ class RequestBuilder:
                 raise RatepayValidationError(f"PAYMENT_CHANGE {subtype} needs a basket")
             basket = Basket(currency=currency)
         elif subtype == ChangeSubtype.CREDIT:
-            _check_basket(basket, f"{op} {subtype}", need_item=False, allow_negative_amount=True)
+            # credit: a negative <discount> (goodwill credit) or a positive one (debit)
+            _check_basket(
+                basket,
+                f"{op} {subtype}",
+                need_item=False,
+                allow_negative_amount=True,
+                adjustment=True,
+            )
         else:
             _check_basket(
                 basket, f"{op} {subtype}", need_item=subtype == ChangeSubtype.CHANGE_ORDER

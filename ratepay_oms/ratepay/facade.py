@@ -182,12 +182,48 @@ class RatepayFacade:
         order_id: str | None = None,
     ) -> RatepayResult:
         """PAYMENT_CHANGE credit: a goodwill credit of ``amount`` (> 0) after delivery, sent as
-        a negative basket discount."""
+        a negative basket discount (RatePAY's sample: ``<discount unit-price-gross="-10.00">``,
+        basket amount −10.00)."""
+        return self._adjust(
+            transaction_id, -self._positive(amount, "credit"), tax_rate, description, currency,
+            order_id,
+        )
+
+    def debit(
+        self,
+        transaction_id: str,
+        amount: Decimal,
+        *,
+        tax_rate: Decimal,
+        description: str = "Adjustment charge",
+        currency: str = "EUR",
+        order_id: str | None = None,
+    ) -> RatepayResult:
+        """PAYMENT_CHANGE credit with a positive discount: an adjustment charge of ``amount``
+        (> 0) after delivery (reference §4.6: "positive = debit if contracted")."""
+        return self._adjust(
+            transaction_id, self._positive(amount, "debit"), tax_rate, description, currency,
+            order_id,
+        )
+
+    @staticmethod
+    def _positive(amount: Decimal, what: str) -> Decimal:
         if not isinstance(amount, Decimal) or not amount.is_finite() or amount <= 0:
-            raise RatepayValidationError("credit amount must be a positive Decimal")
+            raise RatepayValidationError(f"{what} amount must be a positive Decimal")
+        return amount
+
+    def _adjust(
+        self,
+        transaction_id: str,
+        signed: Decimal,
+        tax_rate: Decimal,
+        description: str,
+        currency: str,
+        order_id: str | None,
+    ) -> RatepayResult:
         basket = Basket(
             currency=currency,
-            discount=BasketPosition(unit_price_gross=-amount, tax_rate=tax_rate, name=description),
+            discount=BasketPosition(unit_price_gross=signed, tax_rate=tax_rate, name=description),
         )
         return self._change(ChangeSubtype.CREDIT, transaction_id, basket, order_id)
 

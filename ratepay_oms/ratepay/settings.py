@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ratepay_oms.ratepay.errors import RatepaySettingsError
 from ratepay_oms.ratepay.xml import ENVELOPE_VERSION, MASK, RATEPAY_NS
@@ -68,7 +69,17 @@ KEYS = (
     "STATUS_PROCESSING_OFFSET_HOURS",
     "CONNECT_TIMEOUT",
     "READ_TIMEOUT",
+    "TIME_ZONE",
+    "PAYMENT_TERM_DAYS",
+    "VOUCHER_RULE",
+    "COUNTRIES",
+    "CURRENCIES",
 )
+PROFILES_TABLE = "profiles"
+"""``[ratepay.profiles.<NAME>]``: several RatePAY profiles (see ``ratepay.profiles``)."""
+
+VOUCHER_RULES = ("last_delivery", "prorata")
+"""How the order discount is settled over partial deliveries (docs/processes.md)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,15 @@ class RatepaySettings:
     (a 404 carries no ``maximum_processing_offset_in_hours``; [INF] default)."""
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    time_zone: str = "Europe/Berlin"
+    """The shop's time zone: invoicing dates are sent as its local time (RatePAY's format has
+    no zone)."""
+    payment_term_days: int | None = None
+    """Due date = invoice date + this many days; unset: no due date (RatePAY's contract term)."""
+    voucher_rule: str = "last_delivery"
+    countries: tuple[str, ...] = ()
+    """Billing countries this profile serves (profile choice); empty: the stored profile's."""
+    currencies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for key in REQUIRED_KEYS:
@@ -124,6 +144,19 @@ class RatepaySettings:
         ):
             if not seconds > 0:
                 raise RatepaySettingsError(f"RatePAY setting {key} must be > 0 seconds")
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise RatepaySettingsError(
+                f"RatePAY setting TIME_ZONE is not a known time zone: {self.time_zone!r}"
+            ) from None
+        if self.payment_term_days is not None and not 0 <= self.payment_term_days <= 365:
+            raise RatepaySettingsError("RatePAY setting PAYMENT_TERM_DAYS must be 0 to 365 days")
+        if self.voucher_rule not in VOUCHER_RULES:
+            raise RatepaySettingsError(
+                f"RatePAY setting VOUCHER_RULE must be one of {', '.join(VOUCHER_RULES)}, "
+                f"got {self.voucher_rule!r}"
+            )
         if bool(self.oauth_client_id) != bool(self.oauth_client_secret):
             missing = "OAUTH_CLIENT_SECRET" if self.oauth_client_id else "OAUTH_CLIENT_ID"
             raise RatepaySettingsError(
@@ -236,6 +269,11 @@ _FIELD_BY_KEY = {
     "STATUS_PROCESSING_OFFSET_HOURS": "status_processing_offset_hours",
     "CONNECT_TIMEOUT": "connect_timeout",
     "READ_TIMEOUT": "read_timeout",
+    "TIME_ZONE": "time_zone",
+    "PAYMENT_TERM_DAYS": "payment_term_days",
+    "VOUCHER_RULE": "voucher_rule",
+    "COUNTRIES": "countries",
+    "CURRENCIES": "currencies",
 }
 
 
@@ -259,6 +297,26 @@ def _convert(key: str, value: Any) -> Any:
             raise RatepaySettingsError(
                 f"RatePAY setting {key} must be a number of seconds, got {value!r}"
             ) from None
+    if key == "PAYMENT_TERM_DAYS":
+        if isinstance(value, bool):
+            raise RatepaySettingsError(f"RatePAY setting {key} must be a whole number of days")
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise RatepaySettingsError(
+                f"RatePAY setting {key} must be a whole number of days, got {value!r}"
+            ) from None
+    if key in ("COUNTRIES", "CURRENCIES"):
+        parts = value if isinstance(value, list | tuple) else str(value).split(",")
+        codes = tuple(str(p).strip().upper() for p in parts if str(p).strip())
+        if not all(c.isalpha() and len(c) == (2 if key == "COUNTRIES" else 3) for c in codes):
+            example = "DE, AT" if key == "COUNTRIES" else "EUR, CHF"
+            raise RatepaySettingsError(
+                f"RatePAY setting {key} must list ISO codes ({example}), got {value!r}"
+            )
+        return codes
+    if key == "VOUCHER_RULE":
+        return str(value).strip().lower()
     if key == "MODE":
         mode = str(value).strip().lower()
         # Spryker's first config used MODE_TEST / MODE_LIVE; accept those spellings too.
@@ -284,4 +342,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise RatepaySettingsError(f"RatePAY settings file {path} has no [{TOML_TABLE}] table")
     if not isinstance(table, dict):
         raise RatepaySettingsError(f"[{TOML_TABLE}] in {path} must be a table")
-    return dict(table)
+    values = dict(table)
+    values.pop(PROFILES_TABLE, None)  # read by ratepay.profiles
+    return values

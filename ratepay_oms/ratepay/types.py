@@ -166,10 +166,13 @@ class PaymentInfo:
 
 @dataclass(frozen=True)
 class Invoicing:
+    """CONFIRMATION_DELIVER ``invoicing``. Dates are sent in the shop's ``TIME_ZONE``: an aware
+    datetime is converted, a naive one is UTC, a ``date`` is that day."""
+
     invoice_id: str | None = None
-    invoice_date: datetime | None = None
-    delivery_date: datetime | None = None
-    due_date: datetime | None = None
+    invoice_date: datetime | date | None = None
+    delivery_date: datetime | date | None = None
+    due_date: datetime | date | None = None
 
 
 @dataclass(frozen=True)

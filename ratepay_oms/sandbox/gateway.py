@@ -83,11 +83,19 @@ class SandboxConfig:
     tx_limit_max_b2b: Decimal = Decimal("10000.00")
     b2b_methods: tuple[str, ...] = B2B_CAPABLE_METHODS
     delivery_address_methods: tuple[str, ...] = ALL_METHODS
+    phased_out_methods: tuple[str, ...] = ()
+    """Activation status 3: reported, and refused for new orders (120); follow-ups still work."""
+    billing_countries: tuple[str, ...] = ("DE", "AT", "CH")
+    delivery_countries: tuple[str, ...] = ("DE", "AT", "CH")
+    currencies: tuple[str, ...] = ("EUR", "CHF")
+    profiles: tuple[SandboxConfig, ...] = ()
+    """Further profiles the gateway serves, each with its own credential and contract (only
+    their profile fields count: the gateway-wide fields are this config's)."""
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
     """The Transaction Status API's OAuth client and answer timing (``status_api.py``)."""
 
     def __post_init__(self) -> None:
-        for name in ("methods", "b2b_methods", "delivery_address_methods"):
+        for name in ("methods", "b2b_methods", "delivery_address_methods", "phased_out_methods"):
             unknown = set(getattr(self, name)) - set(ALL_METHODS)
             if unknown:
                 raise ValueError(f"SandboxConfig.{name}: unknown method(s) {sorted(unknown)}")
@@ -95,6 +103,13 @@ class SandboxConfig:
             raise ValueError("SandboxConfig.b2b_methods: INSTALLMENT is never allowed for B2B")
         if not Decimal("0") <= self.tx_limit_min <= min(self.tx_limit_max, self.tx_limit_max_b2b):
             raise ValueError("SandboxConfig: need 0 <= tx_limit_min <= tx_limit_max(_b2b)")
+
+    def config_for(self, profile_id: str | None) -> SandboxConfig:
+        """The configuration of ``profile_id`` (this one when it is not another profile's)."""
+        for profile in self.profiles:
+            if profile.profile_id == profile_id:
+                return profile
+        return self
 
     def tx_limits(self, method: str, *, b2b: bool = False) -> tuple[Decimal, Decimal]:
         """The basket amounts ``method`` accepts (min, max), for a company if ``b2b``."""
@@ -217,6 +232,10 @@ class SandboxGateway:
         self.transactions[tx_id] = tx
         return tx
 
+    def config_for(self, profile_id: str | None) -> SandboxConfig:
+        """The profile configuration the request's credential names."""
+        return self.config.config_for(profile_id)
+
     def new_descriptor(self) -> str:
         """A payment reference shaped like RatePAY's (``DG0496020Y0``)."""
         letters = string.ascii_uppercase
@@ -232,7 +251,10 @@ class SandboxGateway:
     def handle(self, body: bytes) -> Reply:
         """Process one request body and say how to answer it (faults included)."""
         now = datetime.now().replace(microsecond=0)
-        masked = mask_secret(mask_security_code(body), self.config.security_code).encode()
+        masked_text = mask_security_code(body)
+        for profile in (self.config, *self.config.profiles):
+            masked_text = mask_secret(masked_text, profile.security_code)
+        masked = masked_text.encode()
         root = None
         parse_error: str | None = None
         try:

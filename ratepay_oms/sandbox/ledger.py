@@ -357,7 +357,9 @@ def return_goods(tx: Transaction, lines: list[BasketLine], now: datetime) -> Boo
 def credit(tx: Transaction, lines: list[BasketLine], now: datetime) -> Booking:
     """Goodwill credit (negative) or debit (positive) after delivery, as one ``<discount>``.
 
-    A credit may not exceed what is currently invoiced (delivered − returned + earlier credits).
+    A credit may not exceed what is currently invoiced (delivered − returned + earlier credits);
+    a debit may not raise the invoiced balance above the authorised amount (RatePAY's risk check
+    covered that much, no more) [INF].
     """
     _require_accepted(tx)
     if len(lines) != 1 or lines[0].kind != DISCOUNT:
@@ -369,6 +371,11 @@ def credit(tx: Transaction, lines: list[BasketLine], now: datetime) -> Booking:
         raise LedgerRefusal("credit only after delivery: no delivered, unreturned item")
     if amount < 0 and -amount > tx.invoiced:
         raise LedgerRefusal(f"credit {-amount} exceeds the invoiced balance {tx.invoiced}")
+    if amount > 0 and tx.invoiced + amount > tx.amount:
+        raise LedgerRefusal(
+            f"debit {amount} would raise the invoiced balance {tx.invoiced} above the "
+            f"authorised amount {money(tx.amount)}"
+        )
     tx.credited = money(tx.credited + amount)
     booking = Booking(
         len(tx.bookings) + 1, "PAYMENT_CHANGE", "credit", {"credit": amount}, amount, now

@@ -34,7 +34,7 @@ from ratepay_oms.sandbox import installments, ledger
 from ratepay_oms.sandbox.ledger import BasketLine, LedgerRefusal, Transaction
 
 if TYPE_CHECKING:
-    from ratepay_oms.sandbox.gateway import SandboxGateway
+    from ratepay_oms.sandbox.gateway import SandboxConfig, SandboxGateway
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class Head:
     has_credential: bool = False
     external: etree._Element | None = None
     content: etree._Element | None = None
+    profile: SandboxConfig | None = field(default=None, repr=False)
+    """The sandbox profile the credential names (set once the credential was checked)."""
 
 
 def _text(parent: etree._Element | None, tag: str) -> str | None:
@@ -599,20 +601,33 @@ def is_b2b(customer: etree._Element | None) -> bool:
 
 
 def contract_refusal(
-    gw: SandboxGateway,
+    cfg: SandboxConfig,
     method: str,
     amount: Decimal,
     *,
     b2b: bool,
     deviating: bool,
     language: str = "de",
+    currency: str | None = None,
+    billing_country: str | None = None,
+    delivery_country: str | None = None,
 ) -> Refusal | None:
     """What the profile's contract says about ``method`` for this basket (None: allowed).
 
-    Validation first (2005/2006/2001: ERROR / 150, §6.3 "Technical / validation"), then the
+    The same fields PROFILE_REQUEST reports (reference §4.7). Validation first (product not
+    active or phased out ⇒ 120; billing / delivery country not served ⇒ 2100 / 2101; currency
+    not served ⇒ 200; 2005/2006/2001: ERROR / 150, §6.3 "Technical / validation"), then the
     contractual decline (2002: OK / 401 with the decline message, §4.3 "declined … 2002").
     """
-    cfg = gw.config
+    if method not in cfg.methods or method in cfg.phased_out_methods:
+        state = "phased out" if method in cfg.phased_out_methods else "not active"
+        return Refusal(120, f"payment method {method} is {state} for this profile")
+    if billing_country is not None and billing_country not in cfg.billing_countries:
+        return Refusal(2100, f"billing country {billing_country} is not served by this profile")
+    if delivery_country is not None and delivery_country not in cfg.delivery_countries:
+        return Refusal(2101, f"delivery country {delivery_country} is not served by this profile")
+    if currency is not None and currency not in cfg.currencies:
+        return Refusal(200, f"currency {currency} is not served by this profile")
     low, high = cfg.tx_limits(method, b2b=b2b)
     if amount < low:
         return Refusal(
@@ -627,6 +642,20 @@ def contract_refusal(
     if b2b and method not in cfg.b2b_methods:
         return Refusal(2002, status="OK", result=401, customer_message=DECLINE_MESSAGES[language])
     return None
+
+
+def profile_of(gw: SandboxGateway, head: Head) -> SandboxConfig:
+    """The configuration of the profile the request's credential names."""
+    return head.profile if head.profile is not None else gw.config
+
+
+def _countries(customer: etree._Element | None) -> tuple[str | None, str | None]:
+    """(billing country, delivery country or None) of the request's customer."""
+    addresses = customer.find(q("addresses")) if customer is not None else None
+    found: dict[str | None, str | None] = {}
+    for address in addresses.iterfind(q("address")) if addresses is not None else ():
+        found[address.get("type")] = _text(address, "country-code")
+    return found.get("BILLING"), found.get("DELIVERY")
 
 
 # --------------------------------------------------------------------------- operations
@@ -660,12 +689,9 @@ def _language(content: etree._Element, head: Head) -> str:
     return "en" if (lang or "de").lower().startswith("en") else "de"
 
 
-def _declined(gw: SandboxGateway, content: etree._Element, basket: Basket) -> bool:
+def _declined(cfg: SandboxConfig, content: etree._Element, basket: Basket) -> bool:
     last = (_text(content.find(q("customer")), "last-name") or "").strip()
-    return (
-        last.lower() == gw.config.decline_last_name.lower()
-        or basket.amount > gw.config.decline_over
-    )
+    return last.lower() == cfg.decline_last_name.lower() or basket.amount > cfg.decline_over
 
 
 def payment_query(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, Transaction]:
@@ -678,14 +704,26 @@ def payment_query(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer
     basket = parse_basket(content, Operation.PAYMENT_QUERY)
     if not basket.items:
         raise Refusal(200, "request must contain at least one item in shopping basket")
-    if _declined(gw, content, basket):
+    cfg = profile_of(gw, head)
+    if _declined(cfg, content, basket):
         msg = DECLINE_MESSAGES[_language(content, head)]
         raise Refusal(703, status="OK", result=401, customer_message=msg)
     customer = content.find(q("customer"))
     b2b, deviating = is_b2b(customer), deviating_delivery(customer)
+    billing, delivery = _countries(customer)
     products = E.products()
-    for method in gw.config.methods:
-        if contract_refusal(gw, method, basket.amount, b2b=b2b, deviating=deviating) is None:
+    for method in cfg.methods:
+        refusal = contract_refusal(
+            cfg,
+            method,
+            basket.amount,
+            b2b=b2b,
+            deviating=deviating,
+            currency=basket.currency,
+            billing_country=billing,
+            delivery_country=delivery,
+        )
+        if refusal is None:
             products.append(E.product(method=method))
     return success(Operation.PAYMENT_QUERY, E.content(products)), tx
 
@@ -712,13 +750,18 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
     if head.external is not None:
         tx.merchant_consumer_id = _text(head.external, "merchant-consumer-id")
     customer = content.find(q("customer"))
+    cfg = profile_of(gw, head)
+    billing_country, delivery_country = _countries(customer)
     refusal = contract_refusal(
-        gw,
+        cfg,
         method,
         basket.amount,
         b2b=is_b2b(customer),
         deviating=deviating_delivery(customer),
         language=_language(content, head),
+        currency=basket.currency,
+        billing_country=billing_country,
+        delivery_country=delivery_country,
     )
     if refusal is not None:
         if refusal.result == codes.RESULT_DECLINED:
@@ -728,12 +771,12 @@ def payment_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
             tx.state = ledger.FAILED  # a 150: start over with a new PAYMENT_INIT
         raise refusal
     last_name = (_text(customer, "last-name") or "").strip().lower()
-    if last_name == gw.config.identity_decline_last_name.lower():
+    if last_name == cfg.identity_decline_last_name.lower():
         tx.state = ledger.DECLINED
         tx.amount = basket.amount
         msg = IDENTITY_MESSAGES[_language(content, head)]
         raise Refusal(730, status="ERROR", result=150, customer_message=msg)
-    if _declined(gw, content, basket):
+    if _declined(cfg, content, basket):
         tx.state = ledger.DECLINED
         tx.amount = basket.amount
         msg = DECLINE_MESSAGES[_language(content, head)]
@@ -786,9 +829,37 @@ def confirmation_deliver(
     tx = transaction_for(gw, head)
     accepted(tx)
     assert head.content is not None
+    check_invoicing(head.content.find(q("invoicing")))
     basket = parse_basket(head.content, Operation.CONFIRMATION_DELIVER)
     _ledger(lambda: ledger.deliver(tx, basket.lines, now))
     return success(Operation.CONFIRMATION_DELIVER), tx
+
+
+INVOICING_DATE = "%Y-%m-%dT%H:%M:%S"
+
+
+def check_invoicing(invoicing: etree._Element | None) -> None:
+    """``invoicing`` dates in RatePAY's format (``YYYY-MM-DDThh:mm:ss``, no zone: else 200) and
+    a due date not before the invoice date (2004 "Due date parameter(s) not valid")."""
+    if invoicing is None:
+        return
+    found: dict[str, datetime] = {}
+    for tag in ("invoice-date", "delivery-date", "due-date"):
+        raw = _text(invoicing, tag)
+        if raw is None:
+            continue
+        try:
+            found[tag] = datetime.strptime(raw, INVOICING_DATE)
+        except ValueError:
+            raise Refusal(
+                200, f"cvc-datatype-valid: '{raw[:40]}' is not a valid value for '{tag}'"
+            ) from None
+    start = found.get("invoice-date") or found.get("delivery-date")
+    if "due-date" in found and start is not None and found["due-date"].date() < start.date():
+        raise Refusal(2004, "due-date is before the invoice date")
+    invoice_id = _text(invoicing, "invoice-id")
+    if invoice_id is not None and len(invoice_id) > 255:
+        raise Refusal(200, "invoice-id is longer than 255 characters")
 
 
 def payment_change(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, Transaction]:
@@ -808,8 +879,8 @@ def payment_change(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answe
     return success(Operation.PAYMENT_CHANGE), tx
 
 
-def _inst_config(gw: SandboxGateway) -> etree._Element:
-    ic = gw.config.installment
+def _inst_config(cfg: SandboxConfig) -> etree._Element:
+    ic = cfg.installment
     return E(
         "installment-configuration-result",
         E("interestrate-min", format_amount(ic.interest_rate_min)),
@@ -829,13 +900,14 @@ def _inst_config(gw: SandboxGateway) -> etree._Element:
         E("rate-min-longrun", format_amount(ic.rate_min)),
         E("service-charge", format_amount(ic.service_charge)),
         E("min-difference-dueday", "9"),
-        name=gw.config.profile_id,
+        name=cfg.profile_id,
         type="DEFAULT",
     )
 
 
 def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, None]:
-    cfg = gw.config
+    """The profile's ``master-data``: exactly the contract ``contract_refusal`` enforces."""
+    cfg = profile_of(gw, head)
     md = E(
         "master-data",
         E("profile-id", cfg.profile_id),
@@ -844,9 +916,10 @@ def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         E("merchant-status", "2"),
     )
     for method in ("invoice", "installment", "elv", "prepayment"):
-        active = method.upper() in cfg.methods
-        md.append(E(f"activation-status-{method}", "2" if active else "1"))
-        md.append(E(f"eligibility-ratepay-{method}", "yes" if active else "no"))
+        name = method.upper()
+        status = "3" if name in cfg.phased_out_methods else "2" if name in cfg.methods else "1"
+        md.append(E(f"activation-status-{method}", status))
+        md.append(E(f"eligibility-ratepay-{method}", "yes" if name in cfg.methods else "no"))
     for method in ("invoice", "installment", "elv", "prepayment"):
         name = method.upper()
         low, high = cfg.tx_limits(name)
@@ -861,19 +934,19 @@ def profile_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answ
         [
             E("eligibility-device-fingerprint", "yes"),
             E("device-fingerprint-snippet-id", "ratepay"),
-            E("country-code-billing", "DE,AT,CH"),
-            E("country-code-delivery", "DE,AT,CH"),
-            E("currency", "EUR,CHF"),
+            E("country-code-billing", ",".join(cfg.billing_countries)),
+            E("country-code-delivery", ",".join(cfg.delivery_countries)),
+            E("currency", ",".join(cfg.currencies)),
         ]
     )
-    body = E.content(md, _inst_config(gw))
+    body = E.content(md, _inst_config(cfg))
     return success(Operation.PROFILE_REQUEST, body, result_text=codes.PROFILE_RESULT_TEXT), None
 
 
 def configuration_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, None]:
     return success(
         Operation.CONFIGURATION_REQUEST,
-        E.content(_inst_config(gw)),
+        E.content(_inst_config(profile_of(gw, head))),
         reason_text="Calculation configuration read successful",
     ), None
 
@@ -898,7 +971,7 @@ def calculation_request(gw: SandboxGateway, head: Head, now: datetime) -> tuple[
         raise Refusal(200, "installment-calculation amount is mandatory")
     firstday = dec("r:payment-firstday")
     interest = dec("r:configuration/r:interest-rate")
-    ic = gw.config.installment
+    ic = profile_of(gw, head).installment
     if firstday is not None and int(firstday) not in ic.valid_payment_firstdays:
         raise Refusal(200, f"payment-firstday must be one of {ic.valid_payment_firstdays}")
     try:
@@ -959,7 +1032,8 @@ def process(gw: SandboxGateway, head: Head, now: datetime) -> tuple[Answer, Tran
     """Validate and run one parsed request; the caller holds the gateway lock."""
     tx: Transaction | None = None
     try:
-        op = check_head(head, gw.config.profile_id, gw.config.security_code)
+        head.profile = gw.config_for(head.profile_id)
+        op = check_head(head, head.profile.profile_id, head.profile.security_code)
         if op not in codes.WITHOUT_TRANSACTION:
             tx = gw.transactions.get(head.transaction_id or "")
         return HANDLERS[op](gw, head, now)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ratepay_oms.engine.plugins import ExternalCommand, PluginRegistry
 from ratepay_oms.plugins.ratepay.commands import (
+    AdjustmentCommand,
     CancelOrderCommand,
     ConfirmDeliveryCommand,
     ConfirmPaymentCommand,
@@ -25,6 +26,7 @@ COMMANDS: dict[str, ExternalCommand[Any, Any]] = {
     "Ratepay/ConfirmDelivery": ConfirmDeliveryCommand(),
     "Ratepay/CancelOrder": CancelOrderCommand(),
     "Ratepay/Refund": RefundCommand(),
+    "Ratepay/Credit": AdjustmentCommand(),
 }
 
 

@@ -12,12 +12,21 @@ equals what the customer owes. docs/processes.md explains them with examples.
 - Shipping costs: delivered with the first delivery; cancelled with the last open item when
   nothing was delivered; returned with the last delivered item when everything delivered has
   come back and nothing is open any more.
-- Order discount (voucher): delivered with the delivery that leaves no open item (the worked
-  example: CD #2 = tea pot + voucher); cancelled with the last open item (whether or not
-  something was delivered before: a voucher cannot be delivered on its own, because a basket
-  of only a negative position is refused); returned with the last returned item. When the
-  basket with the voucher would be negative, the voucher stays where it is and a warning is
-  logged (it cannot be settled without a goodwill credit).
+- Order discount (voucher), by the order's ``voucher_rule`` (setting ``VOUCHER_RULE``, kept on
+  the payment when the order is requested; docs/processes.md says which to choose and why):
+
+  * ``last_delivery``: delivered with the delivery that leaves no open item (the worked
+    example: CD #2 = tea pot + voucher); cancelled with the last open item (whether or not
+    something was delivered before: a voucher cannot be delivered on its own, because a basket
+    of only a negative position is refused); returned with the last returned item. When the
+    basket with the voucher would be negative, the voucher stays where it is and a warning is
+    logged (it cannot be settled without a goodwill credit).
+  * ``prorata``: the voucher is split once over the order's units in proportion to their value
+    (``voucher_shares``: cents by largest remainder, so the shares add up to the voucher
+    exactly), and every delivery, cancellation and return carries the shares of its units, as
+    RatePAY's own partial-return sample does (item 10.00 with −5.00 of a −15.00 discount).
+    Each invoice then shows what the shopper owes for what was shipped, and a return can never
+    take back more voucher than was delivered.
 
 Everything here is pure: no database, no HTTP, so the rules are tested on their own.
 """
@@ -27,7 +36,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 
 from ratepay_oms.orders import OrderInput, PositionInput, money
 from ratepay_oms.persistence.payment import CANCELLED, DELIVERED, OPEN, RETURNED
@@ -35,6 +44,10 @@ from ratepay_oms.persistence.payment import CANCELLED, DELIVERED, OPEN, RETURNED
 log = logging.getLogger(__name__)
 
 ZERO = Decimal("0.00")
+CENT = Decimal("0.01")
+
+LAST_DELIVERY = "last_delivery"
+PRORATA = "prorata"
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,9 @@ class BasketPlan:
     lines: tuple[BasketLine, ...]
     shipping: PositionInput | None = None
     discount: PositionInput | None = None
+    discount_before: Decimal | None = None
+    """``prorata`` only: the voucher amount already booked in the field this call raises
+    (delivered / cancelled / returned), for the intent's summary; ``None``: all or nothing."""
 
     @property
     def amount(self) -> Decimal:
@@ -102,6 +118,9 @@ class OrderLedger:
     returned: set[int] = field(default_factory=set)
     shipping_status: str = OPEN
     discount_status: str = OPEN
+    voucher_rule: str = LAST_DELIVERY
+    voucher_shares: dict[int, Decimal] = field(default_factory=dict)
+    """``prorata``: each unit's share of the voucher (``voucher_shares``)."""
 
     @property
     def open(self) -> set[int]:
@@ -154,6 +173,47 @@ def lines_for(order: OrderInput, units: Iterable[Unit]) -> tuple[BasketLine, ...
     return tuple(lines)
 
 
+def voucher_shares(discount: Decimal, units: Sequence[Unit]) -> dict[int, Decimal]:
+    """Split the (negative) voucher over the units in proportion to their value (unit price +
+    item discount): each share cut to the cent toward zero, the cents left over going to the
+    largest remainders (ties: lower item id), so the shares add up to ``discount`` exactly and
+    the split never changes once the order is placed."""
+    if not units or discount == ZERO:
+        return {}
+    values = {u.item_id: u.unit_price_gross + u.discount for u in units}
+    total = sum(values.values(), ZERO)
+    if total <= 0:  # nothing to weigh by: equal parts
+        values = dict.fromkeys(values, Decimal(1))
+        total = Decimal(len(values))
+    exact = {i: discount * v / total for i, v in values.items()}
+    shares = {i: x.quantize(CENT, rounding=ROUND_DOWN) for i, x in exact.items()}
+    left = discount - sum(shares.values(), ZERO)  # ≤ 0, whole cents
+    step = CENT if left > 0 else -CENT
+    order = sorted(exact, key=lambda i: (-abs(exact[i] - shares[i]), i))
+    for i in order[: int(abs(left) / CENT)]:
+        shares[i] += step
+    return shares
+
+
+def _prorata(
+    plan: BasketPlan, discount: PositionInput, ledger: OrderLedger, ids: set[int], done: set[int]
+) -> BasketPlan:
+    """``plan`` with the voucher shares of the units ``ids``; ``done`` are the units already
+    booked in the same field (their shares are the ``discount_before``)."""
+    share = sum((ledger.voucher_shares.get(i, ZERO) for i in ids), ZERO)
+    if share == ZERO:
+        return plan
+    before = sum((ledger.voucher_shares.get(i, ZERO) for i in done), ZERO)
+    position = PositionInput(discount.name, share, discount.tax_rate)
+    candidate = BasketPlan(plan.currency, plan.lines, plan.shipping, position, before)
+    if candidate.amount < ZERO:
+        log.warning(
+            "voucher share %s not sent: the basket would be %s", share, candidate.amount
+        )
+        return plan
+    return candidate
+
+
 def full_basket(order: OrderInput, units: Sequence[Unit]) -> BasketPlan:
     """The PAYMENT_REQUEST basket: every unit, shipping and the voucher."""
     return BasketPlan(
@@ -188,7 +248,9 @@ def delivery_basket(order: OrderInput, ledger: OrderLedger, units: Sequence[Unit
     if shipping is not None and ledger.shipping_status == OPEN:
         plan = BasketPlan(plan.currency, plan.lines, shipping, None)
     discount = special(order.discount)
-    if discount is not None and ledger.discount_status == OPEN and not (ledger.open - ids):
+    if discount is not None and ledger.voucher_rule == PRORATA:
+        plan = _prorata(plan, discount, ledger, ids, ledger.delivered)
+    elif discount is not None and ledger.discount_status == OPEN and not (ledger.open - ids):
         plan = _with_discount(plan, discount, "delivery")
     return plan
 
@@ -206,7 +268,9 @@ def cancellation_basket(
     if shipping is not None and ledger.shipping_status == OPEN and last_open and nothing_delivered:
         plan = BasketPlan(plan.currency, plan.lines, shipping, None)
     discount = special(order.discount)
-    if discount is not None and ledger.discount_status == OPEN and last_open:
+    if discount is not None and ledger.voucher_rule == PRORATA:
+        plan = _prorata(plan, discount, ledger, ids, ledger.cancelled)
+    elif discount is not None and ledger.discount_status == OPEN and last_open:
         plan = _with_discount(plan, discount, "cancellation")
     return plan
 
@@ -221,7 +285,9 @@ def return_basket(order: OrderInput, ledger: OrderLedger, units: Sequence[Unit])
     if shipping is not None and ledger.shipping_status == DELIVERED and everything_back:
         plan = BasketPlan(plan.currency, plan.lines, shipping, None)
     discount = special(order.discount)
-    if discount is not None and ledger.discount_status == DELIVERED and everything_back:
+    if discount is not None and ledger.voucher_rule == PRORATA:
+        plan = _prorata(plan, discount, ledger, ids, ledger.returned)
+    elif discount is not None and ledger.discount_status == DELIVERED and everything_back:
         plan = _with_discount(plan, discount, "return")
     return plan
 

@@ -24,7 +24,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo
 
 from ratepay_oms.engine.plugins import (
     CallContext,
@@ -37,6 +39,8 @@ from ratepay_oms.errors import OmsError
 from ratepay_oms.orders import Address as OrderAddress
 from ratepay_oms.orders import CustomerInput, OrderInput, PositionInput
 from ratepay_oms.persistence.payment import (
+    ADJ_BOOKED,
+    ADJ_PENDING,
     CANCELLATION,
     CANCELLED,
     DELIVERED,
@@ -46,11 +50,14 @@ from ratepay_oms.persistence.payment import (
     RETURN,
     RETURNED,
 )
+from ratepay_oms.plugins.ratepay import adjustments as adj
 from ratepay_oms.plugins.ratepay import basket as baskets
 from ratepay_oms.plugins.ratepay import installments
 from ratepay_oms.plugins.ratepay import payment_store as store
 from ratepay_oms.plugins.ratepay import reconcile as recon
+from ratepay_oms.plugins.ratepay.event_data import EventDataError, delivery_details
 from ratepay_oms.plugins.ratepay.installments import InstallmentQuote, InstallmentUnavailable
+from ratepay_oms.plugins.ratepay.profiles import decide_profile, profiles_of
 from ratepay_oms.ratepay import (
     Address,
     BankAccount,
@@ -65,8 +72,15 @@ from ratepay_oms.ratepay import (
     RatepayFacade,
     RatepayResult,
     RatepayTransportError,
+    RatepayValidationError,
 )
-from ratepay_oms.ratepay.codes import MAX_PAYMENT_ATTEMPTS, PAYMENT_ATTEMPT_WINDOW_HOURS
+from ratepay_oms.ratepay.builders import check_invoicing
+from ratepay_oms.ratepay.codes import (
+    MAX_PAYMENT_ATTEMPTS,
+    PAYMENT_ATTEMPT_WINDOW_HOURS,
+    RESULT_DECLINED,
+)
+from ratepay_oms.ratepay.types import Invoicing, Tracking
 
 PayloadT = TypeVar("PayloadT")
 R = TypeVar("R")
@@ -85,6 +99,16 @@ SERVICE_NAME = "ratepay"
 
 class RatepayNotConfiguredError(OmsError):
     """The engine was built without a RatePAY facade (``services={"ratepay": facade}``)."""
+
+
+def facade_for(services: Any, profile: str | None) -> RatepayFacade:
+    """The facade of the order's RatePAY profile (``None``: the default profile); an unknown
+    profile raises ``UnknownProfileError`` (its message names the configured ones)."""
+    profiles = profiles_of(services)
+    if profiles is None:
+        facade_in(services)  # raises the not-configured error
+    assert profiles is not None
+    return profiles.facade(profile)
 
 
 def facade_in(services: Any) -> RatepayFacade:
@@ -187,7 +211,8 @@ class _External(ExternalCommand[PayloadT, AnswerT]):
     action: str
 
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
-        facade = io.services.get(SERVICE_NAME)
+        profiles = profiles_of(io.services)
+        facade = profiles.facade(summary.get("profile")) if profiles is not None else None
         if not isinstance(facade, RatepayFacade) or not facade.settings.status_lookup_configured:
             return None  # nobody to ask: a person decides
         status = facade.transaction_status(summary["transaction_id"])
@@ -264,17 +289,59 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
             )
             return None
         data = store.order_input(order)
-        store.ensure_payment(ctx.session, order, data.payment.method, ctx.now)
+        decision = decide_profile(ctx.session, ctx.services, data)
+        payment = store.ensure_payment(
+            ctx.session,
+            order,
+            data.payment.method,
+            ctx.now,
+            profile=decision.name,
+            voucher_rule=decision.facade.settings.voucher_rule if decision.facade else None,
+        )
+        if decision.violation is not None:
+            self._refused_by_profile(ctx, order, items, payment, decision)
+            return None
         basket = to_basket(baskets.full_basket(data, store.units(order.items)))
         summary = {
             "describe": f"PAYMENT_REQUEST of order {order.order_ref}",
             "operation": "PAYMENT_REQUEST",
             "method": data.payment.method,
             "amount": str(basket.amount),
+            "profile": decision.name,
             "order_ref": order.order_ref,
             "planned_at": recon.planned_now(),
         }
         return PreparedCall(summary, PaymentPayload(data, to_customer(data.customer), basket))
+
+    @staticmethod
+    def _refused_by_profile(
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        payment: RatepayPayment,
+        decision: Any,
+    ) -> None:
+        """The order breaks its profile: refused here like a decline (401, with the reason
+        RatePAY would have given), no call — and none of the shopper's attempts used."""
+        violation = decision.violation
+        message = f"refused before sending (profile {decision.name or '-'}): {violation.text}"
+        payment.result_code = str(RESULT_DECLINED)
+        payment.reason_code = str(violation.reason_code)
+        payment.customer_message = None
+        payment.updated_at = ctx.now
+        store.record_outcomes(
+            ctx.session,
+            order,
+            items,
+            PAYMENT_REQUEST,
+            ctx.now,
+            success=False,
+            operation="PAYMENT_REQUEST",
+            message=message,
+            result_code=str(RESULT_DECLINED),
+            reason_code=str(violation.reason_code),
+        )
+        log.info("order %s: %s", order.order_ref, message)
 
     @staticmethod
     def _attempts_refusal(ctx: CommandContext, order: Order) -> str | None:
@@ -294,7 +361,7 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
     def send(self, call: PreparedCall[PaymentPayload], io: CallContext) -> PaymentAnswer:
         data, basket = call.payload.data, call.payload.basket
         try:
-            facade = facade_in(io.services)
+            facade = facade_for(io.services, call.summary.get("profile"))
             plan: InstallmentPlan | None = None
             if data.payment.method == "INSTALLMENT":
                 try:
@@ -461,12 +528,14 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
             "operation": "PAYMENT_CONFIRM",
             "transaction_id": payment.transaction_id,
             "order_ref": order.order_ref,
+            "profile": payment.profile,
             "planned_at": recon.planned_now(),
         }
+        facade_for(ctx.services, payment.profile)  # an unknown profile fails here, unsent
         return PreparedCall(summary, None)
 
     def send(self, call: PreparedCall[None], io: CallContext) -> RatepayResult:
-        facade = facade_in(io.services)
+        facade = facade_for(io.services, call.summary.get("profile"))
         return _booking(
             lambda: facade.confirm_payment(
                 call.summary["transaction_id"], call.summary["order_ref"]
@@ -487,7 +556,16 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
         store.record_outcomes(ctx.session, order, items, PAYMENT_CONFIRM, ctx.now, result=answer)
 
 
-class _BookingCommand(_External[Basket, RatepayResult]):
+@dataclass(frozen=True)
+class BookingPayload:
+    """What a follow-up sends: its basket, and for a delivery the invoicing and tracking."""
+
+    basket: Basket
+    invoicing: Invoicing | None = None
+    tracking: tuple[Tracking, ...] = ()
+
+
+class _BookingCommand(_External[BookingPayload, RatepayResult]):
     """A follow-up that books positions (delivery, cancellation, return)."""
 
     operation: str
@@ -502,16 +580,40 @@ class _BookingCommand(_External[Basket, RatepayResult]):
         raise NotImplementedError
 
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
         raise NotImplementedError
 
+    def details(
+        self, ctx: CommandContext, items: Sequence[OrderItem], facade: RatepayFacade
+    ) -> tuple[Invoicing | None, tuple[Tracking, ...]]:
+        """Invoicing and tracking of the call (a delivery's, from the event data)."""
+        return None, ()
+
     def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
-    ) -> PreparedCall[Basket] | None:
+    ) -> PreparedCall[BookingPayload] | None:
         facade_in(ctx.services)
         payment = _transaction(ctx, order, items, self.action, self.operation)
         if payment is None:
+            return None
+        facade = facade_for(ctx.services, payment.profile)
+        try:
+            invoicing, tracking = self.details(ctx, items, facade)
+        except (EventDataError, RatepayValidationError) as exc:
+            # Bad data from a person: refused without a call; fix it and retry the event.
+            store.record_outcomes(
+                ctx.session,
+                order,
+                items,
+                self.action,
+                ctx.now,
+                success=False,
+                operation=self.operation,
+                subtype=self.subtype,
+                transaction_id=payment.transaction_id,
+                message=f"not sent: {exc}",
+            )
             return None
         data = store.order_input(order)
         ledger = store.load_ledger(ctx.session, order)
@@ -527,10 +629,15 @@ class _BookingCommand(_External[Basket, RatepayResult]):
             everything=everything,
             ledger=ledger,
         )
-        return PreparedCall(summary, to_basket(plan))
+        summary["profile"] = payment.profile
+        if invoicing is not None and invoicing.invoice_id:
+            summary["invoice_id"] = invoicing.invoice_id
+        if tracking:
+            summary["tracking"] = [f"{t.provider} {t.code}" for t in tracking]
+        return PreparedCall(summary, BookingPayload(to_basket(plan), invoicing, tracking))
 
-    def send(self, call: PreparedCall[Basket], io: CallContext) -> RatepayResult:
-        facade = facade_in(io.services)
+    def send(self, call: PreparedCall[BookingPayload], io: CallContext) -> RatepayResult:
+        facade = facade_for(io.services, call.summary.get("profile"))
         return _booking(
             lambda: self.call(
                 facade,
@@ -576,10 +683,28 @@ class ConfirmDeliveryCommand(_BookingCommand):
     ) -> baskets.BasketPlan:
         return baskets.delivery_basket(data, ledger, units)
 
+    def details(
+        self, ctx: CommandContext, items: Sequence[OrderItem], facade: RatepayFacade
+    ) -> tuple[Invoicing | None, tuple[Tracking, ...]]:
+        """From the data of the event (``ship --invoice-id …``): given to this command, else
+        the newest stored with the move of these items. Checked against RatePAY's window
+        here, so a bad date is refused with the reason instead of sent."""
+        data = ctx.data or store.latest_event_data(ctx.session, [i.id for i in items])
+        invoicing, tracking = delivery_details(data, facade.settings, ctx.now)
+        if invoicing is not None:
+            check_invoicing(invoicing, ZoneInfo(facade.settings.time_zone), ctx.now)
+        return invoicing, tracking
+
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
-        return facade.confirm_delivery(transaction_id, basket, order_id=order_ref)
+        return facade.confirm_delivery(
+            transaction_id,
+            payload.basket,
+            order_id=order_ref,
+            invoicing=payload.invoicing,
+            tracking=payload.tracking,
+        )
 
 
 class CancelOrderCommand(_BookingCommand):
@@ -597,9 +722,9 @@ class CancelOrderCommand(_BookingCommand):
         return baskets.cancellation_basket(data, ledger, units)
 
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
-        return facade.cancel(transaction_id, basket, order_id=order_ref)
+        return facade.cancel(transaction_id, payload.basket, order_id=order_ref)
 
 
 class RefundCommand(_BookingCommand):
@@ -617,6 +742,137 @@ class RefundCommand(_BookingCommand):
         return baskets.return_basket(data, ledger, units)
 
     def call(
-        self, facade: RatepayFacade, transaction_id: str, basket: Basket, order_ref: str
+        self, facade: RatepayFacade, transaction_id: str, payload: BookingPayload, order_ref: str
     ) -> RatepayResult:
-        return facade.refund(transaction_id, basket, order_id=order_ref)
+        return facade.refund(transaction_id, payload.basket, order_id=order_ref)
+
+
+@dataclass(frozen=True)
+class AdjustmentPayload:
+    """A credit or debit as ``send`` makes it."""
+
+    kind: str
+    amount: Decimal
+    tax_rate: Decimal
+    description: str
+    currency: str
+
+
+class AdjustmentCommand(_External[AdjustmentPayload, RatepayResult]):
+    """PAYMENT_CHANGE credit: a goodwill credit or a debit a person asked for
+    (``Engine.credit`` / ``Engine.debit``, run outside any transition by
+    ``Engine.run_external``). What to book comes in ``ctx.data`` (kind, amount, tax rate,
+    reason, request id); the ``ratepay_adjustment`` row is written here, pending with the
+    intent and settled with the answer."""
+
+    action = "adjustment"
+
+    def plan(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> PreparedCall[AdjustmentPayload] | None:
+        request = adj.AdjustmentRequest.from_data(ctx.data)
+        payment = store.get_payment(ctx.session, order.id)
+        profile = payment.profile if payment is not None else None
+        facade_for(ctx.services, profile)  # an unknown profile fails here, unsent
+        data = store.order_input(order)
+        adj.forget_unsent(ctx.session, order.id)
+        existing = adj.adjustments_of(ctx.session, order.id)
+        row = adj.open_adjustment(
+            ctx.session, order.id, request.request_id, request.kind, request.amount,
+            request.tax_rate or adj.default_tax_rate(data), request.reason, ctx.now,
+        )
+        if row.status != ADJ_PENDING or any(
+            e.id == row.id for e in existing
+        ):
+            return None  # this request was decided before: never book it twice
+        try:
+            if payment is None or not payment.transaction_id:
+                raise adj.AdjustmentError(
+                    f"order {order.order_ref} has no accepted RatePAY transaction"
+                )
+            ledger = store.load_ledger(ctx.session, order)
+            now_balance = adj.balance(
+                data, ledger, store.units(order.items), [e for e in existing if e.id != row.id]
+            )
+            adj.check_adjustment(request.kind, request.amount, now_balance, order.order_ref)
+        except adj.AdjustmentError as exc:
+            adj.settle_adjustment(row, booked=False, now=ctx.now, transaction_id=None,
+                                  message=f"refused before sending: {exc}")
+            return None
+        signed = adj.signed(request.kind, request.amount)
+        booked_before = sum(
+            (adj.signed(e.kind, e.amount) for e in existing if e.status == ADJ_BOOKED),
+            Decimal("0.00"),
+        )
+        summary = {
+            "describe": f"PAYMENT_CHANGE/credit ({request.kind} {request.amount}) of order "
+            f"{order.order_ref}",
+            "operation": "PAYMENT_CHANGE",
+            "subtype": "credit",
+            "transaction_id": payment.transaction_id,
+            "order_ref": order.order_ref,
+            "profile": profile,
+            "request_id": request.request_id,
+            "kind": request.kind,
+            "amount": str(signed),
+            "credited_before": str(booked_before),
+        }
+        description = request.reason or (
+            "Goodwill credit" if request.kind == adj.CREDIT else "Adjustment charge"
+        )
+        return PreparedCall(
+            summary,
+            AdjustmentPayload(request.kind, request.amount, row.tax_rate, description,
+                              data.currency),
+        )
+
+    def send(self, call: PreparedCall[AdjustmentPayload], io: CallContext) -> RatepayResult:
+        facade = facade_for(io.services, call.summary.get("profile"))
+        p = call.payload
+        book = facade.credit if p.kind == adj.CREDIT else facade.debit
+        return _booking(
+            lambda: book(
+                call.summary["transaction_id"],
+                p.amount,
+                tax_rate=p.tax_rate,
+                description=p.description,
+                currency=p.currency,
+                order_id=call.summary["order_ref"],
+            )
+        )
+
+    def apply(
+        self,
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        summary: dict[str, Any],
+        answer: RatepayResult | Reconciled,
+    ) -> None:
+        row = adj.find(ctx.session, summary["request_id"])
+        if row is None:  # pragma: no cover - written with the intent
+            log.error("adjustment %s of order %s vanished", summary["request_id"],
+                      order.order_ref)
+            return
+        if isinstance(answer, Reconciled):
+            adj.settle_adjustment(
+                row, booked=answer.booked, now=ctx.now,
+                transaction_id=summary.get("transaction_id"),
+                message=answer.detail or "booked at RatePAY (transaction status)",
+            )
+            return
+        adj.settle_adjustment(
+            row,
+            booked=answer.success,
+            now=ctx.now,
+            transaction_id=summary.get("transaction_id"),
+            result_code=answer.result_code,
+            reason_code=answer.reason_code,
+            message=" / ".join(p for p in (answer.result_text, answer.reason_text) if p) or None,
+        )
+
+    def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
+        """RatePAY's Transaction Status API documents no figure for credits and debits (the
+        shape of ``current_special_items`` is unknown, reference status-api §"200 answer"), so
+        a lost answer is not guessed at: the intent waits for a person (``intents resolve``)."""
+        return None

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.orders import OrderInput, parse_order
-from ratepay_oms.persistence.models import Order, OrderItem
+from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from ratepay_oms.persistence.payment import (
     CANCELLATION,
     DELIVERY,
@@ -29,7 +29,7 @@ from ratepay_oms.persistence.payment import (
     RatepayItemOutcome,
     RatepayPayment,
 )
-from ratepay_oms.plugins.ratepay.basket import OrderLedger, Unit
+from ratepay_oms.plugins.ratepay.basket import PRORATA, OrderLedger, Unit, voucher_shares
 from ratepay_oms.ratepay import InstallmentPlan, Operation, RatepayResult
 
 PAYMENT_REQUEST_OPERATION = Operation.PAYMENT_REQUEST.value
@@ -64,7 +64,17 @@ def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
     return session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
 
 
-def ensure_payment(session: Session, order: Order, method: str, now: datetime) -> RatepayPayment:
+def ensure_payment(
+    session: Session,
+    order: Order,
+    method: str,
+    now: datetime,
+    *,
+    profile: str | None = None,
+    voucher_rule: str | None = None,
+) -> RatepayPayment:
+    """The order's payment row; a new PAYMENT_REQUEST attempt may move it to another profile
+    (the old transaction is dead then), and fixes the voucher rule while nothing is booked."""
     payment = get_payment(session, order.id)
     if payment is None:
         payment = RatepayPayment(
@@ -76,7 +86,11 @@ def ensure_payment(session: Session, order: Order, method: str, now: datetime) -
             updated_at=now,
         )
         session.add(payment)
-        session.flush()
+    if profile is not None:
+        payment.profile = profile
+    if voucher_rule is not None:
+        payment.voucher_rule = voucher_rule
+    session.flush()
     return payment
 
 
@@ -98,6 +112,7 @@ def record_outcomes(
     subtype: str | None = None,
     transaction_id: str | None = None,
     result_code: str | None = None,
+    reason_code: str | None = None,
 ) -> None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
     why) and the outcome is a failure."""
@@ -117,7 +132,8 @@ def record_outcomes(
             "result_code": result_code if result is None
             else None if result.result_code is None
             else str(result.result_code),
-            "reason_code": None if result is None or result.reason_code is None
+            "reason_code": reason_code if result is None
+            else None if result.reason_code is None
             else str(result.reason_code),
             "message": text,
             "transaction_id": (result.transaction_id if result is not None else None)
@@ -145,6 +161,16 @@ def payment_attempts(session: Session, order_id: int, since: datetime) -> list[d
         .group_by(RatepayItemOutcome.transaction_id)
     ).all()
     return sorted(when for _, when in rows)
+
+
+def latest_outcome(session: Session, item_id: int, action: str) -> RatepayItemOutcome | None:
+    """The newest outcome of ``action`` for one item: what the last command said about it."""
+    return session.scalar(
+        select(RatepayItemOutcome)
+        .where(RatepayItemOutcome.item_id == item_id, RatepayItemOutcome.action == action)
+        .order_by(RatepayItemOutcome.id.desc())
+        .limit(1)
+    )
 
 
 def latest_outcomes(
@@ -181,4 +207,25 @@ def load_ledger(session: Session, order: Order) -> OrderLedger:
     if payment is not None:
         ledger.shipping_status = payment.shipping_status
         ledger.discount_status = payment.discount_status
+        if payment.voucher_rule == PRORATA:
+            data = order_input(order)
+            ledger.voucher_rule = PRORATA
+            if data.discount is not None:
+                ledger.voucher_shares = voucher_shares(
+                    data.discount.unit_price_gross, units(order.items)
+                )
     return ledger
+
+
+def latest_event_data(session: Session, item_ids: Sequence[int]) -> dict[str, Any] | None:
+    """The newest data a person gave with a manual event that moved one of these items (what
+    the delivery confirmation after ``ship --invoice-id …`` sends), or ``None``."""
+    if not item_ids:
+        return None
+    raw = session.scalar(
+        select(StateHistory.data)
+        .where(StateHistory.item_id.in_(list(item_ids)), StateHistory.data.is_not(None))
+        .order_by(StateHistory.id.desc())
+        .limit(1)
+    )
+    return json.loads(raw) if raw else None

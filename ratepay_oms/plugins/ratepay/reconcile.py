@@ -141,7 +141,9 @@ def booking_summary(
     if plan.discount is not None:
         amount = plan.discount.unit_price_gross
         positions[DISCOUNT] = {
-            "before": _special_before(ledger.discount_status, field, amount),
+            "before": str(plan.discount_before)
+            if plan.discount_before is not None  # pro-rata voucher: booked in shares
+            else _special_before(ledger.discount_status, field, amount),
             "add": str(amount),
         }
     subject = f"{operation}/{subtype}" if subtype else operation

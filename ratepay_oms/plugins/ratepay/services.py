@@ -1,4 +1,5 @@
-"""Build the ``services`` the RatePAY commands need: ``{"ratepay": RatepayFacade}``.
+"""Build the ``services`` the RatePAY commands need: ``{"ratepay": RatepayFacade,
+"ratepay_profiles": RatepayProfiles}`` (one facade per configured profile).
 
 The facade's API log goes to the engine's own database, one row per call in a short
 transaction of its own (``SqlApiLogSink``): the engine makes every gateway call outside any
@@ -9,6 +10,7 @@ the engine's write lock, and survives whatever the engine does with the answer.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,11 +19,16 @@ from sqlalchemy.orm import Session
 from ratepay_oms.plugins.ratepay.commands import SERVICE_NAME
 from ratepay_oms.plugins.ratepay.installments import SERVICE_NAME as INSTALLMENTS
 from ratepay_oms.plugins.ratepay.installments import InstallmentCalculator
+from ratepay_oms.plugins.ratepay.profiles import PROFILES_SERVICE, RatepayProfiles
 from ratepay_oms.ratepay import (
     RatepayFacade,
     RatepaySettings,
     SqlApiLogSink,
 )
+from ratepay_oms.ratepay.profiles import PROFILE_ENV_PREFIX, ProfileSet
+
+CONFIG_ENV = "RATEPAY_OMS_CONFIG"
+"""A TOML settings file with a ``[ratepay]`` table (and its profiles) for the console."""
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +45,20 @@ def ratepay_services(
     session_factory: Callable[[], Session] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
-    toml_path: str | None = None,
+    toml_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """``{"ratepay": facade, "installments": calculator}`` from ``RATEPAY_<KEY>`` variables
-    (and an optional TOML file), for ``Engine(services=...)``. Raises ``RatepaySettingsError``
-    naming a missing key."""
-    settings = RatepaySettings.from_env(environ, toml_path)
-    return facade_services(build_facade(settings, session_factory))
+    """``{"ratepay": facade, "ratepay_profiles": RatepayProfiles, "installments": calculator}``
+    from ``RATEPAY_<KEY>`` / ``RATEPAY_PROFILE_<NAME>_<KEY>`` variables and an optional TOML
+    file (with ``[ratepay.profiles.<NAME>]`` tables), for ``Engine(services=...)``.
+    ``"ratepay"`` is the default profile's facade. Raises ``RatepaySettingsError`` naming a
+    missing key."""
+    profile_set = ProfileSet.load(environ, toml_path)
+    facades = {
+        name: build_facade(profile_set[name], session_factory) for name in profile_set.names
+    }
+    services = facade_services(facades[profile_set.default])
+    services[PROFILES_SERVICE] = RatepayProfiles(profile_set, facades)
+    return services
 
 
 def facade_services(facade: RatepayFacade) -> dict[str, Any]:
@@ -52,27 +66,42 @@ def facade_services(facade: RatepayFacade) -> dict[str, Any]:
     return {SERVICE_NAME: facade, INSTALLMENTS: InstallmentCalculator(facade)}
 
 
+def _configured(env: Mapping[str, str], toml_path: str | None) -> bool:
+    if toml_path is not None or env.get("RATEPAY_PROFILE_ID"):
+        return True
+    return any(
+        var.startswith(PROFILE_ENV_PREFIX) and var.endswith("_PROFILE_ID") and value.strip()
+        for var, value in env.items()
+    )
+
+
 def ratepay_services_if_configured(
     session_factory: Callable[[], Session] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
+    toml_path: str | None = None,
 ) -> dict[str, Any]:
-    """Like ``ratepay_services`` but ``{}`` when no ``RATEPAY_PROFILE_ID`` is set at all, so
+    """Like ``ratepay_services`` but ``{}`` when no profile id is set at all (no
+    ``RATEPAY_PROFILE_ID``, no ``RATEPAY_PROFILE_<NAME>_PROFILE_ID``, no settings file), so
     console commands that never reach RatePAY (``order show``) work without configuration;
     a partial configuration still fails loudly."""
-    import os
-
     env = os.environ if environ is None else environ
-    if not env.get("RATEPAY_PROFILE_ID"):
+    if toml_path is None and env.get(CONFIG_ENV):
+        toml_path = env[CONFIG_ENV]
+    if not _configured(env, toml_path):
         return {}
-    return ratepay_services(session_factory, environ=env)
+    return ratepay_services(session_factory, environ=env, toml_path=toml_path)
 
 
-def attach_configured_ratepay(engine: Any, environ: Mapping[str, str] | None = None) -> bool:
-    """Give ``engine`` (an ``Engine``) the facade from ``RATEPAY_*`` settings, with its API log
-    in the engine's database; ``False`` (nothing attached) when RatePAY is not configured.
+def attach_configured_ratepay(
+    engine: Any, environ: Mapping[str, str] | None = None, toml_path: str | None = None
+) -> bool:
+    """Give ``engine`` (an ``Engine``) the facades of the configured profiles, with their API
+    log in the engine's database; ``False`` (nothing attached) when RatePAY is not configured.
     This is what the console's ``engine_from_options`` calls, so ``ratepay-oms tick`` talks to
     the configured gateway."""
-    services = ratepay_services_if_configured(engine.session, environ=environ)
+    services = ratepay_services_if_configured(
+        engine.session, environ=environ, toml_path=toml_path
+    )
     engine.services.update(services)
     return bool(services)
