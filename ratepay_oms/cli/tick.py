@@ -134,6 +134,20 @@ def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None)
         return engine.tick(now=now, limit=limit, progress=report)
 
 
+@contextmanager
+def _metrics_server(engine: Engine, port: int | None, host: str | None) -> Iterator[None]:
+    """The worker's /metrics (database figures and its own counters) while the loop runs."""
+    if port is None:
+        yield
+        return
+    from ratepay_oms.cli.metrics import start_metrics_server
+    from ratepay_oms.ops.metrics import DEFAULT_HOST, build_registry
+
+    registry = build_registry(engine.session, engine.definitions())
+    with start_metrics_server(registry, port, host or DEFAULT_HOST):
+        yield
+
+
 @cli.command()
 @engine_options
 @click.option("--limit", type=click.IntRange(min=1), default=None, metavar="N",
@@ -148,6 +162,10 @@ def _tick_with_progress(engine: Engine, now: datetime | None, limit: int | None)
 @click.option("--concurrency", type=click.IntRange(min=1), default=DEFAULT_CONCURRENCY,
               show_default=True, metavar="K",
               help="Gateway calls in flight at once (at most one per order; 1: one by one).")
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
+              metavar="P", help="With --loop: serve Prometheus /metrics on port P (0: any).")
+@click.option("--metrics-host", default=None, metavar="ADDR",
+              help="Address for --metrics-port (default 127.0.0.1).")
 @translate_db_errors
 def tick(
     db_url: str | None,
@@ -158,6 +176,8 @@ def tick(
     interval: float | None,
     as_json: bool,
     concurrency: int,
+    metrics_port: int | None,
+    metrics_host: str | None,
 ) -> None:
     """Advance every item that is due: retries, timeouts, on-enter events, event-less moves.
 
@@ -170,16 +190,21 @@ def tick(
       ratepay-oms tick --now 2024-08-01T00:00:00Z --limit 1000
       ratepay-oms tick --loop --interval 30 --json
       ratepay-oms tick --loop --concurrency 16
+      ratepay-oms tick --loop --metrics-port 9464
     """
     if interval is not None and not loop:
         raise click.UsageError("--interval only makes sense with --loop")
+    if (metrics_port is not None or metrics_host is not None) and not loop:
+        raise click.UsageError("--metrics-port only makes sense with --loop")
+    if metrics_host is not None and metrics_port is None:
+        raise click.UsageError("--metrics-host needs --metrics-port")
     engine = engine_from_options(db_url, process_dir, concurrency=concurrency)
     if not loop:
         _run_one(engine, now, limit, as_json)
         return
     flag = StopFlag()
     pause = 10.0 if interval is None else interval
-    with stop_on_signals(flag):
+    with stop_on_signals(flag), _metrics_server(engine, metrics_port, metrics_host):
         while not flag.is_set:
             _run_one(engine, now, limit, as_json)
             if flag.wait(pause):

@@ -34,6 +34,7 @@ from ratepay_oms.engine.clock import wall_now
 from ratepay_oms.engine.errors import OrderLockedError
 from ratepay_oms.engine.persist import chunked, id_in
 from ratepay_oms.errors import OmsError
+from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.models import Order
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class Claims:
                     expired.append(order_id)
         if expired:
             self._drop(session, expired)
+            instruments.note_takeovers(session, len(expired))
+            log.warning("taking over %d expired order leases of other workers", len(expired))
         return got
 
     def _drop(self, session: Session, order_ids: Sequence[int]) -> None:
@@ -141,6 +144,7 @@ class Claims:
                 "try again shortly, or run 'locks clear' if that worker died"
             )
         self._drop(session, [order_id])  # its worker died: taken over
+        instruments.note_takeovers(session, 1)
 
     def lease_in(self, session: Session, order_ids: Sequence[int]) -> None:
         """Lease ``order_ids`` (row-locked by the caller) for a gateway call planned in the

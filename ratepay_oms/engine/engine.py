@@ -14,7 +14,9 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -35,6 +37,7 @@ from ratepay_oms.engine.errors import (
     UnknownProcessError,
 )
 from ratepay_oms.engine.intents import IntentError, IntentView, list_intents
+from ratepay_oms.engine.outbox import DeliveryResult, NotificationSettings, OutboxDelivery
 from ratepay_oms.engine.persist import Origin
 from ratepay_oms.engine.plugins import INSTALLMENT_SERVICE, PluginRegistry, Reconciled
 from ratepay_oms.engine.runner import (
@@ -54,6 +57,8 @@ from ratepay_oms.engine.views import (
     TriggerResult,
 )
 from ratepay_oms.errors import OmsError
+from ratepay_oms.ops import instruments
+from ratepay_oms.ops.tracing import span
 from ratepay_oms.orders import (
     DEFAULT_PAYMENT_FIRSTDAY,
     OrderInput,
@@ -148,6 +153,7 @@ class Engine:
         definitions: Mapping[str, ProcessDefinition] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         concurrency: int = DEFAULT_CONCURRENCY,
+        notifications: NotificationSettings | None = None,
     ) -> None:
         self.database_url = database_url or default_database_url()
         self.registry = registry if registry is not None else default_registry()
@@ -155,6 +161,11 @@ class Engine:
             from ratepay_oms.process.loader import default_process_dir, load_processes
 
             definitions = load_processes(default_process_dir(process_dir), self.registry)
+        self.notifications = (
+            notifications if notifications is not None else NotificationSettings.from_env()
+        )
+        if self.notifications.all_states:
+            definitions = {n: replace(d, notify_all=True) for n, d in definitions.items()}
         self._compiled: dict[str, CompiledProcess] = compile_processes(
             dict(definitions), self.registry
         )
@@ -466,13 +477,32 @@ class Engine:
         concurrency: int | None = None,
     ) -> TickResult:
         """Do all due work: open intents, retries, timeouts, on-enter leftovers, event-less
-        transitions. ``concurrency`` (default: the engine's) gateway calls are in flight at
-        once, at most one per order."""
+        transitions; then deliver the state-change notifications that are due.
+        ``concurrency`` (default: the engine's) gateway calls are in flight at once, at most
+        one per order."""
         k = self.concurrency if concurrency is None else concurrency
         if k < 1:
             raise ValueError(f"concurrency must be at least 1, not {k}")
-        runner = TickRunner(self.context, self.leases, self.batch_size, k)
-        return runner.run(naive_utc(now), limit=limit, progress=progress)
+        started = time.perf_counter()
+        moment = naive_utc(now)
+        with span("ratepay_oms.tick", {"ratepay_oms.worker": self.worker_id}) as current:
+            runner = TickRunner(self.context, self.leases, self.batch_size, k)
+            result = runner.run(moment, limit=limit, progress=progress)
+            delivered = self.deliver_notifications(now=moment)
+            if current is not None:
+                current.set_attribute("ratepay_oms.items_moved", result.items_moved)
+        result = replace(
+            result,
+            notifications_delivered=delivered.delivered,
+            notifications_failed=delivered.failed + delivered.dead,
+        )
+        instruments.tick_done(time.perf_counter() - started, result.items_moved)
+        return result
+
+    def deliver_notifications(self, *, now: datetime | None = None) -> DeliveryResult:
+        """Send the state-change notifications that are due (the tick calls this); nothing
+        without a configured URL. See ``ratepay_oms.engine.outbox``."""
+        return OutboxDelivery(self._sessions, self.notifications, self.worker_id).deliver(now)
 
     # -- gateway-call intents -----------------------------------------------------------------
 

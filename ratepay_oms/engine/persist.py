@@ -50,8 +50,16 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ratepay_oms.engine.verdict import Verdict
+from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.conditions import ConditionResult
-from ratepay_oms.persistence.models import EventTimeout, OrderItem, StateHistory, TransitionLog
+from ratepay_oms.persistence.models import (
+    OUTBOX_PENDING,
+    EventTimeout,
+    OrderItem,
+    OutboxEntry,
+    StateHistory,
+    TransitionLog,
+)
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
@@ -176,6 +184,8 @@ class StateWriter:
         condition: str | None = None,
         error: str | None = None,
     ) -> None:
+        if error is not None:
+            instruments.note_error(self.session, process, event)
         self._log_rows.append(
             {
                 "item_id": item.id,
@@ -257,6 +267,9 @@ class StateWriter:
             return
         self._history([(i, None, definition.initial, None) for i in items])
         self._arm_timeouts([(i, definition.initial) for i in items], definition)
+        if definition.notifies(definition.initial):
+            for part in chunked(sorted(i.id for i in items)):
+                self._notify(part, definition.name, None, definition.initial, None)
 
     def write_moves(
         self,
@@ -313,6 +326,8 @@ class StateWriter:
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
             forced = key.forced
+            notify = definitions[key.process].notifies(key.target)
+            instruments.note_moves(self.session, key.process, key.event, len(ids))
             for part in chunked(sorted(ids)):
                 shared = {
                     "ids": _ids_value(part, style),
@@ -333,6 +348,8 @@ class StateWriter:
                 conn.execute(_move_statement("update", style), shared)
                 conn.execute(_move_statement("history", style), shared)
                 conn.execute(_move_statement("log", style), shared)
+                if notify:
+                    self._notify(part, key.process, key.source, key.target, key.event)
                 conn.execute(_move_statement("untime", style), shared)
                 for event in timeouts:
                     assert event.timeout is not None
@@ -362,6 +379,51 @@ class StateWriter:
         set_committed_value(item, "state_entered_at", self.now)
         for name, value in _CLEARED_RETRY.items():
             set_committed_value(item, name, value)
+
+    def _notify(
+        self,
+        ids: Sequence[int],
+        process: str,
+        source: str | None,
+        target: str,
+        event: str | None,
+    ) -> None:
+        """Outbox rows for items entering a state that notifies, in this same transaction
+        (the transactional outbox: see ``ratepay_oms.engine.outbox``)."""
+        self._insert_from_items(
+            OutboxEntry,
+            ids,
+            process=process,
+            from_state=source,
+            to_state=target,
+            event=event,
+            created_at=self.now,
+            status=OUTBOX_PENDING,
+            attempts=0,
+            next_attempt_at=self.now,
+        )
+
+    def _insert_from_items(
+        self, model: type[Any], ids: Sequence[int], *, with_order: bool = True, **same: Any
+    ) -> None:
+        """``INSERT INTO model (item_id[, order_id], …) SELECT id[, order_id], :same… FROM
+        oms_order_item WHERE id IN ids ORDER BY id``: one row per item, values shared."""
+        table = model.__table__
+        columns = ["item_id", *(["order_id"] if with_order else []), *same]
+        values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
+        for name, value in same.items():
+            if value is None:
+                values.append(null())
+            else:
+                values.append(literal(value, table.c[name].type))
+        self.session.execute(
+            insert(table).from_select(
+                columns,
+                select(*values)
+                .where(id_in(OrderItem.id, ids, self.session))
+                .order_by(OrderItem.id),
+            )
+        )
 
     def clear_retry(self, items: Iterable[OrderItem]) -> None:
         """Items whose event went through without moving them: the retry is settled."""

@@ -246,13 +246,22 @@ class TickResult:
     orders_seen: int = 0
     duration_s: float = 0.0
     error_messages: tuple[str, ...] = ()
+    notifications_delivered: int = 0
+    notifications_failed: int = 0
+    """Delivery attempts that failed this tick (retried later, or dead)."""
 
     def summary(self) -> str:
+        notes = ""
+        if self.notifications_delivered or self.notifications_failed:
+            notes = (
+                f", {self.notifications_delivered} notifications delivered, "
+                f"{self.notifications_failed} failed"
+            )
         return (
             f"tick: {self.items_moved} items moved, {self.commands_run} commands run, "
             f"{self.errors} errors, {self.retries_scheduled} retries scheduled, "
-            f"{self.timeouts_fired} timeouts fired, {self.orders_seen} orders seen "
-            f"in {self.duration_s:.2f} s"
+            f"{self.timeouts_fired} timeouts fired, {self.orders_seen} orders seen"
+            f"{notes} in {self.duration_s:.2f} s"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -265,4 +274,6 @@ class TickResult:
             "orders_seen": self.orders_seen,
             "duration_s": round(self.duration_s, 3),
             "error_messages": list(self.error_messages),
+            "notifications_delivered": self.notifications_delivered,
+            "notifications_failed": self.notifications_failed,
         }

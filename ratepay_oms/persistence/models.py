@@ -38,6 +38,7 @@ __all__ = [
     "Intent",
     "Order",
     "OrderItem",
+    "OutboxEntry",
     "StateHistory",
     "TransitionLog",
 ]
@@ -264,3 +265,54 @@ class Intent(Base):
 
     def __repr__(self) -> str:
         return f"<Intent {self.id} {self.command} {self.status}>"
+
+
+# Outbox statuses.
+OUTBOX_PENDING = "pending"
+"""Waiting for its (next) delivery attempt."""
+OUTBOX_DELIVERED = "delivered"
+OUTBOX_DEAD = "dead"
+"""Gave up after the configured number of attempts: ``outbox retry`` puts it back."""
+OUTBOX_STATUSES = (OUTBOX_PENDING, OUTBOX_DELIVERED, OUTBOX_DEAD)
+
+
+class OutboxEntry(Base):
+    """A state-change notification, written in the transaction that moved the item.
+
+    The transactional outbox: the row exists exactly when the move committed, so a crash can
+    neither lose a notification nor announce a move that was rolled back. Delivery
+    (``ratepay_oms.engine.outbox``) leases rows (``claimed_by``/``claim_expires_at``), commits,
+    POSTs outside any transaction and records the result in another one; a worker that dies
+    mid-delivery leaves a lease that expires, and the row is sent again (at least once).
+    ``idempotency_key`` is fixed before the first attempt leaves and sent with every attempt,
+    so a receiver drops the repeats. ``created_at`` is the moment of the move.
+    """
+
+    __tablename__ = "oms_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    item_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    process: Mapped[str] = mapped_column(NAME, nullable=False)
+    from_state: Mapped[str | None] = mapped_column(NAME)
+    to_state: Mapped[str] = mapped_column(NAME, nullable=False)
+    event: Mapped[str | None] = mapped_column(NAME)
+    created_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTC_DATETIME, nullable=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(64))
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_http_status: Mapped[int | None] = mapped_column(Integer)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+
+    __table_args__ = (
+        Index("ix_oms_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_oms_outbox_order_id", "order_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    def __repr__(self) -> str:
+        return f"<OutboxEntry {self.id} item {self.item_id} → {self.to_state} {self.status}>"

@@ -56,7 +56,7 @@ MAX_TIMEOUT = timedelta(days=3660)  # ten years: a due time must stay a storable
 
 _MAIN_KEYS = ("process", "initial", "include", "states", "transitions", "events")
 _SUB_KEYS = ("subprocess", "include", "states", "transitions", "events")
-_STATE_KEYS = ("display", "flags", "reserved", "sla")
+_STATE_KEYS = ("display", "flags", "reserved", "sla", "notify")
 _SLA_KEYS = ("warn", "breach")
 _TRANSITION_KEYS = ("source", "target", "event", "condition", "happy")
 _EVENT_KEYS = ("command", "on_enter", "manual", "timeout")
@@ -297,6 +297,7 @@ class _FileReader:
                     flags=frozenset(flags),
                     reserved=self.opt_bool(spec, "reserved"),
                     sla=self.sla(spec["sla"], name) if "sla" in spec else None,
+                    notify=self.opt_bool(spec, "notify"),
                 )
             out.append(state)
         return out

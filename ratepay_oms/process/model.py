@@ -53,6 +53,8 @@ class StateDef:
     reserved: bool = False
     location: SourceLocation | None = None
     sla: SlaDef | None = None
+    notify: bool = False
+    """Entering this state writes a state-change notification (the outbox)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,16 @@ class ProcessDefinition:
     events: Mapping[str, EventDef]
     transitions: tuple[TransitionDef, ...]
     files: tuple[str, ...] = field(default=())
+    notify_all: bool = False
+    """Notify on entering every state, whatever the states say (a deployment setting,
+    ``RATEPAY_OMS_NOTIFY_STATES=all``, applied by the engine)."""
+
+    def notifies(self, state: str) -> bool:
+        """Whether an item entering ``state`` gets a state-change notification."""
+        if self.notify_all:
+            return True
+        found = self.states.get(state)
+        return found is not None and found.notify
 
     def transitions_from(self, state: str, event: str | None) -> tuple[TransitionDef, ...]:
         """Candidate transitions for ``event`` (``None``: event-less) leaving ``state``.

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from urllib.parse import quote
 
+from ratepay_oms.ops import instruments
+from ratepay_oms.ops.tracing import span
 from ratepay_oms.ratepay.api_log import ApiCallRecord, ApiLogSink
 from ratepay_oms.ratepay.builders import BuiltRequest, RequestBuilder
 from ratepay_oms.ratepay.codes import ChangeSubtype
@@ -293,7 +295,8 @@ class RatepayFacade:
         url = f"{self.settings.status_url}/{quote(transaction_id, safe='')}?include={INCLUDE}"
         for attempt in (1, 2):
             token = self._tokens.get()
-            http_status, body, exchange = self._status_get(url, token, transaction_id)
+            with span(f"ratepay {STATUS_LOOKUP}", {"ratepay.operation": STATUS_LOOKUP}):
+                http_status, body, exchange = self._status_get(url, token, transaction_id)
             if http_status == 401 and attempt == 1:
                 self._tokens.drop(token)  # expired or revoked early: one fresh token, once
                 continue
@@ -432,6 +435,13 @@ class RatepayFacade:
         return int((time.monotonic() - started) * 1000)
 
     def _call(self, built: BuiltRequest) -> RatepayResult:
+        attributes = {"ratepay.operation": built.operation.value}
+        if built.subtype:
+            attributes["ratepay.subtype"] = built.subtype
+        with span(f"ratepay {built.operation.value}", attributes):
+            return self._send(built)
+
+    def _send(self, built: BuiltRequest) -> RatepayResult:
         body = to_bytes(built.root)
         masked_request = self._mask(body) or ""
         op = built.operation
@@ -503,6 +513,13 @@ class RatepayFacade:
         return result
 
     def _record(self, exchange: Exchange, result: RatepayResult | None) -> None:
+        if exchange.error is not None:
+            outcome = "error"
+        elif result is None or result.success:
+            outcome = "success"
+        else:
+            outcome = "declined"
+        instruments.gateway_call(exchange.operation, outcome, exchange.duration_ms / 1000)
         if self.api_log is None:
             return
         self.api_log.record(
