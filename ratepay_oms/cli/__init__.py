@@ -20,7 +20,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 GROUP_MODULES = (
     "db", "orders", "process", "tick", "sandbox", "demo", "console", "intents", "installment",
-    "operator", "profiles", "adjustments", "outbox", "prune", "metrics",
+    "operator", "profiles", "adjustments", "outbox", "prune", "metrics", "web",
 )
 
 
