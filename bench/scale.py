@@ -19,9 +19,10 @@ worker at K = 1, 4, 16.
 Last, the engine's CPU per order: one worker, no gateway delay, ``--cpu-orders`` orders from
 ``new`` to ``ready for shipment``; the worker process's user+system CPU time (from
 ``/proc/<pid>/stat``) while it works, divided by the orders. The sandbox runs in its own
-process, so its CPU is not counted.
+process, so its CPU is not counted. ``--cpu-only`` measures only that (about a minute).
 
     python3 bench/scale.py
+    python3 bench/scale.py --cpu-only
     python3 bench/scale.py --orders 100 --delay-ms 50 --workers 1,8 --concurrency 16
 
 A checkout whose ``tick`` has no ``--concurrency`` (the engine before it) gets ``n/a`` for
@@ -238,9 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="K values for one worker")
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL)
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="only the engine CPU per order (same as --workers= --concurrency=)")
     args = parser.parse_args(argv)
-    worker_counts = [int(x) for x in args.workers.split(",") if x]
-    ks = [int(x) for x in args.concurrency.split(",") if x]
+    worker_counts = [int(x) for x in args.workers.split(",") if x and not args.cpu_only]
+    ks = [int(x) for x in args.concurrency.split(",") if x and not args.cpu_only]
     has_k = supports_concurrency()
 
     print(f"scale: {args.orders} {PROCESS} orders, gateway delay {args.delay_ms:g} ms, "
@@ -270,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = results.get((1, 1))
     base_rate = base.rate if base is not None else None
     print()
-    print(f"{'workers':>7} {'concurrency':>11} {'orders/s':>9} {'speed-up':>9}")
+    if results:
+        print(f"{'workers':>7} {'concurrency':>11} {'orders/s':>9} {'speed-up':>9}")
     for (w, k), r in results.items():
         rate = "n/a" if r.rate is None else f"{r.rate:.1f}"
         up = "n/a" if r.rate is None or not base_rate else f"{r.rate / base_rate:.2f}x"

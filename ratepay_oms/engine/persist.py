@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import (
     ColumnElement,
     Dialect,
+    Executable,
     Integer,
     String,
     Table,
@@ -309,59 +310,57 @@ class StateWriter:
     ) -> None:
         """Move the items ``groups`` names by id, all set-based: state, cleared retry, history,
         transition log, old timeouts dropped and the target's armed. Holds no ORM objects, so
-        the tick can call it for rows it never loaded; the caller updates any it holds."""
+        the tick can call it for rows it never loaded; the caller updates any it holds.
+
+        The statements are built once per process (:func:`_move_statement`, every value a
+        named parameter) and go to the session's connection as Core statements, after one
+        flush of whatever the session holds so that they see it: building and caching a
+        statement and the ORM's bulk-statement machinery cost more CPU than the database
+        does for the handful of rows one order moves."""
+        if not groups:
+            return
+        self.session.flush()
+        conn = self.session.connection()
+        style = _ids_style(conn.dialect)
+        history_data = _data_json(data)
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
-            audit = key.forced.columns() if key.forced is not None else {}
+            forced = key.forced
             notify = definitions[key.process].notifies(key.target)
             instruments.note_moves(self.session, key.process, key.event, len(ids))
             for part in chunked(sorted(ids)):
-                self.session.execute(
-                    update(OrderItem)
-                    .where(id_in(OrderItem.id, part, self.session))
-                    .values(state=key.target, state_entered_at=self.now, **_CLEARED_RETRY)
-                    .execution_options(synchronize_session=False)
-                )
-                self._insert_from_items(
-                    StateHistory,
-                    part,
-                    from_state=key.source,
-                    to_state=key.target,
-                    event=key.event,
-                    created_at=self.now,
-                    **audit,
-                    data=_data_json(data),
-                )
-                self._insert_from_items(
-                    TransitionLog,
-                    part,
-                    process=key.process,
-                    event=key.event,
-                    source_state=key.source,
-                    target_state=key.target,
-                    command=key.command,
-                    condition=key.condition,
-                    is_error=False,
-                    error_message=None,
-                    hostname=self.origin.hostname,
-                    argv=self.origin.argv,
-                    created_at=self.now,
-                    **audit,
-                )
+                shared = {
+                    "ids": _ids_value(part, style),
+                    "v_source": key.source,
+                    "v_target": key.target,
+                    "v_event": key.event,
+                    "v_process": key.process,
+                    "v_command": key.command,
+                    "v_condition": key.condition,
+                    "v_hostname": self.origin.hostname,
+                    "v_argv": self.origin.argv,
+                    "v_now": self.now,
+                    "v_forced": forced is not None,
+                    "v_actor": forced.actor if forced is not None else None,
+                    "v_reason": forced.reason if forced is not None else None,
+                    "v_data": history_data,
+                }
+                conn.execute(_move_statement("update", style), shared)
+                conn.execute(_move_statement("history", style), shared)
+                conn.execute(_move_statement("log", style), shared)
                 if notify:
                     self._notify(part, key.process, key.source, key.target, key.event)
-                self.session.execute(
-                    delete(EventTimeout).where(id_in(EventTimeout.item_id, part, self.session))
-                )
+                conn.execute(_move_statement("untime", style), shared)
                 for event in timeouts:
                     assert event.timeout is not None
-                    self._insert_from_items(
-                        EventTimeout,
-                        part,
-                        with_order=False,
-                        state=key.target,
-                        event=event.name,
-                        due_at=self.now + event.timeout,
+                    conn.execute(
+                        _move_statement("timeout", style),
+                        {
+                            "ids": shared["ids"],
+                            "v_target": key.target,
+                            "v_event": event.name,
+                            "v_due": self.now + event.timeout,
+                        },
                     )
 
     def write_forced_move(
@@ -478,6 +477,116 @@ class StateWriter:
                 )
         for part in chunked(rows):
             self.session.execute(insert(_table(EventTimeout)), list(part))
+
+
+# -- the statements of a move, built once ---------------------------------------------------
+
+_STATEMENTS: dict[tuple[str, str], Executable] = {}
+
+
+def _ids_style(dialect: Dialect) -> str:
+    """How ids travel as the one ``ids`` parameter (see the module docstring)."""
+    if dialect.name == "postgresql":
+        return "array"
+    if dialect.name == "sqlite" and _sqlite_has_json(dialect):
+        return "json"
+    return "in"
+
+
+def _ids_value(ids: Sequence[int], style: str) -> Any:
+    return json.dumps(list(ids)) if style == "json" else list(ids)
+
+
+def _ids_clause(column: InstrumentedAttribute[int], style: str) -> ColumnElement[bool]:
+    """``column IN (:ids)`` in the given style, ``ids`` a named parameter."""
+    if style == "array":
+        return column == any_(bindparam("ids", type_=ARRAY(Integer)))
+    if style == "json":
+        values = func.json_each(bindparam("ids", type_=String))
+        return column.in_(select(values.table_valued("value").c.value))
+    return column.in_(bindparam("ids", expanding=True))
+
+
+def _param(table: Table, column: str, name: str) -> Any:
+    return bindparam(name, type_=table.c[column].type)
+
+
+def _from_items(table: Table, with_order: bool, style: str, **same: str) -> Executable:
+    """``INSERT INTO table (item_id[, order_id], …) SELECT id[, order_id], :param… FROM
+    oms_order_item WHERE id IN :ids ORDER BY id``: one row per item, ``same`` maps each
+    further column to the parameter that gives its (shared) value."""
+    columns = ["item_id", *(["order_id"] if with_order else []), *same]
+    values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
+    values += [_param(table, column, name) for column, name in same.items()]
+    return insert(table).from_select(
+        columns,
+        select(*values).where(_ids_clause(OrderItem.id, style)).order_by(OrderItem.id),
+    )
+
+
+def _move_statement(kind: str, style: str) -> Executable:
+    """One of the five statements of a move group, with every value a named parameter
+    (``ids`` and ``v_…``), so one statement object serves every group and chunk."""
+    statement = _STATEMENTS.get((kind, style))
+    if statement is not None:
+        return statement
+    items = _table(OrderItem)
+    if kind == "update":
+        statement = (
+            update(items)
+            .where(_ids_clause(OrderItem.id, style))
+            .values(
+                state=_param(items, "state", "v_target"),
+                state_entered_at=_param(items, "state_entered_at", "v_now"),
+                **_CLEARED_RETRY,
+            )
+        )
+    elif kind == "history":
+        statement = _from_items(
+            _table(StateHistory), True, style,
+            from_state="v_source", to_state="v_target", event="v_event", created_at="v_now",
+            forced="v_forced", actor="v_actor", reason="v_reason", data="v_data",
+        )
+    elif kind == "log":
+        log = _table(TransitionLog)
+        statement = insert(log).from_select(
+            [
+                "item_id", "order_id", "process", "event", "source_state", "target_state",
+                "command", "condition", "is_error", "error_message", "hostname", "argv",
+                "created_at", "forced", "actor", "reason",
+            ],
+            select(
+                OrderItem.id,
+                OrderItem.order_id,
+                _param(log, "process", "v_process"),
+                _param(log, "event", "v_event"),
+                _param(log, "source_state", "v_source"),
+                _param(log, "target_state", "v_target"),
+                _param(log, "command", "v_command"),
+                _param(log, "condition", "v_condition"),
+                literal(False, log.c.is_error.type),
+                null(),
+                _param(log, "hostname", "v_hostname"),
+                _param(log, "argv", "v_argv"),
+                _param(log, "created_at", "v_now"),
+                _param(log, "forced", "v_forced"),
+                _param(log, "actor", "v_actor"),
+                _param(log, "reason", "v_reason"),
+            )
+            .where(_ids_clause(OrderItem.id, style))
+            .order_by(OrderItem.id),
+        )
+    elif kind == "untime":
+        statement = delete(_table(EventTimeout)).where(_ids_clause(EventTimeout.item_id, style))
+    elif kind == "timeout":
+        statement = _from_items(
+            _table(EventTimeout), False, style,
+            state="v_target", event="v_event", due_at="v_due",
+        )
+    else:
+        raise ValueError(f"no move statement {kind!r}")
+    _STATEMENTS[(kind, style)] = statement
+    return statement
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
@@ -73,6 +73,10 @@ class CommandContext:
     """What the person gave with the manual event (``Engine.trigger(..., data=...)``), for
     the commands of that event; empty for every other group (cascades read it from the
     history rows of the move: ``StateHistory.data``)."""
+    memo: dict[Hashable, Any] = field(default_factory=dict)
+    """Scratch space for one group (one context per group, built before its command runs):
+    a condition reads what it needs for all items of the order once, on its first check
+    after the command, instead of one query per item (e.g. the newest outcome per item)."""
 
 
 @dataclass

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+ITEMS = cast(Table, OrderItem.__table__)
 EVENT_DATA_KEY = "event_data"
 """Key under which an intent's summary keeps the manual event's data until the call settles."""
 
@@ -489,8 +490,9 @@ class Runner:
             return True
         command = self.engine.registry.external(intent.command)
         ctx = self.context(group)
-        with self.session.begin_nested():
-            command.apply(ctx, order, items, summary, answer)
+        # No savepoint: nothing here catches a failing ``apply``; it rolls the whole settling
+        # transaction back (compare-and-set included), which a savepoint did not change.
+        command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
         if isinstance(summary.get(EVENT_DATA_KEY), dict):
@@ -585,13 +587,15 @@ class Runner:
 
 
 def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | None) -> None:
-    """Mark ``items`` as waiting on ``intent_id`` (``None``: no longer waiting)."""
+    """Mark ``items`` as waiting on ``intent_id`` (``None``: no longer waiting). A Core
+    UPDATE on the session's connection, after a flush so it sees what the session holds."""
+    if not items:
+        return
+    session.flush()
+    conn = session.connection()
     for part in chunked([i.id for i in items]):
-        session.execute(
-            update(OrderItem)
-            .where(id_in(OrderItem.id, part, session))
-            .values(intent_id=intent_id)
-            .execution_options(synchronize_session=False)
+        conn.execute(
+            update(ITEMS).where(id_in(OrderItem.id, part, session)).values(intent_id=intent_id)
         )
     for item in items:
         set_committed_value(item, "intent_id", intent_id)

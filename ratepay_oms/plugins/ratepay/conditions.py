@@ -2,7 +2,8 @@
 
 Spryker's conditions read one order-level result code, so a failed partial refund after a
 successful one still passes. Ours read the newest outcome row of the item for the action the
-command performed, written in the same transaction as the command's state change.
+command performed, written in the same transaction as the command's state change (read once
+per group for all the order's items, see :func:`newest_outcome`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ratepay_oms.persistence.payment import (
     PAYMENT_REQUEST,
     RETURN,
 )
-from ratepay_oms.plugins.ratepay.payment_store import latest_outcome
+from ratepay_oms.plugins.ratepay.payment_store import latest_outcomes
 from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ class OutcomeSucceeded(Condition):
     action: str
 
     def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
-        outcome = latest_outcome(ctx.session, item.id, self.action)
+        outcome = newest_outcome(ctx, order, item, self.action)
         holds = outcome is not None and bool(outcome.success)
         return Verdict(holds, _read(self.action, outcome))
 
@@ -66,13 +67,26 @@ class PaymentRequestDeclined(Condition):
     pointless; the shopper needs another method (``payment.customer_message`` says so)."""
 
     def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
-        outcome = latest_outcome(ctx.session, item.id, PAYMENT_REQUEST)
+        outcome = newest_outcome(ctx, order, item, PAYMENT_REQUEST)
         holds = (
             outcome is not None
             and not outcome.success
             and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
         return Verdict(holds, _read(PAYMENT_REQUEST, outcome))
+
+
+def newest_outcome(
+    ctx: CommandContext, order: Order, item: OrderItem, action: str
+) -> RatepayItemOutcome | None:
+    """The item's newest outcome of ``action``, read once per group for all items of the order
+    (kept in ``ctx.memo``: a context lives for one group, and its command has run before the
+    first check, so nothing writes outcomes between the read and the last check)."""
+    key = ("ratepay.latest_outcomes", order.id, action)
+    outcomes: dict[int, RatepayItemOutcome] | None = ctx.memo.get(key)
+    if outcomes is None:
+        outcomes = ctx.memo[key] = latest_outcomes(ctx.session, order.id, action)
+    return outcomes.get(item.id)
 
 
 def _code(text: str | None) -> int | None:

@@ -173,6 +173,20 @@ def latest_outcome(session: Session, item_id: int, action: str) -> RatepayItemOu
     )
 
 
+def latest_outcomes(
+    session: Session, order_id: int, action: str
+) -> dict[int, RatepayItemOutcome]:
+    """The newest outcome of ``action`` for every item of one order that has one, in one
+    query: conditions check a whole group's items with this instead of one query each."""
+    newest = (
+        select(func.max(RatepayItemOutcome.id))
+        .where(RatepayItemOutcome.order_id == order_id, RatepayItemOutcome.action == action)
+        .group_by(RatepayItemOutcome.item_id)
+    )
+    rows = session.scalars(select(RatepayItemOutcome).where(RatepayItemOutcome.id.in_(newest)))
+    return {row.item_id: row for row in rows}
+
+
 def load_ledger(session: Session, order: Order) -> OrderLedger:
     """Our ledger of the order: item units RatePAY confirmed as delivered / cancelled /
     returned (successful outcome rows), and the special positions' status."""
