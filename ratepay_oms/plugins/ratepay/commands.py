@@ -43,6 +43,7 @@ from ratepay_oms.persistence.payment import (
     ADJ_PENDING,
     CANCELLATION,
     CANCELLED,
+    CREDIT,
     DELIVERED,
     DELIVERY,
     PAYMENT_CONFIRM,
@@ -819,7 +820,7 @@ class AdjustmentCommand(_External[AdjustmentPayload, RatepayResult]):
             "credited_before": str(booked_before),
         }
         description = request.reason or (
-            "Goodwill credit" if request.kind == adj.CREDIT else "Adjustment charge"
+            "Goodwill credit" if request.kind == CREDIT else "Adjustment charge"
         )
         return PreparedCall(
             summary,
@@ -830,7 +831,7 @@ class AdjustmentCommand(_External[AdjustmentPayload, RatepayResult]):
     def send(self, call: PreparedCall[AdjustmentPayload], io: CallContext) -> RatepayResult:
         facade = facade_for(io.services, call.summary.get("profile"))
         p = call.payload
-        book = facade.credit if p.kind == adj.CREDIT else facade.debit
+        book = facade.credit if p.kind == CREDIT else facade.debit
         return _booking(
             lambda: book(
                 call.summary["transaction_id"],
