@@ -351,12 +351,7 @@ class Engine:
             )
 
         self._drive(now, stats).run(fire)
-        return TriggerResult(
-            event=event,
-            moved=list(stats.moves),
-            stayed=list(stats.stayed),
-            errors=list(stats.error_messages),
-        )
+        return _trigger_result(event, stats)
 
     def trigger_many(
         self,
@@ -441,12 +436,7 @@ class Engine:
             runner.plan_external(Group(order, first.process, first.state, None, [first]), command)
 
         self._drive(now, stats).run(fire)
-        return TriggerResult(
-            event=command,
-            moved=list(stats.moves),
-            stayed=list(stats.stayed),
-            errors=list(stats.error_messages),
-        )
+        return _trigger_result(command, stats)
 
     def credit(
         self,
@@ -548,12 +538,7 @@ class Engine:
             runner.settle(intent_id, verdict, resolution, note=verdict.detail)
 
         self._drive(naive_utc(now), stats).run(settle)
-        return TriggerResult(
-            event="resolve",
-            moved=list(stats.moves),
-            stayed=list(stats.stayed),
-            errors=list(stats.error_messages),
-        )
+        return _trigger_result("resolve", stats)
 
     # -- checkout ----------------------------------------------------------------------------
 
@@ -735,3 +720,13 @@ def _select_for_event(
     if problems:
         raise ManualEventError(f"cannot fire {event!r}: " + "; ".join(problems))
     return chosen
+
+
+def _trigger_result(event: str, stats: RunStats) -> TriggerResult:
+    """What a drive for one manual event (or booking, or resolution) did, as a snapshot."""
+    return TriggerResult(
+        event=event,
+        moved=list(stats.moves),
+        stayed=list(stats.stayed),
+        errors=list(stats.error_messages),
+    )
