@@ -60,10 +60,35 @@ class _ConditionCheck:
 
     def __call__(self, event_data: Any) -> bool:
         subject: Subject = event_data.model
+        if isinstance(subject, _Replay):
+            return subject.answer(self.name)
         condition = self.registry.condition(self.name)
         verdict = verdict_of(condition.check(subject.ctx, subject.order, subject.item))
         subject.checks.append((self.name, verdict))
         return verdict.holds
+
+
+@dataclass(eq=False)
+class _Replay:
+    """A stand-in subject that gives the machine the condition answers already asked of an
+    item, in the order they were asked (see :meth:`CompiledProcess.choose`)."""
+
+    oms_state: str
+    answers: tuple[tuple[str, bool], ...]
+    chosen: TransitionDef | None = None
+    position: int = 0
+
+    def answer(self, name: str) -> bool:
+        if self.position >= len(self.answers) or self.answers[self.position][0] != name:
+            raise _ReplayMismatch(name)
+        holds = self.answers[self.position][1]
+        self.position += 1
+        return holds
+
+
+class _ReplayMismatch(Exception):
+    """The machine asked a condition the walk did not (cannot happen while both take the
+    candidates in ``transitions_from`` order); the caller asks the machine directly."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +161,10 @@ class CompiledProcess:
             if e.command is not None and registry.is_external(e.command)
         )
         self._may_call: dict[tuple[str, str | None], bool] = {}
+        self._registry = registry
+        self._decided: dict[
+            tuple[str, str | None, tuple[tuple[str, bool], ...]], TransitionDef | None
+        ] = {}
         log.debug("compiled process %s (%d states)", definition.name, len(states))
 
     def calls_out(self, state: str, event: str | None) -> bool:
@@ -175,16 +204,48 @@ class CompiledProcess:
         """The transition ``event`` takes for ``subject`` (``None``: it stays).
 
         A condition that raises propagates: the caller treats it like a failed command.
+
+        Each condition is asked once per item, in the machine's order (the candidates of
+        ``transitions_from``, up to the first that passes); the machine then decides on those
+        answers, once per distinct set of answers for a (state, event) (kept: it is a pure
+        function of them), so a group of 10,000 items that all got the same answer costs
+        10,000 condition checks and one run of the machine, not 10,000 runs.
         """
-        fixed = self._fixed.get((subject.oms_state, event))
+        state = subject.oms_state
+        fixed = self._fixed.get((state, event))
         if fixed is not None:
             return fixed
         trigger = self.machine.events.get(event if event is not None else TICK_TRIGGER)
         if trigger is None:
             return None
-        subject.chosen = None
-        trigger.trigger(subject)
-        return subject.chosen
+        answers: list[tuple[str, bool]] = []
+        for t in self.definition.transitions_from(state, event):
+            if t.condition is None:
+                break
+            verdict = verdict_of(
+                self._registry.condition(t.condition).check(
+                    subject.ctx, subject.order, subject.item
+                )
+            )
+            subject.checks.append((t.condition, verdict))
+            answers.append((t.condition, verdict.holds))
+            if verdict.holds:
+                break
+        key = (state, event, tuple(answers))
+        if key in self._decided:
+            subject.chosen = self._decided[key]
+            return subject.chosen
+        replay = _Replay(state, key[2])
+        try:
+            trigger.trigger(replay)
+        except _ReplayMismatch:  # pragma: no cover - the walk mirrors the machine
+            log.warning("%s: condition walk and machine disagree in %s", self.name, state)
+            subject.checks.clear()
+            subject.chosen = None
+            trigger.trigger(subject)
+            return subject.chosen
+        subject.chosen = self._decided[key] = replay.chosen
+        return replay.chosen
 
 
 def compile_processes(

@@ -234,11 +234,19 @@ class Runner:
     def _on_enter_groups(self, moves: Sequence[Move]) -> list[Group]:
         landed: list[tuple[OrderItem, str | None]] = []
         orders: dict[int, Order] = {}
+        events: dict[tuple[str, str], str | None] = {}
         for move in moves:
-            event = self.engine.definitions[move.process].on_enter_event(move.target)
+            # Per (process, target) and per order, not per item: a 10,000-unit order's moves
+            # share a handful of targets and one order (``item.order`` is a lookup each).
+            where = (move.process, move.target)
+            if where not in events:
+                found = self.engine.definitions[move.process].on_enter_event(move.target)
+                events[where] = found.name if found is not None else None
+            event = events[where]
             if event is not None:
-                landed.append((move.item, event.name))
-                orders[move.item.order_id] = move.item.order
+                landed.append((move.item, event))
+                if move.item.order_id not in orders:
+                    orders[move.item.order_id] = move.item.order
         return group_items(landed, orders)
 
     # -- one group -----------------------------------------------------------------------

@@ -14,6 +14,10 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy import Row
+
     from ratepay_oms.persistence.models import Order, OrderItem, TransitionLog
 
 
@@ -41,7 +45,8 @@ class ItemView:
     """Set while the item waits on an open gateway-call intent (see ``Engine.intents``)."""
 
     @classmethod
-    def of(cls, item: OrderItem) -> ItemView:
+    def of(cls, item: OrderItem | Row[Any]) -> ItemView:
+        """From an ORM item or a row of ``oms_order_item`` (same attribute names)."""
         return cls(
             id=item.id,
             line_no=item.line_no,
@@ -93,7 +98,7 @@ class OrderView:
     claim_expires_at: datetime | None = None
 
     @classmethod
-    def of(cls, order: Order, items: list[OrderItem]) -> OrderView:
+    def of(cls, order: Order, items: Sequence[OrderItem | Row[Any]]) -> OrderView:
         return cls(
             order_ref=order.order_ref,
             process=order.process,

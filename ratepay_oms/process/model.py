@@ -114,12 +114,22 @@ class ProcessDefinition:
         return tuple([t for t in found if t.condition] + [t for t in found if not t.condition])
 
     def events_from(self, state: str) -> tuple[str, ...]:
-        """Names of the events that leave ``state``, in declaration order, without repeats."""
-        seen: dict[str, None] = {}
-        for t in self.transitions:
-            if t.source == state and t.event is not None:
-                seen.setdefault(t.event, None)
-        return tuple(seen)
+        """Names of the events that leave ``state``, in declaration order, without repeats.
+
+        Asked once per item by manual events and the console (10,000 times for a big order),
+        so the answer per state is computed once per definition (it is immutable)."""
+        cache: dict[str, tuple[str, ...]] | None = self.__dict__.get("_events_from")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_events_from", cache)
+        found = cache.get(state)
+        if found is None:
+            seen: dict[str, None] = {}
+            for t in self.transitions:
+                if t.source == state and t.event is not None:
+                    seen.setdefault(t.event, None)
+            found = cache[state] = tuple(seen)
+        return found
 
     def on_enter_event(self, state: str) -> EventDef | None:
         for name in self.events_from(state):

@@ -24,12 +24,13 @@ from ratepay_oms.plugins.ratepay.payment_store import latest_outcomes
 from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
+    from sqlalchemy import Row
+
     from ratepay_oms.engine.plugins import CommandContext
     from ratepay_oms.persistence.models import Order, OrderItem
-    from ratepay_oms.persistence.payment import RatepayItemOutcome
 
 
-def _read(action: str, outcome: RatepayItemOutcome | None) -> dict[str, Any]:
+def _read(action: str, outcome: Row[Any] | None) -> dict[str, Any]:
     """What a condition looked at, for ``explain``: the outcome row it decided on."""
     if outcome is None:
         return {"action": action, "outcome": None}
@@ -78,12 +79,13 @@ class PaymentRequestDeclined(Condition):
 
 def newest_outcome(
     ctx: CommandContext, order: Order, item: OrderItem, action: str
-) -> RatepayItemOutcome | None:
-    """The item's newest outcome of ``action``, read once per group for all items of the order
-    (kept in ``ctx.memo``: a context lives for one group, and its command has run before the
-    first check, so nothing writes outcomes between the read and the last check)."""
+) -> Row[Any] | None:
+    """The item's newest outcome of ``action`` (a ``ratepay_item_outcome`` row), read once
+    per group for all items of the order (kept in ``ctx.memo``: a context lives for one
+    group, and its command has run before the first check, so nothing writes outcomes
+    between the read and the last check)."""
     key = ("ratepay.latest_outcomes", order.id, action)
-    outcomes: dict[int, RatepayItemOutcome] | None = ctx.memo.get(key)
+    outcomes: dict[int, Row[Any]] | None = ctx.memo.get(key)
     if outcomes is None:
         outcomes = ctx.memo[key] = latest_outcomes(ctx.session, order.id, action)
     return outcomes.get(item.id)

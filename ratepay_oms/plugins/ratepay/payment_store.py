@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, Table, func, insert, literal, null, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.orders import OrderInput, parse_order
@@ -33,6 +33,9 @@ from ratepay_oms.plugins.ratepay.basket import PRORATA, OrderLedger, Unit, vouch
 from ratepay_oms.ratepay import InstallmentPlan, Operation, RatepayResult
 
 PAYMENT_REQUEST_OPERATION = Operation.PAYMENT_REQUEST.value
+
+OUTCOME_CHUNK = 1000
+"""Item ids per ``INSERT … SELECT`` of outcome rows (well under every bind limit)."""
 
 log = logging.getLogger(__name__)
 
@@ -115,35 +118,54 @@ def record_outcomes(
     reason_code: str | None = None,
 ) -> None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
-    why) and the outcome is a failure."""
+    why) and the outcome is a failure.
+
+    Every value but the item's ids is the same for all rows, so the rows are written inside
+    the database (``INSERT … SELECT`` from the items, by chunks of ids): a 10,000-unit order's
+    answer costs a few statements, not 10,000 ORM objects and a flush each."""
     ok = bool(result.success) if success is None and result is not None else bool(success)
     text = message
     if text is None and result is not None:
         parts = [p for p in (result.result_text, result.reason_text) if p]
         text = " / ".join(parts) or None
-    rows: list[dict[str, Any]] = [
-        {
-            "item_id": item.id,
-            "order_id": order.id,
-            "action": action,
-            "success": ok,
-            "operation": (result.operation if result is not None else operation) or action,
-            "subtype": result.subtype if result is not None else subtype,
-            "result_code": result_code if result is None
-            else None if result.result_code is None
-            else str(result.result_code),
-            "reason_code": reason_code if result is None
-            else None if result.reason_code is None
-            else str(result.reason_code),
-            "message": text,
-            "transaction_id": (result.transaction_id if result is not None else None)
-            or transaction_id,
-            "created_at": now,
-        }
-        for item in items
-    ]
-    session.add_all([RatepayItemOutcome(**row) for row in rows])
+    same: dict[str, Any] = {
+        "action": action,
+        "success": ok,
+        "operation": (result.operation if result is not None else operation) or action,
+        "subtype": result.subtype if result is not None else subtype,
+        "result_code": result_code if result is None
+        else None if result.result_code is None
+        else str(result.result_code),
+        "reason_code": reason_code if result is None
+        else None if result.reason_code is None
+        else str(result.reason_code),
+        "message": text,
+        "transaction_id": (result.transaction_id if result is not None else None)
+        or transaction_id,
+        "created_at": now,
+    }
+    if not items:
+        return
     session.flush()
+    table = cast(Table, RatepayItemOutcome.__table__)
+    values: list[Any] = [
+        OrderItem.id,
+        literal(order.id, table.c.order_id.type),
+        *(
+            null() if value is None else literal(value, table.c[name].type)
+            for name, value in same.items()
+        ),
+    ]
+    ids = sorted(item.id for item in items)
+    for start in range(0, len(ids), OUTCOME_CHUNK):
+        session.execute(
+            insert(table).from_select(
+                ["item_id", "order_id", *same],
+                select(*values)
+                .where(OrderItem.id.in_(ids[start : start + OUTCOME_CHUNK]))
+                .order_by(OrderItem.id),
+            )
+        )
 
 
 def payment_attempts(session: Session, order_id: int, since: datetime) -> list[datetime]:
@@ -173,9 +195,7 @@ def latest_outcome(session: Session, item_id: int, action: str) -> RatepayItemOu
     )
 
 
-def latest_outcomes(
-    session: Session, order_id: int, action: str
-) -> dict[int, RatepayItemOutcome]:
+def latest_outcomes(session: Session, order_id: int, action: str) -> dict[int, Row[Any]]:
     """The newest outcome of ``action`` for every item of one order that has one, in one
     query: conditions check a whole group's items with this instead of one query each."""
     newest = (
@@ -183,7 +203,10 @@ def latest_outcomes(
         .where(RatepayItemOutcome.order_id == order_id, RatepayItemOutcome.action == action)
         .group_by(RatepayItemOutcome.item_id)
     )
-    rows = session.scalars(select(RatepayItemOutcome).where(RatepayItemOutcome.id.in_(newest)))
+    # Rows, not ORM objects (same attribute names; read only): a big order's 10,000
+    # outcomes are read once per group, and identity-mapping each cost more than the query.
+    table = cast(Table, RatepayItemOutcome.__table__)
+    rows = session.execute(select(table).where(table.c.id.in_(newest)))
     return {row.item_id: row for row in rows}
 
 
