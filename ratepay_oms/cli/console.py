@@ -8,6 +8,7 @@ resolution as every other command), calls one query function and prints a Rich t
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -450,9 +451,30 @@ _attach_migrate()
 
 
 # -- order show (detail part) -----------------------------------------------------------------
+def _next_summary(detail: Mapping[str, Any]) -> Table:
+    """The "next" table of a big order: timeouts and retries grouped by what will happen and
+    when (a 10,000-unit order arms the same timeout for every unit)."""
+    groups: Counter[tuple[str, str, str, str, str]] = Counter()
+    for t in detail["timeouts"]:
+        groups[("timeout", t["state"], t["event"], t["due_at"],
+                "overdue" if t["overdue"] else "")] += 1
+    for r in detail["retries"]:
+        note = f"attempt {r['attempts']}" + (f": {r['last_error']}" if r["last_error"] else "")
+        groups[("retry", r["state"], r["event"] or "", r["retry_at"], note)] += 1
+    table = Table(title="next", title_justify="left")
+    for name in ("items", "kind", "state", "event", "due", "note"):
+        table.add_column(name, justify="right" if name == "items" else "left")
+    for (kind, state, event, due, note), count in groups.items():
+        table.add_row(str(count), kind, state, event, due, note,
+                      style="red" if kind == "retry" else None)
+    return table
+
+
 def print_order_detail(detail: Mapping[str, Any]) -> None:
     """The parts of ``order show`` below the items table: payment, amounts, what comes next,
     and the last gateway calls."""
+    from ratepay_oms.console.inspect import ITEMS_TABLE_LIMIT
+
     console = stdout_console()
     pay = detail["payment"]
     amounts = detail["amounts"]
@@ -506,7 +528,9 @@ def print_order_detail(detail: Mapping[str, Any]) -> None:
             style="red",
             markup=False,
         )
-    if detail["timeouts"] or detail["retries"]:
+    if len(detail["timeouts"]) + len(detail["retries"]) > ITEMS_TABLE_LIMIT:
+        console.print(_next_summary(detail))
+    elif detail["timeouts"] or detail["retries"]:
         table = Table(title="next", title_justify="left")
         for name in ("item", "kind", "event", "due", "note"):
             table.add_column(name, justify="right" if name == "item" else "left")

@@ -90,6 +90,61 @@ def _items_table(view: Any, *, detailed: bool) -> Table:
     return table
 
 
+def _table_limit() -> int:
+    """``ITEMS_TABLE_LIMIT``, read when used (a test may lower it)."""
+    from ratepay_oms.console import inspect
+
+    return inspect.ITEMS_TABLE_LIMIT
+
+
+def _summary_table(rows: list[dict[str, Any]], total: int) -> Table:
+    """``item_summary`` rows as the table a big order gets instead of one row per item."""
+    table = Table(title=f"{total} items by SKU and state (--items: every item)",
+                  title_justify="left")
+    for name in ("sku", "name", "state", "items", "amount", "retry/error"):
+        table.add_column(name, justify="right" if name in ("items", "amount") else "left")
+    for row in rows:
+        error = ""
+        if row["with_error"]:
+            error = f"{row['with_error']} item(s), e.g. item {row['first_item']}: {row['error']}"
+        table.add_row(row["sku"], row["name"] or "", row["state"], str(row["items"]),
+                      row["amount"], Text(error, style="red") if error else "")
+    return table
+
+
+def _plain_items(view: Any) -> None:
+    """Every item as fixed-width text: Rich lays out a table of 10,000 rows in seconds, this
+    writes it in milliseconds (same columns as the detailed table)."""
+    header = ("id", "sku", "name", "state", "since", "retry/error")
+    rows = [
+        (str(i.id), i.sku, i.name, i.state, fmt_time(i.state_entered_at), _item_retry(i))
+        for i in view.items
+    ]
+    widths = [max(len(header[c]), *(len(r[c]) for r in rows)) for c in range(len(header) - 1)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        first = cells[0].rjust(widths[0])
+        middle = [cell.ljust(width) for cell, width in zip(cells[1:-1], widths[1:], strict=True)]
+        return "  ".join([first, *middle, cells[-1]]).rstrip()
+
+    click.echo("\n".join([line(header), *(line(r) for r in rows)]))
+
+
+def _print_items(view: Any, *, detailed: bool, every: bool = False) -> None:
+    """The items of ``view``: a table up to ``ITEMS_TABLE_LIMIT`` items, else a summary by
+    SKU and state (``every``: all of them, as plain text when there are that many)."""
+    from ratepay_oms.console.inspect import item_summary
+
+    limit = _table_limit()
+    if len(view.items) <= limit:
+        stdout_console().print(_items_table(view, detailed=detailed))
+    elif every:
+        _plain_items(view)
+    else:
+        rows = item_summary(i.to_json() for i in view.items)
+        stdout_console().print(_summary_table(rows, len(view.items)))
+
+
 @order.command("place")
 @engine_options
 @click.argument("file", metavar="FILE|-", type=click.Path(dir_okay=False, allow_dash=True))
@@ -129,7 +184,7 @@ def place(
         print_json({"order": view.to_json(), "gateway_calls": [call_json(c) for c in calls]})
     else:
         click.echo(f"placed order {view.order_ref} ({view.process}): {len(view.items)} items")
-        stdout_console().print(_items_table(view, detailed=bool(item_errors)))
+        _print_items(view, detailed=bool(item_errors))
         _print_calls(calls)
     if any_call_failed(calls) or item_errors:
         raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
@@ -138,31 +193,78 @@ def place(
 @order.command("show")
 @engine_options
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print the order as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the order as JSON on stdout (every item, however many).")
+@click.option("--items", "every_item", is_flag=True,
+              help="One row per item even for a big order (more than 100 items).")
+@click.option("--summary", is_flag=True,
+              help="Items by SKU and state even for a small order.")
 @translate_db_errors
-def show(db_url: str | None, process_dir: Path | None, ref: str, as_json: bool) -> None:
+def show(
+    db_url: str | None,
+    process_dir: Path | None,
+    ref: str,
+    as_json: bool,
+    every_item: bool,
+    summary: bool,
+) -> None:
     """Show order REF: items (state, since when, retry or error), payment, amounts delivered,
     cancelled and returned, pending timeouts and retries, and the last gateway calls.
+
+    An order of more than 100 items shows its items by SKU and state (how many, their
+    amount, how many wait for a retry or carry an error); --items lists every item.
 
     \b
     Example:
       ratepay-oms order show 100045
+      ratepay-oms order show 100045 --items
       ratepay-oms order show 100045 --json | jq '.items[].state'
     """
     from ratepay_oms.cli.console import print_order_detail
-    from ratepay_oms.console.inspect import merge_order_json, order_detail
+    from ratepay_oms.console.inspect import item_summary, merge_order_json, order_detail
 
+    if every_item and summary:
+        raise click.UsageError("--items and --summary exclude each other")
     engine = engine_from_options(db_url, process_dir, gateway=False)
-    view = engine.order(ref)
-    view = _with_gateway_reasons(engine, view)
-    detail = order_detail(engine, ref)
     if as_json:
-        print_json(merge_order_json(view.to_json(), detail))
+        view = _with_gateway_reasons(engine, engine.order(ref))
+        print_json(merge_order_json(view.to_json(), order_detail(engine, ref)))
         return
-    click.echo(f"order {view.order_ref} ({view.process}, {view.currency}), "
-               f"placed {fmt_time(view.created_at)}")
-    stdout_console().print(_items_table(view, detailed=True))
+    detail = order_detail(engine, ref)
+    items = detail["items"]
+    click.echo(f"order {detail['order_ref']} ({detail['process']}, {detail['currency']}), "
+               f"placed {fmt_time(_parse_time(detail['created_at']))}")
+    if summary or (len(items) > _table_limit() and not every_item):
+        _with_summary_reasons(engine, items)
+        stdout_console().print(_summary_table(item_summary(items), len(items)))
+    else:
+        view = _with_gateway_reasons(engine, engine.order(ref))
+        _print_items(view, detailed=True, every=True)
     print_order_detail(detail)
+
+
+def _parse_time(text: str | None) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text) if text else None
+
+
+def _with_summary_reasons(engine: Any, items: list[dict[str, Any]]) -> None:
+    """Like ``_with_gateway_reasons`` for the summary: the gateway's refusal of one item per
+    (SKU, state) group left in an ``… invalid`` state (the group shows one example)."""
+    from ratepay_oms.console.refusals import gateway_reasons, refusal_kind
+
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for item in items:
+        if refusal_kind(item["state"]) == "invalid" and not item["last_error"]:
+            first.setdefault((item["sku"], item["state"]), item)
+    if not first:
+        return
+    with engine.session() as session:
+        reasons = gateway_reasons(session, [i["id"] for i in first.values()])
+    for item in first.values():
+        if item["id"] in reasons:
+            item["last_error"] = reasons[item["id"]]
 
 
 def _with_gateway_reasons(engine: Any, view: Any) -> Any:
@@ -351,10 +453,7 @@ def event(
         if result.errors or any_call_failed(calls):
             raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
         return None
-    for item_id, source, target in result.moved:
-        click.echo(f"item {item_id}: {source} → {target}")
-    for item_id in result.stayed:
-        click.echo(f"item {item_id}: stayed in its state (no transition applied)")
+    _print_moves(result)
     if not result.moved and not result.stayed and not result.errors:
         click.echo("nothing moved")
     _print_calls(calls)
@@ -366,6 +465,24 @@ def event(
     if any_call_failed(calls):
         raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
     return None
+
+
+def _print_moves(result: Any) -> None:
+    """One line per moved item; for more than ``ITEMS_TABLE_LIMIT`` moves, one line per
+    (from, to) with the number of items (a big order's ship moves every unit twice)."""
+    limit = _table_limit()
+    if len(result.moved) <= limit:
+        for item_id, source, target in result.moved:
+            click.echo(f"item {item_id}: {source} → {target}")
+    else:
+        moves = Counter((source, target) for _, source, target in result.moved)
+        for (source, target), count in moves.items():
+            click.echo(f"{count} items: {source} → {target}")
+    if len(result.stayed) <= limit:
+        for item_id in result.stayed:
+            click.echo(f"item {item_id}: stayed in its state (no transition applied)")
+    else:
+        click.echo(f"{len(result.stayed)} items stayed in their state (no transition applied)")
 
 
 def _event_data(

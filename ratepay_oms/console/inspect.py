@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import inspect, select
+from sqlalchemy import Table, inspect, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.console._session import ConsoleError, session_of, utc_now
@@ -39,6 +39,9 @@ from ratepay_oms.process.model import ProcessDefinition
 from ratepay_oms.ratepay.codes import METHOD_LOCKING_REASONS, reason_text
 
 log = logging.getLogger(__name__)
+
+_ITEMS = cast(Table, OrderItem.__table__)
+_TIMEOUTS = cast(Table, EventTimeout.__table__)
 
 CENT = Decimal("0.01")
 DEFAULT_CALLS = 10
@@ -93,37 +96,35 @@ def order_detail(
         order = session.scalar(select(Order).where(Order.order_ref == ref))
         if order is None:
             raise OrderNotFound(f"no order {ref!r}")
-        items = list(
-            session.scalars(
-                select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
-            )
-        )
-        history = list(
-            session.execute(
-                select(
-                    StateHistory.item_id,
-                    StateHistory.from_state,
-                    StateHistory.to_state,
-                    StateHistory.event,
-                )
-                .where(StateHistory.order_id == order.id)
-                .order_by(StateHistory.id)
-            )
-        )
-        timeouts = (
-            list(
-                session.scalars(
-                    select(EventTimeout)
-                    .where(EventTimeout.item_id.in_([i.id for i in items]))
-                    .order_by(EventTimeout.due_at, EventTimeout.item_id)
+        # Rows, not ORM objects, and no id lists: a 10,000-unit order is read in a few
+        # queries (its history only when the outcome table is missing, see below).
+        items = session.execute(
+            select(_ITEMS).where(_ITEMS.c.order_id == order.id).order_by(_ITEMS.c.id)
+        ).all()
+        timeouts = session.execute(
+            select(_TIMEOUTS)
+            .where(
+                _TIMEOUTS.c.item_id.in_(
+                    select(OrderItem.id).where(OrderItem.order_id == order.id)
                 )
             )
-            if items
-            else []
-        )
+            .order_by(_TIMEOUTS.c.due_at, _TIMEOUTS.c.item_id)
+        ).all()
         payment = _payment_row(session, order)
         settled = _outcome_settled(session, order)
         if settled is None:
+            history = list(
+                session.execute(
+                    select(
+                        StateHistory.item_id,
+                        StateHistory.from_state,
+                        StateHistory.to_state,
+                        StateHistory.event,
+                    )
+                    .where(StateHistory.order_id == order.id)
+                    .order_by(StateHistory.id)
+                )
+            )
             settled = _settled_items(items, history, definitions)
         detail = _detail(order, items, settled, timeouts, payment, now, definitions)
         adjustments = _adjustments(session, order)
@@ -150,9 +151,9 @@ def order_detail(
 
 def _detail(
     order: Order,
-    items: list[OrderItem],
+    items: Sequence[Any],
     settled: dict[int, set[str]],
-    timeouts: list[EventTimeout],
+    timeouts: Sequence[Any],
     payment: dict[str, Any] | None,
     now: datetime,
     definitions: Mapping[str, ProcessDefinition],
@@ -165,12 +166,27 @@ def _detail(
         "returned": Decimal("0"),
     }
     item_rows = []
+    # Units of one line share price, discount and (mostly) state: format those once.
+    prices: dict[tuple[Decimal, Decimal], tuple[Decimal, str, str, str]] = {}
+    manual: dict[tuple[str, str], tuple[str, ...]] = {}
     for item in items:
-        amount = item.unit_price_gross + (item.discount or Decimal("0"))
+        discount = item.discount or Decimal("0")
+        price = prices.get((item.unit_price_gross, discount))
+        if price is None:
+            total = item.unit_price_gross + discount
+            price = prices[(item.unit_price_gross, discount)] = (
+                total, _money(item.unit_price_gross), _money(discount), _money(total)
+            )
+        amount = price[0]
         amounts["ordered"] += amount
         for bucket in settled.get(item.id, ()):
             amounts[bucket] += amount
-        definition = definitions.get(item.process)
+        events = manual.get((item.process, item.state))
+        if events is None:
+            definition = definitions.get(item.process)
+            events = manual[(item.process, item.state)] = (
+                definition.manual_events(item.state) if definition else ()
+            )
         item_rows.append(
             {
                 "id": item.id,
@@ -180,11 +196,11 @@ def _detail(
                 "process": item.process,
                 "state": item.state,
                 "state_entered_at": _iso(item.state_entered_at),
-                "unit_price_gross": _money(item.unit_price_gross),
-                "discount": _money(item.discount or Decimal("0")),
-                "amount": _money(amount),
+                "unit_price_gross": price[1],
+                "discount": price[2],
+                "amount": price[3],
                 "settled": sorted(settled.get(item.id, ())),
-                "manual_events": list(definition.manual_events(item.state)) if definition else [],
+                "manual_events": list(events),
                 "retry_event": item.retry_event,
                 "retry_at": _iso(item.retry_at),
                 "attempts": item.attempts,
@@ -283,7 +299,7 @@ def _order_data(order: Order) -> dict[str, Any]:
 
 
 def _settled_items(
-    items: list[OrderItem], history: list[Any], definitions: Mapping[str, ProcessDefinition]
+    items: Sequence[Any], history: list[Any], definitions: Mapping[str, ProcessDefinition]
 ) -> dict[int, set[str]]:
     """Which amount buckets each item reached, from the transitions its history took."""
     process_of = {i.id: i.process for i in items}
@@ -390,6 +406,39 @@ def order_state_counts(source: Any, ref: str, process: str | None = None) -> dic
         running = ", ".join(sorted({proc for proc, _ in rows})) or "no process"
         raise ConsoleError(f"order {ref!r} has no items on {process} (its items run on {running})")
     return dict(counts)
+
+
+ITEMS_TABLE_LIMIT = 100
+"""Orders with more items than this are shown as a summary by SKU and state (``order show``,
+``order place``); ``--items`` prints every item. A hundred rows still fit a scrollback and
+cover every ordinary basket; a wholesale order of thousands of units does not."""
+
+
+def item_summary(items: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Items grouped by (SKU, state), in order of first appearance (items come by id, so by
+    order line): how many, their amount, how many wait for a retry or carry an error, and the
+    first such error. ``items`` are ``order_detail``'s item dicts or ``ItemView.to_json()``
+    dicts (``amount`` is computed from price and discount when absent)."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for item in items:
+        key = (item["sku"], item["state"])
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {
+                "sku": item["sku"], "name": item.get("name"), "state": item["state"],
+                "items": 0, "amount": Decimal("0"), "first_item": item["id"],
+                "with_error": 0, "error": None,
+            }
+        group["items"] += 1
+        amount = item.get("amount")
+        if amount is None:
+            amount = Decimal(item["unit_price_gross"]) + Decimal(item.get("discount") or 0)
+        group["amount"] += Decimal(amount)
+        if item.get("last_error") or item.get("retry_at"):
+            group["with_error"] += 1
+            if group["error"] is None:
+                group["error"] = item.get("last_error") or f"retry at {item.get('retry_at')}"
+    return [{**g, "amount": _money(g["amount"])} for g in groups.values()]
 
 
 def merge_order_json(base: dict[str, Any], detail: Mapping[str, Any]) -> dict[str, Any]:
