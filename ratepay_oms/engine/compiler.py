@@ -162,6 +162,7 @@ class CompiledProcess:
         )
         self._may_call: dict[tuple[str, str | None], bool] = {}
         self._registry = registry
+        self._candidates: dict[tuple[str, str | None], tuple[TransitionDef, ...]] = {}
         self._decided: dict[
             tuple[str, str | None, tuple[tuple[str, bool], ...]], TransitionDef | None
         ] = {}
@@ -218,8 +219,13 @@ class CompiledProcess:
         trigger = self.machine.events.get(event if event is not None else TICK_TRIGGER)
         if trigger is None:
             return None
+        candidates = self._candidates.get((state, event))
+        if candidates is None:
+            candidates = self._candidates[(state, event)] = self.definition.transitions_from(
+                state, event
+            )
         answers: list[tuple[str, bool]] = []
-        for t in self.definition.transitions_from(state, event):
+        for t in candidates:
             if t.condition is None:
                 break
             verdict = verdict_of(
