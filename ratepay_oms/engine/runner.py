@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Table, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
@@ -606,7 +606,13 @@ def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | No
             update(ITEMS).where(id_in(OrderItem.id, part, session)).values(intent_id=intent_id)
         )
     for item in items:
-        set_committed_value(item, "intent_id", intent_id)
+        # Straight into the loaded state when nothing of the item is pending or expired (what
+        # set_committed_value does, minus its machinery: once per unit of a big order).
+        state = instance_state(item)
+        if state.committed_state or state.expired_attributes:
+            set_committed_value(item, "intent_id", intent_id)
+        else:
+            state.dict["intent_id"] = intent_id
 
 
 def blocked_items(session: Session, intent_id: int) -> list[OrderItem]:
