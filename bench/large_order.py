@@ -20,7 +20,8 @@ measures, in the same run:
 
 Each figure is wall time; "gateway" is the time the calls of that step spent at the gateway
 (the API log's ``duration_ms``: request out to answer in, sandbox work included), "engine" is
-wall minus gateway, and "x floor" its ratio to the floor of the same kind. CPU (this
+wall minus gateway, and "x" its ratio to the floor of the same kind (and CPU's to the floor's
+CPU). CPU (this
 process, sandbox threads included) is printed too: the machine may be shared, and CPU time
 moves less with other people's load than wall time does.
 
@@ -87,11 +88,16 @@ class Figure:
     gateway: float | None = None
     floor: float | None = None
     note: str = ""
+    floor_cpu: float | None = None
 
     def row(self) -> str:
         gateway = f"{self.gateway:6.2f}" if self.gateway is not None else "     -"
         engine = self.wall - (self.gateway or 0.0)
         ratio = f"x{engine / self.floor:5.1f}" if self.floor else "     -"
+        if self.floor_cpu:
+            ratio += f" x{self.cpu / self.floor_cpu:5.1f} cpu"
+        else:
+            ratio += " " * 10
         return (f"  {self.label:<36} {self.wall:7.2f} s {self.cpu:7.2f} s {gateway} s "
                 f"{engine:7.2f} s {ratio}  {self.note}")
 
@@ -119,7 +125,7 @@ def gateway_seconds(engine: Any, order_ref: str, after_id: int) -> tuple[float, 
     return sum((ms or 0) for _, ms in rows) / 1000, len(rows), newest
 
 
-def floor_place(engine: Any, units: int, now: datetime) -> float:
+def floor_place(engine: Any, units: int, now: datetime) -> None:
     """The set-based writes of placing (see the module docstring), timed."""
     import sqlalchemy as sa
 
@@ -127,7 +133,6 @@ def floor_place(engine: Any, units: int, now: datetime) -> float:
 
     items = OrderItem.__table__
     history = StateHistory.__table__
-    start = time.perf_counter()
     with engine.db.begin() as conn:
         order_id = conn.execute(
             sa.insert(Order.__table__).values(
@@ -152,10 +157,9 @@ def floor_place(engine: Any, units: int, now: datetime) -> float:
                 sa.select(items.c.id, items.c.order_id, sa.null(), sa.literal("new"), sa.null(),
                           sa.literal(now, history.c.created_at.type))
                 .where(items.c.id.in_(chunk))))
-    return time.perf_counter() - start
 
 
-def floor_moves(engine: Any, moves: int, now: datetime) -> float:
+def floor_moves(engine: Any, moves: int, now: datetime) -> None:
     """``moves`` set-based moves of every unit of the floor order: the UPDATE, history and
     transition-log rows of each by ``INSERT … SELECT`` per 1,000 ids, one transaction."""
     import sqlalchemy as sa
@@ -165,7 +169,6 @@ def floor_moves(engine: Any, moves: int, now: datetime) -> float:
     items = OrderItem.__table__
     history = StateHistory.__table__
     log = TransitionLog.__table__
-    start = time.perf_counter()
     with engine.db.begin() as conn:
         order_id = conn.scalar(sa.select(Order.id).where(Order.order_ref == "FLOOR"))
         ids = [i for (i,) in conn.execute(
@@ -189,7 +192,6 @@ def floor_moves(engine: Any, moves: int, now: datetime) -> float:
                               sa.literal("ship"), sa.literal(source), sa.literal(target),
                               sa.literal(False), sa.literal(now, log.c.created_at.type))
                     .where(items.c.id.in_(chunk))))
-    return time.perf_counter() - start
 
 
 def cli(args: list[str]) -> tuple[int, str]:
@@ -214,22 +216,24 @@ def bench(url: str, db: str, units: int, tmp: Path) -> list[Figure]:
     figures: list[Figure] = []
     try:
         now = datetime.now(UTC).replace(tzinfo=None)
-        floor = floor_place(engine, units, now)
-        figures.append(Figure("floor: set-based insert + history", floor, floor, note="baseline"))
+        _, floor, floor_cpu = measure(lambda: floor_place(engine, units, now))
+        figures.append(Figure("floor: set-based insert + history", floor, floor_cpu,
+                              note="baseline"))
         _, _, last = gateway_seconds(engine, "-", 0)
 
         view, wall, cpu = measure(lambda: engine.place_order(big_order("BIG-A", units)))
         gateway, calls, last = gateway_seconds(engine, "BIG-A", last)
         states = sorted(set(view.states()))
         figures.append(Figure("place: Engine.place_order", wall, cpu, gateway, floor,
-                              f"{calls} calls; items now in {states}"))
+                              f"{calls} calls; items now in {states}", floor_cpu))
 
         path = tmp / "big-b.json"
         path.write_text(json.dumps(big_order("BIG-B", units)), encoding="utf-8")
         (code, out), wall, cpu = measure(lambda: cli(["order", "place", str(path)]))
         gateway, calls, last = gateway_seconds(engine, "BIG-B", last)
         figures.append(Figure("place: CLI order place", wall, cpu, gateway, floor,
-                              f"exit {code}, {len(out.splitlines())} lines of output"))
+                              f"exit {code}, {len(out.splitlines())} lines of output",
+                              floor_cpu))
 
         for label, extra in (("show: CLI order show (summary)", []),
                              ("show: CLI order show --items", ["--items"]),
@@ -243,22 +247,24 @@ def bench(url: str, db: str, units: int, tmp: Path) -> list[Figure]:
         result, wall, cpu = measure(lambda: engine.trigger("ship", "BIG-A"))
         gateway, calls, last = gateway_seconds(engine, "BIG-A", last)
         per_unit = max(1, round(len(result.moved) / units))
-        ship_floor = floor_moves(engine, per_unit, now)
+        _, ship_floor, ship_floor_cpu = measure(lambda: floor_moves(engine, per_unit, now))
         figures.append(Figure(f"floor: {per_unit} set-based moves of all units",
-                              ship_floor, ship_floor, note="baseline"))
+                              ship_floor, ship_floor_cpu, note="baseline"))
         figures.append(Figure("ship: Engine.trigger('ship')", wall, cpu, gateway, ship_floor,
-                              f"{calls} call(s), {len(result.moved)} moves"))
+                              f"{calls} call(s), {len(result.moved)} moves", ship_floor_cpu))
         (code, out), wall, cpu = measure(lambda: cli(["event", "ship", "BIG-B"]))
         gateway, calls, last = gateway_seconds(engine, "BIG-B", last)
         figures.append(Figure("ship: CLI event ship", wall, cpu, gateway, ship_floor,
-                              f"exit {code}, {calls} call(s), {len(out.splitlines())} lines"))
+                              f"exit {code}, {calls} call(s), {len(out.splitlines())} lines",
+                              ship_floor_cpu))
     finally:
         os.environ.clear()
         os.environ.update(env_before)
         engine.close()
         sandbox.stop()
     print(f"[{db}] {units} units over {len(SKUS)} SKUs")
-    print(f"  {'step':<36} {'wall':>9} {'cpu':>9} {'gateway':>8} {'engine':>9} {'':6}  note")
+    print(f"  {'step':<36} {'wall':>9} {'cpu':>9} {'gateway':>8} {'engine':>9} "
+          f"{'engine/floor, cpu/floor cpu':<17}  note")
     for figure in figures:
         print(figure.row())
     return figures
