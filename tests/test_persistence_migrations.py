@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
+from datetime import datetime
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import delete, insert, inspect, select, text
 
 import ratepay_oms.persistence
 from ratepay_oms.persistence.base import Base
@@ -18,6 +20,7 @@ from ratepay_oms.persistence.db import (
     head_revision,
     upgrade,
 )
+from ratepay_oms.persistence.models import Intent
 
 for _module in pkgutil.iter_modules(ratepay_oms.persistence.__path__):
     importlib.import_module(f"ratepay_oms.persistence.{_module.name}")
@@ -110,3 +113,27 @@ def test_default_url_comes_from_the_environment(monkeypatch) -> None:  # type: i
     assert default_database_url() == "postgresql+psycopg://u@h/db"
     monkeypatch.delenv("RATEPAY_OMS_DATABASE_URL")
     assert default_database_url() == "sqlite:///ratepay-oms.sqlite"
+
+
+def test_item_id_lists_of_a_10000_unit_order_fit(server_db_url: str) -> None:
+    """An intent of a 10,000-unit order stores ~70 KB of item ids: over MariaDB's 64 KiB
+    ``TEXT`` before revision 0010 ("Data too long"), so such an order could not be placed."""
+    upgrade(server_db_url)
+    ids = json.dumps(list(range(1_000_000, 1_010_000)))
+    assert len(ids) > 65_535
+    engine = create_db_engine(server_db_url)
+    try:
+        with engine.begin() as conn:
+            intent_id = conn.execute(
+                insert(Intent.__table__).returning(Intent.__table__.c.id),
+                {"order_id": 1, "process": "P", "state": "s", "command": "c", "item_ids": ids,
+                 "summary": "{}", "status": "pending", "attempts": 0,
+                 "created_at": datetime(2026, 12, 2)},
+            ).scalar_one()
+            stored = conn.execute(
+                select(Intent.__table__.c.item_ids).where(Intent.__table__.c.id == intent_id)
+            ).scalar_one()
+            conn.execute(delete(Intent.__table__).where(Intent.__table__.c.id == intent_id))
+    finally:
+        engine.dispose()
+    assert json.loads(stored) == list(range(1_000_000, 1_010_000))

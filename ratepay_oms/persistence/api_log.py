@@ -10,9 +10,13 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import DateTime, Index, Integer, String, Text
+from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ratepay_oms.persistence.base import Base
+
+_LONG_TEXT = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+"""A basket of thousands of lines outgrows MariaDB's 64 KiB ``TEXT``."""
 
 
 class ApiLogEntry(Base):
@@ -34,8 +38,8 @@ class ApiLogEntry(Base):
     error: Mapped[str | None] = mapped_column(Text)
     """Transport-level failure (timeout, HTTP 500, malformed XML), if any."""
     duration_ms: Mapped[int | None] = mapped_column(Integer)
-    request_xml: Mapped[str | None] = mapped_column(Text)
-    response_xml: Mapped[str | None] = mapped_column(Text)
+    request_xml: Mapped[str | None] = mapped_column(_LONG_TEXT)
+    response_xml: Mapped[str | None] = mapped_column(_LONG_TEXT)
 
     __table_args__ = (
         Index("ix_ratepay_api_log_order_ref", "order_ref"),

@@ -245,7 +245,7 @@ class Intent(Base):
     state: Mapped[str] = mapped_column(NAME, nullable=False)
     event: Mapped[str | None] = mapped_column(NAME)
     command: Mapped[str] = mapped_column(NAME, nullable=False)
-    item_ids: Mapped[str] = mapped_column(Text, nullable=False)
+    item_ids: Mapped[str] = mapped_column(LONG_TEXT, nullable=False)
     summary: Mapped[str] = mapped_column(LONG_TEXT, nullable=False)
     status: Mapped[str] = mapped_column(String(20), nullable=False)
     resolution: Mapped[str | None] = mapped_column(String(40))

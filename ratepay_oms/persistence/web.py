@@ -17,7 +17,7 @@ from sqlalchemy import ForeignKey, Index, Integer, String, Text, UniqueConstrain
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ratepay_oms.persistence.base import Base
-from ratepay_oms.persistence.models import NAME, UTC_DATETIME, Order, OrderItem
+from ratepay_oms.persistence.models import LONG_TEXT, NAME, UTC_DATETIME, Order, OrderItem
 
 ROLE_VIEWER = "viewer"
 ROLE_OPERATOR = "operator"
@@ -80,7 +80,7 @@ class WebAction(Base):
     action: Mapped[str] = mapped_column(String(40), nullable=False)
     """``event`` or ``resolve intent``."""
     event: Mapped[str | None] = mapped_column(NAME)
-    item_ids: Mapped[str | None] = mapped_column(Text)
+    item_ids: Mapped[str | None] = mapped_column(LONG_TEXT)
     """JSON list of the chosen item ids."""
     detail: Mapped[str | None] = mapped_column(Text)
     """Event data or the resolution's note, as JSON."""
