@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
@@ -46,7 +46,7 @@ from ratepay_oms.engine.compiler import CompiledProcess
 from ratepay_oms.engine.context import EngineContext
 from ratepay_oms.engine.drive import CallPool, Drive, by_order
 from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation
-from ratepay_oms.engine.persist import MoveKey, chunked, id_in
+from ratepay_oms.engine.persist import MoveKey, by_order_only, chunked, id_in
 from ratepay_oms.engine.runner import Call, Group, LoopGuard, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
 from ratepay_oms.persistence.models import INTENT_PENDING, EventTimeout, Intent, Order, OrderItem
@@ -57,18 +57,23 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 500
 """Due items per batch (a batch takes whole orders, so it can be a few more; plain moves
 count less, see ``PLAIN_WEIGHT``)."""
-PLAIN_WEIGHT = 0.25
-"""What a due item with a plain move (``CompiledProcess.plain_move``) counts towards a batch:
-such a batch runs no command and calls nobody, so four times as many fit in the same short
-transaction and lease, and the per-batch cost (three transactions, a dozen statements) is
-spread over more items."""
-WINDOW_BATCHES = 20
-"""Batches' worth of due order ids fetched by one query (see the module docstring)."""
+PLAIN_WEIGHT = 0.05
+"""What a due item with a plain move (``CompiledProcess.plain_move``) of the on-enter or
+event-less step counts towards a batch: such items are moved by a few set-based statements
+per batch whatever their number (:meth:`_StateStep.move_resting`), run no command and call
+nobody, so twenty times as many fit in the same short transaction, and the per-batch cost
+(a transaction and its commit, a lock query, five statements) is spread over more items."""
+WINDOW_BATCHES = 100
+"""Batches' worth of due rows fetched by one window query (see the module docstring); five
+batches of plain moves."""
 CANDIDATES_PER_SLOT = 4
 """Orders that will call the gateway a batch looks at per free call slot: it plans calls for
 as many as there are slots and puts the rest back (row locks end with the transaction), so a
 worker that finds its first candidates taken by other workers still finds work in the same
 transaction."""
+RESTING_CHUNK = 5000
+"""Orders per set-based statement of plain moves (their ids are one parameter on PostgreSQL
+and SQLite; MariaDB gets an ``IN`` list, well under its bind-parameter limit)."""
 MAX_DB_FAILURES_IN_A_ROW = 3
 """A tick gives up after this many batches in a row failed in the database (it is down)."""
 
@@ -121,18 +126,34 @@ class _Step:
             .where(OrderItem.order_id > after)
             .order_by(OrderItem.order_id)
             .limit(rows)
-        ).all()
+        )
         window: list[_Due] = []
-        for row in found:
+        count = 0
+        for row in found:  # row by row: a list of all of them would double the peak memory
+            count += 1
             weight = self.weight(row)
             calls = self.calls_out(row)
+            key = self.resting_key(row)
             if window and window[-1].order_id == row[0]:
-                window[-1].items += 1
-                window[-1].weight += weight
-                window[-1].calls = window[-1].calls or calls
+                due = window[-1]
+                due.items += 1
+                due.weight += weight
+                due.calls = due.calls or calls
+                if key is None:
+                    due.keys = ()
+                elif due.keys and key not in due.keys:
+                    due.keys = (*due.keys, key)
             else:
-                window.append(_Due(row[0], 1, weight, calls))
-        return window, len(found) < rows
+                window.append(_Due(row[0], 1, weight, calls, (key,) if key else ()))
+        if window and count == rows:
+            # The last order may have more due rows than the window saw: no shortcut for it.
+            window[-1].keys = ()
+        return window, count < rows
+
+    def resting_key(self, row: Sequence[Any]) -> tuple[str, str] | None:
+        """The (process, state) of a due row of :meth:`due_order_ids` if the step moves it
+        set-based (:meth:`_StateStep.move_resting`), else ``None``."""
+        return None
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
         """What is due in ``order_ids`` (leased), by item id. Asks by ``order_id`` only and
@@ -140,7 +161,7 @@ class _Step:
         raise NotImplementedError
 
 
-@dataclass
+@dataclass(slots=True)
 class _Due:
     """One order of a window: its due items seen and their weight (see ``PLAIN_WEIGHT``)."""
 
@@ -149,6 +170,9 @@ class _Due:
     weight: float
     calls: bool = False
     """Some due item of the order will call the gateway."""
+    keys: tuple[tuple[str, str], ...] = ()
+    """The (process, state) of its due items seen, if every one of them is a plain move of a
+    step that writes those set-based (:meth:`_StateStep.move_resting`); else empty."""
 
 
 class DueItem(NamedTuple):
@@ -298,6 +322,15 @@ class _StateStep(_Step):
             for (name, state), event in self.events.items()
             if definitions[name].calls_out(state, event)
         }
+        self.plain: dict[tuple[str, str], MoveKey] = {}
+        for (name, state), event in self.events.items():
+            t = definitions[name].plain_move(state, event)
+            if t is not None:
+                self.plain[(name, state)] = MoveKey(name, state, t.target, event, None, t.condition)
+        self._fired: dict[str, list[str]] = {name: [] for name in definitions}
+        for name, state in self.events:
+            if (name, state) not in self.plain:
+                self._fired[name].append(state)
 
     def _states_of(self, compiled: CompiledProcess) -> list[str]:
         found: dict[str, None] = {}
@@ -321,12 +354,56 @@ class _StateStep(_Step):
     def calls_out(self, row: Sequence[Any]) -> bool:
         return (row[1], row[2]) in self._calling
 
+    def resting_key(self, row: Sequence[Any]) -> tuple[str, str] | None:
+        key = (row[1], row[2])
+        return key if key in self.plain else None
+
     def due(self) -> ColumnElement[bool]:
         return and_(
             _states_filter(self.states),
             OrderItem.retry_at.is_(None),
             OrderItem.intent_id.is_(None),
         )
+
+    def fired_orders(self, session: Session, order_ids: Sequence[int]) -> set[int]:
+        """Which of ``order_ids`` have a due item the runner has to fire (not a plain move):
+        the window saw none, but it may be stale."""
+        if not any(self._fired.values()):
+            return set()
+        found: set[int] = set()
+        process, state = by_order_only(OrderItem.process), by_order_only(OrderItem.state)
+        filter_ = and_(
+            or_(
+                *(
+                    and_(process == name, state.in_(states))
+                    for name, states in self._fired.items()
+                    if states
+                )
+            ),
+            by_order_only(OrderItem.retry_at).is_(None),
+            by_order_only(OrderItem.intent_id).is_(None),
+        )
+        for part in chunked(list(order_ids)):
+            found.update(
+                session.connection().execute(
+                    select(OrderItem.order_id)
+                    .where(id_in(OrderItem.order_id, part, session), filter_)
+                    .distinct()
+                ).scalars()
+            )
+        return found
+
+    def move_resting(
+        self, runner: Runner, order_ids: Sequence[int], keys: set[tuple[str, str]]
+    ) -> int:
+        """Move the items of ``order_ids`` (row-locked, none with work for the runner) that
+        rest in one of ``keys`` (plain moves) set-based; returns how many moved."""
+        moved = 0
+        definitions = {name: c.definition for name, c in self.compiled.items()}
+        for key in sorted(keys):
+            for part in chunked(list(order_ids), RESTING_CHUNK):
+                moved += runner.writer.move_resting(part, self.plain[key], definitions)
+        return moved
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
         events = self.events
@@ -385,9 +462,9 @@ class TickRunner:
         progress: Callable[[int], None] | None = None,
     ) -> TickResult:
         started = time.perf_counter()
-        stats = RunStats()
+        stats = _Counts()
         drive = Drive(self.engine, self.keeper, now, stats)
-        orders_seen: set[int] = set()
+        orders_seen = _OrderSet()
         processed = 0
         timeouts_fired = 0
         compiled = self.engine.compiled
@@ -486,7 +563,7 @@ class TickRunner:
         pool: CallPool | None,
         limit: int | None,
         processed: int,
-        orders_seen: set[int],
+        orders_seen: _OrderSet,
         progress: Callable[[int], None] | None,
     ) -> int:
         """Walk one step's due orders batch by batch; returns the items processed.
@@ -539,7 +616,7 @@ class TickRunner:
                 calling += due.calls
             try:
                 done, orders, leftover, calls = self._batch(
-                    step, drive, list(batch), slots, limit, processed + done_total
+                    step, drive, batch, slots, limit, processed + done_total
                 )
             except SQLAlchemyError as exc:
                 self._database_failed(
@@ -566,31 +643,48 @@ class TickRunner:
         self,
         step: _Step,
         drive: Drive,
-        order_ids: Sequence[int],
+        batch: Mapping[int, _Due],
         slots: int,
         limit: int | None,
         processed: int,
-    ) -> tuple[int, set[int], list[int], list[Call]]:
-        """One transaction: lock what is free of ``order_ids``, re-read what is due for those,
-        write plain moves set-based and fire the rest (planning at most ``slots`` orders'
-        calls). Returns items done, their orders, orders put back and the calls planned."""
+    ) -> tuple[int, list[int], list[int], list[Call]]:
+        """One transaction: lock what is free of the batch's orders; move the items of orders
+        whose due work is all plain moves of a state step set-based from their orders
+        (:meth:`_StateStep.move_resting`: no item row read into Python); for the others
+        re-read what is due, write plain moves set-based from their ids and fire the rest
+        (planning at most ``slots`` orders' calls). Returns items done, their orders, orders
+        put back and the calls planned."""
 
-        def work(runner: Runner) -> tuple[int, set[int], list[int]]:
+        def work(runner: Runner) -> tuple[int, list[int], list[int]]:
             session = runner.session
-            locked = self.engine.claims.lock(session, order_ids)
+            locked = self.engine.claims.lock(session, list(batch))
+            moved, resting = 0, []
+            if isinstance(step, _StateStep) and limit is None:
+                # ``limit`` counts items exactly, so it takes the path that reads them.
+                resting = [o for o in locked if batch[o].keys]
+                if resting:
+                    fired = step.fired_orders(session, resting)
+                    resting = [o for o in resting if o not in fired]
+                    keys = {k for o in resting for k in batch[o].keys}
+                    moved = step.move_resting(runner, resting, keys)
+                    runner.stats.items_moved += moved
+                    fast = set(resting)
+                    locked = [o for o in locked if o not in fast]
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
             due = [d for d in step.due_items(session, locked) if d.intent_id is None]
             if limit is not None:
                 due = _whole_orders(due, limit - processed)
             if not due:
-                return 0, set(), []
-            plain, fired = self._split(due)
+                return moved, resting, []
+            plain, fired_items = self._split(due)
             if plain:
                 self._write_plain(runner, plain)
-            leftover = self._fire(runner, fired, slots) if fired else []
+            leftover = self._fire(runner, fired_items, slots) if fired_items else []
             put_back = set(leftover)
             done = [d for d in due if d.order_id not in put_back]
-            return len(done), {d.order_id for d in done}, leftover
+            orders = dict.fromkeys(resting)
+            orders.update(dict.fromkeys(d.order_id for d in done))
+            return moved + len(done), list(orders), leftover
 
         (done, orders, leftover), calls = drive.transact(work, LoopGuard())
         return done, orders, leftover, calls
@@ -669,6 +763,41 @@ class TickRunner:
                 continue
             runner.run(by_order[order_id])
         return leftover
+
+
+class _Counts(RunStats):
+    """The tick's figures: counts and error messages only. The per-item lists a manual event
+    reports (moves, stays, failures) would grow with every item a bulk tick moves, and
+    ``TickResult`` has no use for them."""
+
+    def add(self, other: RunStats) -> None:
+        super().add(other)
+        self.moves.clear()
+        self.stayed.clear()
+        self.failed.clear()
+
+
+class _OrderSet:
+    """The distinct orders a tick worked on, one bit per order id: a set of 100,000 ints
+    takes megabytes, this takes an eighth of the highest id in bytes."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+        self._count = 0
+
+    def update(self, order_ids: Iterable[int]) -> None:
+        bits = self._bits
+        for order_id in order_ids:
+            byte, bit = divmod(order_id, 8)
+            if byte >= len(bits):
+                bits.extend(bytes(byte - len(bits) + 1 + len(bits) // 2))
+            mask = 1 << bit
+            if not bits[byte] & mask:
+                bits[byte] |= mask
+                self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def _whole_orders(due: list[DueItem], room: int) -> list[DueItem]:
