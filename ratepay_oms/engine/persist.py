@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -684,7 +684,7 @@ class _NoIndex(ColumnElement[Any]):
     """See :func:`by_order_only`."""
 
     inherit_cache = True
-    _traverse_internals: ClassVar[Any] = [("column", InternalTraversal.dp_clauseelement)]
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
 
     def __init__(self, column: ColumnElement[Any]) -> None:
         self.column = column
