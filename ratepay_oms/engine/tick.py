@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from sqlalchemy import ColumnElement, Select, and_, false, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -87,6 +87,23 @@ def _states_filter(states_by_process: Mapping[str, Sequence[str]]) -> ColumnElem
     return or_(*clauses) if clauses else false()
 
 
+def _by_order_filter(states_by_process: Mapping[str, Sequence[str]]) -> ColumnElement[bool]:
+    """Items resting in ``states_by_process`` without retry or open intent, for a statement
+    that also picks them by order id: in a form that leaves the ``order_id`` index the only
+    one to use (:func:`~ratepay_oms.engine.persist.by_order_only`)."""
+    process, state = by_order_only(OrderItem.process), by_order_only(OrderItem.state)
+    clauses = [
+        and_(process == name, state.in_(states))
+        for name, states in states_by_process.items()
+        if states
+    ]
+    return and_(
+        or_(*clauses) if clauses else false(),
+        by_order_only(OrderItem.retry_at).is_(None),
+        by_order_only(OrderItem.intent_id).is_(None),
+    )
+
+
 if TYPE_CHECKING:  # SQLAlchemy 2.1 types a select by its columns; 2.0 cannot subscript so
     _Rows: TypeAlias = Select[*tuple[Any, ...]]  # a select of rows of any shape
 
@@ -117,15 +134,29 @@ class _Step:
         step can tell from the row; the batch checks again when it fires)."""
         return False
 
-    def due_window(self, session: Session, after: int, rows: int) -> tuple[list[_Due], bool]:
-        """Orders after ``after`` with due items, in order, from at most ``rows`` due rows,
-        and whether that was all there is (fewer rows came back)."""
-        # On the connection: plain rows, without the ORM's result machinery (10,000 rows).
+    def plan_ranges(self, session: Session, rows: int) -> tuple[int, int, int] | None:
+        """Lowest and highest order id with due items and the number of due rows, if the
+        step walks order-id ranges and there are more than ``rows`` (see :class:`_Windows`)."""
+        return None
+
+    def due_order_ids_in_range(self) -> _Rows:
+        """:meth:`due_order_ids` for a range of order ids (see :class:`_Windows`)."""
+        raise NotImplementedError
+
+    def due_window(
+        self, session: Session, after: int, rows: int, *, upto: int | None = None
+    ) -> tuple[list[_Due], bool]:
+        """Orders after ``after`` (up to ``upto``) with due items, in order, from at most
+        ``rows`` due rows, and whether that was all there is (fewer rows came back)."""
+        if upto is None:
+            query = self.due_order_ids().where(OrderItem.order_id > after)
+        else:
+            query = self.due_order_ids_in_range().where(
+                OrderItem.order_id > after, OrderItem.order_id <= upto
+            )
+        # On the connection: plain rows, without the ORM's result machinery.
         found = session.connection().execute(
-            self.due_order_ids()
-            .where(OrderItem.order_id > after)
-            .order_by(OrderItem.order_id)
-            .limit(rows)
+            query.order_by(OrderItem.order_id).limit(rows)
         )
         window: list[_Due] = []
         count = 0
@@ -173,6 +204,56 @@ class _Due:
     keys: tuple[tuple[str, str], ...] = ()
     """The (process, state) of its due items seen, if every one of them is a plain move of a
     step that writes those set-based (:meth:`_StateStep.move_resting`); else empty."""
+
+
+class _Windows:
+    """A step's due orders, one window of at most ``rows`` due rows at a time, in order id.
+
+    A window asks for the due rows after the last order seen, ``ORDER BY order_id LIMIT
+    rows``; the database reads *every* due row for that (the ``(process, state)`` index does
+    not give them in order id), so walking D due rows costs D²/rows reads: fine for a few
+    thousand, minutes for 400,000. So when a step finds more due rows than one window holds
+    (one ``count`` over the same index first), its windows are order-id *ranges* instead,
+    sized from that count to hold about ``rows`` due rows each, and read through the
+    ``order_id`` index (:meth:`_StateStep.due_in_range`): each item of the range is read
+    once, so the whole walk costs one pass over the due orders' span, not D²/rows. A range
+    that still holds more than ``rows`` due rows is cut at ``rows`` (the next window
+    starts after its last order, as in the first mode) and the ranges shrink; ranges that
+    find little grow."""
+
+    def __init__(self, step: _Step, rows: int) -> None:
+        self.step = step
+        self.rows = rows
+        self.after = 0
+        self.done = False
+        self._span: int | None = None
+        self._high = 0
+        self._planned = False
+
+    def next(self, session: Session) -> list[_Due]:
+        if not self._planned:
+            self._planned = True
+            planned = self.step.plan_ranges(session, self.rows)
+            if planned is not None:
+                low, self._high, count = planned
+                self.after = low - 1
+                self._span = max(1, (self._high - low + 1) * self.rows * 3 // (4 * count))
+        if self._span is None:
+            found, self.done = self.step.due_window(session, self.after, self.rows)
+            if found:
+                self.after = found[-1].order_id
+            return found
+        upto = min(self.after + self._span, self._high)
+        found, complete = self.step.due_window(session, self.after, self.rows, upto=upto)
+        if complete:
+            self.after = upto
+            self.done = upto >= self._high
+            if sum(d.items for d in found) < self.rows // 4:
+                self._span *= 2
+        else:
+            self.after = found[-1].order_id
+            self._span = max(1, self._span // 2)
+        return found
 
 
 class DueItem(NamedTuple):
@@ -365,24 +446,26 @@ class _StateStep(_Step):
             OrderItem.intent_id.is_(None),
         )
 
+    def plan_ranges(self, session: Session, rows: int) -> tuple[int, int, int] | None:
+        count, low, high = session.connection().execute(
+            select(
+                func.count(), func.min(OrderItem.order_id), func.max(OrderItem.order_id)
+            ).where(self.due())
+        ).one()
+        return (int(low), int(high), int(count)) if count > rows else None
+
+    def due_order_ids_in_range(self) -> _Rows:
+        return select(OrderItem.order_id, OrderItem.process, OrderItem.state).where(
+            _by_order_filter(self.states)
+        )
+
     def fired_orders(self, session: Session, order_ids: Sequence[int]) -> set[int]:
         """Which of ``order_ids`` have a due item the runner has to fire (not a plain move):
         the window saw none, but it may be stale."""
         if not any(self._fired.values()):
             return set()
         found: set[int] = set()
-        process, state = by_order_only(OrderItem.process), by_order_only(OrderItem.state)
-        filter_ = and_(
-            or_(
-                *(
-                    and_(process == name, state.in_(states))
-                    for name, states in self._fired.items()
-                    if states
-                )
-            ),
-            by_order_only(OrderItem.retry_at).is_(None),
-            by_order_only(OrderItem.intent_id).is_(None),
-        )
+        filter_ = _by_order_filter(self._fired)
         for part in chunked(list(order_ids)):
             found.update(
                 session.connection().execute(
@@ -581,23 +664,17 @@ class TickRunner:
         counted, and the tick goes on with the next batch on a fresh connection.
         """
         done_total = 0
-        after = 0
         window: deque[_Due] = deque()
-        last_window = False
+        windows = _Windows(step, self.batch_size * WINDOW_BATCHES)
         while limit is None or processed + done_total < limit:
             room = None if limit is None else limit - processed - done_total
-            if not window and not last_window:
+            while not window and not windows.done:
                 try:
                     with self.engine.sessions() as session:
-                        found, last_window = step.due_window(
-                            session, after, self.batch_size * WINDOW_BATCHES
-                        )
+                        window.extend(windows.next(session))
                 except SQLAlchemyError as exc:
                     self._database_failed(drive, f"{step.name}: finding due orders", exc)
                     return done_total  # nothing to walk on; the next tick looks again
-                window.extend(found)
-                if found:
-                    after = found[-1].order_id
             if not window:
                 break
             slots = pool.wait_for_room() if pool is not None else 1
