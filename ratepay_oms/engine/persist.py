@@ -693,7 +693,9 @@ class _NoIndex(ColumnElement[Any]):
 
 @compiles(_NoIndex)
 def _no_index(element: _NoIndex, compiler: Any, **kw: Any) -> str:
-    return str(compiler.process(element.column, **kw))
+    # ``coalesce(x, x)`` is ``x``, but no planner looks through it for an index.
+    column = compiler.process(element.column, **kw)
+    return f"coalesce({column}, {column})"
 
 
 @compiles(_NoIndex, "sqlite")
@@ -704,11 +706,11 @@ def _no_index_sqlite(element: _NoIndex, compiler: Any, **kw: Any) -> str:
 
 
 def by_order_only(column: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
-    """``column`` in a form no SQLite index serves, for statements that pick a batch's items
-    by order id *and* process, state, retry and intent: given the choice, SQLite prefers the
-    index on one of those and reads every item resting in that state (or without an intent)
-    for every batch, quadratic in a bulk tick. The servers weigh their statistics and read
-    the batch through the ``order_id`` index on their own."""
+    """``column`` in a form no index serves, for statements that pick a batch's items by
+    order id *and* process, state, retry and intent: given the choice, SQLite (always) and
+    PostgreSQL (on a table it has not analysed since a bulk load) prefer the index on one of
+    those and read every item resting in that state (or without an intent) for every batch,
+    quadratic in a bulk tick. The batch's orders are the selective part, by design."""
     return _NoIndex(column.expression)
 
 
