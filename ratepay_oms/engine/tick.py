@@ -8,22 +8,23 @@ left to step 1, so a failing timeout or on-enter command is retried with backoff
 every tick (Spryker's timeout check re-fires it every run).
 
 Each step walks the due items in batches ordered by order id (keyset, not OFFSET). The order
-ids come in *windows* of ``WINDOW_BATCHES`` batches: without a composite index the database
-finds the next due order ids by reading every due row and keeping the lowest (it prefers the
-``(process, state)`` index to walking ``order_id``), so asking once per batch read all waiting
-rows per 500 items (quadratic in a bulk tick); a window costs one such read per twenty
-batches, and memory stays bounded (a composite index would remove the read altogether). A
-batch leases its orders first, then re-reads what is due *for the leased orders only* in the
-transaction that does the work: what another worker finished in the meantime is no longer
-due, so no command runs twice. That re-read asks by ``order_id`` alone and sorts out what is
-due in Python, so the database cannot pick the ``(process, state)`` index and read every
-waiting row of the process for one batch's orders.
+ids come in *windows* of ``WINDOW_BATCHES`` batches' worth of due rows (:class:`_Windows`):
+asked for ``ORDER BY order_id LIMIT n`` the database reads every due row through the
+``(process, state)`` index for each window, so a step with more due rows than one window walks
+order-id *ranges* through the ``order_id`` index instead, and memory stays bounded by one
+window. A batch row-locks its orders first (skipping those another worker has), then works on
+what is due *for the locked orders only* in the same transaction: what another worker
+finished in the meantime is no longer due, so no command runs twice and nothing moves twice.
 
-Due items are read as plain rows. Those whose move needs nothing but the database (a fixed
+Orders whose due work in the on-enter or event-less step is all *plain* moves (a fixed
 transition without command or condition that lands where no on-enter event waits:
-``CompiledProcess.plain_move``) are written set-based from their ids, with the same rows the
-runner would write; only orders with other work are loaded as ORM objects and handed to the
-runner. A bulk tick of such moves costs a few statements per thousand items.
+``CompiledProcess.plain_move``) are moved set-based from their order ids, per (process,
+state), by ``StateWriter.move_resting``: no item row is read into Python, a batch of 10,000
+such items costs a lock query, a check for other due work and five or six statements
+(``PLAIN_WEIGHT``). For the other orders the batch re-reads what is due by ``order_id`` alone
+(the database could otherwise pick the ``(process, state)`` index and read every waiting row
+of the process), writes their plain moves set-based from their ids, and loads ORM objects
+only for the orders with other work, which it hands to the runner.
 """
 
 from __future__ import annotations
