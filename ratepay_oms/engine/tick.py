@@ -19,7 +19,7 @@ finished in the meantime is no longer due, so no command runs twice and nothing 
 Orders whose due work in the on-enter or event-less step is all *plain* moves (a fixed
 transition without command or condition that lands where no on-enter event waits:
 ``CompiledProcess.plain_move``) are moved set-based from their order ids, per (process,
-state), by ``StateWriter.move_resting``: no item row is read into Python, a batch of 10,000
+state), by ``StateWriter.move_resting``: no item row is read into Python, a batch of 20,000
 such items costs a lock query, a check for other due work and five or six statements
 (``PLAIN_WEIGHT``). For the other orders the batch re-reads what is due by ``order_id`` alone
 (the database could otherwise pick the ``(process, state)`` index and read every waiting row
@@ -58,15 +58,15 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 500
 """Due items per batch (a batch takes whole orders, so it can be a few more; plain moves
 count less, see ``PLAIN_WEIGHT``)."""
-PLAIN_WEIGHT = 0.05
+PLAIN_WEIGHT = 0.025
 """What a due item with a plain move (``CompiledProcess.plain_move``) of the on-enter or
 event-less step counts towards a batch: such items are moved by a few set-based statements
 per batch whatever their number (:meth:`_StateStep.move_resting`), run no command and call
-nobody, so twenty times as many fit in the same short transaction, and the per-batch cost
+nobody, so forty times as many fit in the same short transaction, and the per-batch cost
 (a transaction and its commit, a lock query, five statements) is spread over more items."""
 WINDOW_BATCHES = 100
-"""Batches' worth of due rows fetched by one window query (see the module docstring); five
-batches of plain moves."""
+"""Batches' worth of due rows fetched by one window query (see the module docstring); two
+and a half batches of plain moves."""
 CANDIDATES_PER_SLOT = 4
 """Orders that will call the gateway a batch looks at per free call slot: it plans calls for
 as many as there are slots and puts the rest back (row locks end with the transaction), so a
