@@ -35,6 +35,7 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
+    and_,
     any_,
     bindparam,
     delete,
@@ -46,8 +47,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.ops import instruments
@@ -371,6 +375,72 @@ class StateWriter:
                         },
                     )
 
+    def move_resting(
+        self,
+        order_ids: Sequence[int],
+        key: MoveKey,
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> int:
+        """Move every item of ``order_ids`` resting in ``key.source`` of ``key.process`` (no
+        retry scheduled, no open intent) to ``key.target``: the same rows as
+        :meth:`write_grouped_moves` (history, transition log, outbox, timeouts, state), but
+        the items are named by their orders and state, not by id, so no item row travels
+        through Python at all. Returns the items moved.
+
+        Every statement picks the items by the same predicate on their *source* state, and the
+        state ``UPDATE`` comes last; so all of them see the same rows only if nobody else can
+        move these items meanwhile: the caller holds the orders' row locks (``Claims.lock``;
+        every writer of item states takes its order's lock first) or, on SQLite, the write
+        lock. The history and log inserts are compared with the ``UPDATE``'s count, and a
+        difference rolls the batch back (:class:`MoveMismatchError`), so a writer that ever
+        broke that rule could not leave a move without its history."""
+        if not order_ids:
+            return 0
+        self.session.flush()
+        conn = self.session.connection()
+        style = _ids_style(conn.dialect)
+        definition = definitions[key.process]
+        ids = _ids_value(sorted(order_ids), style)
+        shared = {
+            "ids": ids,
+            "v_source": key.source,
+            "v_target": key.target,
+            "v_event": key.event,
+            "v_process": key.process,
+            "v_command": key.command,
+            "v_condition": key.condition,
+            "v_hostname": self.origin.hostname,
+            "v_argv": self.origin.argv,
+            "v_now": self.now,
+            "v_forced": False,
+            "v_actor": None,
+            "v_reason": None,
+            "v_data": None,
+        }
+        history = conn.execute(_resting_statement("history", style), shared).rowcount
+        if not history:
+            return 0
+        logged = conn.execute(_resting_statement("log", style), shared).rowcount
+        if definition.notifies(key.target):
+            conn.execute(_resting_statement("notify", style), {
+                **shared, "v_status": OUTBOX_PENDING,
+            })
+        conn.execute(_resting_statement("untime", style), shared)
+        for event in definition.timeout_events(key.target):
+            assert event.timeout is not None
+            conn.execute(
+                _resting_statement("timeout", style),
+                {**shared, "v_event": event.name, "v_due": self.now + event.timeout},
+            )
+        moved = int(conn.execute(_resting_statement("update", style), shared).rowcount)
+        if history != moved or logged != moved:
+            raise MoveMismatchError(
+                f"{key.process} {key.source} -> {key.target}: {moved} items moved, "
+                f"{history} history and {logged} log rows"
+            )
+        instruments.note_moves(self.session, key.process, key.event, moved)
+        return moved
+
     def write_forced_move(
         self,
         item: OrderItem,
@@ -576,6 +646,130 @@ def _move_statement(kind: str, style: str) -> Executable:
     else:
         raise ValueError(f"no move statement {kind!r}")
     _STATEMENTS[(kind, style)] = statement
+    return statement
+
+
+class MoveMismatchError(SQLAlchemyError):
+    """A set-based move wrote a different number of history or log rows than it moved items
+    (somebody moved them under us): the batch is rolled back like any database failure."""
+
+
+_RESTING: dict[tuple[str, str], Executable] = {}
+
+
+def _resting(style: str) -> ColumnElement[bool]:
+    """The items :meth:`StateWriter.move_resting` moves: in the orders ``:ids``, resting in
+    ``:v_source`` of ``:v_process`` with no retry scheduled and no open intent (what the
+    tick's on-enter and event-less steps find due)."""
+    return and_(
+        _ids_clause(OrderItem.order_id, style),
+        by_order_only(OrderItem.process) == bindparam("v_process", type_=String),
+        by_order_only(OrderItem.state) == bindparam("v_source", type_=String),
+        by_order_only(OrderItem.retry_at).is_(None),
+        by_order_only(OrderItem.intent_id).is_(None),
+    )
+
+
+class _NoIndex(ColumnElement[Any]):
+    """See :func:`by_order_only`."""
+
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+        self.type = column.type
+
+
+@compiles(_NoIndex)
+def _no_index(element: _NoIndex, compiler: Any, **kw: Any) -> str:
+    # ``coalesce(x, x)`` is ``x``, but no planner looks through it for an index.
+    column = compiler.process(element.column, **kw)
+    return f"coalesce({column}, {column})"
+
+
+@compiles(_NoIndex, "sqlite")
+def _no_index_sqlite(element: _NoIndex, compiler: Any, **kw: Any) -> str:
+    # SQLite's documented way to keep a term from using an index: a unary ``+`` (a no-op on
+    # any value).
+    return "+" + str(compiler.process(element.column, **kw))
+
+
+def by_order_only(column: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
+    """``column`` in a form no index serves, for statements that pick a batch's items by
+    order id *and* process, state, retry and intent: given the choice, SQLite (always) and
+    PostgreSQL (on a table it has not analysed since a bulk load) prefer the index on one of
+    those and read every item resting in that state (or without an intent) for every batch,
+    quadratic in a bulk tick. The batch's orders are the selective part, by design."""
+    return _NoIndex(column.expression)
+
+
+def _resting_statement(kind: str, style: str) -> Executable:
+    """One statement of :meth:`StateWriter.move_resting`, built once per dialect style: the
+    same columns and parameters as :func:`_move_statement`'s, the items picked by
+    :func:`_resting` instead of by id."""
+    statement = _RESTING.get((kind, style))
+    if statement is not None:
+        return statement
+    items = _table(OrderItem)
+    where = _resting(style)
+    if kind == "update":
+        statement = (
+            update(items)
+            .where(where)
+            .values(
+                state=_param(items, "state", "v_target"),
+                state_entered_at=_param(items, "state_entered_at", "v_now"),
+                **_CLEARED_RETRY,
+            )
+        )
+    elif kind == "untime":
+        timeouts = _table(EventTimeout)
+        statement = delete(timeouts).where(
+            EventTimeout.item_id.in_(select(OrderItem.id).where(where))
+        )
+    else:
+        table, with_order, same = {
+            "history": (
+                _table(StateHistory), True, {
+                    "from_state": "v_source", "to_state": "v_target", "event": "v_event",
+                    "created_at": "v_now", "forced": "v_forced", "actor": "v_actor",
+                    "reason": "v_reason", "data": "v_data",
+                },
+            ),
+            "log": (
+                _table(TransitionLog), True, {
+                    "process": "v_process", "event": "v_event", "source_state": "v_source",
+                    "target_state": "v_target", "command": "v_command",
+                    "condition": "v_condition", "is_error": "v_false", "hostname": "v_hostname",
+                    "argv": "v_argv", "created_at": "v_now", "forced": "v_forced",
+                    "actor": "v_actor", "reason": "v_reason",
+                },
+            ),
+            "notify": (
+                _table(OutboxEntry), True, {
+                    "process": "v_process", "from_state": "v_source", "to_state": "v_target",
+                    "event": "v_event", "created_at": "v_now", "status": "v_status",
+                    "attempts": "v_zero", "next_attempt_at": "v_now",
+                },
+            ),
+            "timeout": (
+                _table(EventTimeout), False, {
+                    "state": "v_target", "event": "v_event", "due_at": "v_due",
+                },
+            ),
+        }[kind]
+        columns = ["item_id", *(["order_id"] if with_order else []), *same]
+        values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
+        for column, name in same.items():
+            if name in ("v_zero", "v_false"):  # the same for every move: not a parameter
+                values.append(literal(0 if name == "v_zero" else False, table.c[column].type))
+            else:
+                values.append(_param(table, column, name))
+        statement = insert(table).from_select(
+            columns, select(*values).where(where).order_by(OrderItem.id)
+        ).execution_options(preserve_rowcount=True)  # else -1 for an INSERT on PostgreSQL
+    _RESTING[(kind, style)] = statement
     return statement
 
 
