@@ -28,9 +28,9 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ratepay_oms.engine.claims import LeaseKeeper
@@ -78,6 +78,8 @@ class Drive:
         self.now = now
         self.stats = stats
         self._stats_lock = threading.Lock()
+        self._stored: dict[int, str] = {}
+        """Intent summaries as ``_remember`` last wrote them (each chain its own intents)."""
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -160,7 +162,10 @@ class Drive:
                     work = _leave_open(call, message)
                 else:
                     work = _settle(call, answer, ANSWERED, record_stays=call.record_stays)
-        _, more = self.transact(work, guard, release=release)
+        try:
+            _, more = self.transact(work, guard, release=release)
+        finally:
+            self._stored.pop(call.intent_id, None)
         return more
 
     def _reconciled(
@@ -184,9 +189,18 @@ class Drive:
         return _settle(call, verdict, resolution, note=verdict.detail or None)
 
     def _remember(self, call: Call, facts: Mapping[str, Any]) -> None:
+        """Merge ``facts`` into the intent's summary (own short transaction). Only this does
+        write a summary after the plan, so when the plan's summary is known the row is not
+        read back: one UPDATE."""
+        stored = self._stored.get(call.intent_id, call.stored)
         with self.engine.sessions() as session, session.begin():
-            intent = session.get_one(Intent, call.intent_id)
-            intent.summary = _merged(intent.summary, facts)
+            if stored is None:
+                stored = session.get_one(Intent, call.intent_id).summary
+            merged = _merged(stored, facts)
+            session.connection().execute(
+                _SUMMARY_UPDATE, {"intent_id": call.intent_id, "summary": merged}
+            )
+        self._stored[call.intent_id] = merged
 
     def database_failed(self, where: str, exc: SQLAlchemyError) -> None:
         orig = getattr(exc, "orig", None) or exc
@@ -195,6 +209,14 @@ class Drive:
         log.error("%s", message)
         with self._stats_lock:
             self.stats.error(message)
+
+
+_INTENTS = cast(Table, Intent.__table__)
+_SUMMARY_UPDATE = (
+    update(_INTENTS)
+    .where(_INTENTS.c.id == bindparam("intent_id", type_=_INTENTS.c.id.type))
+    .values(summary=bindparam("summary", type_=_INTENTS.c.summary.type))
+)
 
 
 def _merged(summary: str, facts: Mapping[str, Any]) -> str:

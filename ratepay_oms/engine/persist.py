@@ -23,7 +23,7 @@ import os
 import socket
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -482,6 +482,18 @@ class StateWriter:
 # -- the statements of a move, built once ---------------------------------------------------
 
 _STATEMENTS: dict[tuple[str, str], Executable] = {}
+_PREBUILT: dict[tuple[str, str], Any] = {}
+
+
+def prebuilt(name: str, style: str, build: Callable[[str], Any]) -> Any:
+    """The statement ``name`` for ids style ``style`` (:func:`ids_style`), built by
+    ``build(style)`` the first time and kept: every value a named parameter (the ids as
+    ``ids``, :func:`ids_value`), so the per-order statements of the drive loop skip building,
+    cache-key generation and ORM compilation on every call."""
+    statement = _PREBUILT.get((name, style))
+    if statement is None:
+        statement = _PREBUILT[(name, style)] = build(style)
+    return statement
 
 
 def _ids_style(dialect: Dialect) -> str:
@@ -491,6 +503,11 @@ def _ids_style(dialect: Dialect) -> str:
     if dialect.name == "sqlite" and _sqlite_has_json(dialect):
         return "json"
     return "in"
+
+
+def ids_style(session: Session) -> str:
+    """How ids travel in the prebuilt statements of ``session``'s database."""
+    return _ids_style(session.get_bind().dialect)
 
 
 def _ids_value(ids: Sequence[int], style: str) -> Any:
@@ -505,6 +522,10 @@ def _ids_clause(column: InstrumentedAttribute[int], style: str) -> ColumnElement
         values = func.json_each(bindparam("ids", type_=String))
         return column.in_(select(values.table_valued("value").c.value))
     return column.in_(bindparam("ids", expanding=True))
+
+
+ids_value = _ids_value
+ids_clause = _ids_clause
 
 
 def _param(table: Table, column: str, name: str) -> Any:

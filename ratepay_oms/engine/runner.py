@@ -30,14 +30,22 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
-from ratepay_oms.engine.persist import Move, StateWriter, chunked, id_in
+from ratepay_oms.engine.persist import (
+    Move,
+    StateWriter,
+    chunked,
+    ids_clause,
+    ids_style,
+    ids_value,
+    prebuilt,
+)
 from ratepay_oms.engine.plugins import (
     ByItemCommand,
     ByOrderCommand,
@@ -101,6 +109,9 @@ class Call:
     summary: dict[str, Any]
     prepared: PreparedCall[Any] | None = None
     record_stays: bool = False
+    stored: str | None = field(default=None, compare=False, repr=False)
+    """The intent's summary as this transaction wrote it (JSON), when it planned the call:
+    ``remember`` merges facts into it without reading the row back."""
 
 
 @dataclass
@@ -309,6 +320,7 @@ class Runner:
         summary = dict(call.summary)
         if ctx.data:
             summary[EVENT_DATA_KEY] = dict(ctx.data)  # the move after the call records it
+        stored = json.dumps(summary, default=str, sort_keys=True)
         intent = Intent(
             order_id=group.order.id,
             process=group.process,
@@ -316,7 +328,7 @@ class Runner:
             event=group.event,
             command=command_name,
             item_ids=json.dumps([i.id for i in group.items]),
-            summary=json.dumps(summary, default=str, sort_keys=True),
+            summary=stored,
             status=INTENT_PENDING,
             worker=self.engine.claims.worker_id,
             attempts=0,
@@ -336,6 +348,7 @@ class Runner:
                 summary=call.summary,
                 prepared=call,
                 record_stays=record_stays,
+                stored=stored,
             )
         )
         return []
@@ -460,14 +473,17 @@ class Runner:
         cascade. ``False``: someone else settled it first (nothing written)."""
         booked = not isinstance(answer, Reconciled) or answer.booked
         won = self.session.connection().execute(
-            update(Intent)
-            .where(Intent.id == intent_id, Intent.status.in_(INTENT_OPEN_STATUSES))
-            .values(status=INTENT_SETTLED, resolution=resolution, settled_at=self.now, note=note)
+            prebuilt("settle", "", _settle_statement),
+            {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
+             "note": note},
         )
         if won.rowcount != 1:
             log.warning("intent %s was settled by someone else; nothing applied", intent_id)
             return False
-        intent = self.session.get_one(Intent, intent_id)
+        # Plain columns, no ORM object: the intent is only read from here on.
+        intent = self.session.connection().execute(
+            prebuilt("settled intent", "", _settled_intent_statement), {"intent_id": intent_id}
+        ).one()
         summary = json.loads(intent.summary)
         order = self.session.get_one(Order, intent.order_id)
         items = blocked_items(self.session, intent_id)
@@ -593,12 +609,50 @@ def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | No
         return
     session.flush()
     conn = session.connection()
+    style = ids_style(session)
+    statement = prebuilt("mark", style, _mark_statement)
     for part in chunked([i.id for i in items]):
-        conn.execute(
-            update(ITEMS).where(id_in(OrderItem.id, part, session)).values(intent_id=intent_id)
-        )
+        conn.execute(statement, {"ids": ids_value(part, style), "intent": intent_id})
     for item in items:
         set_committed_value(item, "intent_id", intent_id)
+
+
+def _mark_statement(style: str) -> Any:
+    return (
+        update(ITEMS)
+        .where(ids_clause(OrderItem.id, style))
+        .values(intent_id=bindparam("intent", type_=ITEMS.c.intent_id.type))
+    )
+
+
+def _settle_statement(style: str) -> Any:
+    """The compare-and-set of :meth:`Runner.settle` (one statement object for every call)."""
+    intents = cast(Table, Intent.__table__)
+    return (
+        update(intents)
+        .where(
+            intents.c.id == bindparam("intent_id", type_=intents.c.id.type),
+            intents.c.status.in_(INTENT_OPEN_STATUSES),
+        )
+        .values(
+            status=INTENT_SETTLED,
+            resolution=bindparam("resolution", type_=intents.c.resolution.type),
+            settled_at=bindparam("settled_at", type_=intents.c.settled_at.type),
+            note=bindparam("note", type_=intents.c.note.type),
+        )
+    )
+
+
+def _settled_intent_statement(style: str) -> Any:
+    intents = cast(Table, Intent.__table__)
+    return select(
+        intents.c.order_id,
+        intents.c.process,
+        intents.c.state,
+        intents.c.event,
+        intents.c.command,
+        intents.c.summary,
+    ).where(intents.c.id == bindparam("intent_id", type_=intents.c.id.type))
 
 
 def blocked_items(session: Session, intent_id: int) -> list[OrderItem]:
