@@ -20,7 +20,7 @@ from ratepay_oms.persistence.payment import (
     PAYMENT_REQUEST,
     RETURN,
 )
-from ratepay_oms.plugins.ratepay.payment_store import latest_outcomes
+from ratepay_oms.plugins.ratepay.payment_store import OUTCOMES_MEMO, latest_outcomes
 from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def newest_outcome(
     """The item's newest outcome of ``action``, read once per group for all items of the order
     (kept in ``ctx.memo``: a context lives for one group, and its command has run before the
     first check, so nothing writes outcomes between the read and the last check)."""
-    key = ("ratepay.latest_outcomes", order.id, action)
+    key = (OUTCOMES_MEMO, order.id, action)  # or primed by the command's apply
     outcomes: dict[int, RatepayItemOutcome] | None = ctx.memo.get(key)
     if outcomes is None:
         outcomes = ctx.memo[key] = latest_outcomes(ctx.session, order.id, action)

@@ -113,9 +113,9 @@ def record_outcomes(
     transaction_id: str | None = None,
     result_code: str | None = None,
     reason_code: str | None = None,
-) -> None:
-    """One outcome row per item; without ``result`` the call was not made (``message`` says
-    why) and the outcome is a failure."""
+) -> list[RatepayItemOutcome]:
+    """One outcome row per item (returned, flushed); without ``result`` the call was not made
+    (``message`` says why) and the outcome is a failure."""
     ok = bool(result.success) if success is None and result is not None else bool(success)
     text = message
     if text is None and result is not None:
@@ -142,8 +142,24 @@ def record_outcomes(
         }
         for item in items
     ]
-    session.add_all([RatepayItemOutcome(**row) for row in rows])
+    outcomes = [RatepayItemOutcome(**row) for row in rows]
+    session.add_all(outcomes)
     session.flush()
+    return outcomes
+
+
+OUTCOMES_MEMO = "ratepay.latest_outcomes"
+"""``CommandContext.memo`` key (with order id and action) of the newest outcome per item."""
+
+
+def prime_outcomes(
+    memo: dict[Any, Any], order: Order, action: str, outcomes: Sequence[RatepayItemOutcome]
+) -> None:
+    """Tell the conditions of this group what ``apply`` just recorded: the newest outcome of
+    ``action`` for each of the group's items (the rows are in the session, ids flushed), so
+    they need not read them back. Only for outcomes written in the settling transaction
+    without a savepoint around them (``apply``), checked with that same context."""
+    memo[(OUTCOMES_MEMO, order.id, action)] = {o.item_id: o for o in outcomes}
 
 
 def payment_attempts(session: Session, order_id: int, since: datetime) -> list[datetime]:
