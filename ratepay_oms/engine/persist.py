@@ -248,16 +248,17 @@ class StateWriter:
         by_name: dict[str, list[int]] = defaultdict(list)
         for row in rows:
             by_name[row["condition"]].append(row["item_id"])
+        # Prebuilt Core statements on the session's connection (the ORM objects of these
+        # rows are never loaded by the engine), after whatever the session holds.
+        self.session.flush()
+        conn = self.session.connection()
+        style = _ids_style(conn.dialect)
+        forget = prebuilt("forget conditions", style, _forget_conditions_statement)
         for name, ids in by_name.items():
             for part in chunked(sorted(ids)):
-                self.session.execute(
-                    delete(ConditionResult).where(
-                        ConditionResult.condition == name,
-                        id_in(ConditionResult.item_id, part, self.session),
-                    )
-                )
+                conn.execute(forget, {"ids": _ids_value(part, style), "name": name})
         for rows_part in chunked(rows):
-            self.session.execute(insert(_table(ConditionResult)), list(rows_part))
+            conn.execute(_INSERT_CONDITIONS, list(rows_part))
 
     # -- entering states -----------------------------------------------------------------
 
@@ -608,6 +609,18 @@ def _move_statement(kind: str, style: str) -> Executable:
         raise ValueError(f"no move statement {kind!r}")
     _STATEMENTS[(kind, style)] = statement
     return statement
+
+
+_CONDITIONS = _table(ConditionResult)
+_INSERT_CONDITIONS = insert(_CONDITIONS)
+
+
+def _forget_conditions_statement(style: str) -> Executable:
+    """The older answers of condition ``:name`` for items ``:ids``."""
+    return delete(_CONDITIONS).where(
+        _CONDITIONS.c.condition == bindparam("name", type_=_CONDITIONS.c.condition.type),
+        _ids_clause(ConditionResult.item_id, style),
+    )
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:
