@@ -300,6 +300,8 @@ class StateWriter:
                     set_committed_value(item, name, value)
             if item.retry_event is not None:
                 set_committed_value(item, "retry_event", None)
+            if item.intent_id is not None:
+                set_committed_value(item, "intent_id", None)
         self.flush_log()
 
     def write_grouped_moves(
@@ -309,9 +311,10 @@ class StateWriter:
         *,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        """Move the items ``groups`` names by id, all set-based: state, cleared retry, history,
-        transition log, old timeouts dropped and the target's armed. Holds no ORM objects, so
-        the tick can call it for rows it never loaded; the caller updates any it holds.
+        """Move the items ``groups`` names by id, all set-based: state, cleared retry and
+        intent mark, history, transition log, old timeouts dropped and the target's armed.
+        Holds no ORM objects, so the tick can call it for rows it never loaded; the caller
+        updates any it holds.
 
         The statements are built once per process (:func:`_move_statement`, every value a
         named parameter) and go to the session's connection as Core statements, after one
@@ -375,7 +378,7 @@ class StateWriter:
         history and log rows carry ``forced``, who and why; timeouts and retries as for any
         move (the old state's dropped, the target's armed)."""
         key = MoveKey(item.process, item.state, target, None, forced=forced)
-        self.write_grouped_moves({key: [item.id]}, definitions)
+        self.write_grouped_moves({key: [item.id]}, definitions)  # (refused while it waits)
         set_committed_value(item, "state", target)
         set_committed_value(item, "state_entered_at", self.now)
         for name, value in _CLEARED_RETRY.items():
@@ -560,6 +563,9 @@ def _move_statement(kind: str, style: str) -> Executable:
             .values(
                 state=_param(items, "state", "v_target"),
                 state_entered_at=_param(items, "state_entered_at", "v_now"),
+                # A moving item waits on no call: nothing moves an item with an open intent
+                # but the settling of that intent, whose unmark this is (one UPDATE fewer).
+                intent_id=null(),
                 **_CLEARED_RETRY,
             )
         )

@@ -487,11 +487,11 @@ class Runner:
         summary = json.loads(intent.summary)
         order = self.session.get_one(Order, intent.order_id)
         items = blocked_items(self.session, intent_id)
-        mark_items(self.session, items, None)
         if not items:
             return True
         group = Group(order, intent.process, intent.state, intent.event, items)
         if not booked:
+            mark_items(self.session, items, None)
             detail = answer.detail if isinstance(answer, Reconciled) else ""
             if resolution == NOT_SENT:
                 self.stats.commands_run += 1
@@ -511,6 +511,9 @@ class Runner:
         command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
+        # Items that move are unmarked by their move's UPDATE; the others here.
+        moving = {m.item.id for m in moves}
+        mark_items(self.session, [i for i in items if i.id not in moving], None)
         if isinstance(summary.get(EVENT_DATA_KEY), dict):
             self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
