@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.orders import OrderInput, parse_order
@@ -60,8 +60,30 @@ def units(items: Iterable[OrderItem]) -> list[Unit]:
     ]
 
 
+_PAYMENTS = "ratepay.payments"
+"""``Session.info`` key: (transaction, {order id: its payment row as loaded in it})."""
+
+
 def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
-    return session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+    """The order's payment row. Kept per session: a settling transaction asks in ``apply`` and
+    again in the next command's ``plan``; the second ask would return the very same object
+    from the identity map after a SELECT (the ORM does not overwrite loaded attributes), so it
+    is answered from the session unless the object left it (a savepoint that added it was
+    rolled back)."""
+    transaction = session.get_transaction()
+    kept = session.info.get(_PAYMENTS)
+    if kept is None or kept[0] is not transaction:  # only within one transaction
+        kept = session.info[_PAYMENTS] = (transaction, {})
+    known: dict[int, RatepayPayment] = kept[1]
+    payment = known.get(order_id)
+    if payment is not None:
+        state = inspect(payment)
+        if state.persistent and state.session is session:
+            return payment
+    payment = session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+    if payment is not None:
+        known[order_id] = payment
+    return payment
 
 
 def ensure_payment(
