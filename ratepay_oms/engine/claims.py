@@ -101,16 +101,13 @@ class Claims:
         skip = self._skip_locked(session)
         got: list[int] = []
         expired: list[int] = []
+        style = ids_style(session)
+        statement = prebuilt("lock skip" if skip else "lock", style,
+                             _lock_skipping if skip else _lock_waiting)
+        conn = session.connection()
         for part in chunked(sorted(order_ids)):
-            stmt = (
-                select(Order.id, Order.claimed_by)
-                .where(id_in(Order.id, part, session))
-                .where(or_(Order.claimed_by.is_(None), Order.claim_expires_at < now))
-                .order_by(Order.id)
-            )
-            if skip:
-                stmt = stmt.with_for_update(skip_locked=True)
-            for order_id, holder in session.execute(stmt):
+            rows = conn.execute(statement, {"ids": ids_value(part, style), "now": now})
+            for order_id, holder in rows:
                 got.append(order_id)
                 if holder is not None:
                     expired.append(order_id)
@@ -346,3 +343,27 @@ def _release_statement(style: str) -> Any:
         )
         .values(claimed_by=None, claim_expires_at=None)
     )
+
+
+def _lock_statement(style: str) -> Any:
+    """The free orders of ``:ids`` (no lease, or one expired before ``:now``), in id order."""
+    return (
+        select(_ORDERS.c.id, _ORDERS.c.claimed_by)
+        .where(ids_clause(Order.id, style))
+        .where(
+            or_(
+                _ORDERS.c.claimed_by.is_(None),
+                _ORDERS.c.claim_expires_at
+                < bindparam("now", type_=_ORDERS.c.claim_expires_at.type),
+            )
+        )
+        .order_by(_ORDERS.c.id)
+    )
+
+
+def _lock_waiting(style: str) -> Any:
+    return _lock_statement(style)
+
+
+def _lock_skipping(style: str) -> Any:
+    return _lock_statement(style).with_for_update(skip_locked=True)
