@@ -349,12 +349,16 @@ class StateWriter:
                     "v_reason": forced.reason if forced is not None else None,
                     "v_data": history_data,
                 }
-                conn.execute(_move_statement("update", style), shared)
-                conn.execute(_move_statement("history", style), shared)
-                conn.execute(_move_statement("log", style), shared)
+                if style == "array":
+                    # PostgreSQL: the four as one statement (data-modifying CTEs).
+                    conn.execute(_move_statement("together", style), shared)
+                else:
+                    conn.execute(_move_statement("update", style), shared)
+                    conn.execute(_move_statement("history", style), shared)
+                    conn.execute(_move_statement("log", style), shared)
+                    conn.execute(_move_statement("untime", style), shared)
                 if notify:
                     self._notify(part, key.process, key.source, key.target, key.event)
-                conn.execute(_move_statement("untime", style), shared)
                 for event in timeouts:
                     assert event.timeout is not None
                     conn.execute(
@@ -556,7 +560,9 @@ def _move_statement(kind: str, style: str) -> Executable:
     if statement is not None:
         return statement
     items = _table(OrderItem)
-    if kind == "update":
+    if kind == "together":
+        statement = _together_statement(style)
+    elif kind == "update":
         statement = (
             update(items)
             .where(_ids_clause(OrderItem.id, style))
@@ -627,6 +633,82 @@ def _forget_conditions_statement(style: str) -> Executable:
         _CONDITIONS.c.condition == bindparam("name", type_=_CONDITIONS.c.condition.type),
         _ids_clause(ConditionResult.item_id, style),
     )
+
+
+def _together_statement(style: str) -> Executable:
+    """``update``, ``history``, ``log`` and ``untime`` of a move group as one statement, for
+    PostgreSQL: the UPDATE's RETURNING rows feed the two INSERTs, the DELETE rides along
+    (data-modifying CTEs run once each, to completion, on one snapshot; they touch different
+    tables, so none needs to see another's effect). A move costs one round trip and one
+    statement execution in the worker instead of four."""
+    items = _table(OrderItem)
+    moved = (
+        update(items)
+        .where(_ids_clause(OrderItem.id, style))
+        .values(
+            state=_param(items, "state", "v_target"),
+            state_entered_at=_param(items, "state_entered_at", "v_now"),
+            intent_id=null(),
+            **_CLEARED_RETRY,
+        )
+        .returning(items.c.id, items.c.order_id)
+        .cte("moved")
+    )
+    history = _table(StateHistory)
+    history_rows = (
+        insert(history)
+        .from_select(
+            ["item_id", "order_id", "from_state", "to_state", "event", "created_at", "forced",
+             "actor", "reason", "data"],
+            select(
+                moved.c.id,
+                moved.c.order_id,
+                _param(history, "from_state", "v_source"),
+                _param(history, "to_state", "v_target"),
+                _param(history, "event", "v_event"),
+                _param(history, "created_at", "v_now"),
+                _param(history, "forced", "v_forced"),
+                _param(history, "actor", "v_actor"),
+                _param(history, "reason", "v_reason"),
+                _param(history, "data", "v_data"),
+            ).order_by(moved.c.id),
+        )
+        .cte("moved_history")
+    )
+    log = _table(TransitionLog)
+    log_rows = (
+        insert(log)
+        .from_select(
+            ["item_id", "order_id", "process", "event", "source_state", "target_state",
+             "command", "condition", "is_error", "error_message", "hostname", "argv",
+             "created_at", "forced", "actor", "reason"],
+            select(
+                moved.c.id,
+                moved.c.order_id,
+                _param(log, "process", "v_process"),
+                _param(log, "event", "v_event"),
+                _param(log, "source_state", "v_source"),
+                _param(log, "target_state", "v_target"),
+                _param(log, "command", "v_command"),
+                _param(log, "condition", "v_condition"),
+                literal(False, log.c.is_error.type),
+                null(),
+                _param(log, "hostname", "v_hostname"),
+                _param(log, "argv", "v_argv"),
+                _param(log, "created_at", "v_now"),
+                _param(log, "forced", "v_forced"),
+                _param(log, "actor", "v_actor"),
+                _param(log, "reason", "v_reason"),
+            ).order_by(moved.c.id),
+        )
+        .cte("moved_log")
+    )
+    untimed = (
+        delete(_table(EventTimeout))
+        .where(_ids_clause(EventTimeout.item_id, style))
+        .cte("moved_untime")
+    )
+    return select(func.count()).select_from(moved).add_cte(history_rows, log_rows, untimed)
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:
