@@ -472,18 +472,30 @@ class Runner:
         apply ``answer`` (a ``Reconciled`` that is not booked: retry instead), choose, move,
         cascade. ``False``: someone else settled it first (nothing written)."""
         booked = not isinstance(answer, Reconciled) or answer.booked
-        won = self.session.connection().execute(
-            prebuilt("settle", "", _settle_statement),
+        conn = self.session.connection()
+        returning = conn.dialect.update_returning
+        won = conn.execute(
+            prebuilt("settle returning" if returning else "settle", "",
+                     _settle_returning if returning else _settle_statement),
             {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
              "note": note},
         )
-        if won.rowcount != 1:
+        # Plain columns, no ORM object: the intent is only read from here on. Where the
+        # database can, the compare-and-set returns them (one statement fewer).
+        if returning:
+            intent = won.one_or_none()
+            settled_here = intent is not None
+        else:
+            settled_here = won.rowcount == 1
+        if not settled_here:
             log.warning("intent %s was settled by someone else; nothing applied", intent_id)
             return False
-        # Plain columns, no ORM object: the intent is only read from here on.
-        intent = self.session.connection().execute(
-            prebuilt("settled intent", "", _settled_intent_statement), {"intent_id": intent_id}
-        ).one()
+        if not returning:
+            intent = conn.execute(
+                prebuilt("settled intent", "", _settled_intent_statement),
+                {"intent_id": intent_id},
+            ).one()
+        assert intent is not None
         summary = json.loads(intent.summary)
         order = self.session.get_one(Order, intent.order_id)
         items = blocked_items(self.session, intent_id)
@@ -646,16 +658,27 @@ def _settle_statement(style: str) -> Any:
     )
 
 
-def _settled_intent_statement(style: str) -> Any:
+def _settled_columns() -> tuple[Any, ...]:
     intents = cast(Table, Intent.__table__)
-    return select(
+    return (
         intents.c.order_id,
         intents.c.process,
         intents.c.state,
         intents.c.event,
         intents.c.command,
         intents.c.summary,
-    ).where(intents.c.id == bindparam("intent_id", type_=intents.c.id.type))
+    )
+
+
+def _settle_returning(style: str) -> Any:
+    return _settle_statement(style).returning(*_settled_columns())
+
+
+def _settled_intent_statement(style: str) -> Any:
+    intents = cast(Table, Intent.__table__)
+    return select(*_settled_columns()).where(
+        intents.c.id == bindparam("intent_id", type_=intents.c.id.type)
+    )
 
 
 def blocked_items(session: Session, intent_id: int) -> list[OrderItem]:
