@@ -66,7 +66,13 @@ def _short(text: str | None, limit: int) -> str | None:
 
 
 def to_entry(call: ApiCallRecord) -> ApiLogEntry:
-    return ApiLogEntry(
+    return ApiLogEntry(**to_row(call))
+
+
+def to_row(call: ApiCallRecord) -> dict[str, Any]:
+    """The column values of the call's ``ratepay_api_log`` row (``id`` left to the database),
+    cut to the columns' sizes."""
+    return dict(
         created_at=call.created_at.astimezone(UTC).replace(tzinfo=None),
         operation=call.operation[:40],
         subtype=_short(call.subtype, 40),
@@ -88,11 +94,6 @@ def to_entry(call: ApiCallRecord) -> ApiLogEntry:
 
 _LOG_TABLE = cast(Table, ApiLogEntry.__table__)
 _INSERT_LOG = insert(_LOG_TABLE)
-
-
-def _row(entry: ApiLogEntry) -> dict[str, Any]:
-    """The column values of a new (unsaved) entry, ``id`` left to the database."""
-    return {c.key: getattr(entry, c.key) for c in _LOG_TABLE.columns if c.key != "id"}
 
 
 class SqlApiLogSink:
@@ -119,7 +120,7 @@ class SqlApiLogSink:
 
     def record(self, call: ApiCallRecord) -> None:
         try:
-            entry = to_entry(call)
+            entry = to_row(call)  # a dict: an ORM object only to read its values back costs
             engine = self._bind()
             if engine is None:
                 with self.session_factory() as session, session.begin():
@@ -138,10 +139,10 @@ class SqlApiLogSink:
 
 
     @staticmethod
-    def _write(conn: Connection, entry: ApiLogEntry) -> None:
-        if entry.order_ref is None and entry.transaction_id:
-            entry.order_ref = _order_of_transaction(conn, entry.transaction_id)
-        conn.execute(_INSERT_LOG, _row(entry))
+    def _write(conn: Connection, entry: dict[str, Any]) -> None:
+        if entry["order_ref"] is None and entry["transaction_id"]:
+            entry["order_ref"] = _order_of_transaction(conn, entry["transaction_id"])
+        conn.execute(_INSERT_LOG, entry)
 
 
 def _order_of_transaction(conn: Connection, transaction_id: str) -> str | None:
