@@ -24,6 +24,11 @@ process, so its CPU is not counted. ``--cpu-only`` measures only that (about a m
     python3 bench/scale.py
     python3 bench/scale.py --cpu-only
     python3 bench/scale.py --orders 100 --delay-ms 50 --workers 1,8 --concurrency 16
+    python3 bench/scale.py --cpu-only --profile /tmp/worker.prof   # cProfile of that worker
+
+The CPU run also prints the SQL statements and commits per order the worker sent (counted by
+a SQLAlchemy ``before_cursor_execute`` / ``commit`` listener in the worker, which costs a few
+microseconds per statement); ``--statements`` lists the most frequent ones.
 
 A checkout whose ``tick`` has no ``--concurrency`` (the engine before it) gets ``n/a`` for
 K > 1, so the same script measures the before figures.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import secrets
@@ -79,12 +85,15 @@ class Result:
     orders: int
     seconds: float | None
     cpu_ms_per_order: float | None = None
+    statements: dict[str, int] | None = None
+    commits: int | None = None
 
     @property
     def rate(self) -> float | None:
         return None if self.seconds is None else self.orders / self.seconds
 
 
+@functools.cache
 def supports_concurrency() -> bool:
     done = subprocess.run(
         [*cli_command(), "tick", "--help"], env=child_env({}), capture_output=True, text=True
@@ -108,9 +117,55 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+WORKER_BOOT = """
+import json, os, signal, sys
+from collections import Counter
+import sqlalchemy as sa
+from ratepay_oms.cli import main
+
+counts = Counter()
+commits = [0]
+out = os.environ.get("RPOMS_SCALE_STATS")
+prof = os.environ.get("RPOMS_SCALE_PROFILE")
+profiler = None
+if prof:
+    import cProfile
+    import time
+    profiler = cProfile.Profile(time.thread_time)  # CPU of the main thread, not wall time
+if out:
+    def _count(conn, cursor, statement, parameters, context, executemany):
+        counts[" ".join(statement.split())[:100]] += 1
+    def _commit(conn):
+        commits[0] += 1
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", _count)
+    sa.event.listen(sa.engine.Engine, "commit", _commit)
+def _start(signum, frame):
+    counts.clear()
+    commits[0] = 0
+    if profiler is not None:
+        profiler.enable()
+def _stop(signum, frame):
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(prof)
+    if out:
+        with open(out + ".tmp", "w") as f:
+            json.dump({"statements": counts, "commits": commits[0]}, f)
+        os.replace(out + ".tmp", out)
+signal.signal(signal.SIGUSR1, _start)
+signal.signal(signal.SIGUSR2, _stop)
+sys.argv[0] = "ratepay-oms"
+sys.exit(main())
+"""
+"""The worker, in the bench's interpreter: ``ratepay-oms`` plus, when asked through the
+environment, a count of its SQL statements and commits (``RPOMS_SCALE_STATS``) and a cProfile
+(``RPOMS_SCALE_PROFILE``), both from SIGUSR1 (the orders are placed) to SIGUSR2 (every item
+rests), written at SIGUSR2."""
+
+
 class Workers:
     def __init__(self, url: str, sandbox: SandboxProcess, count: int, concurrency: int,
-                 log_dir: Path) -> None:
+                 log_dir: Path, extra_env: dict[str, str] | None = None) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
         env = child_env({
@@ -121,9 +176,13 @@ class Workers:
             "RATEPAY_MODE": "test",
             "RATEPAY_API_TEST_URL": sandbox.url,
             "RATEPAY_STATUS_API_URL": sandbox.status_url,
+            **(extra_env or {}),
         })
-        command = [*cli_command(), "tick", "--loop", "--interval", "0.05", "--json"]
-        if concurrency > 1:
+        command = [sys.executable, "-c", WORKER_BOOT,
+                   "tick", "--loop", "--interval", "0.05", "--json"]
+        if concurrency > 1 or supports_concurrency():
+            # Always said: the command's default is not 1 (``DEFAULT_CONCURRENCY``), so a
+            # worker started without it is no serial worker.
             command += ["--concurrency", str(concurrency)]
         for slot in range(count):
             path = log_dir / f"worker-{count}x{concurrency}-{slot}.log"
@@ -181,12 +240,23 @@ def busy_states(engine: Engine) -> list[str]:
 
 
 def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: int,
-            orders: int, log_dir: Path, deadline: float) -> Result:
+            orders: int, log_dir: Path, deadline: float, *, count: bool = False,
+            profile: str | None = None) -> Result:
+    """One configuration; ``count``: the worker counts its statements and commits (those it
+    sent while idle before the orders were placed are subtracted), ``profile``: cProfile of
+    the worker written there."""
+    extra: dict[str, str] = {}
+    stats_path = log_dir / f"stats-{workers}x{concurrency}.json"
+    if count:
+        extra["RPOMS_SCALE_STATS"] = str(stats_path)
+    if profile:
+        extra["RPOMS_SCALE_PROFILE"] = str(Path(profile).resolve())
+        Path(profile).unlink(missing_ok=True)
     with soak_database(None, admin_url, keep=False) as (url, _):
         upgrade(url)
         engine = Engine(url, process_dir=PROCESS_DIR, services={})
         busy = busy_states(engine)
-        pool = Workers(url, sandbox, workers, concurrency, log_dir)
+        pool = Workers(url, sandbox, workers, concurrency, log_dir, extra)
         try:
             pool.wait_ready()
             pool.signal(signal.SIGSTOP)
@@ -195,6 +265,8 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
                 engine.place_order(doc, fire=False)
             cpu_before = sum(cpu_seconds(p.pid) for p in pool.procs)
             started = time.perf_counter()
+            if extra:
+                pool.signal(signal.SIGUSR1)
             pool.signal(signal.SIGCONT)
             seconds: float | None = None
             while time.perf_counter() - started < deadline:
@@ -203,6 +275,12 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
                     break
                 time.sleep(0.05)
             cpu = sum(cpu_seconds(p.pid) for p in pool.procs) - cpu_before
+            if extra:
+                pool.signal(signal.SIGUSR2)
+                wait_for = stats_path if count else Path(extra["RPOMS_SCALE_PROFILE"])
+                until = time.monotonic() + 30
+                while not wait_for.exists() and time.monotonic() < until:
+                    time.sleep(0.05)
             with engine.db.connect() as conn:
                 resting = conn.execute(
                     sa.select(sa.func.count()).select_from(OrderItem)
@@ -217,7 +295,13 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
         finally:
             pool.stop()
             engine.close()
-        return Result(workers, concurrency, orders, seconds, cpu * 1000 / orders)
+        statements: dict[str, int] | None = None
+        commits: int | None = None
+        if count and stats_path.exists():
+            found = json.loads(stats_path.read_text())
+            statements, commits = found["statements"], found["commits"]
+        return Result(workers, concurrency, orders, seconds, cpu * 1000 / orders,
+                      statements, commits)
 
 
 def set_delay(sandbox: SandboxProcess, delay_ms: float) -> None:
@@ -241,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the engine CPU per order (same as --workers= --concurrency=)")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="write a cProfile of the CPU run's worker to PATH (pstats)")
+    parser.add_argument("--statements", type=int, default=0, metavar="N",
+                        help="list the N most frequent SQL statements of the CPU run")
     args = parser.parse_args(argv)
     worker_counts = [int(x) for x in args.workers.split(",") if x and not args.cpu_only]
     ks = [int(x) for x in args.concurrency.split(",") if x and not args.cpu_only]
@@ -266,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate = "timeout" if r.rate is None else f"{r.rate:.1f} orders/s"
                 print(f"  W={w} K={k}: {rate} (load {load()})", file=sys.stderr)
             set_delay(sandbox, 0)
-            cpu = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline)
+            cpu = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline,
+                          count=True, profile=args.profile)
         finally:
             sandbox.stop()
 
@@ -283,6 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed = "n/a" if cpu.rate is None else f"{cpu.rate:.1f}"
     print(f"engine CPU per order (1 worker, no delay, {args.cpu_orders} orders new -> {REST}): "
           f"{per_order} ms ({speed} orders/s)")
+    if cpu.statements is not None:
+        total = sum(cpu.statements.values())
+        print(f"SQL statements per order: {total / args.cpu_orders:.1f}, commits per order: "
+              f"{(cpu.commits or 0) / args.cpu_orders:.1f}")
+        top = sorted(cpu.statements.items(), key=lambda kv: -kv[1])[: args.statements]
+        for text, n in top:
+            print(f"  {n / args.cpu_orders:6.2f}  {text}")
+    if args.profile:
+        print(f"profile of the CPU run's worker: {args.profile}")
     print(f"load after: {load()}")
     return 0
 

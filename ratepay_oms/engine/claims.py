@@ -26,13 +26,14 @@ import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.clock import wall_now
 from ratepay_oms.engine.errors import OrderLockedError
-from ratepay_oms.engine.persist import chunked, id_in
+from ratepay_oms.engine.persist import chunked, id_in, ids_clause, ids_style, ids_value, prebuilt
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.models import Order
@@ -100,16 +101,13 @@ class Claims:
         skip = self._skip_locked(session)
         got: list[int] = []
         expired: list[int] = []
+        style = ids_style(session)
+        statement = prebuilt("lock skip" if skip else "lock", style,
+                             _lock_skipping if skip else _lock_waiting)
+        conn = session.connection()
         for part in chunked(sorted(order_ids)):
-            stmt = (
-                select(Order.id, Order.claimed_by)
-                .where(id_in(Order.id, part, session))
-                .where(or_(Order.claimed_by.is_(None), Order.claim_expires_at < now))
-                .order_by(Order.id)
-            )
-            if skip:
-                stmt = stmt.with_for_update(skip_locked=True)
-            for order_id, holder in session.execute(stmt):
+            rows = conn.execute(statement, {"ids": ids_value(part, style), "now": now})
+            for order_id, holder in rows:
                 got.append(order_id)
                 if holder is not None:
                     expired.append(order_id)
@@ -150,23 +148,22 @@ class Claims:
         """Lease ``order_ids`` (row-locked by the caller) for a gateway call planned in the
         caller's transaction."""
         until = wall_now() + self.lease
+        style = ids_style(session)
+        statement = prebuilt("lease", style, _lease_statement)
+        conn = session.connection()
         for part in chunked(sorted(order_ids)):
-            session.execute(
-                update(Order)
-                .where(id_in(Order.id, part, session))
-                .values(claimed_by=self.worker_id, claim_expires_at=until)
-                .execution_options(synchronize_session=False)
+            conn.execute(
+                statement,
+                {"ids": ids_value(part, style), "worker": self.worker_id, "until": until},
             )
 
     def release_in(self, session: Session, order_ids: Sequence[int]) -> None:
         """Drop our leases on ``order_ids`` in the caller's transaction."""
+        style = ids_style(session)
+        statement = prebuilt("unlease", style, _release_statement)
+        conn = session.connection()
         for part in chunked(sorted(order_ids)):
-            session.execute(
-                update(Order)
-                .where(id_in(Order.id, part, session), Order.claimed_by == self.worker_id)
-                .values(claimed_by=None, claim_expires_at=None)
-                .execution_options(synchronize_session=False)
-            )
+            conn.execute(statement, {"ids": ids_value(part, style), "worker": self.worker_id})
 
     def renew(self, order_ids: Sequence[int]) -> None:
         """Push our leases on ``order_ids`` a full lease ahead (own short transaction)."""
@@ -318,3 +315,55 @@ def sqlite_worker_lock(sessions: sessionmaker[Session]) -> SqliteWorkerLock | No
     if not name or name == ":memory:" or name.startswith("file:") or "mode=memory" in str(url):
         return SqliteWorkerLock(None)
     return SqliteWorkerLock(os.path.abspath(name))
+
+
+_ORDERS = cast(Table, Order.__table__)
+
+
+def _lease_statement(style: str) -> Any:
+    """``UPDATE oms_order SET claimed_by = :worker, claim_expires_at = :until WHERE id IN
+    :ids`` (built once per ids style, see ``persist.prebuilt``)."""
+    return (
+        update(_ORDERS)
+        .where(ids_clause(Order.id, style))
+        .values(
+            claimed_by=bindparam("worker", type_=_ORDERS.c.claimed_by.type),
+            claim_expires_at=bindparam("until", type_=_ORDERS.c.claim_expires_at.type),
+        )
+    )
+
+
+def _release_statement(style: str) -> Any:
+    """Drop ``:worker``'s leases on ``:ids``."""
+    return (
+        update(_ORDERS)
+        .where(
+            ids_clause(Order.id, style),
+            _ORDERS.c.claimed_by == bindparam("worker", type_=_ORDERS.c.claimed_by.type),
+        )
+        .values(claimed_by=None, claim_expires_at=None)
+    )
+
+
+def _lock_statement(style: str) -> Any:
+    """The free orders of ``:ids`` (no lease, or one expired before ``:now``), in id order."""
+    return (
+        select(_ORDERS.c.id, _ORDERS.c.claimed_by)
+        .where(ids_clause(Order.id, style))
+        .where(
+            or_(
+                _ORDERS.c.claimed_by.is_(None),
+                _ORDERS.c.claim_expires_at
+                < bindparam("now", type_=_ORDERS.c.claim_expires_at.type),
+            )
+        )
+        .order_by(_ORDERS.c.id)
+    )
+
+
+def _lock_waiting(style: str) -> Any:
+    return _lock_statement(style)
+
+
+def _lock_skipping(style: str) -> Any:
+    return _lock_statement(style).with_for_update(skip_locked=True)

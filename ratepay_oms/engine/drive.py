@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ratepay_oms.engine.claims import LeaseKeeper
@@ -78,6 +79,11 @@ class Drive:
         self.now = now
         self.stats = stats
         self._stats_lock = threading.Lock()
+        self._leased_at: dict[int, float] = {}
+        """When (monotonic) this drive's transactions last wrote each order's lease."""
+        self._fresh_for = engine.claims.lease.total_seconds() / 3
+        self._stored: dict[int, str] = {}
+        """Intent summaries as ``_remember`` last wrote them (each chain its own intents)."""
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -98,14 +104,29 @@ class Drive:
             runner.finish()
             calls = runner.calls
             leased = {c.order_id for c in calls}
-            if leased:
-                self.engine.claims.lease_in(session, sorted(leased))
+            written = sorted(o for o in leased if not self._lease_fresh(o))
+            if written:
+                self.engine.claims.lease_in(session, written)
             done = [o for o in release if o not in leased]
             if done:
                 self.engine.claims.release_in(session, done)
+        clock = time.monotonic()
         with self._stats_lock:
             self.stats.add(stats)
+            for order_id in written:
+                self._leased_at[order_id] = clock
+            for order_id in done:
+                self._leased_at.pop(order_id, None)
         return result, calls
+
+    def _lease_fresh(self, order_id: int) -> bool:
+        """Whether this drive wrote the order's lease less than a third of a lease ago: then
+        it runs at least two thirds of a lease more, and the lease keeper renews it every
+        third while the next call is in flight, so a chain's settle does not write it again
+        (an UPDATE per call saved). Older: written again, as the first time."""
+        with self._stats_lock:
+            at = self._leased_at.get(order_id)
+        return at is not None and time.monotonic() - at < self._fresh_for
 
     def run(self, work: Callable[[Runner], T]) -> T:
         """``work`` in one transaction, then its calls and their cascades to the end (in this
@@ -133,6 +154,8 @@ class Drive:
             except SQLAlchemyError as exc:
                 # The intent (if written) stays open and is reconciled; nothing is lost.
                 self.database_failed(f"{call.command} for order #{order_id}", exc)
+                with self._stats_lock:  # whatever we wrote, it is not ours to count on now
+                    self._leased_at.pop(order_id, None)
                 try:
                     self.engine.claims.release([order_id])
                 except SQLAlchemyError as again:
@@ -160,7 +183,10 @@ class Drive:
                     work = _leave_open(call, message)
                 else:
                     work = _settle(call, answer, ANSWERED, record_stays=call.record_stays)
-        _, more = self.transact(work, guard, release=release)
+        try:
+            _, more = self.transact(work, guard, release=release)
+        finally:
+            self._stored.pop(call.intent_id, None)
         return more
 
     def _reconciled(
@@ -184,9 +210,18 @@ class Drive:
         return _settle(call, verdict, resolution, note=verdict.detail or None)
 
     def _remember(self, call: Call, facts: Mapping[str, Any]) -> None:
+        """Merge ``facts`` into the intent's summary (own short transaction). Only this does
+        write a summary after the plan, so when the plan's summary is known the row is not
+        read back: one UPDATE."""
+        stored = self._stored.get(call.intent_id, call.stored)
         with self.engine.sessions() as session, session.begin():
-            intent = session.get_one(Intent, call.intent_id)
-            intent.summary = _merged(intent.summary, facts)
+            if stored is None:
+                stored = session.get_one(Intent, call.intent_id).summary
+            merged = _merged(stored, facts)
+            session.connection().execute(
+                _SUMMARY_UPDATE, {"intent_id": call.intent_id, "summary": merged}
+            )
+        self._stored[call.intent_id] = merged
 
     def database_failed(self, where: str, exc: SQLAlchemyError) -> None:
         orig = getattr(exc, "orig", None) or exc
@@ -195,6 +230,14 @@ class Drive:
         log.error("%s", message)
         with self._stats_lock:
             self.stats.error(message)
+
+
+_INTENTS = cast(Table, Intent.__table__)
+_SUMMARY_UPDATE = (
+    update(_INTENTS)
+    .where(_INTENTS.c.id == bindparam("intent_id", type_=_INTENTS.c.id.type))
+    .values(summary=bindparam("summary", type_=_INTENTS.c.summary.type))
+)
 
 
 def _merged(summary: str, facts: Mapping[str, Any]) -> str:

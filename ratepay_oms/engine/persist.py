@@ -23,7 +23,7 @@ import os
 import socket
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -252,16 +252,17 @@ class StateWriter:
         by_name: dict[str, list[int]] = defaultdict(list)
         for row in rows:
             by_name[row["condition"]].append(row["item_id"])
+        # Prebuilt Core statements on the session's connection (the ORM objects of these
+        # rows are never loaded by the engine), after whatever the session holds.
+        self.session.flush()
+        conn = self.session.connection()
+        style = _ids_style(conn.dialect)
+        forget = prebuilt("forget conditions", style, _forget_conditions_statement)
         for name, ids in by_name.items():
             for part in chunked(sorted(ids)):
-                self.session.execute(
-                    delete(ConditionResult).where(
-                        ConditionResult.condition == name,
-                        id_in(ConditionResult.item_id, part, self.session),
-                    )
-                )
+                conn.execute(forget, {"ids": _ids_value(part, style), "name": name})
         for rows_part in chunked(rows):
-            self.session.execute(insert(_table(ConditionResult)), list(rows_part))
+            conn.execute(_INSERT_CONDITIONS, list(rows_part))
 
     # -- entering states -----------------------------------------------------------------
 
@@ -320,9 +321,10 @@ class StateWriter:
         *,
         data: Mapping[str, Any] | None = None,
     ) -> None:
-        """Move the items ``groups`` names by id, all set-based: state, cleared retry, history,
-        transition log, old timeouts dropped and the target's armed. Holds no ORM objects, so
-        the tick can call it for rows it never loaded; the caller updates any it holds.
+        """Move the items ``groups`` names by id, all set-based: state, cleared retry and
+        intent mark, history, transition log, old timeouts dropped and the target's armed.
+        Holds no ORM objects, so the tick can call it for rows it never loaded; the caller
+        updates any it holds.
 
         The statements are built once per process (:func:`_move_statement`, every value a
         named parameter) and go to the session's connection as Core statements, after one
@@ -357,12 +359,16 @@ class StateWriter:
                     "v_reason": forced.reason if forced is not None else None,
                     "v_data": history_data,
                 }
-                conn.execute(_move_statement("update", style), shared)
-                conn.execute(_move_statement("history", style), shared)
-                conn.execute(_move_statement("log", style), shared)
+                if style == "array":
+                    # PostgreSQL: the four as one statement (data-modifying CTEs).
+                    conn.execute(_move_statement("together", style), shared)
+                else:
+                    conn.execute(_move_statement("update", style), shared)
+                    conn.execute(_move_statement("history", style), shared)
+                    conn.execute(_move_statement("log", style), shared)
+                    conn.execute(_move_statement("untime", style), shared)
                 if notify:
                     self._notify(part, key.process, key.source, key.target, key.event)
-                conn.execute(_move_statement("untime", style), shared)
                 for event in timeouts:
                     assert event.timeout is not None
                     conn.execute(
@@ -452,7 +458,7 @@ class StateWriter:
         history and log rows carry ``forced``, who and why; timeouts and retries as for any
         move (the old state's dropped, the target's armed)."""
         key = MoveKey(item.process, item.state, target, None, forced=forced)
-        self.write_grouped_moves({key: [item.id]}, definitions)
+        self.write_grouped_moves({key: [item.id]}, definitions)  # (refused while it waits)
         set_committed_value(item, "state", target)
         set_committed_value(item, "state_entered_at", self.now)
         for name, value in _CLEARED_RETRY.items():
@@ -521,8 +527,8 @@ class StateWriter:
 
 
 def _committed_move(item: OrderItem, target: str, now: datetime) -> None:
-    """Give ``item`` the values a move wrote (state, since, cleared retry) as its committed
-    state. An item with no pending change and nothing expired gets them straight into its
+    """Give ``item`` the values a move wrote (state, since, cleared retry and intent) as its
+    committed state. An item with no pending change and nothing expired gets them straight into its
     ``__dict__`` (what ``set_committed_value`` does, without six calls through the attribute
     machinery per item: 10,000 items move several times when a big order is placed)."""
     state = instance_state(item)
@@ -532,16 +538,30 @@ def _committed_move(item: OrderItem, target: str, now: datetime) -> None:
         for name, value in _CLEARED_RETRY.items():
             set_committed_value(item, name, value)
         set_committed_value(item, "retry_event", None)
+        set_committed_value(item, "intent_id", None)
         return
     values = state.dict
     values["state"] = target
     values["state_entered_at"] = now
+    values["intent_id"] = None  # the move's UPDATE clears it (see ``_move_statement``)
     values.update(_CLEARED_RETRY)
 
 
 # -- the statements of a move, built once ---------------------------------------------------
 
 _STATEMENTS: dict[tuple[str, str], Executable] = {}
+_PREBUILT: dict[tuple[str, str], Any] = {}
+
+
+def prebuilt(name: str, style: str, build: Callable[[str], Any]) -> Any:
+    """The statement ``name`` for ids style ``style`` (:func:`ids_style`), built by
+    ``build(style)`` the first time and kept: every value a named parameter (the ids as
+    ``ids``, :func:`ids_value`), so the per-order statements of the drive loop skip building,
+    cache-key generation and ORM compilation on every call."""
+    statement = _PREBUILT.get((name, style))
+    if statement is None:
+        statement = _PREBUILT[(name, style)] = build(style)
+    return statement
 
 
 def _ids_style(dialect: Dialect) -> str:
@@ -551,6 +571,11 @@ def _ids_style(dialect: Dialect) -> str:
     if dialect.name == "sqlite" and _sqlite_has_json(dialect):
         return "json"
     return "in"
+
+
+def ids_style(session: Session) -> str:
+    """How ids travel in the prebuilt statements of ``session``'s database."""
+    return _ids_style(session.get_bind().dialect)
 
 
 def _ids_value(ids: Sequence[int], style: str) -> Any:
@@ -565,6 +590,10 @@ def _ids_clause(column: InstrumentedAttribute[int], style: str) -> ColumnElement
         values = func.json_each(bindparam("ids", type_=String))
         return column.in_(select(values.table_valued("value").c.value))
     return column.in_(bindparam("ids", expanding=True))
+
+
+ids_value = _ids_value
+ids_clause = _ids_clause
 
 
 def _param(table: Table, column: str, name: str) -> Any:
@@ -591,13 +620,18 @@ def _move_statement(kind: str, style: str) -> Executable:
     if statement is not None:
         return statement
     items = _table(OrderItem)
-    if kind == "update":
+    if kind == "together":
+        statement = _together_statement(style)
+    elif kind == "update":
         statement = (
             update(items)
             .where(_ids_clause(OrderItem.id, style))
             .values(
                 state=_param(items, "state", "v_target"),
                 state_entered_at=_param(items, "state_entered_at", "v_now"),
+                # A moving item waits on no call: nothing moves an item with an open intent
+                # but the settling of that intent, whose unmark this is (one UPDATE fewer).
+                intent_id=null(),
                 **_CLEARED_RETRY,
             )
         )
@@ -771,6 +805,94 @@ def _resting_statement(kind: str, style: str) -> Executable:
         ).execution_options(preserve_rowcount=True)  # else -1 for an INSERT on PostgreSQL
     _RESTING[(kind, style)] = statement
     return statement
+
+
+_CONDITIONS = _table(ConditionResult)
+_INSERT_CONDITIONS = insert(_CONDITIONS)
+
+
+def _forget_conditions_statement(style: str) -> Executable:
+    """The older answers of condition ``:name`` for items ``:ids``."""
+    return delete(_CONDITIONS).where(
+        _CONDITIONS.c.condition == bindparam("name", type_=_CONDITIONS.c.condition.type),
+        _ids_clause(ConditionResult.item_id, style),
+    )
+
+
+def _together_statement(style: str) -> Executable:
+    """``update``, ``history``, ``log`` and ``untime`` of a move group as one statement, for
+    PostgreSQL: the UPDATE's RETURNING rows feed the two INSERTs, the DELETE rides along
+    (data-modifying CTEs run once each, to completion, on one snapshot; they touch different
+    tables, so none needs to see another's effect). A move costs one round trip and one
+    statement execution in the worker instead of four."""
+    items = _table(OrderItem)
+    moved = (
+        update(items)
+        .where(_ids_clause(OrderItem.id, style))
+        .values(
+            state=_param(items, "state", "v_target"),
+            state_entered_at=_param(items, "state_entered_at", "v_now"),
+            intent_id=null(),
+            **_CLEARED_RETRY,
+        )
+        .returning(items.c.id, items.c.order_id)
+        .cte("moved")
+    )
+    history = _table(StateHistory)
+    history_rows = (
+        insert(history)
+        .from_select(
+            ["item_id", "order_id", "from_state", "to_state", "event", "created_at", "forced",
+             "actor", "reason", "data"],
+            select(
+                moved.c.id,
+                moved.c.order_id,
+                _param(history, "from_state", "v_source"),
+                _param(history, "to_state", "v_target"),
+                _param(history, "event", "v_event"),
+                _param(history, "created_at", "v_now"),
+                _param(history, "forced", "v_forced"),
+                _param(history, "actor", "v_actor"),
+                _param(history, "reason", "v_reason"),
+                _param(history, "data", "v_data"),
+            ).order_by(moved.c.id),
+        )
+        .cte("moved_history")
+    )
+    log = _table(TransitionLog)
+    log_rows = (
+        insert(log)
+        .from_select(
+            ["item_id", "order_id", "process", "event", "source_state", "target_state",
+             "command", "condition", "is_error", "error_message", "hostname", "argv",
+             "created_at", "forced", "actor", "reason"],
+            select(
+                moved.c.id,
+                moved.c.order_id,
+                _param(log, "process", "v_process"),
+                _param(log, "event", "v_event"),
+                _param(log, "source_state", "v_source"),
+                _param(log, "target_state", "v_target"),
+                _param(log, "command", "v_command"),
+                _param(log, "condition", "v_condition"),
+                literal(False, log.c.is_error.type),
+                null(),
+                _param(log, "hostname", "v_hostname"),
+                _param(log, "argv", "v_argv"),
+                _param(log, "created_at", "v_now"),
+                _param(log, "forced", "v_forced"),
+                _param(log, "actor", "v_actor"),
+                _param(log, "reason", "v_reason"),
+            ).order_by(moved.c.id),
+        )
+        .cte("moved_log")
+    )
+    untimed = (
+        delete(_table(EventTimeout))
+        .where(_ids_clause(EventTimeout.item_id, style))
+        .cte("moved_untime")
+    )
+    return select(func.count()).select_from(moved).add_cte(history_rows, log_rows, untimed)
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:

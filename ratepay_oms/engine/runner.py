@@ -30,14 +30,22 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
-from ratepay_oms.engine.persist import Move, StateWriter, chunked, id_in
+from ratepay_oms.engine.persist import (
+    Move,
+    StateWriter,
+    chunked,
+    ids_clause,
+    ids_style,
+    ids_value,
+    prebuilt,
+)
 from ratepay_oms.engine.plugins import (
     ByItemCommand,
     ByOrderCommand,
@@ -101,6 +109,9 @@ class Call:
     summary: dict[str, Any]
     prepared: PreparedCall[Any] | None = None
     record_stays: bool = False
+    stored: str | None = field(default=None, compare=False, repr=False)
+    """The intent's summary as this transaction wrote it (JSON), when it planned the call:
+    ``remember`` merges facts into it without reading the row back."""
 
 
 @dataclass
@@ -317,33 +328,34 @@ class Runner:
         summary = dict(call.summary)
         if ctx.data:
             summary[EVENT_DATA_KEY] = dict(ctx.data)  # the move after the call records it
-        intent = Intent(
-            order_id=group.order.id,
-            process=group.process,
-            state=group.state,
-            event=group.event,
-            command=command_name,
-            item_ids=json.dumps([i.id for i in group.items]),
-            summary=json.dumps(summary, default=str, sort_keys=True),
-            status=INTENT_PENDING,
-            worker=self.engine.claims.worker_id,
-            attempts=0,
-            created_at=self.now,
+        stored = json.dumps(summary, default=str, sort_keys=True)
+        row = {
+            "order_id": group.order.id,
+            "process": group.process,
+            "state": group.state,
+            "event": group.event,
+            "command": command_name,
+            "item_ids": json.dumps([i.id for i in group.items]),
+            "summary": stored,
+            "status": INTENT_PENDING,
+            "worker": self.engine.claims.worker_id,
+            "attempts": 0,
+            "created_at": self.now,
             # Not before our lease would have run out: until then the call may still be in
             # flight, and asking too early could read "not booked" and send it twice.
-            reconcile_at=wall_now() + self.engine.claims.lease,
-        )
-        self.session.add(intent)
-        self.session.flush()
-        mark_items(self.session, group.items, intent.id)
+            "reconcile_at": wall_now() + self.engine.claims.lease,
+        }
+        intent_id = insert_intent(self.session, row)
+        mark_items(self.session, group.items, intent_id)
         self.calls.append(
             Call(
-                intent_id=intent.id,
+                intent_id=intent_id,
                 order_id=group.order.id,
                 command=command_name,
                 summary=call.summary,
                 prepared=call,
                 record_stays=record_stays,
+                stored=stored,
             )
         )
         return []
@@ -467,23 +479,38 @@ class Runner:
         apply ``answer`` (a ``Reconciled`` that is not booked: retry instead), choose, move,
         cascade. ``False``: someone else settled it first (nothing written)."""
         booked = not isinstance(answer, Reconciled) or answer.booked
-        won = self.session.connection().execute(
-            update(Intent)
-            .where(Intent.id == intent_id, Intent.status.in_(INTENT_OPEN_STATUSES))
-            .values(status=INTENT_SETTLED, resolution=resolution, settled_at=self.now, note=note)
+        conn = self.session.connection()
+        returning = conn.dialect.update_returning
+        won = conn.execute(
+            prebuilt("settle returning" if returning else "settle", "",
+                     _settle_returning if returning else _settle_statement),
+            {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
+             "note": note},
         )
-        if won.rowcount != 1:
+        # Plain columns, no ORM object: the intent is only read from here on. Where the
+        # database can, the compare-and-set returns them (one statement fewer).
+        if returning:
+            intent = won.one_or_none()
+            settled_here = intent is not None
+        else:
+            settled_here = won.rowcount == 1
+        if not settled_here:
             log.warning("intent %s was settled by someone else; nothing applied", intent_id)
             return False
-        intent = self.session.get_one(Intent, intent_id)
+        if not returning:
+            intent = conn.execute(
+                prebuilt("settled intent", "", _settled_intent_statement),
+                {"intent_id": intent_id},
+            ).one()
+        assert intent is not None
         summary = json.loads(intent.summary)
         order = self.session.get_one(Order, intent.order_id)
         items = blocked_items(self.session, intent_id)
-        mark_items(self.session, items, None)
         if not items:
             return True
         group = Group(order, intent.process, intent.state, intent.event, items)
         if not booked:
+            mark_items(self.session, items, None)
             detail = answer.detail if isinstance(answer, Reconciled) else ""
             if resolution == NOT_SENT:
                 self.stats.commands_run += 1
@@ -503,6 +530,9 @@ class Runner:
         command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
+        # Items that move are unmarked by their move's UPDATE; the others here.
+        moving = {m.item.id for m in moves}
+        mark_items(self.session, [i for i in items if i.id not in moving], None)
         if isinstance(summary.get(EVENT_DATA_KEY), dict):
             self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
@@ -601,10 +631,10 @@ def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | No
         return
     session.flush()
     conn = session.connection()
+    style = ids_style(session)
+    statement = prebuilt("mark", style, _mark_statement)
     for part in chunked([i.id for i in items]):
-        conn.execute(
-            update(ITEMS).where(id_in(OrderItem.id, part, session)).values(intent_id=intent_id)
-        )
+        conn.execute(statement, {"ids": ids_value(part, style), "intent": intent_id})
     for item in items:
         # Straight into the loaded state when nothing of the item is pending or expired (what
         # set_committed_value does, minus its machinery: once per unit of a big order).
@@ -613,6 +643,72 @@ def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | No
             set_committed_value(item, "intent_id", intent_id)
         else:
             state.dict["intent_id"] = intent_id
+
+
+_INTENTS = cast(Table, Intent.__table__)
+_INSERT_INTENT = insert(_INTENTS).returning(_INTENTS.c.id)
+
+
+def insert_intent(session: Session, row: dict[str, Any]) -> int:
+    """Write an intent row; its id. One Core ``INSERT … RETURNING`` where the database has it
+    (the unit of work for one new object costs more CPU than the row), else the ORM."""
+    session.flush()  # what the session holds first (the intent refers to the order)
+    conn = session.connection()
+    if conn.dialect.insert_returning:
+        return int(conn.execute(_INSERT_INTENT, row).scalar_one())
+    intent = Intent(**row)
+    session.add(intent)
+    session.flush()
+    return intent.id
+
+
+def _mark_statement(style: str) -> Any:
+    return (
+        update(ITEMS)
+        .where(ids_clause(OrderItem.id, style))
+        .values(intent_id=bindparam("intent", type_=ITEMS.c.intent_id.type))
+    )
+
+
+def _settle_statement(style: str) -> Any:
+    """The compare-and-set of :meth:`Runner.settle` (one statement object for every call)."""
+    intents = cast(Table, Intent.__table__)
+    return (
+        update(intents)
+        .where(
+            intents.c.id == bindparam("intent_id", type_=intents.c.id.type),
+            intents.c.status.in_(INTENT_OPEN_STATUSES),
+        )
+        .values(
+            status=INTENT_SETTLED,
+            resolution=bindparam("resolution", type_=intents.c.resolution.type),
+            settled_at=bindparam("settled_at", type_=intents.c.settled_at.type),
+            note=bindparam("note", type_=intents.c.note.type),
+        )
+    )
+
+
+def _settled_columns() -> tuple[Any, ...]:
+    intents = cast(Table, Intent.__table__)
+    return (
+        intents.c.order_id,
+        intents.c.process,
+        intents.c.state,
+        intents.c.event,
+        intents.c.command,
+        intents.c.summary,
+    )
+
+
+def _settle_returning(style: str) -> Any:
+    return _settle_statement(style).returning(*_settled_columns())
+
+
+def _settled_intent_statement(style: str) -> Any:
+    intents = cast(Table, Intent.__table__)
+    return select(*_settled_columns()).where(
+        intents.c.id == bindparam("intent_id", type_=intents.c.id.type)
+    )
 
 
 def blocked_items(session: Session, intent_id: int) -> list[OrderItem]:

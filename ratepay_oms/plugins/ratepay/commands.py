@@ -467,7 +467,12 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         payment.result_code = None if result.result_code is None else str(result.result_code)
         payment.reason_code = None if result.reason_code is None else str(result.reason_code)
         payment.customer_message = result.customer_message
-        store.record_outcomes(ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result)
+        store.prime_outcomes(
+            ctx.memo, order, PAYMENT_REQUEST,
+            store.record_outcomes(
+                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result
+            ),
+        )
 
     def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
         if not summary.get("transaction_id"):
@@ -555,7 +560,12 @@ class ConfirmPaymentCommand(_External[None, RatepayResult]):
         if isinstance(answer, Reconciled):
             self._record_reconciled(ctx, order, items, summary, answer)
             return
-        store.record_outcomes(ctx.session, order, items, PAYMENT_CONFIRM, ctx.now, result=answer)
+        store.prime_outcomes(
+            ctx.memo, order, PAYMENT_CONFIRM,
+            store.record_outcomes(
+                ctx.session, order, items, PAYMENT_CONFIRM, ctx.now, result=answer
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -669,7 +679,10 @@ class _BookingCommand(_External[BookingPayload, RatepayResult]):
         if isinstance(answer, Reconciled):
             self._record_reconciled(ctx, order, items, summary, answer)
             return
-        store.record_outcomes(ctx.session, order, items, self.action, ctx.now, result=answer)
+        store.prime_outcomes(
+            ctx.memo, order, self.action,
+            store.record_outcomes(ctx.session, order, items, self.action, ctx.now, result=answer),
+        )
 
 
 class ConfirmDeliveryCommand(_BookingCommand):

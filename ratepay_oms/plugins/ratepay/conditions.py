@@ -20,7 +20,7 @@ from ratepay_oms.persistence.payment import (
     PAYMENT_REQUEST,
     RETURN,
 )
-from ratepay_oms.plugins.ratepay.payment_store import latest_outcomes
+from ratepay_oms.plugins.ratepay.payment_store import OUTCOMES_MEMO, Outcome, latest_outcomes
 from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
@@ -79,13 +79,12 @@ class PaymentRequestDeclined(Condition):
 
 def newest_outcome(
     ctx: CommandContext, order: Order, item: OrderItem, action: str
-) -> Row[Any] | None:
-    """The item's newest outcome of ``action`` (a ``ratepay_item_outcome`` row), read once
-    per group for all items of the order (kept in ``ctx.memo``: a context lives for one
-    group, and its command has run before the first check, so nothing writes outcomes
-    between the read and the last check)."""
-    key = ("ratepay.latest_outcomes", order.id, action)
-    outcomes: dict[int, Row[Any]] | None = ctx.memo.get(key)
+) -> Outcome | None:
+    """The item's newest outcome of ``action``, read once per group for all items of the order
+    (kept in ``ctx.memo``: a context lives for one group, and its command has run before the
+    first check, so nothing writes outcomes between the read and the last check)."""
+    key = (OUTCOMES_MEMO, order.id, action)  # or primed by the command's apply
+    outcomes: dict[int, Outcome] | None = ctx.memo.get(key)
     if outcomes is None:
         outcomes = ctx.memo[key] = latest_outcomes(ctx.session, order.id, action)
     return outcomes.get(item.id)

@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, func, insert, literal, null, select
+from sqlalchemy import Row, Table, func, insert, inspect, literal, null, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.orders import OrderInput, parse_order
@@ -33,9 +33,6 @@ from ratepay_oms.plugins.ratepay.basket import PRORATA, OrderLedger, Unit, vouch
 from ratepay_oms.ratepay import InstallmentPlan, Operation, RatepayResult
 
 PAYMENT_REQUEST_OPERATION = Operation.PAYMENT_REQUEST.value
-
-OUTCOME_CHUNK = 1000
-"""Item ids per ``INSERT … SELECT`` of outcome rows (well under every bind limit)."""
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +60,36 @@ def units(items: Iterable[OrderItem]) -> list[Unit]:
     ]
 
 
+OUTCOME_CHUNK = 1000
+"""Item ids per ``INSERT … SELECT`` of outcome rows (well under every bind limit)."""
+OUTCOMES_SET_BASED = 100
+"""From this many items on, a call's outcome rows are written inside the database (see
+:func:`record_outcomes`)."""
+
+_PAYMENTS = "ratepay.payments"
+"""``Session.info`` key: (transaction, {order id: its payment row as loaded in it})."""
+
+
 def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
-    return session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+    """The order's payment row. Kept per session: a settling transaction asks in ``apply`` and
+    again in the next command's ``plan``; the second ask would return the very same object
+    from the identity map after a SELECT (the ORM does not overwrite loaded attributes), so it
+    is answered from the session unless the object left it (a savepoint that added it was
+    rolled back)."""
+    transaction = session.get_transaction()
+    kept = session.info.get(_PAYMENTS)
+    if kept is None or kept[0] is not transaction:  # only within one transaction
+        kept = session.info[_PAYMENTS] = (transaction, {})
+    known: dict[int, RatepayPayment] = kept[1]
+    payment = known.get(order_id)
+    if payment is not None:
+        state = inspect(payment)
+        if state.persistent and state.session is session:
+            return payment
+    payment = session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+    if payment is not None:
+        known[order_id] = payment
+    return payment
 
 
 def ensure_payment(
@@ -116,13 +141,16 @@ def record_outcomes(
     transaction_id: str | None = None,
     result_code: str | None = None,
     reason_code: str | None = None,
-) -> None:
+) -> list[RatepayItemOutcome] | None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
     why) and the outcome is a failure.
 
-    Every value but the item's ids is the same for all rows, so the rows are written inside
-    the database (``INSERT … SELECT`` from the items, by chunks of ids): a 10,000-unit order's
-    answer costs a few statements, not 10,000 ORM objects and a flush each."""
+    Every value but the item's id is the same for all rows. A small group's rows go in by one
+    executemany and come back as transient objects for the group's conditions
+    (:func:`prime_outcomes`); from ``OUTCOMES_SET_BASED`` items on (a 10,000-unit order) they
+    are written inside the database by ``INSERT … SELECT`` from the items, by chunks of ids,
+    and ``None`` is returned: the conditions read them back, which costs less than building
+    10,000 objects."""
     ok = bool(result.success) if success is None and result is not None else bool(success)
     text = message
     if text is None and result is not None:
@@ -144,8 +172,37 @@ def record_outcomes(
         or transaction_id,
         "created_at": now,
     }
-    if not items:
-        return
+    if len(items) >= OUTCOMES_SET_BASED:
+        _insert_outcomes_from_items(session, order, items, same)
+        return None
+    rows: list[dict[str, Any]] = [
+        {"item_id": item.id, "order_id": order.id, **same} for item in items
+    ]
+    if not rows:
+        return []
+    session.flush()  # the items (and anything else pending) first: the rows refer to them
+    conn = session.connection()
+    if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+        outcomes = [RatepayItemOutcome(**row) for row in rows]
+        session.add_all(outcomes)
+        session.flush()
+        return outcomes
+    # One Core INSERT (all rows, ids back in row order): the unit of work for a handful of new
+    # objects costs more CPU than the rows. Nothing in the engine loads these rows as objects
+    # in the same transaction but through a query, which reads them from the database; the
+    # objects returned are transient copies for the group's conditions (``prime_outcomes``).
+    ids = conn.execute(_INSERT_OUTCOMES, rows).scalars().all()
+    return [RatepayItemOutcome(id=i, **row) for i, row in zip(ids, rows, strict=True)]
+
+
+_INSERT_OUTCOMES = insert(cast(Table, RatepayItemOutcome.__table__)).returning(
+    RatepayItemOutcome.__table__.c.id, sort_by_parameter_order=True
+)
+
+
+def _insert_outcomes_from_items(
+    session: Session, order: Order, items: Sequence[OrderItem], same: dict[str, Any]
+) -> None:
     session.flush()
     table = cast(Table, RatepayItemOutcome.__table__)
     values: list[Any] = [
@@ -166,6 +223,30 @@ def record_outcomes(
                 .order_by(OrderItem.id),
             )
         )
+
+
+Outcome = RatepayItemOutcome | Row[Any]
+"""An outcome as the conditions see it: the object ``apply`` just wrote, or a row read back
+(the same attribute names, read only)."""
+
+OUTCOMES_MEMO = "ratepay.latest_outcomes"
+"""``CommandContext.memo`` key (with order id and action) of the newest outcome per item."""
+
+
+def prime_outcomes(
+    memo: dict[Any, Any],
+    order: Order,
+    action: str,
+    outcomes: Sequence[RatepayItemOutcome] | None,
+) -> None:
+    """Tell the conditions of this group what ``apply`` just recorded: the newest outcome of
+    ``action`` for each of the group's items (the rows are in the session, ids flushed), so
+    they need not read them back. Only for outcomes written in the settling transaction
+    without a savepoint around them (``apply``), checked with that same context."""
+    if outcomes is None:  # written set-based: the conditions read them back
+        memo.pop((OUTCOMES_MEMO, order.id, action), None)
+        return
+    memo[(OUTCOMES_MEMO, order.id, action)] = {o.item_id: o for o in outcomes}
 
 
 def payment_attempts(session: Session, order_id: int, since: datetime) -> list[datetime]:
@@ -195,7 +276,7 @@ def latest_outcome(session: Session, item_id: int, action: str) -> RatepayItemOu
     )
 
 
-def latest_outcomes(session: Session, order_id: int, action: str) -> dict[int, Row[Any]]:
+def latest_outcomes(session: Session, order_id: int, action: str) -> dict[int, Outcome]:
     """The newest outcome of ``action`` for every item of one order that has one, in one
     query: conditions check a whole group's items with this instead of one query each."""
     newest = (
