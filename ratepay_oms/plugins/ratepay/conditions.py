@@ -24,13 +24,11 @@ from ratepay_oms.plugins.ratepay.payment_store import OUTCOMES_MEMO, Outcome, la
 from ratepay_oms.ratepay.codes import is_decline
 
 if TYPE_CHECKING:
-    from sqlalchemy import Row
-
     from ratepay_oms.engine.plugins import CommandContext
     from ratepay_oms.persistence.models import Order, OrderItem
 
 
-def _read(action: str, outcome: Row[Any] | None) -> dict[str, Any]:
+def _read(action: str, outcome: Outcome | None) -> dict[str, Any]:
     """What a condition looked at, for ``explain``: the outcome row it decided on."""
     if outcome is None:
         return {"action": action, "outcome": None}
