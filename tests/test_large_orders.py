@@ -119,6 +119,38 @@ def test_shipping_every_unit_confirms_one_delivery_with_the_quantities_per_sku(e
     assert all(count == UNITS for count in moved.values())
 
 
+def test_each_units_condition_detail_names_its_own_outcome_as_json_encodes_it(engine):
+    """The conditions encode a group's detail once and splice each outcome's id in: the
+    stored text must be what encoding each unit's own read gives."""
+    from ratepay_oms.plugins.ratepay.conditions import _read
+
+    ref = f"L-{uuid.uuid4().hex[:8]}"
+    view = engine.place_order(big_order(ref))
+    ids = {i.id for i in view.items}
+    with engine.session() as session:
+        results = session.execute(
+            sa.select(ConditionResult.item_id, ConditionResult.condition, ConditionResult.detail)
+            .where(ConditionResult.item_id.in_(ids))
+        ).all()
+        newest: dict[tuple[int, str], RatepayItemOutcome] = {}
+        for outcome in session.scalars(
+            sa.select(RatepayItemOutcome).where(RatepayItemOutcome.item_id.in_(ids))
+            .order_by(RatepayItemOutcome.id)
+        ):
+            newest[(outcome.item_id, outcome.action)] = outcome
+        expected = {}
+        for item_id, name, detail in results:
+            action = json.loads(detail)["action"]
+            expected[(item_id, name)] = json.dumps(
+                _read(action, newest[(item_id, action)]), default=str, sort_keys=True
+            )
+    by_condition = Counter(name for _, name, _ in results)
+    assert by_condition == {"Ratepay/IsPaymentRequestSuccess": UNITS,
+                            "Ratepay/IsPaymentConfirmed": UNITS}
+    assert {(i, n): d for i, n, d in results} == expected
+    assert len({d for _, _, d in results}) == 2 * UNITS  # each names its own outcome
+
+
 # -- one group, different condition answers ---------------------------------------------------
 
 SPLIT_PROCESS = """\

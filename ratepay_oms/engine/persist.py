@@ -230,7 +230,9 @@ class StateWriter:
         for name, verdict in checks:
             detail = None
             if verdict.read:
-                detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
+                detail = verdict.encoded
+                if detail is None:
+                    detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
                 if len(detail) > MAX_DETAIL:  # keep it valid JSON, say it was cut
                     detail = json.dumps({"truncated": detail[: MAX_DETAIL - 50]})
             self._condition_rows[(item.id, name)] = {

@@ -8,6 +8,7 @@ per group for all the order's items, see :func:`newest_outcome`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,38 @@ def _read(action: str, outcome: Outcome | None) -> dict[str, Any]:
     }
 
 
+DETAIL_MEMO = "ratepay.detail_json"
+"""``ctx.memo`` key of the JSON templates of :func:`_verdict` (one group's lifetime)."""
+
+_ID_MARK = -7_391_046_282_513
+"""Stands for the outcome id while a template is encoded (no outcome has a negative id)."""
+
+
+def _verdict(ctx: CommandContext, holds: bool, action: str, outcome: Outcome | None) -> Verdict:
+    """``holds`` with what was read, and that read already as JSON: the items of one group
+    mostly read outcomes that differ only in their id (one command wrote them all at once),
+    so the JSON is encoded once per distinct rest (kept for the group in ``ctx.memo``) and
+    the id spliced in. The text is the same as ``json.dumps(read, sort_keys=True,
+    default=str)``, which the engine would otherwise run per item."""
+    read = _read(action, outcome)
+    if outcome is None or type(outcome.id) is not int:
+        return Verdict(holds, read)
+    templates: dict[tuple[Any, ...], tuple[str, str] | None] = ctx.memo.setdefault(
+        DETAIL_MEMO, {}
+    )
+    inner = read["outcome"]
+    key = (action, inner["success"], inner["operation"], inner["subtype"],
+           inner["result_code"], inner["reason_code"], inner["message"], inner["created_at"])
+    parts = templates.get(key, False)
+    if parts is False:
+        marked = {**read, "outcome": {**inner, "id": _ID_MARK}}
+        pieces = json.dumps(marked, default=str, sort_keys=True).split(str(_ID_MARK))
+        parts = templates[key] = (pieces[0], pieces[1]) if len(pieces) == 2 else None
+    if parts is None:
+        return Verdict(holds, read)
+    return Verdict(holds, read, f"{parts[0]}{outcome.id}{parts[1]}")
+
+
 @dataclass(frozen=True)
 class OutcomeSucceeded(Condition):
     """True when the item's newest outcome of ``action`` is a success."""
@@ -56,7 +89,7 @@ class OutcomeSucceeded(Condition):
     def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> Verdict:
         outcome = newest_outcome(ctx, order, item, self.action)
         holds = outcome is not None and bool(outcome.success)
-        return Verdict(holds, _read(self.action, outcome))
+        return _verdict(ctx, holds, self.action, outcome)
 
 
 @dataclass(frozen=True)
@@ -72,7 +105,7 @@ class PaymentRequestDeclined(Condition):
             and not outcome.success
             and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
-        return Verdict(holds, _read(PAYMENT_REQUEST, outcome))
+        return _verdict(ctx, holds, PAYMENT_REQUEST, outcome)
 
 
 def newest_outcome(
