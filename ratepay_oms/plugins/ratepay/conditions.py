@@ -70,8 +70,9 @@ def _verdict(ctx: CommandContext, holds: bool, action: str, outcome: Outcome | N
     inner = read["outcome"]
     key = (action, inner["success"], inner["operation"], inner["subtype"],
            inner["result_code"], inner["reason_code"], inner["message"], inner["created_at"])
-    parts = templates.get(key, False)
-    if parts is False:
+    if key in templates:
+        parts = templates[key]
+    else:
         marked = {**read, "outcome": {**inner, "id": _ID_MARK}}
         pieces = json.dumps(marked, default=str, sort_keys=True).split(str(_ID_MARK))
         parts = templates[key] = (pieces[0], pieces[1]) if len(pieces) == 2 else None
