@@ -8,7 +8,7 @@ session open or risking a lazy load after it closed.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,13 @@ class ItemView:
             intent_id=item.intent_id,
         )
 
+    @classmethod
+    def from_values(cls, values: Sequence[Any]) -> ItemView:
+        """From the values of :data:`ITEM_VIEW_FIELDS`, in that order (a row selected in
+        that order): positional, without fifteen attribute lookups per item (a 10,000-unit
+        order's view is built after every placing)."""
+        return cls(*values)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -82,6 +89,10 @@ class ItemView:
             "last_error": self.last_error,
             "intent_id": self.intent_id,
         }
+
+
+ITEM_VIEW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ItemView))
+"""The item columns an :class:`ItemView` holds, in its fields' order."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,22 @@ class OrderView:
             process=order.process,
             currency=order.currency,
             items=tuple(ItemView.of(i) for i in sorted(items, key=lambda i: i.id)),
+            created_at=order.created_at,
+            data=json.loads(order.data),
+            goods_total=order.goods_total,
+            customer_ref=order.customer_ref,
+            claimed_by=order.claimed_by,
+            claim_expires_at=order.claim_expires_at,
+        )
+
+    @classmethod
+    def of_views(cls, order: Order, items: Sequence[ItemView]) -> OrderView:
+        """Like :meth:`of`, from item views already made and ordered by id."""
+        return cls(
+            order_ref=order.order_ref,
+            process=order.process,
+            currency=order.currency,
+            items=tuple(items),
             created_at=order.created_at,
             data=json.loads(order.data),
             goods_total=order.goods_total,
