@@ -330,6 +330,9 @@ class Engine:
                     select(OrderItem).where(OrderItem.order_id == order.id).order_by(OrderItem.id)
                 )
             )
+            # Every item of the order, ordered as the relationship is: a command that reads
+            # ``order.items`` (a booking's whole basket) does not load them again.
+            set_committed_value(order, "items", list(items))
             chosen = _select_for_event(definition, order_ref, event, items, item_ids)
             runner.run(
                 group_items([(i, event) for i in chosen], {order.id: order}), record_stays=True
