@@ -238,6 +238,10 @@ def _insert_outcomes_from_items(
     ]
     ids = sorted(item.id for item in items)
     written: list[WrittenOutcome] = []
+    # Positionally (``same`` is in the tuple's field order; checked once here, not per row).
+    assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
+    rest = tuple(same.values())
+    make = WrittenOutcome._make
     for start in range(0, len(ids), OUTCOME_CHUNK):
         statement = insert(table).from_select(
             ["item_id", "order_id", *same],
@@ -249,9 +253,8 @@ def _insert_outcomes_from_items(
             session.execute(statement)
             continue
         result = session.execute(statement.returning(table.c.id, table.c.item_id))
-        written.extend(
-            WrittenOutcome(outcome_id, item_id, order.id, **same) for outcome_id, item_id in result
-        )
+        written.extend(make((outcome_id, item_id, order.id, *rest)) for outcome_id, item_id
+                       in result)
     return written if returning else None
 
 
