@@ -38,16 +38,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.claims import LeaseKeeper, sqlite_worker_lock
+from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import CompiledProcess
 from ratepay_oms.engine.context import EngineContext
 from ratepay_oms.engine.drive import CallPool, Drive, by_order
-from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation
+from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation, reconcile_due
 from ratepay_oms.engine.persist import MoveKey, by_order_only, chunked, id_in
+from ratepay_oms.engine.plugins import UnknownPluginError
 from ratepay_oms.engine.runner import Call, Group, LoopGuard, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
 from ratepay_oms.persistence.models import INTENT_PENDING, EventTimeout, Intent, Order, OrderItem
@@ -120,6 +122,11 @@ class _Step:
 
     def due(self) -> ColumnElement[bool]:
         raise NotImplementedError
+
+    def any_due(self) -> ColumnElement[bool]:
+        """Whether the step has any due row: for the tick's one probe (:func:`_due_probe`),
+        which lets an idle tick skip the step's window queries and their connections."""
+        return exists(self.due_order_ids().with_only_columns(OrderItem.id))
 
     def due_order_ids(self) -> _Rows:
         """One row per due item, its order id first (the window query adds keyset and limit);
@@ -565,16 +572,31 @@ class TickRunner:
         worker_lock = sqlite_worker_lock(self.engine.sessions)
         if worker_lock is not None:
             worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
-        pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
+        pool: CallPool | None = None
         try:
-            # First settle gateway calls whose answer was lost: their items wait on them.
             try:
-                self._reconcile_open(drive, pool)
+                reconcile, *due_steps = _due_probe(self.engine.sessions, steps)
             except SQLAlchemyError as exc:
-                self._database_failed(drive, "reconciling open intents", exc)
-            if pool is not None:
-                pool.join()
-            for step in steps:
+                # The probe is only a shortcut: without it every step looks for itself.
+                self._database_failed(drive, "looking for due work", exc)
+                reconcile, due_steps = True, [True] * len(steps)
+            # Skip what the probe found empty up to the first part with work; from there on
+            # every later step runs as before, since earlier ones make work for later ones.
+            started_work = reconcile
+            if started_work or any(due_steps):
+                pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
+            # First settle gateway calls whose answer was lost: their items wait on them.
+            if reconcile:
+                try:
+                    self._reconcile_open(drive, pool)
+                except SQLAlchemyError as exc:
+                    self._database_failed(drive, "reconciling open intents", exc)
+                if pool is not None:
+                    pool.join()
+            for step, has_due in zip(steps, due_steps, strict=True):
+                started_work = started_work or has_due
+                if not started_work:
+                    continue
                 done_total = self._step(
                     step, drive, pool, limit, processed, orders_seen, progress
                 )
@@ -629,11 +651,11 @@ class TickRunner:
             for intent_id, order_id in rows:
                 if pool is not None:
                     pool.wait_for_room()
-                call = self._lease_for_reconciling(intent_id, order_id)
+                call = self._lease_for_reconciling(drive, intent_id, order_id)
                 if call is not None:
                     self._dispatch(drive, pool, [call])
 
-    def _lease_for_reconciling(self, intent_id: int, order_id: int) -> Call | None:
+    def _lease_for_reconciling(self, drive: Drive, intent_id: int, order_id: int) -> Call | None:
         claims = self.engine.claims
         with self.engine.sessions() as session, session.begin():
             if not claims.lock(session, [order_id]):
@@ -641,8 +663,35 @@ class TickRunner:
             intent = session.get(Intent, intent_id)
             if intent is None or intent.status != INTENT_PENDING:
                 return None
+            try:
+                self.engine.registry.external(intent.command)
+            except UnknownPluginError as exc:
+                self._unknown_command(drive, session, intent, exc)
+                return None  # not leased: the row lock ends with this transaction
             claims.lease_in(session, [order_id])
             return Call(intent_id, order_id, intent.command, json.loads(intent.summary))
+
+    def _unknown_command(
+        self, drive: Drive, session: Session, intent: Intent, exc: UnknownPluginError
+    ) -> None:
+        """An open intent whose command this engine does not know (its plugin was
+        uninstalled, or a process file renamed the command while the call was open): only
+        that command can ask the gateway what the call booked, so the intent waits. Reported
+        as an error of the tick with what to do, and asked about again with backoff (as a
+        failed status lookup is), not on every tick."""
+        ref = session.scalar(select(Order.order_ref).where(Order.id == intent.order_id))
+        intent.attempts = (intent.attempts or 0) + 1
+        intent.last_error = f"cannot reconcile: {exc}"
+        intent.reconcile_at = wall_now() + retry_delay(intent.attempts)
+        drive.error(
+            f"intent {intent.id} of order {ref or '#' + str(intent.order_id)}: {exc}, so the "
+            f"call {intent.command!r} cannot be reconciled; install the plugin that registers "
+            f"it (or restore the command's name in the process) and the tick reconciles it, "
+            f"or, if RatePAY shows nothing booked, settle it by hand: ratepay-oms intents "
+            f"resolve {intent.id} --not-booked (--booked applies the answer through the "
+            f"command, so it needs the plugin too; next try in "
+            f"{int(retry_delay(intent.attempts).total_seconds())} s)"
+        )
 
     # -- due work ----------------------------------------------------------------------------
 
@@ -847,6 +896,16 @@ class TickRunner:
                 continue
             runner.run(by_order[order_id])
         return leftover
+
+
+def _due_probe(sessions: sessionmaker[Session], steps: Sequence[_Step]) -> list[bool]:
+    """Whether any open intent is due for reconciliation, then whether each of ``steps`` has
+    due work: one statement of ``EXISTS`` on one connection, each answered from an index
+    (``status``, ``retry_at``, ``due_at``, ``(process, state)``). An idle tick costs this
+    statement instead of a window query per step and a connection per query."""
+    probe = select(reconcile_due(wall_now()), *(step.any_due() for step in steps))
+    with sessions() as session:
+        return [bool(v) for v in session.connection().execute(probe).one()]
 
 
 class _Counts(RunStats):
