@@ -178,7 +178,7 @@ def due_for_reconciliation(session: Session, after: int, limit: int) -> list[tup
     return [(r[0], r[1]) for r in rows]
 
 
-def reconcile_due(now: datetime) -> ColumnElement[bool]:
+def reconcile_due(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
     """Whether any pending intent is due for reconciliation at ``now`` (the tick's probe asks
     this before it walks :func:`due_for_reconciliation`)."""
     return exists(

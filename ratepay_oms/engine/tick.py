@@ -38,7 +38,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,7 +63,14 @@ from ratepay_oms.engine.persist import MoveKey, by_order_only, chunked, id_in
 from ratepay_oms.engine.plugins import UnknownPluginError
 from ratepay_oms.engine.runner import Call, Group, LoopGuard, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
-from ratepay_oms.persistence.models import INTENT_PENDING, EventTimeout, Intent, Order, OrderItem
+from ratepay_oms.persistence.models import (
+    INTENT_PENDING,
+    UTC_DATETIME,
+    EventTimeout,
+    Intent,
+    Order,
+    OrderItem,
+)
 from ratepay_oms.process.model import TransitionDef
 
 log = logging.getLogger(__name__)
@@ -123,7 +141,7 @@ class _Step:
     def due(self) -> ColumnElement[bool]:
         raise NotImplementedError
 
-    def any_due(self) -> ColumnElement[bool]:
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
         """Whether the step has any due row: for the tick's one probe (:func:`_due_probe`),
         which lets an idle tick skip the step's window queries and their connections. The
         same condition as :meth:`due`, with only its selective columns left to an index
@@ -294,10 +312,10 @@ class _Retries(_Step):
             OrderItem.process.in_(list(self.compiled)),
         )
 
-    def any_due(self) -> ColumnElement[bool]:
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
         return exists(
             select(OrderItem.id).where(
-                OrderItem.retry_at <= self.now,
+                OrderItem.retry_at <= now,
                 by_order_only(OrderItem.intent_id).is_(None),
                 by_order_only(OrderItem.process).in_(list(self.compiled)),
             )
@@ -361,12 +379,12 @@ class _Timeouts(_Step):
             .where(self.due())
         )
 
-    def any_due(self) -> ColumnElement[bool]:
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
         return exists(
             select(EventTimeout.id)
             .join(OrderItem, OrderItem.id == EventTimeout.item_id)
             .where(
-                EventTimeout.due_at <= self.now,
+                EventTimeout.due_at <= now,
                 EventTimeout.state == by_order_only(OrderItem.state),
                 by_order_only(OrderItem.retry_at).is_(None),
                 by_order_only(OrderItem.intent_id).is_(None),
@@ -483,7 +501,7 @@ class _StateStep(_Step):
             OrderItem.intent_id.is_(None),
         )
 
-    def any_due(self) -> ColumnElement[bool]:
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
         return exists(
             select(OrderItem.id).where(
                 _states_filter(self.states),
@@ -609,7 +627,7 @@ class TickRunner:
         pool: CallPool | None = None
         try:
             try:
-                reconcile, *due_steps = _due_probe(self.engine.sessions, steps)
+                reconcile, *due_steps = _due_probe(self.engine.sessions, compiled, steps, now)
             except SQLAlchemyError as exc:
                 # The probe is only a shortcut: without it every step looks for itself.
                 self._database_failed(drive, "looking for due work", exc)
@@ -932,14 +950,45 @@ class TickRunner:
         return leftover
 
 
-def _due_probe(sessions: sessionmaker[Session], steps: Sequence[_Step]) -> list[bool]:
+def _due_probe(
+    sessions: sessionmaker[Session],
+    compiled: Mapping[str, CompiledProcess],
+    steps: Sequence[_Step],
+    now: datetime,
+) -> list[bool]:
     """Whether any open intent is due for reconciliation, then whether each of ``steps`` has
     due work: one statement of ``EXISTS`` on one connection, each answered from an index
     (``status``, ``retry_at``, ``due_at``, ``(process, state)``). An idle tick costs this
     statement instead of a window query per step and a connection per query."""
-    probe = select(reconcile_due(wall_now()), *(step.any_due() for step in steps))
+    probe = _probe_statement(compiled, steps)
     with sessions() as session:
-        return [bool(v) for v in session.connection().execute(probe).one()]
+        row = session.connection().execute(probe, {"probe_now": now, "probe_wall": wall_now()})
+        return [bool(v) for v in row.one()]
+
+
+_PROBES: dict[tuple[Any, ...], tuple[tuple[CompiledProcess, ...], _Rows]] = {}
+"""Probe statements by the processes and steps they ask about (building one costs more than
+the idle tick's query). An entry holds its ``CompiledProcess`` objects, so their ids in the
+key cannot be reused by others while it exists; a few engines per process at most."""
+_MAX_PROBES = 16
+
+
+def _probe_statement(
+    compiled: Mapping[str, CompiledProcess], steps: Sequence[_Step]
+) -> _Rows:
+    key = (tuple((name, id(c)) for name, c in compiled.items()), tuple(s.name for s in steps))
+    cached = _PROBES.get(key)
+    if cached is not None:
+        return cached[1]
+    now = bindparam("probe_now", type_=UTC_DATETIME)
+    statement = select(
+        reconcile_due(bindparam("probe_wall", type_=UTC_DATETIME)),
+        *(step.any_due(now) for step in steps),
+    )
+    if len(_PROBES) >= _MAX_PROBES:
+        _PROBES.clear()
+    _PROBES[key] = (tuple(compiled.values()), statement)
+    return statement
 
 
 class _Counts(RunStats):
