@@ -335,3 +335,38 @@ def test_process_migration_refuses_orders_waiting_on_an_intent(blind_engine, san
             engine, {"RatepayInvoice01": definition, "RatepayInvoice99": definition},
             "RatepayInvoice01", "RatepayInvoice99", identity,
         )
+
+
+def test_an_open_intent_of_a_command_nobody_registers_does_not_stop_the_tick(engine, sandbox, url):
+    """A plugin uninstalled (or a command renamed) while its call was open: the tick reports
+    the intent with what to do, releases the order, backs off, and does the other work."""
+    now = _now()
+    lost, other = _ready(engine, now), _ready(engine, now)
+    sandbox.gateway.faults.add(Fault("timeout_after_booking", operation="CONFIRMATION_DELIVER"))
+    engine.trigger("ship", lost, now=now)
+    engine.trigger("ship", other, now=now)
+    (orphan,) = engine.intents(lost)
+    db = create_engine(url)
+    with db.begin() as conn:
+        conn.execute(update(Intent).where(Intent.id == orphan.id)
+                     .values(command="UninstalledPlugin/Delivery"))
+
+    result = engine.tick(now=now + timedelta(seconds=1))
+
+    assert _states(engine, other) == ["ready for refund"] * 4  # the other order's work is done
+    assert _count(sandbox, "CONFIRMATION_DELIVER") == 2  # neither call sent again
+    (message,) = [m for m in result.error_messages if "UninstalledPlugin/Delivery" in m]
+    assert f"intent {orphan.id} of order {lost}" in message
+    assert f"ratepay-oms intents resolve {orphan.id} --not-booked" in message
+    assert result.errors == 1
+    with db.connect() as conn:
+        row = conn.execute(select(Intent).where(Intent.id == orphan.id)).one()
+        order = conn.execute(select(Order).where(Order.order_ref == lost)).one()
+    db.dispose()
+    assert row.status == "pending" and "no command plugin" in row.last_error
+    assert row.reconcile_at > _now() + timedelta(seconds=20)  # backoff, not every tick
+    assert order.claimed_by is None or order.claim_expires_at <= _now()  # not left leased
+    assert _states(engine, lost) == ["shipped"] * 4
+
+    again = engine.tick(now=now + timedelta(seconds=2))
+    assert again.errors == 0  # not retried before its time

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from ratepay_oms import Engine
 from ratepay_oms.engine.tick import WINDOW_BATCHES
@@ -132,3 +132,51 @@ def test_a_leased_order_is_left_alone_by_the_set_based_moves(engine: Engine) -> 
     assert result.items_moved == 10
     assert engine.order(refs[1]).states() == {"new": 5}
     assert engine.order(refs[0]).states() == engine.order(refs[2]).states() == {"done": 5}
+
+
+CHAIN = ProcessDefinition(
+    name="TickChain01",
+    initial="new",
+    states={n: StateDef(n) for n in ("new", "waiting", "next", "end")},
+    events={"expire": EventDef("expire", timeout=timedelta(days=1))},
+    transitions=(
+        TransitionDef("new", "waiting"),
+        TransitionDef("waiting", "next", event="expire"),
+        TransitionDef("next", "end"),
+    ),
+)
+
+
+def test_an_idle_tick_is_one_probe_and_a_busy_one_still_runs_every_later_step(
+    fresh_db_url: str,
+) -> None:
+    """The probe skips steps with nothing due only up to the first step with work: the
+    timeouts step moves items into ``next``, where the event-less step (empty when the tick
+    began) moves them on in the same tick, as before. An idle tick asks one statement."""
+    upgrade(fresh_db_url)
+    eng = Engine(fresh_db_url, definitions={CHAIN.name: CHAIN}, registry=make_registry())
+    try:
+        ref = f"C-{uuid.uuid4().hex[:10]}"
+        eng.place_order(order_doc(ref, process=CHAIN.name, lines=LINES), now=T0)
+        assert eng.tick(now=T0).items_moved == 5
+        assert {i.state for i in eng.order(ref).items} == {"waiting"}
+
+        statements: list[str] = []
+
+        def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+            statements.append(statement)
+
+        event.listen(eng.db, "before_cursor_execute", seen)
+        try:
+            idle = eng.tick(now=T0 + timedelta(hours=1))
+            asked = [s for s in statements if not s.upper().startswith(("BEGIN", "COMMIT"))]
+            busy = eng.tick(now=T0 + timedelta(days=2))
+        finally:
+            event.remove(eng.db, "before_cursor_execute", seen)
+
+        assert (idle.items_moved, idle.errors) == (0, 0)
+        assert len(asked) == 1 and "EXISTS" in asked[0].upper(), asked
+        assert (busy.timeouts_fired, busy.items_moved) == (5, 10)
+        assert {i.state for i in eng.order(ref).items} == {"end"}
+    finally:
+        eng.close()

@@ -253,16 +253,28 @@ def tick(
     pause = DEFAULT_INTERVAL if interval is None else interval
     outage_limit = DEFAULT_MAX_DB_OUTAGE if max_db_outage is None else max_db_outage
     outage = DatabaseOutage(outage_limit, pause)
+    # The schema check (alembic's current revision: a connection and a query) runs before the
+    # first tick and after a tick that did not end well; a tick that went well has just shown
+    # the database is there, so an idle worker does not pay for it every interval. A tick
+    # that loses the database counts errors (or raises) and the next round checks again.
+    from sqlalchemy.exc import DBAPIError
+
+    check = True
     with stop_on_signals(flag), _metrics_server(engine, metrics_port, metrics_host):
         while not flag.is_set:
-            problem = _database_problem(engine)
-            if problem is not None:
-                wait = outage.failed(problem)  # DatabaseUnavailableError past the limit
-                if flag.wait(wait):
-                    break
-                continue
-            outage.recovered()
-            _run_one(engine, now, limit, as_json)
+            if check:
+                problem = _database_problem(engine)
+                if problem is not None:
+                    wait = outage.failed(problem)  # DatabaseUnavailableError past the limit
+                    if flag.wait(wait):
+                        break
+                    continue
+                outage.recovered()
+            try:
+                check = _run_one(engine, now, limit, as_json) != ExitCode.OK
+            except DBAPIError:
+                log.warning("tick lost the database; checking it before the next tick")
+                check = True
             if flag.wait(pause):
                 break
     if not as_json:

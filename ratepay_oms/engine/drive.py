@@ -226,7 +226,11 @@ class Drive:
     def database_failed(self, where: str, exc: SQLAlchemyError) -> None:
         orig = getattr(exc, "orig", None) or exc
         first = (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]
-        message = f"database error in {where}: {type(orig).__name__}: {first}"
+        self.error(f"database error in {where}: {type(orig).__name__}: {first}")
+
+    def error(self, message: str) -> None:
+        """Log ``message`` and count it in the stats (calls in flight on the pool count
+        theirs at the same time)."""
         log.error("%s", message)
         with self._stats_lock:
             self.stats.error(message)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.engine.clock import wall_now
@@ -176,3 +176,11 @@ def due_for_reconciliation(session: Session, after: int, limit: int) -> list[tup
         .limit(limit)
     ).all()
     return [(r[0], r[1]) for r in rows]
+
+
+def reconcile_due(now: datetime | ColumnElement[datetime]) -> ColumnElement[bool]:
+    """Whether any pending intent is due for reconciliation at ``now`` (the tick's probe asks
+    this before it walks :func:`due_for_reconciliation`)."""
+    return exists(
+        select(Intent.id).where(Intent.status == INTENT_PENDING, Intent.reconcile_at <= now)
+    )

@@ -38,19 +38,39 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-from sqlalchemy import ColumnElement, Select, and_, false, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.claims import LeaseKeeper, sqlite_worker_lock
+from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import CompiledProcess
 from ratepay_oms.engine.context import EngineContext
 from ratepay_oms.engine.drive import CallPool, Drive, by_order
-from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation
+from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation, reconcile_due
 from ratepay_oms.engine.persist import MoveKey, by_order_only, chunked, id_in
+from ratepay_oms.engine.plugins import UnknownPluginError
 from ratepay_oms.engine.runner import Call, Group, LoopGuard, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
-from ratepay_oms.persistence.models import INTENT_PENDING, EventTimeout, Intent, Order, OrderItem
+from ratepay_oms.persistence.models import (
+    INTENT_PENDING,
+    UTC_DATETIME,
+    EventTimeout,
+    Intent,
+    Order,
+    OrderItem,
+)
 from ratepay_oms.process.model import TransitionDef
 
 log = logging.getLogger(__name__)
@@ -119,6 +139,14 @@ class _Step:
         self.now = now
 
     def due(self) -> ColumnElement[bool]:
+        raise NotImplementedError
+
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
+        """Whether the step has any due row: for the tick's one probe (:func:`_due_probe`),
+        which lets an idle tick skip the step's window queries and their connections. The
+        same condition as :meth:`due`, with only its selective columns left to an index
+        (:func:`~ratepay_oms.engine.persist.by_order_only`): unanalysed, SQLite would take
+        the one on ``intent_id`` for ``intent_id IS NULL`` and read every item at rest."""
         raise NotImplementedError
 
     def due_order_ids(self) -> _Rows:
@@ -284,6 +312,15 @@ class _Retries(_Step):
             OrderItem.process.in_(list(self.compiled)),
         )
 
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
+        return exists(
+            select(OrderItem.id).where(
+                OrderItem.retry_at <= now,
+                by_order_only(OrderItem.intent_id).is_(None),
+                by_order_only(OrderItem.process).in_(list(self.compiled)),
+            )
+        )
+
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
         due: list[DueItem] = []
         stale: list[int] = []
@@ -340,6 +377,19 @@ class _Timeouts(_Step):
             select(OrderItem.order_id)
             .join(EventTimeout, EventTimeout.item_id == OrderItem.id)
             .where(self.due())
+        )
+
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
+        return exists(
+            select(EventTimeout.id)
+            .join(OrderItem, OrderItem.id == EventTimeout.item_id)
+            .where(
+                EventTimeout.due_at <= now,
+                EventTimeout.state == by_order_only(OrderItem.state),
+                by_order_only(OrderItem.retry_at).is_(None),
+                by_order_only(OrderItem.intent_id).is_(None),
+                by_order_only(OrderItem.process).in_(list(self.compiled)),
+            )
         )
 
     def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
@@ -449,6 +499,15 @@ class _StateStep(_Step):
             _states_filter(self.states),
             OrderItem.retry_at.is_(None),
             OrderItem.intent_id.is_(None),
+        )
+
+    def any_due(self, now: ColumnElement[datetime]) -> ColumnElement[bool]:
+        return exists(
+            select(OrderItem.id).where(
+                _states_filter(self.states),
+                by_order_only(OrderItem.retry_at).is_(None),
+                by_order_only(OrderItem.intent_id).is_(None),
+            )
         )
 
     def plan_ranges(self, session: Session, rows: int) -> tuple[int, int, int] | None:
@@ -565,16 +624,31 @@ class TickRunner:
         worker_lock = sqlite_worker_lock(self.engine.sessions)
         if worker_lock is not None:
             worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
-        pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
+        pool: CallPool | None = None
         try:
-            # First settle gateway calls whose answer was lost: their items wait on them.
             try:
-                self._reconcile_open(drive, pool)
+                reconcile, *due_steps = _due_probe(self.engine.sessions, compiled, steps, now)
             except SQLAlchemyError as exc:
-                self._database_failed(drive, "reconciling open intents", exc)
-            if pool is not None:
-                pool.join()
-            for step in steps:
+                # The probe is only a shortcut: without it every step looks for itself.
+                self._database_failed(drive, "looking for due work", exc)
+                reconcile, due_steps = True, [True] * len(steps)
+            # Skip what the probe found empty up to the first part with work; from there on
+            # every later step runs as before, since earlier ones make work for later ones.
+            started_work = reconcile
+            if started_work or any(due_steps):
+                pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
+            # First settle gateway calls whose answer was lost: their items wait on them.
+            if reconcile:
+                try:
+                    self._reconcile_open(drive, pool)
+                except SQLAlchemyError as exc:
+                    self._database_failed(drive, "reconciling open intents", exc)
+                if pool is not None:
+                    pool.join()
+            for step, has_due in zip(steps, due_steps, strict=True):
+                started_work = started_work or has_due
+                if not started_work:
+                    continue
                 done_total = self._step(
                     step, drive, pool, limit, processed, orders_seen, progress
                 )
@@ -629,11 +703,11 @@ class TickRunner:
             for intent_id, order_id in rows:
                 if pool is not None:
                     pool.wait_for_room()
-                call = self._lease_for_reconciling(intent_id, order_id)
+                call = self._lease_for_reconciling(drive, intent_id, order_id)
                 if call is not None:
                     self._dispatch(drive, pool, [call])
 
-    def _lease_for_reconciling(self, intent_id: int, order_id: int) -> Call | None:
+    def _lease_for_reconciling(self, drive: Drive, intent_id: int, order_id: int) -> Call | None:
         claims = self.engine.claims
         with self.engine.sessions() as session, session.begin():
             if not claims.lock(session, [order_id]):
@@ -641,8 +715,35 @@ class TickRunner:
             intent = session.get(Intent, intent_id)
             if intent is None or intent.status != INTENT_PENDING:
                 return None
+            try:
+                self.engine.registry.external(intent.command)
+            except UnknownPluginError as exc:
+                self._unknown_command(drive, session, intent, exc)
+                return None  # not leased: the row lock ends with this transaction
             claims.lease_in(session, [order_id])
             return Call(intent_id, order_id, intent.command, json.loads(intent.summary))
+
+    def _unknown_command(
+        self, drive: Drive, session: Session, intent: Intent, exc: UnknownPluginError
+    ) -> None:
+        """An open intent whose command this engine does not know (its plugin was
+        uninstalled, or a process file renamed the command while the call was open): only
+        that command can ask the gateway what the call booked, so the intent waits. Reported
+        as an error of the tick with what to do, and asked about again with backoff (as a
+        failed status lookup is), not on every tick."""
+        ref = session.scalar(select(Order.order_ref).where(Order.id == intent.order_id))
+        intent.attempts = (intent.attempts or 0) + 1
+        intent.last_error = f"cannot reconcile: {exc}"
+        intent.reconcile_at = wall_now() + retry_delay(intent.attempts)
+        drive.error(
+            f"intent {intent.id} of order {ref or '#' + str(intent.order_id)}: {exc}, so the "
+            f"call {intent.command!r} cannot be reconciled; install the plugin that registers "
+            f"it (or restore the command's name in the process) and the tick reconciles it, "
+            f"or, if RatePAY shows nothing booked, settle it by hand: ratepay-oms intents "
+            f"resolve {intent.id} --not-booked (--booked applies the answer through the "
+            f"command, so it needs the plugin too; next try in "
+            f"{int(retry_delay(intent.attempts).total_seconds())} s)"
+        )
 
     # -- due work ----------------------------------------------------------------------------
 
@@ -847,6 +948,47 @@ class TickRunner:
                 continue
             runner.run(by_order[order_id])
         return leftover
+
+
+def _due_probe(
+    sessions: sessionmaker[Session],
+    compiled: Mapping[str, CompiledProcess],
+    steps: Sequence[_Step],
+    now: datetime,
+) -> list[bool]:
+    """Whether any open intent is due for reconciliation, then whether each of ``steps`` has
+    due work: one statement of ``EXISTS`` on one connection, each answered from an index
+    (``status``, ``retry_at``, ``due_at``, ``(process, state)``). An idle tick costs this
+    statement instead of a window query per step and a connection per query."""
+    probe = _probe_statement(compiled, steps)
+    with sessions() as session:
+        row = session.connection().execute(probe, {"probe_now": now, "probe_wall": wall_now()})
+        return [bool(v) for v in row.one()]
+
+
+_PROBES: dict[tuple[Any, ...], tuple[tuple[CompiledProcess, ...], _Rows]] = {}
+"""Probe statements by the processes and steps they ask about (building one costs more than
+the idle tick's query). An entry holds its ``CompiledProcess`` objects, so their ids in the
+key cannot be reused by others while it exists; a few engines per process at most."""
+_MAX_PROBES = 16
+
+
+def _probe_statement(
+    compiled: Mapping[str, CompiledProcess], steps: Sequence[_Step]
+) -> _Rows:
+    key = (tuple((name, id(c)) for name, c in compiled.items()), tuple(s.name for s in steps))
+    cached = _PROBES.get(key)
+    if cached is not None:
+        return cached[1]
+    now = bindparam("probe_now", type_=UTC_DATETIME)
+    statement = select(
+        reconcile_due(bindparam("probe_wall", type_=UTC_DATETIME)),
+        *(step.any_due(now) for step in steps),
+    )
+    if len(_PROBES) >= _MAX_PROBES:
+        _PROBES.clear()
+    _PROBES[key] = (tuple(compiled.values()), statement)
+    return statement
 
 
 class _Counts(RunStats):
