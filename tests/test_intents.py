@@ -350,19 +350,29 @@ def test_an_open_intent_of_a_command_nobody_registers_does_not_stop_the_tick(eng
     with db.begin() as conn:
         conn.execute(update(Intent).where(Intent.id == orphan.id)
                      .values(command="UninstalledPlugin/Delivery"))
+    try:
+        _tick_past_the_orphan(engine, sandbox, db, now, lost, other, orphan.id)
+    finally:
+        # The session's database is shared: later tests' ticks must not meet this intent.
+        with db.begin() as conn:
+            conn.execute(update(Intent).where(Intent.id == orphan.id)
+                         .values(command=orphan.command))
+        db.dispose()
 
+
+def _tick_past_the_orphan(engine, sandbox, db, now, lost, other, orphan_id):
+    """The checks of the test above, on its prepared database."""
     result = engine.tick(now=now + timedelta(seconds=1))
 
     assert _states(engine, other) == ["ready for refund"] * 4  # the other order's work is done
     assert _count(sandbox, "CONFIRMATION_DELIVER") == 2  # neither call sent again
     (message,) = [m for m in result.error_messages if "UninstalledPlugin/Delivery" in m]
-    assert f"intent {orphan.id} of order {lost}" in message
-    assert f"ratepay-oms intents resolve {orphan.id} --not-booked" in message
+    assert f"intent {orphan_id} of order {lost}" in message
+    assert f"ratepay-oms intents resolve {orphan_id} --not-booked" in message
     assert result.errors == 1
     with db.connect() as conn:
-        row = conn.execute(select(Intent).where(Intent.id == orphan.id)).one()
+        row = conn.execute(select(Intent).where(Intent.id == orphan_id)).one()
         order = conn.execute(select(Order).where(Order.order_ref == lost)).one()
-    db.dispose()
     assert row.status == "pending" and "no command plugin" in row.last_error
     assert row.reconcile_at > _now() + timedelta(seconds=20)  # backoff, not every tick
     assert order.claimed_by is None or order.claim_expires_at <= _now()  # not left leased
