@@ -353,11 +353,13 @@ def test_an_open_intent_of_a_command_nobody_registers_does_not_stop_the_tick(eng
     try:
         _tick_past_the_orphan(engine, sandbox, db, now, lost, other, orphan.id)
     finally:
-        # The session's database is shared: later tests' ticks must not meet this intent.
+        # The session's database is shared: later tests' ticks must not meet this intent
+        # (they would reconcile it against their own sandbox, or send it again there).
         with db.begin() as conn:
             conn.execute(update(Intent).where(Intent.id == orphan.id)
                          .values(command=orphan.command))
         db.dispose()
+        engine.resolve_intent(orphan.id, booked=True, note="test cleanup: it was booked")
 
 
 def _tick_past_the_orphan(engine, sandbox, db, now, lost, other, orphan_id):
