@@ -602,6 +602,43 @@ def _param(table: Table, column: str, name: str) -> Any:
     return bindparam(name, type_=table.c[column].type)
 
 
+_HISTORY_PARAMS = {
+    "from_state": "v_source", "to_state": "v_target", "event": "v_event", "created_at": "v_now",
+    "forced": "v_forced", "actor": "v_actor", "reason": "v_reason", "data": "v_data",
+}
+"""A move's history row after its ids: each column and the parameter that gives its value."""
+
+_LOG_COLUMNS = [
+    "item_id", "order_id", "process", "event", "source_state", "target_state", "command",
+    "condition", "is_error", "error_message", "hostname", "argv", "created_at", "forced",
+    "actor", "reason",
+]
+
+
+def _log_values(log: Table, item_id: Any, order_id: Any) -> list[Any]:
+    """The values of a move's transition-log row, in ``_LOG_COLUMNS`` order: the item's ids
+    from ``item_id``/``order_id`` (the items table, or the rows an UPDATE returned), the
+    rest shared parameters (no error: a failed move writes its log row elsewhere)."""
+    return [
+        item_id,
+        order_id,
+        _param(log, "process", "v_process"),
+        _param(log, "event", "v_event"),
+        _param(log, "source_state", "v_source"),
+        _param(log, "target_state", "v_target"),
+        _param(log, "command", "v_command"),
+        _param(log, "condition", "v_condition"),
+        literal(False, log.c.is_error.type),
+        null(),
+        _param(log, "hostname", "v_hostname"),
+        _param(log, "argv", "v_argv"),
+        _param(log, "created_at", "v_now"),
+        _param(log, "forced", "v_forced"),
+        _param(log, "actor", "v_actor"),
+        _param(log, "reason", "v_reason"),
+    ]
+
+
 def _from_items(table: Table, with_order: bool, style: str, **same: str) -> Executable:
     """``INSERT INTO table (item_id[, order_id], …) SELECT id[, order_id], :param… FROM
     oms_order_item WHERE id IN :ids ORDER BY id``: one row per item, ``same`` maps each
@@ -638,37 +675,12 @@ def _move_statement(kind: str, style: str) -> Executable:
             )
         )
     elif kind == "history":
-        statement = _from_items(
-            _table(StateHistory), True, style,
-            from_state="v_source", to_state="v_target", event="v_event", created_at="v_now",
-            forced="v_forced", actor="v_actor", reason="v_reason", data="v_data",
-        )
+        statement = _from_items(_table(StateHistory), True, style, **_HISTORY_PARAMS)
     elif kind == "log":
         log = _table(TransitionLog)
         statement = insert(log).from_select(
-            [
-                "item_id", "order_id", "process", "event", "source_state", "target_state",
-                "command", "condition", "is_error", "error_message", "hostname", "argv",
-                "created_at", "forced", "actor", "reason",
-            ],
-            select(
-                OrderItem.id,
-                OrderItem.order_id,
-                _param(log, "process", "v_process"),
-                _param(log, "event", "v_event"),
-                _param(log, "source_state", "v_source"),
-                _param(log, "target_state", "v_target"),
-                _param(log, "command", "v_command"),
-                _param(log, "condition", "v_condition"),
-                literal(False, log.c.is_error.type),
-                null(),
-                _param(log, "hostname", "v_hostname"),
-                _param(log, "argv", "v_argv"),
-                _param(log, "created_at", "v_now"),
-                _param(log, "forced", "v_forced"),
-                _param(log, "actor", "v_actor"),
-                _param(log, "reason", "v_reason"),
-            )
+            _LOG_COLUMNS,
+            select(*_log_values(log, OrderItem.id, OrderItem.order_id))
             .where(_ids_clause(OrderItem.id, style))
             .order_by(OrderItem.id),
         )
@@ -844,19 +856,11 @@ def _together_statement(style: str) -> Executable:
     history_rows = (
         insert(history)
         .from_select(
-            ["item_id", "order_id", "from_state", "to_state", "event", "created_at", "forced",
-             "actor", "reason", "data"],
+            ["item_id", "order_id", *_HISTORY_PARAMS],
             select(
                 moved.c.id,
                 moved.c.order_id,
-                _param(history, "from_state", "v_source"),
-                _param(history, "to_state", "v_target"),
-                _param(history, "event", "v_event"),
-                _param(history, "created_at", "v_now"),
-                _param(history, "forced", "v_forced"),
-                _param(history, "actor", "v_actor"),
-                _param(history, "reason", "v_reason"),
-                _param(history, "data", "v_data"),
+                *(_param(history, column, name) for column, name in _HISTORY_PARAMS.items()),
             ).order_by(moved.c.id),
         )
         .cte("moved_history")
@@ -865,27 +869,8 @@ def _together_statement(style: str) -> Executable:
     log_rows = (
         insert(log)
         .from_select(
-            ["item_id", "order_id", "process", "event", "source_state", "target_state",
-             "command", "condition", "is_error", "error_message", "hostname", "argv",
-             "created_at", "forced", "actor", "reason"],
-            select(
-                moved.c.id,
-                moved.c.order_id,
-                _param(log, "process", "v_process"),
-                _param(log, "event", "v_event"),
-                _param(log, "source_state", "v_source"),
-                _param(log, "target_state", "v_target"),
-                _param(log, "command", "v_command"),
-                _param(log, "condition", "v_condition"),
-                literal(False, log.c.is_error.type),
-                null(),
-                _param(log, "hostname", "v_hostname"),
-                _param(log, "argv", "v_argv"),
-                _param(log, "created_at", "v_now"),
-                _param(log, "forced", "v_forced"),
-                _param(log, "actor", "v_actor"),
-                _param(log, "reason", "v_reason"),
-            ).order_by(moved.c.id),
+            _LOG_COLUMNS,
+            select(*_log_values(log, moved.c.id, moved.c.order_id)).order_by(moved.c.id),
         )
         .cte("moved_log")
     )
