@@ -14,10 +14,12 @@ from sqlalchemy import delete, insert, inspect, select, text
 import ratepay_oms.persistence
 from ratepay_oms.persistence.base import Base
 from ratepay_oms.persistence.db import (
+    SCHEMA_HEAD,
     create_db_engine,
     current_revision,
     default_database_url,
     head_revision,
+    schema_problem,
     upgrade,
 )
 from ratepay_oms.persistence.models import Intent
@@ -90,6 +92,27 @@ def test_downgrade_to_base_and_back(tmp_sqlite_url: str) -> None:
 
 def test_empty_database_has_no_revision(tmp_sqlite_url: str) -> None:
     assert current_revision(tmp_sqlite_url) is None
+
+
+def test_the_tick_s_schema_head_is_alembic_s_head() -> None:
+    """The tick's start-up check compares against ``SCHEMA_HEAD`` without loading Alembic; a
+    new migration must move it too, or every tick would ask for an upgrade it cannot do."""
+    assert SCHEMA_HEAD == head_revision()
+
+
+def test_schema_check_agrees_with_alembic_and_names_what_to_do(tmp_sqlite_url: str) -> None:
+    engine = create_db_engine(tmp_sqlite_url)
+    try:
+        assert "has no ratepay-oms schema" in (schema_problem(engine) or "")
+        upgrade(tmp_sqlite_url)
+        assert current_revision(tmp_sqlite_url) == SCHEMA_HEAD
+        assert schema_problem(engine) is None
+        with engine.begin() as conn:  # two rows: a branched history nobody merged
+            conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0009')"))
+        problem = schema_problem(engine) or ""
+        assert "several schema revisions" in problem and "0009" in problem, problem
+    finally:
+        engine.dispose()
 
 
 def test_sqlite_connections_use_wal_foreign_keys_and_savepoints(tmp_sqlite_url: str) -> None:
