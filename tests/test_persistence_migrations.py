@@ -97,7 +97,7 @@ def test_empty_database_has_no_revision(tmp_sqlite_url: str) -> None:
 def test_the_tick_s_schema_head_is_alembic_s_head() -> None:
     """The tick's start-up check compares against ``SCHEMA_HEAD`` without loading Alembic; a
     new migration must move it too, or every tick would ask for an upgrade it cannot do."""
-    assert SCHEMA_HEAD == head_revision()
+    assert head_revision() == SCHEMA_HEAD
 
 
 def test_schema_check_agrees_with_alembic_and_names_what_to_do(tmp_sqlite_url: str) -> None:
