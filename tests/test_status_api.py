@@ -296,8 +296,16 @@ def test_payment_request_reads_presence_and_payment_status() -> None:
 
 
 @pytest.fixture
-def engine(server_db_url, sandbox):
-    eng = demo_engine(server_db_url, sandbox.settings)
+def db_url(fresh_db_url):
+    """A database of the test's own: these tests tick everything due and make every open
+    intent due (``_due``), so another test's leftover intent would be reconciled against this
+    test's sandbox and show up in its call counts."""
+    return fresh_db_url
+
+
+@pytest.fixture
+def engine(db_url, sandbox):
+    eng = demo_engine(db_url, sandbox.settings)
     yield eng
     eng.close()
 
@@ -352,7 +360,7 @@ def test_lost_return_answer_is_applied_from_the_status_api(engine, sandbox) -> N
 
 
 def test_not_booked_inside_the_window_waits_then_is_sent_once_more(
-    engine, sandbox, server_db_url
+    engine, sandbox, db_url
 ) -> None:
     _window(sandbox, processing_offset_hours=1)
     ref = _ready(engine)
@@ -365,7 +373,7 @@ def test_not_booked_inside_the_window_waits_then_is_sent_once_more(
     assert {i.state for i in engine.order(ref).items} == {"shipped"}
 
     _window(sandbox, processing_offset_hours=0)  # the window has passed
-    _due(server_db_url)
+    _due(db_url)
     engine.tick(now=_now() + timedelta(seconds=2))
     assert {i.state for i in engine.order(ref).items} == {"ready for refund"}
     results = [c.result for c in calls_of(sandbox.gateway.received)
@@ -374,7 +382,7 @@ def test_not_booked_inside_the_window_waits_then_is_sent_once_more(
 
 
 def test_a_booking_that_does_not_show_yet_is_waited_for_and_never_sent_twice(
-    engine, sandbox, server_db_url
+    engine, sandbox, db_url
 ) -> None:
     _window(sandbox, processing_offset_hours=1, status_lag_s=3600)
     ref = _ready(engine)
@@ -382,13 +390,13 @@ def test_a_booking_that_does_not_show_yet_is_waited_for_and_never_sent_twice(
     engine.trigger("ship", ref, now=_now())
     tx = next(t for t in sandbox.gateway.transactions.values() if t.order_id == ref)
     assert sandbox.gateway.ledger(tx.transaction_id)["SKU-100"].delivered == 3
-    _due(server_db_url)
+    _due(db_url)
     engine.tick(now=_now() + timedelta(seconds=1))
     (intent,) = engine.intents(ref)
     assert intent.status == "pending"  # RatePAY shows nothing yet, inside its window: wait
 
     _window(sandbox, status_lag_s=0)  # RatePAY has processed it
-    _due(server_db_url)
+    _due(db_url)
     engine.tick(now=_now() + timedelta(seconds=2))
     assert {i.state for i in engine.order(ref).items} == {"ready for refund"}
     assert _count(sandbox, "CONFIRMATION_DELIVER") == 1
