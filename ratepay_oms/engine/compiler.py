@@ -194,6 +194,12 @@ class CompiledProcess:
         database (see ``__init__``), else ``None`` (the runner has to fire it)."""
         return self._plain.get((state, event))
 
+    def fixed(self, state: str, event: str | None) -> TransitionDef | None:
+        """The transition ``event`` takes from ``state`` whatever the item (no condition
+        decides it), or ``None`` when conditions decide or nothing leads on: the runner then
+        chooses per item (:meth:`choose`)."""
+        return self._fixed.get((state, event))
+
     def choose(self, event: str | None, subject: Subject) -> TransitionDef | None:
         """The transition ``event`` takes for ``subject`` (``None``: it stays).
 
