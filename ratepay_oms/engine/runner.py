@@ -400,12 +400,41 @@ class Runner:
         moves: list[Moves] = []
         stayed: list[OrderItem] = []
         has_conditions = any(t.condition for t in candidates)
-        remaining = list(items)
+        last: TransitionDef | None = None
+
+        def place(item: OrderItem, chosen: TransitionDef | None) -> None:
+            nonlocal last
+            if chosen is None:
+                stayed.append(item)
+            elif chosen is last:
+                moves[-1].items.append(item)
+            else:
+                moves.append(Moves(key_of(chosen), group.order, [item]))
+                last = chosen
+
+        # The whole group at once, a condition at a time (``CompiledProcess.choose_many``).
+        # Conditions should only read; a savepoint still protects the transaction from one
+        # that fails inside the database (PostgreSQL aborts the whole transaction then).
+        try:
+            with self.session.begin_nested() if has_conditions else nullcontext():
+                answers, asked = compiled.choose_many(
+                    group.state, group.event, group.order, items, ctx
+                )
+        except Exception as exc:
+            if database_lost(exc):
+                raise
+            remaining = list(items)  # item by item below, to find the one that fails
+        else:
+            remaining = []
+            for condition in asked:
+                self.writer.record_condition(
+                    [items[index] for index in condition.at], group.process, group.state,
+                    group.event, condition.condition, condition.verdicts,
+                )
+            for item, chosen in zip(items, answers, strict=True):
+                place(item, chosen)
         while remaining:
-            # Conditions should only read; a savepoint still protects the transaction from one
-            # that fails inside the database (PostgreSQL aborts the whole transaction then).
             done = 0
-            last: TransitionDef | None = None
             try:
                 with self.session.begin_nested() if has_conditions else nullcontext():
                     for item in remaining:
@@ -415,13 +444,7 @@ class Runner:
                             item, group.process, group.state, group.event, subject.checks
                         )
                         done += 1
-                        if chosen is None:
-                            stayed.append(item)
-                        elif chosen is last:
-                            moves[-1].items.append(item)
-                        else:
-                            moves.append(Moves(key_of(chosen), group.order, [item]))
-                            last = chosen
+                        place(item, chosen)
             except Exception as exc:
                 if database_lost(exc):
                     raise
