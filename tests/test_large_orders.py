@@ -271,3 +271,122 @@ def test_event_on_a_big_order_prints_one_line_per_move_not_per_unit(engine, cli_
     moves = [line for line in out.splitlines() if line.startswith(f"{UNITS} items: ")]
     assert moves and "ready for shipment →" in moves[0]
     assert not any(line.startswith("item ") for line in out.splitlines())
+
+
+# -- the large path writes what the small path writes ----------------------------------------
+
+
+def _item_rows(engine: Engine, ref: str) -> tuple[list[Any], list[Any]]:
+    """Every durable row of the order per item (history, transition log, condition answers,
+    outcomes, timeouts, the item's own columns), with ids and moments left out, and the
+    order's intents."""
+    from ratepay_oms.persistence.models import (
+        EventTimeout,
+        Intent,
+        OrderItem,
+        StateHistory,
+        TransitionLog,
+    )
+
+    def plain(detail: str | None) -> Any:
+        read = json.loads(detail) if detail else None
+        if read and read.get("outcome"):
+            read["outcome"] = {k: v for k, v in read["outcome"].items()
+                               if k not in ("id", "created_at")}
+        return read
+
+    with engine.session() as session:
+        order_id = session.scalar(sa.text("SELECT id FROM oms_order WHERE order_ref = :r"),
+                                  {"r": ref})
+        items = session.scalars(
+            sa.select(OrderItem).where(OrderItem.order_id == order_id).order_by(OrderItem.id)
+        ).all()
+        rows: dict[int, dict[str, list[Any]]] = {
+            i.id: {"item": [(i.state, i.intent_id, i.retry_at, i.attempts, i.last_error)]}
+            for i in items
+        }
+        queries = {
+            "history": (StateHistory, lambda h: (h.from_state, h.to_state, h.event,
+                                                 bool(h.forced), h.data)),
+            "log": (TransitionLog, lambda t: (t.process, t.event, t.source_state,
+                                              t.target_state, t.command, t.condition,
+                                              bool(t.is_error), t.error_message)),
+            "conditions": (ConditionResult, lambda c: (c.condition, c.process, c.state,
+                                                       c.event, bool(c.result),
+                                                       plain(c.detail))),
+            "outcomes": (RatepayItemOutcome, lambda o: (o.action, bool(o.success),
+                                                        o.operation, o.subtype,
+                                                        o.result_code, o.reason_code,
+                                                        o.message)),
+        }
+        for name, (model, shape) in queries.items():
+            for row in session.scalars(
+                sa.select(model).where(model.order_id == order_id).order_by(model.id)
+            ):
+                rows[row.item_id].setdefault(name, []).append(shape(row))
+        for timeout in session.scalars(
+            sa.select(EventTimeout).where(EventTimeout.item_id.in_(list(rows)))
+            .order_by(EventTimeout.id)
+        ):
+            rows[timeout.item_id].setdefault("timeouts", []).append(
+                (timeout.state, timeout.event))
+        intents = [
+            (i.command, i.state, i.event, i.status, i.resolution, len(json.loads(i.item_ids)))
+            for i in session.scalars(
+                sa.select(Intent).where(Intent.order_id == order_id).order_by(Intent.id))
+        ]
+    return [rows[i.id] for i in items], intents
+
+
+def test_a_big_order_writes_per_unit_exactly_what_a_small_one_writes(engine):
+    """Placing and shipping 300 units (outcomes and conditions set-based, the group chosen
+    at once) leaves every unit with the same rows, in the same order, as each unit of a
+    3-unit order (outcomes one by one), and one intent per call either way."""
+    small, big = f"S-{uuid.uuid4().hex[:8]}", f"L-{uuid.uuid4().hex[:8]}"
+    doc = big_order(small)
+    doc["items"] = [dict(line, quantity=1) for line in doc["items"]]
+    engine.place_order(doc)
+    engine.place_order(big_order(big))
+    for ref in (small, big):
+        engine.trigger("ship", ref)
+    small_rows, small_intents = _item_rows(engine, small)
+    big_rows, big_intents = _item_rows(engine, big)
+    assert len(small_rows) == 3 and len(big_rows) == UNITS
+    expected = small_rows[0]
+    assert all(rows == expected for rows in small_rows)
+    assert set(expected) == {"item", "history", "log", "conditions", "outcomes", "timeouts"}
+    assert len(expected["conditions"]) == 3  # request, confirmation, delivery answers
+    assert all(answer[4] and answer[5]["outcome"] for answer in expected["conditions"])
+    for rows in big_rows:
+        assert rows == expected
+    assert [i[:5] for i in big_intents] == [i[:5] for i in small_intents]
+    assert [i[5] for i in big_intents] == [UNITS] * len(big_intents)
+    assert [i[5] for i in small_intents] == [3] * len(small_intents)
+
+
+def test_the_collector_pauses_only_for_big_work_and_comes_back():
+    import gc
+
+    from ratepay_oms.engine.collector import CollectorPause
+
+    assert gc.isenabled()
+    with CollectorPause(threshold=10) as pause:
+        pause.engage(9)
+        assert gc.isenabled()  # small work: untouched
+        pause.engage(10)
+        assert not gc.isenabled()
+        with CollectorPause(threshold=10) as inner:  # another drive at the same time
+            inner.engage(50)
+        assert not gc.isenabled()  # still the outer one's
+    assert gc.isenabled()
+    gc.disable()  # a host that switched it off keeps it off
+    try:
+        with CollectorPause(threshold=1) as pause:
+            pause.engage(5)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError), CollectorPause(threshold=1) as pause:
+        pause.engage(5)
+        raise RuntimeError("a drive that fails")
+    assert gc.isenabled()

@@ -17,6 +17,7 @@ candidate transition, and a command must run once per event.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,17 @@ class _ConditionCheck:
 
     def __call__(self, event_data: Any) -> bool:
         return self.ask(event_data.model)
+
+    def ask_many(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> list[Verdict]:
+        """The condition's answers for ``items`` at once (``Condition.check_many``)."""
+        answers = self.registry.condition(self.name).check_many(ctx, order, items)
+        if len(answers) != len(items):
+            raise ValueError(
+                f"condition {self.name}: {len(answers)} answers for {len(items)} items"
+            )
+        return [verdict_of(answer) for answer in answers]
 
     def ask(self, subject: Subject) -> bool:
         condition = self.registry.condition(self.name)
@@ -194,6 +206,48 @@ class CompiledProcess:
         database (see ``__init__``), else ``None`` (the runner has to fire it)."""
         return self._plain.get((state, event))
 
+    def fixed(self, state: str, event: str | None) -> TransitionDef | None:
+        """The transition ``event`` takes from ``state`` whatever the item (no condition
+        decides it), or ``None`` when conditions decide or nothing leads on: the runner then
+        chooses per item (:meth:`choose`)."""
+        return self._fixed.get((state, event))
+
+    def choose_many(
+        self,
+        state: str,
+        event: str | None,
+        order: Order,
+        items: Sequence[OrderItem],
+        ctx: CommandContext,
+    ) -> tuple[list[TransitionDef | None], list[Asked]]:
+        """What :meth:`choose` answers for each of ``items`` (one group: same state, event
+        and order), a condition at a time: each transition's condition is asked for all
+        items no earlier one took, at once (``Condition.check_many``); the fallback takes
+        the rest. Also returns the conditions asked, in the order asked (so each item's
+        answers are in the order ``choose`` would have asked them).
+
+        A condition that raises propagates; the caller then asks item by item."""
+        chosen: list[TransitionDef | None] = [None] * len(items)
+        asked: list[Asked] = []
+        pending = list(range(len(items)))
+        for transition, check in self._walk.get((state, event), ()):
+            if not pending:
+                break
+            if check is None:
+                for index in pending:
+                    chosen[index] = transition
+                break
+            verdicts = check.ask_many(ctx, order, [items[index] for index in pending])
+            asked.append(Asked(check.name, pending, verdicts))
+            left = []
+            for index, verdict in zip(pending, verdicts, strict=True):
+                if verdict.holds:
+                    chosen[index] = transition
+                else:
+                    left.append(index)
+            pending = left
+        return chosen, asked
+
     def choose(self, event: str | None, subject: Subject) -> TransitionDef | None:
         """The transition ``event`` takes for ``subject`` (``None``: it stays).
 
@@ -208,6 +262,16 @@ class CompiledProcess:
                 subject.chosen = transition
                 return transition
         return None
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One condition asked for some of a group's items (``at``: their positions in the
+    group), with its answers in the same order."""
+
+    condition: str
+    at: list[int]
+    verdicts: list[Verdict]
 
 
 def compile_processes(

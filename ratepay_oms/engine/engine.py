@@ -30,6 +30,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from ratepay_oms.config import OmsConfig, attach_ratepay
 from ratepay_oms.engine.claims import Claims, LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc
+from ratepay_oms.engine.collector import CollectorPause
 from ratepay_oms.engine.compiler import CompiledProcess, compile_processes
 from ratepay_oms.engine.context import EngineContext
 from ratepay_oms.engine.drive import DEFAULT_CONCURRENCY, Drive
@@ -275,15 +276,19 @@ class Engine:
             if fire and on_enter is not None:
                 runner.run(group_items([(i, on_enter.name) for i in items], {row.id: row}))
 
-        try:
-            # The payment request runs after the order is committed (its intent with it).
-            self._drive(now, RunStats()).run(place)
-        except IntegrityError as exc:
-            with self._sessions() as session:
-                if session.scalar(select(Order.id).where(Order.order_ref == order_input.order_ref)):
-                    raise _duplicate(order_input.order_ref) from exc
-            raise
-        view = self.order(order_input.order_ref)
+        with CollectorPause() as pause:
+            pause.engage(sum(line.quantity for line in order_input.items))
+            try:
+                # The payment request runs after the order is committed (its intent with it).
+                self._drive(now, RunStats()).run(place)
+            except IntegrityError as exc:
+                with self._sessions() as session:
+                    if session.scalar(
+                        select(Order.id).where(Order.order_ref == order_input.order_ref)
+                    ):
+                        raise _duplicate(order_input.order_ref) from exc
+                raise
+            view = self.order(order_input.order_ref)
         log.info("placed order %s (%s, %d items)", view.order_ref, view.process, len(view.items))
         return view
 
@@ -316,6 +321,7 @@ class Engine:
         now = naive_utc(now)
         stats = RunStats()
         event_data = _event_data(data)
+        pause = CollectorPause()
 
         def fire(runner: Runner) -> None:
             runner.data = event_data
@@ -334,11 +340,13 @@ class Engine:
             # ``order.items`` (a booking's whole basket) does not load them again.
             set_committed_value(order, "items", list(items))
             chosen = _select_for_event(definition, order_ref, event, items, item_ids)
+            pause.engage(len(chosen))  # a big order's objects live until its calls settle
             runner.run(
                 group_items([(i, event) for i in chosen], {order.id: order}), record_stays=True
             )
 
-        self._drive(now, stats).run(fire)
+        with pause:
+            self._drive(now, stats).run(fire)
         return _trigger_result(event, stats)
 
     def trigger_many(

@@ -59,6 +59,7 @@ from ratepay_oms.persistence.conditions import ConditionResult
 from ratepay_oms.persistence.models import (
     OUTBOX_PENDING,
     EventTimeout,
+    Order,
     OrderItem,
     OutboxEntry,
     StateHistory,
@@ -144,17 +145,20 @@ class Origin:
 
 
 @dataclass(frozen=True)
-class Move:
-    """One item taking one transition (``condition`` is the one that let it pass, if any)."""
+class Moves:
+    """Items of one order taking one transition together (``key.condition`` is the one that
+    let them pass, if any): a whole group when its transition needs no condition, else each
+    run of consecutive items the conditions sent the same way. One object per run, not per
+    item: a 10,000-unit order moves four times while it is placed, and everything after the
+    choice (the writes, the committed values, the next round's groups) is the same for the
+    whole run."""
 
-    item: OrderItem
-    process: str
-    source: str
-    target: str
-    event: str | None
-    command: str | None
-    condition: str | None
+    key: MoveKey
+    order: Order
+    items: list[OrderItem]
 
+
+_ConditionRow = tuple[int, int, tuple[str, str, str | None, str], bool, str | None]
 
 _CLEARED_RETRY: dict[str, Any] = {
     "retry_event": None,
@@ -172,7 +176,9 @@ class StateWriter:
         self.now = now
         self.origin = origin
         self._log_rows: list[dict[str, Any]] = []
-        self._condition_rows: dict[tuple[int, str], dict[str, Any]] = {}
+        self._condition_rows: dict[tuple[int, str], _ConditionRow] = {}
+        """Per (item id, condition): (item id, order id, (process, state, event, condition),
+        result, detail); the newest answer replaces an older one of the same transaction."""
 
     # -- transition log ------------------------------------------------------------------
 
@@ -228,32 +234,44 @@ class StateWriter:
         """Remember each condition's answer for ``item`` (written with the log): the newest
         per (item, condition) replaces the one before (``oms_condition_result``)."""
         for name, verdict in checks:
-            detail = None
-            if verdict.read:
-                detail = verdict.encoded
-                if detail is None:
-                    detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
-                if len(detail) > MAX_DETAIL:  # keep it valid JSON, say it was cut
-                    detail = json.dumps({"truncated": detail[: MAX_DETAIL - 50]})
-            self._condition_rows[(item.id, name)] = {
-                "item_id": item.id,
-                "order_id": item.order_id,
-                "process": process,
-                "state": state,
-                "event": event,
-                "condition": name,
-                "result": verdict.holds,
-                "detail": detail,
-                "evaluated_at": self.now,
-            }
+            self._condition_rows[(item.id, name)] = (
+                item.id, item.order_id, (process, state, event, name), verdict.holds,
+                _detail(verdict),
+            )
+
+    def record_condition(
+        self,
+        items: Sequence[OrderItem],
+        process: str,
+        state: str,
+        event: str | None,
+        name: str,
+        verdicts: Sequence[Verdict],
+    ) -> None:
+        """Condition ``name``'s answers for ``items`` (one each, in their order): what
+        :meth:`record_conditions` remembers, a whole group's at once."""
+        shared = (process, state, event, name)
+        rows = self._condition_rows
+        for item, verdict in zip(items, verdicts, strict=True):
+            item_id = item.id
+            rows[(item_id, name)] = (
+                item_id, item.order_id, shared, verdict.holds, _detail(verdict)
+            )
 
     def _flush_conditions(self) -> None:
+        """Forget the older answers of the conditions asked, write the new ones.
+
+        On SQLite with JSON the rows of each run that shares process, state, event and
+        condition go in set-based: one ``INSERT … SELECT`` from a JSON array of (item id,
+        order id, result, detail) per chunk, the shared values as parameters (a 10,000-unit
+        order's two condition rounds bound 180,000 parameters one by one); elsewhere by
+        one executemany."""
         if not self._condition_rows:
             return
         rows, self._condition_rows = list(self._condition_rows.values()), {}
         by_name: dict[str, list[int]] = defaultdict(list)
         for row in rows:
-            by_name[row["condition"]].append(row["item_id"])
+            by_name[row[2][3]].append(row[0])
         # Prebuilt Core statements on the session's connection (the ORM objects of these
         # rows are never loaded by the engine), after whatever the session holds.
         self.session.flush()
@@ -263,8 +281,28 @@ class StateWriter:
         for name, ids in by_name.items():
             for part in chunked(sorted(ids)):
                 conn.execute(forget, {"ids": _ids_value(part, style), "name": name})
-        for rows_part in chunked(rows):
-            conn.execute(_INSERT_CONDITIONS, list(rows_part))
+        if style != "json":
+            for rows_part in chunked(rows):
+                conn.execute(_INSERT_CONDITIONS, [
+                    {"item_id": item_id, "order_id": order_id, "process": shared[0],
+                     "state": shared[1], "event": shared[2], "condition": shared[3],
+                     "result": result, "detail": detail, "evaluated_at": self.now}
+                    for item_id, order_id, shared, result, detail in rows_part
+                ])
+            return
+        statement = prebuilt("conditions from json", style, _conditions_from_json)
+        start = 0
+        while start < len(rows):  # runs of rows with the same shared values, in order
+            shared = rows[start][2]
+            end = start + 1
+            while end < len(rows) and end - start < CHUNK and rows[end][2] == shared:
+                end += 1
+            conn.execute(statement, {
+                "rows": json.dumps([[r[0], r[1], r[3], r[4]] for r in rows[start:end]]),
+                "v_process": shared[0], "v_state": shared[1], "v_event": shared[2],
+                "v_condition": shared[3], "v_now": self.now,
+            })
+            start = end
 
     # -- entering states -----------------------------------------------------------------
 
@@ -295,7 +333,7 @@ class StateWriter:
 
     def write_moves(
         self,
-        moves: Sequence[Move],
+        moves: Sequence[Moves],
         definitions: Mapping[str, ProcessDefinition],
         *,
         data: Mapping[str, Any] | None = None,
@@ -305,15 +343,15 @@ class StateWriter:
         if not moves:
             self.flush_log()
             return
-        groups: dict[MoveKey, list[int]] = defaultdict(list)
-        for move in moves:
-            key = MoveKey(
-                move.process, move.source, move.target, move.event, move.command, move.condition
-            )
-            groups[key].append(move.item.id)
+        groups: dict[MoveKey, list[int]] = {}
+        for run in moves:
+            ids = groups.get(run.key)
+            if ids is None:
+                ids = groups[run.key] = []
+            ids.extend([item.id for item in run.items])
         self.write_grouped_moves(groups, definitions, data=data)
-        for move in moves:
-            _committed_move(move.item, move.target, self.now)
+        for run in moves:
+            _committed_moves(run.items, run.key.target, self.now)
         self.flush_log()
 
     def write_grouped_moves(
@@ -528,25 +566,26 @@ class StateWriter:
     # -- helpers ---------------------------------------------------------------------------
 
 
-def _committed_move(item: OrderItem, target: str, now: datetime) -> None:
-    """Give ``item`` the values a move wrote (state, since, cleared retry and intent) as its
-    committed state. An item with no pending change and nothing expired gets them straight into its
-    ``__dict__`` (what ``set_committed_value`` does, without six calls through the attribute
-    machinery per item: 10,000 items move several times when a big order is placed)."""
-    state = instance_state(item)
-    if state.committed_state or state.expired_attributes:
-        set_committed_value(item, "state", target)
-        set_committed_value(item, "state_entered_at", now)
-        for name, value in _CLEARED_RETRY.items():
-            set_committed_value(item, name, value)
-        set_committed_value(item, "retry_event", None)
-        set_committed_value(item, "intent_id", None)
-        return
-    values = state.dict
-    values["state"] = target
-    values["state_entered_at"] = now
-    values["intent_id"] = None  # the move's UPDATE clears it (see ``_move_statement``)
-    values.update(_CLEARED_RETRY)
+def _committed_moves(items: Iterable[OrderItem], target: str, now: datetime) -> None:
+    """Give ``items`` the values their move wrote (state, since, cleared retry and intent) as
+    their committed state. An item with no pending change and nothing expired gets them
+    straight into its ``__dict__`` (what ``set_committed_value`` does, without six calls
+    through the attribute machinery per item: 10,000 items move several times when a big
+    order is placed)."""
+    for item in items:
+        state = instance_state(item)
+        if state.committed_state or state.expired_attributes:
+            set_committed_value(item, "state", target)
+            set_committed_value(item, "state_entered_at", now)
+            for name, value in _CLEARED_RETRY.items():
+                set_committed_value(item, name, value)
+            set_committed_value(item, "intent_id", None)
+            continue
+        values = state.dict
+        values["state"] = target
+        values["state_entered_at"] = now
+        values["intent_id"] = None  # the move's UPDATE clears it (see ``_move_statement``)
+        values.update(_CLEARED_RETRY)
 
 
 # -- the statements of a move, built once ---------------------------------------------------
@@ -823,6 +862,40 @@ def _resting_statement(kind: str, style: str) -> Executable:
 
 _CONDITIONS = _table(ConditionResult)
 _INSERT_CONDITIONS = insert(_CONDITIONS)
+
+
+def _detail(verdict: Verdict) -> str | None:
+    """What a condition read, as stored in ``oms_condition_result.detail``."""
+    if not verdict.read:
+        return None
+    detail = verdict.encoded
+    if detail is None:
+        detail = json.dumps(dict(verdict.read), default=str, sort_keys=True)
+    if len(detail) > MAX_DETAIL:  # keep it valid JSON, say it was cut
+        detail = json.dumps({"truncated": detail[: MAX_DETAIL - 50]})
+    return detail
+
+
+def _conditions_from_json(style: str) -> Executable:
+    """``INSERT INTO oms_condition_result … SELECT`` from the JSON array ``:rows`` of
+    ``[item id, order id, result, detail]`` (SQLite), the other columns the ``v_…``
+    parameters; the rows in the array's order."""
+    rows = func.json_each(bindparam("rows", type_=String)).table_valued("key", "value")
+
+    def at(index: int) -> ColumnElement[Any]:
+        return func.json_extract(rows.c.value, literal(f"$[{index}]"))
+
+    table = _CONDITIONS
+    return insert(table).from_select(
+        ["item_id", "order_id", "process", "state", "event", "condition", "result", "detail",
+         "evaluated_at"],
+        select(
+            at(0), at(1), _param(table, "process", "v_process"),
+            _param(table, "state", "v_state"), _param(table, "event", "v_event"),
+            _param(table, "condition", "v_condition"), at(2), at(3),
+            _param(table, "evaluated_at", "v_now"),
+        ).order_by(rows.c.key),
+    )
 
 
 def _forget_conditions_statement(style: str) -> Executable:

@@ -195,6 +195,15 @@ class Condition(ABC):
         """The answer; a ``Verdict`` (``engine.verdict``) also says what it read, which the
         engine records for ``explain``."""
 
+    def check_many(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> Sequence[bool | Verdict]:
+        """The answers for ``items`` of one group, one per item in their order: what
+        :meth:`check` answers for each (this default asks it). The engine asks a group's
+        items together; a condition that answers them cheaper at once overrides this. When
+        it raises, the engine asks item by item to find the one that fails."""
+        return [self.check(ctx, order, item) for item in items]
+
 
 ConditionFunction: TypeAlias = "Callable[[CommandContext, Order, OrderItem], bool | Verdict]"
 AnyCommand: TypeAlias = "ByItemCommand | ByOrderCommand | ExternalCommand[Any, Any]"

@@ -38,7 +38,8 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
 from ratepay_oms.engine.persist import (
-    Move,
+    MoveKey,
+    Moves,
     StateWriter,
     chunked,
     ids_clause,
@@ -65,6 +66,7 @@ from ratepay_oms.persistence.models import (
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.context import EngineContext
+    from ratepay_oms.process.model import TransitionDef
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +223,10 @@ class Runner:
         self.writer.flush_log()
         self.session.flush()
 
-    def _rounds(self, pending: list[Group], carried: list[Move], *, record_stays: bool) -> None:
+    def _rounds(self, pending: list[Group], carried: list[Moves], *, record_stays: bool) -> None:
         first = True
         while pending or carried:
-            moves: list[Move] = carried
+            moves: list[Moves] = carried
             carried = []
             self._first_round = first
             for group in pending:
@@ -236,29 +238,33 @@ class Runner:
             self.writer.write_moves(
                 moves, self.engine.definitions, data=self.data if first else None
             )
-            self.stats.items_moved += len(moves)
-            self.stats.moves.extend((m.item.id, m.source, m.target) for m in moves)
+            for run in moves:
+                key = run.key
+                self.stats.items_moved += len(run.items)
+                self.stats.moves.extend([(i.id, key.source, key.target) for i in run.items])
             pending = self._on_enter_groups(moves)
             first = False
         self.finish()
 
-    def _on_enter_groups(self, moves: Sequence[Move]) -> list[Group]:
-        landed: list[tuple[OrderItem, str | None]] = []
-        orders: dict[int, Order] = {}
+    def _on_enter_groups(self, moves: Sequence[Moves]) -> list[Group]:
+        """The next round: the moved items grouped by (order, process, state, on-enter event)
+        as :func:`group_items` groups them, but a run at a time (its items share all four)."""
+        groups: dict[tuple[int, str, str, str], Group] = {}
         events: dict[tuple[str, str], str | None] = {}
-        for move in moves:
-            # Per (process, target) and per order, not per item: a 10,000-unit order's moves
-            # share a handful of targets and one order (``item.order`` is a lookup each).
-            where = (move.process, move.target)
+        for run in moves:
+            where = (run.key.process, run.key.target)
             if where not in events:
-                found = self.engine.definitions[move.process].on_enter_event(move.target)
+                found = self.engine.definitions[run.key.process].on_enter_event(run.key.target)
                 events[where] = found.name if found is not None else None
             event = events[where]
-            if event is not None:
-                landed.append((move.item, event))
-                if move.item.order_id not in orders:
-                    orders[move.item.order_id] = move.item.order
-        return group_items(landed, orders)
+            if event is None:
+                continue
+            key = (run.order.id, run.key.process, run.key.target, event)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group(run.order, key[1], key[2], event, [])
+            group.items.extend(run.items)
+        return list(groups.values())
 
     # -- one group -----------------------------------------------------------------------
 
@@ -269,7 +275,7 @@ class Runner:
             self.session, definition, group.event, self.now, self.engine.services, data
         )
 
-    def _fire(self, group: Group, *, record_stays: bool) -> list[Move]:
+    def _fire(self, group: Group, *, record_stays: bool) -> list[Moves]:
         definition = self.engine.definitions[group.process]
         event_def = definition.events.get(group.event) if group.event is not None else None
         command_name = event_def.command if event_def is not None else None
@@ -309,7 +315,7 @@ class Runner:
         command: ExternalCommand[Any, Any],
         ctx: CommandContext,
         record_stays: bool,
-    ) -> list[Move]:
+    ) -> list[Moves]:
         """Let ``command`` plan its call and write the intent (the drive loop sends it after
         this transaction commits); a plan without a call goes on as answered."""
         try:
@@ -367,19 +373,67 @@ class Runner:
         command_name: str | None,
         ctx: CommandContext,
         record_stays: bool,
-    ) -> list[Move]:
+    ) -> list[Moves]:
         """Pick each item's transition (conditions first, the fallback last): the one place
         that chooses, through ``CompiledProcess.choose`` (which records each condition's
-        answer on the subject). Items that stay get their retry cleared."""
+        answer on the subject). Items that stay get their retry cleared.
+
+        Where the machine's answer needs no condition (``CompiledProcess.fixed``) it is the
+        same for every item, so the whole group is one run; otherwise the items go one by one
+        and consecutive items sent the same way form a run (in the items' order)."""
         compiled = self.engine.compiled[group.process]
+        keys: dict[int, MoveKey] = {}
+
+        def key_of(chosen: TransitionDef) -> MoveKey:
+            key = keys.get(id(chosen))
+            if key is None:
+                key = keys[id(chosen)] = MoveKey(
+                    group.process, group.state, chosen.target, group.event, command_name,
+                    chosen.condition,
+                )
+            return key
+
+        fixed = compiled.fixed(group.state, group.event)
+        if fixed is not None:
+            return [Moves(key_of(fixed), group.order, items)] if items else []
         candidates = compiled.definition.transitions_from(group.state, group.event)
-        moves: list[Move] = []
+        moves: list[Moves] = []
         stayed: list[OrderItem] = []
         has_conditions = any(t.condition for t in candidates)
-        remaining = list(items)
+        last: TransitionDef | None = None
+
+        def place(item: OrderItem, chosen: TransitionDef | None) -> None:
+            nonlocal last
+            if chosen is None:
+                stayed.append(item)
+            elif chosen is last:
+                moves[-1].items.append(item)
+            else:
+                moves.append(Moves(key_of(chosen), group.order, [item]))
+                last = chosen
+
+        # The whole group at once, a condition at a time (``CompiledProcess.choose_many``).
+        # Conditions should only read; a savepoint still protects the transaction from one
+        # that fails inside the database (PostgreSQL aborts the whole transaction then).
+        try:
+            with self.session.begin_nested() if has_conditions else nullcontext():
+                answers, asked = compiled.choose_many(
+                    group.state, group.event, group.order, items, ctx
+                )
+        except Exception as exc:
+            if database_lost(exc):
+                raise
+            remaining = list(items)  # item by item below, to find the one that fails
+        else:
+            remaining = []
+            for condition in asked:
+                self.writer.record_condition(
+                    [items[index] for index in condition.at], group.process, group.state,
+                    group.event, condition.condition, condition.verdicts,
+                )
+            for item, chosen in zip(items, answers, strict=True):
+                place(item, chosen)
         while remaining:
-            # Conditions should only read; a savepoint still protects the transaction from one
-            # that fails inside the database (PostgreSQL aborts the whole transaction then).
             done = 0
             try:
                 with self.session.begin_nested() if has_conditions else nullcontext():
@@ -390,20 +444,7 @@ class Runner:
                             item, group.process, group.state, group.event, subject.checks
                         )
                         done += 1
-                        if chosen is None:
-                            stayed.append(item)
-                        else:
-                            moves.append(
-                                Move(
-                                    item=item,
-                                    process=group.process,
-                                    source=group.state,
-                                    target=chosen.target,
-                                    event=group.event,
-                                    command=command_name,
-                                    condition=chosen.condition,
-                                )
-                            )
+                        place(item, chosen)
             except Exception as exc:
                 if database_lost(exc):
                     raise
@@ -531,7 +572,7 @@ class Runner:
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
         # Items that move are unmarked by their move's UPDATE; the others here.
-        moving = {m.item.id for m in moves}
+        moving = {i.id for run in moves for i in run.items}
         mark_items(self.session, [i for i in items if i.id not in moving], None)
         if isinstance(summary.get(EVENT_DATA_KEY), dict):
             self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it

@@ -9,6 +9,7 @@ per group for all the order's items, see :func:`newest_outcome`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,24 +59,28 @@ _ID_MARK = -7_391_046_282_513
 def _verdict(ctx: CommandContext, holds: bool, action: str, outcome: Outcome | None) -> Verdict:
     """``holds`` with what was read, and that read already as JSON: the items of one group
     mostly read outcomes that differ only in their id (one command wrote them all at once),
-    so the JSON is encoded once per distinct rest (kept for the group in ``ctx.memo``) and
-    the id spliced in. The text is the same as ``json.dumps(read, sort_keys=True,
-    default=str)``, which the engine would otherwise run per item."""
-    read = _read(action, outcome)
+    so the JSON is encoded once per distinct rest (kept for the group in ``ctx.memo``, with
+    the read's other values) and the id spliced in. The text is the same as
+    ``json.dumps(read, sort_keys=True, default=str)``, which the engine would otherwise run
+    per item."""
     if outcome is None or type(outcome.id) is not int:
-        return Verdict(holds, read)
-    templates: dict[tuple[Any, ...], tuple[str, str] | None] = ctx.memo.setdefault(
-        DETAIL_MEMO, {}
+        return Verdict(holds, _read(action, outcome))
+    templates: dict[tuple[Any, ...], tuple[tuple[str, str] | None, dict[str, Any]]] = (
+        ctx.memo.setdefault(DETAIL_MEMO, {})
     )
-    inner = read["outcome"]
-    key = (action, inner["success"], inner["operation"], inner["subtype"],
-           inner["result_code"], inner["reason_code"], inner["message"], inner["created_at"])
-    if key in templates:
-        parts = templates[key]
-    else:
+    key = (action, bool(outcome.success), outcome.operation, outcome.subtype,
+           outcome.result_code, outcome.reason_code, outcome.message, outcome.created_at)
+    found = templates.get(key)
+    if found is None:
+        read = _read(action, outcome)
+        inner = read["outcome"]
         marked = {**read, "outcome": {**inner, "id": _ID_MARK}}
         pieces = json.dumps(marked, default=str, sort_keys=True).split(str(_ID_MARK))
-        parts = templates[key] = (pieces[0], pieces[1]) if len(pieces) == 2 else None
+        parts = (pieces[0], pieces[1]) if len(pieces) == 2 else None
+        templates[key] = (parts, inner)
+    else:
+        parts, inner = found
+        read = {"action": action, "outcome": {**inner, "id": outcome.id}}
     if parts is None:
         return Verdict(holds, read)
     return Verdict(holds, read, f"{parts[0]}{outcome.id}{parts[1]}")
@@ -91,6 +96,20 @@ class OutcomeSucceeded(Condition):
         outcome = newest_outcome(ctx, order, item, self.action)
         holds = outcome is not None and bool(outcome.success)
         return _verdict(ctx, holds, self.action, outcome)
+
+    def check_many(
+        self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
+    ) -> list[Verdict]:
+        """:meth:`check` for a group's items: the outcomes looked up once, and one verdict
+        per distinct outcome but its id (the items of one call share all the rest)."""
+        outcomes = newest_outcomes(ctx, order, self.action)
+        action = self.action
+        verdicts = []
+        for item in items:
+            outcome = outcomes.get(item.id)
+            holds = outcome is not None and bool(outcome.success)
+            verdicts.append(_verdict(ctx, holds, action, outcome))
+        return verdicts
 
 
 @dataclass(frozen=True)
@@ -112,14 +131,20 @@ class PaymentRequestDeclined(Condition):
 def newest_outcome(
     ctx: CommandContext, order: Order, item: OrderItem, action: str
 ) -> Outcome | None:
-    """The item's newest outcome of ``action``, read once per group for all items of the order
-    (kept in ``ctx.memo``: a context lives for one group, and its command has run before the
-    first check, so nothing writes outcomes between the read and the last check)."""
+    """The item's newest outcome of ``action`` (see :func:`newest_outcomes`)."""
+    return newest_outcomes(ctx, order, action).get(item.id)
+
+
+def newest_outcomes(ctx: CommandContext, order: Order, action: str) -> dict[int, Outcome]:
+    """The newest outcome of ``action`` per item of the order, read once per group for all
+    its items (kept in ``ctx.memo``: a context lives for one group, and its command has run
+    before the first check, so nothing writes outcomes between the read and the last
+    check)."""
     key = (OUTCOMES_MEMO, order.id, action)  # or primed by the command's apply
     outcomes: dict[int, Outcome] | None = ctx.memo.get(key)
     if outcomes is None:
         outcomes = ctx.memo[key] = latest_outcomes(ctx.session, order.id, action)
-    return outcomes.get(item.id)
+    return outcomes
 
 
 def _code(text: str | None) -> int | None:

@@ -15,9 +15,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Row, Table, func, insert, inspect, literal, null, select
+from sqlalchemy import Row, Table, bindparam, func, insert, inspect, select
 from sqlalchemy.orm import Session
 
+from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
 from ratepay_oms.orders import OrderInput, parse_order
 from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from ratepay_oms.persistence.payment import (
@@ -224,38 +225,57 @@ def _insert_outcomes_from_items(
     """The rows by ``INSERT … SELECT`` per chunk of ids; with ``RETURNING`` (where the
     database has it) their ids come back per item, and the rows for the group's conditions
     are built from those and ``same`` instead of being read back (the read-back of 10,000
-    rows was a twentieth of placing a 10,000-unit order)."""
+    rows was a twentieth of placing a 10,000-unit order).
+
+    One statement object for every call (built once per dialect style, every value a named
+    parameter, the ids one parameter where the database takes a list as one: see
+    ``ratepay_oms.engine.persist``): an ``IN`` list of a thousand literal ids was built,
+    coerced and rendered anew for every chunk."""
     session.flush()
-    returning = session.connection().dialect.insert_returning
-    table = cast(Table, RatepayItemOutcome.__table__)
-    values: list[Any] = [
-        OrderItem.id,
-        literal(order.id, table.c.order_id.type),
-        *(
-            null() if value is None else literal(value, table.c[name].type)
-            for name, value in same.items()
-        ),
-    ]
-    ids = sorted(item.id for item in items)
+    conn = session.connection()
+    returning = conn.dialect.insert_returning
+    style = ids_style(session)
+    statement = prebuilt(
+        "outcomes returning" if returning else "outcomes", style,
+        _outcomes_returning if returning else _outcomes_statement,
+    )
+    params = {f"v_{name}": value for name, value in same.items()}
+    params["v_order_id"] = order.id
     written: list[WrittenOutcome] = []
     # Positionally (``same`` is in the tuple's field order; checked once here, not per row).
     assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
-    rest = tuple(same.values())
+    rest = (order.id, *same.values())
     make = WrittenOutcome._make
-    for start in range(0, len(ids), OUTCOME_CHUNK):
-        statement = insert(table).from_select(
-            ["item_id", "order_id", *same],
-            select(*values)
-            .where(OrderItem.id.in_(ids[start : start + OUTCOME_CHUNK]))
-            .order_by(OrderItem.id),
-        )
-        if not returning:
-            session.execute(statement)
-            continue
-        result = session.execute(statement.returning(table.c.id, table.c.item_id))
-        written.extend(make((outcome_id, item_id, order.id, *rest)) for outcome_id, item_id
-                       in result)
+    for part in chunked(sorted(item.id for item in items), OUTCOME_CHUNK):
+        result = conn.execute(statement, {**params, "ids": ids_value(part, style)})
+        if returning:
+            written.extend([make((outcome_id, item_id, *rest)) for outcome_id, item_id
+                            in result])
     return written if returning else None
+
+
+_OUTCOME_VALUES = WrittenOutcome._fields[3:]
+"""The columns of an outcome row that are the same for a whole call (after its ids)."""
+
+
+def _outcomes_statement(style: str) -> Any:
+    """``INSERT INTO ratepay_item_outcome (item_id, order_id, …) SELECT id, :v_order_id, …
+    FROM oms_order_item WHERE id IN :ids ORDER BY id``."""
+    table = cast(Table, RatepayItemOutcome.__table__)
+    columns = ["item_id", "order_id", *_OUTCOME_VALUES]
+    values = [
+        OrderItem.id,
+        *(bindparam(f"v_{name}", type_=table.c[name].type) for name in columns[1:]),
+    ]
+    return insert(table).from_select(
+        columns,
+        select(*values).where(ids_clause(OrderItem.id, style)).order_by(OrderItem.id),
+    )
+
+
+def _outcomes_returning(style: str) -> Any:
+    table = cast(Table, RatepayItemOutcome.__table__)
+    return _outcomes_statement(style).returning(table.c.id, table.c.item_id)
 
 
 Outcome = RatepayItemOutcome | WrittenOutcome | Row[Any]
