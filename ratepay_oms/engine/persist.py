@@ -258,6 +258,11 @@ class StateWriter:
         # rows are never loaded by the engine), after whatever the session holds.
         self.session.flush()
         conn = self.session.connection()
+        upsert = _UPSERT_CONDITIONS.get(conn.dialect.name)
+        if upsert is not None:
+            for rows_part in chunked(rows):
+                conn.execute(upsert, list(rows_part))
+            return
         style = _ids_style(conn.dialect)
         forget = prebuilt("forget conditions", style, _forget_conditions_statement)
         for name, ids in by_name.items():
@@ -823,6 +828,32 @@ def _resting_statement(kind: str, style: str) -> Executable:
 
 _CONDITIONS = _table(ConditionResult)
 _INSERT_CONDITIONS = insert(_CONDITIONS)
+
+
+def _upsert_conditions() -> dict[str, Executable]:
+    """Where the database has ``INSERT … ON CONFLICT DO UPDATE``, the newest answer replaces
+    the older one (unique per item and condition) in the INSERT itself: one statement instead
+    of a DELETE and an INSERT. Not on MariaDB: its ``ON DUPLICATE KEY UPDATE`` takes a
+    next-key lock on the duplicate, a gap lock READ COMMITTED otherwise spares two workers
+    whose items are neighbours (see ``persistence.db``)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    keys = ["item_id", "condition"]
+    statements: dict[str, Executable] = {}
+    for name, dialect_insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert)):
+        stmt = dialect_insert(_CONDITIONS)
+        statements[name] = stmt.on_conflict_do_update(
+            index_elements=keys,
+            set_={
+                c.name: stmt.excluded[c.name]
+                for c in _CONDITIONS.c
+                if c.name not in keys and not c.primary_key
+            },
+        )
+    return statements
+
+
+_UPSERT_CONDITIONS = _upsert_conditions()
 
 
 def _forget_conditions_statement(style: str) -> Executable:
