@@ -46,6 +46,7 @@ from ratepay_oms.engine.runner import (
     RECONCILED_BOOKED,
     RECONCILED_NOT_BOOKED,
     Call,
+    Loaded,
     LoopGuard,
     Runner,
     RunStats,
@@ -185,7 +186,8 @@ class Drive:
                     log.warning("intent %s left open after: %s", call.intent_id, message)
                     work = _leave_open(call, message)
                 else:
-                    work = _settle(call, answer, ANSWERED, record_stays=call.record_stays)
+                    work = _settle(call, answer, ANSWERED, record_stays=call.record_stays,
+                                   loaded=call.loaded)
         try:
             _, more = self.transact(work, guard, release=release)
         finally:
@@ -271,10 +273,11 @@ def _merged(summary: str, facts: Mapping[str, Any]) -> str:
 
 def _settle(
     call: Call, answer: Any, resolution: str, *, record_stays: bool = False,
-    note: str | None = None,
+    note: str | None = None, loaded: Loaded | None = None,
 ) -> Callable[[Runner], object]:
     return lambda runner: runner.settle(
-        call.intent_id, answer, resolution, record_stays=record_stays, note=note
+        call.intent_id, answer, resolution, record_stays=record_stays, note=note,
+        loaded=loaded,
     )
 
 
