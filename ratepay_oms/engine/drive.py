@@ -26,13 +26,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Connection, Engine, Table, bindparam, select, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.claims import LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc, retry_delay, wall_now
@@ -44,11 +46,13 @@ from ratepay_oms.engine.runner import (
     RECONCILED_BOOKED,
     RECONCILED_NOT_BOOKED,
     Call,
+    Loaded,
     LoopGuard,
     Runner,
     RunStats,
     describe_error,
 )
+from ratepay_oms.persistence.db import one_statement
 from ratepay_oms.persistence.models import INTENT_PENDING, INTENT_UNKNOWN, Intent
 
 log = logging.getLogger(__name__)
@@ -182,7 +186,8 @@ class Drive:
                     log.warning("intent %s left open after: %s", call.intent_id, message)
                     work = _leave_open(call, message)
                 else:
-                    work = _settle(call, answer, ANSWERED, record_stays=call.record_stays)
+                    work = _settle(call, answer, ANSWERED, record_stays=call.record_stays,
+                                   loaded=call.loaded)
         try:
             _, more = self.transact(work, guard, release=release)
         finally:
@@ -210,17 +215,18 @@ class Drive:
         return _settle(call, verdict, resolution, note=verdict.detail or None)
 
     def _remember(self, call: Call, facts: Mapping[str, Any]) -> None:
-        """Merge ``facts`` into the intent's summary (own short transaction). Only this does
-        write a summary after the plan, so when the plan's summary is known the row is not
-        read back: one UPDATE."""
+        """Merge ``facts`` into the intent's summary, committed before the call goes on (the
+        transaction id PAYMENT_INIT gave is what reconciles a lost PAYMENT_REQUEST). Only
+        this does write a summary after the plan, so when the plan's summary is known the
+        row is not read back: one UPDATE, committing by itself (``one_statement``)."""
         stored = self._stored.get(call.intent_id, call.stored)
-        with self.engine.sessions() as session, session.begin():
+        with _writing(self.engine.sessions) as conn:
             if stored is None:
-                stored = session.get_one(Intent, call.intent_id).summary
+                stored = conn.execute(
+                    select(_INTENTS.c.summary).where(_INTENTS.c.id == call.intent_id)
+                ).scalar_one()
             merged = _merged(stored, facts)
-            session.connection().execute(
-                _SUMMARY_UPDATE, {"intent_id": call.intent_id, "summary": merged}
-            )
+            conn.execute(_SUMMARY_UPDATE, {"intent_id": call.intent_id, "summary": merged})
         self._stored[call.intent_id] = merged
 
     def database_failed(self, where: str, exc: SQLAlchemyError) -> None:
@@ -244,6 +250,19 @@ _SUMMARY_UPDATE = (
 )
 
 
+@contextmanager
+def _writing(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+    """``one_statement`` on the sessions' engine (a session's transaction when they are bound
+    to something else)."""
+    bind = sessions.kw.get("bind")
+    if isinstance(bind, Engine):
+        with one_statement(bind) as conn:
+            yield conn
+        return
+    with sessions() as session, session.begin():
+        yield session.connection()
+
+
 def _merged(summary: str, facts: Mapping[str, Any]) -> str:
     import json
 
@@ -254,10 +273,11 @@ def _merged(summary: str, facts: Mapping[str, Any]) -> str:
 
 def _settle(
     call: Call, answer: Any, resolution: str, *, record_stays: bool = False,
-    note: str | None = None,
+    note: str | None = None, loaded: Loaded | None = None,
 ) -> Callable[[Runner], object]:
     return lambda runner: runner.settle(
-        call.intent_id, answer, resolution, record_stays=record_stays, note=note
+        call.intent_id, answer, resolution, record_stays=record_stays, note=note,
+        loaded=loaded,
     )
 
 

@@ -276,6 +276,11 @@ class StateWriter:
         # rows are never loaded by the engine), after whatever the session holds.
         self.session.flush()
         conn = self.session.connection()
+        upsert = _UPSERT_CONDITIONS.get(conn.dialect.name)
+        if upsert is not None:  # PostgreSQL: one statement replaces the older answers
+            for rows_part in chunked(rows):
+                conn.execute(upsert, self._condition_params(rows_part))
+            return
         style = _ids_style(conn.dialect)
         forget = prebuilt("forget conditions", style, _forget_conditions_statement)
         for name, ids in by_name.items():
@@ -283,12 +288,7 @@ class StateWriter:
                 conn.execute(forget, {"ids": _ids_value(part, style), "name": name})
         if style != "json":
             for rows_part in chunked(rows):
-                conn.execute(_INSERT_CONDITIONS, [
-                    {"item_id": item_id, "order_id": order_id, "process": shared[0],
-                     "state": shared[1], "event": shared[2], "condition": shared[3],
-                     "result": result, "detail": detail, "evaluated_at": self.now}
-                    for item_id, order_id, shared, result, detail in rows_part
-                ])
+                conn.execute(_INSERT_CONDITIONS, self._condition_params(rows_part))
             return
         statement = prebuilt("conditions from json", style, _conditions_from_json)
         start = 0
@@ -303,6 +303,14 @@ class StateWriter:
                 "v_condition": shared[3], "v_now": self.now,
             })
             start = end
+
+    def _condition_params(self, rows: Iterable[_ConditionRow]) -> list[dict[str, Any]]:
+        return [
+            {"item_id": item_id, "order_id": order_id, "process": shared[0],
+             "state": shared[1], "event": shared[2], "condition": shared[3],
+             "result": result, "detail": detail, "evaluated_at": self.now}
+            for item_id, order_id, shared, result, detail in rows
+        ]
 
     # -- entering states -----------------------------------------------------------------
 
@@ -896,6 +904,34 @@ def _conditions_from_json(style: str) -> Executable:
             _param(table, "evaluated_at", "v_now"),
         ).order_by(rows.c.key),
     )
+
+
+def _upsert_conditions() -> dict[str, Executable]:
+    """On PostgreSQL the newest answer replaces the older one (unique per item and
+    condition) in the INSERT itself (``ON CONFLICT DO UPDATE``): one statement instead of a
+    DELETE and an INSERT. Not on MariaDB: its ``ON DUPLICATE KEY UPDATE`` takes a next-key
+    lock on the duplicate, a gap lock READ COMMITTED otherwise spares two workers whose items
+    are neighbours (see ``persistence.db``). Not on SQLite either: there a large order's
+    answers go in set-based from JSON (``_conditions_from_json``) after one DELETE per
+    condition, which a per-row upsert would undo."""
+    from sqlalchemy.dialects import postgresql
+
+    keys = ["item_id", "condition"]
+    statements: dict[str, Executable] = {}
+    for name, dialect_insert in (("postgresql", postgresql.insert),):
+        stmt = dialect_insert(_CONDITIONS)
+        statements[name] = stmt.on_conflict_do_update(
+            index_elements=keys,
+            set_={
+                c.name: stmt.excluded[c.name]
+                for c in _CONDITIONS.c
+                if c.name not in keys and not c.primary_key
+            },
+        )
+    return statements
+
+
+_UPSERT_CONDITIONS = _upsert_conditions()
 
 
 def _forget_conditions_statement(style: str) -> Executable:

@@ -38,6 +38,7 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
 from ratepay_oms.engine.persist import (
+    CHUNK,
     MoveKey,
     Moves,
     StateWriter,
@@ -114,6 +115,17 @@ class Call:
     stored: str | None = field(default=None, compare=False, repr=False)
     """The intent's summary as this transaction wrote it (JSON), when it planned the call:
     ``remember`` merges facts into it without reading the row back."""
+    loaded: Loaded | None = field(default=None, compare=False, repr=False)
+    """The order and the items the plan marked, as its transaction committed them: the
+    settle takes them up again instead of reading them back (see :meth:`Runner.settle`)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An order and the items of one intent, loaded in the transaction that planned it."""
+
+    order: Order
+    items: tuple[OrderItem, ...]
 
 
 @dataclass
@@ -351,8 +363,7 @@ class Runner:
             # flight, and asking too early could read "not booked" and send it twice.
             "reconcile_at": wall_now() + self.engine.claims.lease,
         }
-        intent_id = insert_intent(self.session, row)
-        mark_items(self.session, group.items, intent_id)
+        intent_id = insert_intent(self.session, row, marking=group.items)
         self.calls.append(
             Call(
                 intent_id=intent_id,
@@ -362,6 +373,7 @@ class Runner:
                 prepared=call,
                 record_stays=record_stays,
                 stored=stored,
+                loaded=Loaded(group.order, tuple(group.items)),
             )
         )
         return []
@@ -515,10 +527,17 @@ class Runner:
         *,
         record_stays: bool = False,
         note: str | None = None,
+        loaded: Loaded | None = None,
     ) -> bool:
         """Settle the intent (compare-and-set on its status, so it is applied at most once),
         apply ``answer`` (a ``Reconciled`` that is not booked: retry instead), choose, move,
-        cascade. ``False``: someone else settled it first (nothing written)."""
+        cascade. ``False``: someone else settled it first (nothing written).
+
+        ``loaded``: the order and items as the planning transaction committed them (this
+        worker's own, see ``Call.loaded``); they are taken into this session as they are
+        instead of being read again. That is safe once the compare-and-set is won: until
+        the intent is settled its items accept no event, forced move or migration (they
+        wait on it), and the order's lease keeps every other writer off the order."""
         booked = not isinstance(answer, Reconciled) or answer.booked
         conn = self.session.connection()
         returning = conn.dialect.update_returning
@@ -545,8 +564,11 @@ class Runner:
             ).one()
         assert intent is not None
         summary = json.loads(intent.summary)
-        order = self.session.get_one(Order, intent.order_id)
-        items = blocked_items(self.session, intent_id)
+        if loaded is not None and loaded.order.id == intent.order_id:
+            order, items = self._take_up(loaded)
+        else:
+            order = self.session.get_one(Order, intent.order_id)
+            items = blocked_items(self.session, intent_id)
         if not items:
             return True
         group = Group(order, intent.process, intent.state, intent.event, items)
@@ -578,6 +600,12 @@ class Runner:
             self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
         return True
+
+    def _take_up(self, loaded: Loaded) -> tuple[Order, list[OrderItem]]:
+        """``loaded``'s objects in this session, without a statement."""
+        self.session.add(loaded.order)
+        self.session.add_all(loaded.items)
+        return loaded.order, list(loaded.items)
 
     def leave_open(self, intent_id: int, message: str) -> None:
         """The call may have been booked (no usable answer): the intent stays open for
@@ -676,6 +704,11 @@ def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | No
     statement = prebuilt("mark", style, _mark_statement)
     for part in chunked([i.id for i in items]):
         conn.execute(statement, {"ids": ids_value(part, style), "intent": intent_id})
+    _marked(items, intent_id)
+
+
+def _marked(items: Sequence[OrderItem], intent_id: int | None) -> None:
+    """What the database now holds as the loaded ``intent_id`` of ``items``."""
     for item in items:
         # Straight into the loaded state when nothing of the item is pending or expired (what
         # set_committed_value does, minus its machinery: once per unit of a big order).
@@ -690,17 +723,60 @@ _INTENTS = cast(Table, Intent.__table__)
 _INSERT_INTENT = insert(_INTENTS).returning(_INTENTS.c.id)
 
 
-def insert_intent(session: Session, row: dict[str, Any]) -> int:
-    """Write an intent row; its id. One Core ``INSERT … RETURNING`` where the database has it
-    (the unit of work for one new object costs more CPU than the row), else the ORM."""
+def insert_intent(
+    session: Session, row: dict[str, Any], *, marking: Sequence[OrderItem] = ()
+) -> int:
+    """Write an intent row and mark ``marking`` as waiting on it; the intent's id. One Core
+    ``INSERT … RETURNING`` where the database has it (the unit of work for one new object
+    costs more CPU than the row), else the ORM. On PostgreSQL the first chunk of items is
+    marked by the same statement (a data-modifying CTE): one round trip for both."""
     session.flush()  # what the session holds first (the intent refers to the order)
     conn = session.connection()
+    if conn.dialect.name == "postgresql" and marking:
+        ids = [i.id for i in marking]
+        first, rest = ids[:CHUNK], marking[CHUNK:]
+        values = {f"v_{k}": v for k, v in row.items()}
+        intent_id = int(conn.execute(_INSERT_INTENT_MARKING, {**values, "ids": first}).scalar_one())
+        _marked(marking[:CHUNK], intent_id)
+        mark_items(session, rest, intent_id)
+        return intent_id
     if conn.dialect.insert_returning:
-        return int(conn.execute(_INSERT_INTENT, row).scalar_one())
-    intent = Intent(**row)
-    session.add(intent)
-    session.flush()
-    return intent.id
+        intent_id = int(conn.execute(_INSERT_INTENT, row).scalar_one())
+    else:
+        intent = Intent(**row)
+        session.add(intent)
+        session.flush()
+        intent_id = intent.id
+    mark_items(session, marking, intent_id)
+    return intent_id
+
+
+def _insert_intent_marking() -> Any:
+    """``WITH intent AS (INSERT … RETURNING id), marked AS (UPDATE oms_order_item SET
+    intent_id = (SELECT id FROM intent) WHERE id = ANY(:ids)) SELECT id FROM intent``
+    (PostgreSQL: both CTEs run to completion on one snapshot; the UPDATE reads the new id
+    through the first one's RETURNING, and the items' foreign key is checked at the end of
+    the statement, when the intent row exists)."""
+    columns = ("order_id", "process", "state", "event", "command", "item_ids", "summary",
+               "status", "worker", "attempts", "created_at", "reconcile_at")
+    intent = (
+        insert(_INTENTS)
+        # Parameters named after no column: an UPDATE in the statement would take a
+        # parameter named like one of its table's columns as a value to SET.
+        .values({c: bindparam(f"v_{c}", type_=_INTENTS.c[c].type) for c in columns})
+        .returning(_INTENTS.c.id)
+        .cte("new_intent")
+    )
+    marked = (
+        update(ITEMS)
+        .where(ids_clause(OrderItem.id, "array"))
+        .values(intent_id=select(intent.c.id).scalar_subquery())
+        .cte("marked")
+    )
+    return select(intent.c.id).add_cte(marked)
+
+
+_INSERT_INTENT_MARKING = _insert_intent_marking()
 
 
 def _mark_statement(style: str) -> Any:

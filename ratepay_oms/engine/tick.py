@@ -52,6 +52,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from ratepay_oms.engine.claims import LeaseKeeper, sqlite_worker_lock
 from ratepay_oms.engine.clock import retry_delay, wall_now
@@ -219,9 +220,12 @@ class _Step:
         set-based (:meth:`_StateStep.move_resting`), else ``None``."""
         return None
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+    def due_items(
+        self, session: Session, order_ids: Sequence[int], sizes: dict[int, int] | None = None
+    ) -> list[DueItem]:
         """What is due in ``order_ids`` (leased), by item id. Asks by ``order_id`` only and
-        decides in Python (see the module docstring)."""
+        decides in Python (see the module docstring). A step that reads every item of the
+        orders counts them per order into ``sizes`` (the others leave it alone)."""
         raise NotImplementedError
 
 
@@ -321,7 +325,9 @@ class _Retries(_Step):
             )
         )
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+    def due_items(
+        self, session: Session, order_ids: Sequence[int], sizes: dict[int, int] | None = None
+    ) -> list[DueItem]:
         due: list[DueItem] = []
         stale: list[int] = []
         for part in chunked(list(order_ids)):
@@ -392,7 +398,9 @@ class _Timeouts(_Step):
             )
         )
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+    def due_items(
+        self, session: Session, order_ids: Sequence[int], sizes: dict[int, int] | None = None
+    ) -> list[DueItem]:
         found: list[tuple[datetime, int, DueItem]] = []
         for part in chunked(list(order_ids)):
             rows = session.connection().execute(
@@ -554,7 +562,9 @@ class _StateStep(_Step):
                 moved += runner.writer.move_resting(part, self.plain[key], definitions)
         return moved
 
-    def due_items(self, session: Session, order_ids: Sequence[int]) -> list[DueItem]:
+    def due_items(
+        self, session: Session, order_ids: Sequence[int], sizes: dict[int, int] | None = None
+    ) -> list[DueItem]:
         events = self.events
         due: list[DueItem] = []
         for part in chunked(list(order_ids)):
@@ -572,6 +582,8 @@ class _StateStep(_Step):
                 key = (process, state)
                 if retry_at is None and key in events:
                     due.append(DueItem(item_id, order_id, process, state, events[key], intent_id))
+                if sizes is not None:
+                    sizes[order_id] = sizes.get(order_id, 0) + 1
         due.sort()
         return due
 
@@ -856,7 +868,8 @@ class TickRunner:
                     fast = set(resting)
                     locked = [o for o in locked if o not in fast]
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
-            due = [d for d in step.due_items(session, locked) if d.intent_id is None]
+            sizes: dict[int, int] = {}
+            due = [d for d in step.due_items(session, locked, sizes) if d.intent_id is None]
             if limit is not None:
                 due = _whole_orders(due, limit - processed)
             if not due:
@@ -864,7 +877,7 @@ class TickRunner:
             plain, fired_items = self._split(due)
             if plain:
                 self._write_plain(runner, plain)
-            leftover = self._fire(runner, fired_items, slots) if fired_items else []
+            leftover = self._fire(runner, fired_items, slots, sizes) if fired_items else []
             put_back = set(leftover)
             done = [d for d in due if d.order_id not in put_back]
             orders = dict.fromkeys(resting)
@@ -902,11 +915,16 @@ class TickRunner:
         runner.stats.items_moved += len(plain)
         runner.stats.moves.extend((d.id, d.state, t.target) for d, t in plain)
 
-    def _fire(self, runner: Runner, fired: Sequence[DueItem], slots: int) -> list[int]:
+    def _fire(
+        self, runner: Runner, fired: Sequence[DueItem], slots: int,
+        sizes: Mapping[int, int] | None = None,
+    ) -> list[int]:
         """Let the runner fire ``fired``: the orders that cannot reach a gateway call all at
         once, then those that may, one by one, until ``slots`` orders have a call planned.
         Orders beyond the slots are put back before anything of them is loaded. Returns the
-        orders not fired."""
+        orders not fired. ``sizes``: items per order, where known; an order whose items are
+        all fired gets them as its loaded ``items`` (a command reading ``order.items``, the
+        payment request's basket, does not load them again)."""
         compiled = self.engine.compiled
         calling: list[int] = []
         for d in fired:
@@ -930,6 +948,8 @@ class TickRunner:
                 (o.id, o)
                 for o in session.scalars(select(Order).where(id_in(Order.id, part, session)))
             )
+        if sizes:
+            _whole_items(fired, items, orders, sizes)
         groups = group_items([(items[d.id], d.event) for d in fired if d.id in items], orders)
         by_order: dict[int, list[Group]] = {}
         quiet: list[Group] = []
@@ -948,6 +968,26 @@ class TickRunner:
                 continue
             runner.run(by_order[order_id])
         return leftover
+
+
+def _whole_items(
+    fired: Sequence[DueItem],
+    items: Mapping[int, OrderItem],
+    orders: Mapping[int, Order],
+    sizes: Mapping[int, int],
+) -> None:
+    """Set ``order.items`` (as loaded, by id like the relationship) of each order whose every
+    item is in ``items``; the others keep a lazy collection."""
+    mine: dict[int, list[OrderItem]] = defaultdict(list)
+    for d in fired:
+        item = items.get(d.id)
+        if item is not None:
+            mine[d.order_id].append(item)
+    for order_id, its in mine.items():
+        order = orders.get(order_id)
+        if order is None or len(its) != sizes.get(order_id) or "items" in order.__dict__:
+            continue
+        set_committed_value(order, "items", sorted(its, key=lambda i: i.id))
 
 
 def _due_probe(

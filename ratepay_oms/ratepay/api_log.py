@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, Table, insert
 from sqlalchemy.orm import Session
 
 from ratepay_oms.persistence.api_log import ApiLogEntry
+from ratepay_oms.persistence.db import one_statement
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ class SqlApiLogSink:
                     self._write(session.connection(), entry)
                 return
             # A connection of the sessions' engine, no Session: its transaction bookkeeping
-            # costs more CPU than the one INSERT (the engine writes a row per gateway call).
-            with engine.begin() as conn:
+            # costs more CPU than the one INSERT (the engine writes a row per gateway call);
+            # the INSERT commits by itself (``one_statement``).
+            with one_statement(engine) as conn:
                 self._write(conn, entry)
         except Exception:
             log.exception(

@@ -282,7 +282,11 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[PaymentPayload] | None:
         facade_in(ctx.services)
-        refusal = self._attempts_refusal(ctx, order)
+        # Attempts are counted only for an order with a payment row: this plan writes it
+        # before the first PAYMENT_REQUEST can leave, so without one none ever did (a
+        # statement saved on every order's first attempt; the row is kept for ``ensure``).
+        known = store.get_payment(ctx.session, order.id)
+        refusal = self._attempts_refusal(ctx, order) if known is not None else None
         if refusal is not None:
             store.record_outcomes(
                 ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,

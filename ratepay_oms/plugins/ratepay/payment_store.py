@@ -68,7 +68,8 @@ OUTCOMES_SET_BASED = 100
 :func:`record_outcomes`)."""
 
 _PAYMENTS = "ratepay.payments"
-"""``Session.info`` key: (transaction, {order id: its payment row as loaded in it})."""
+"""``Session.info`` key: (transaction, {order id: its payment row as loaded in it, or
+``None`` when it had none})."""
 
 
 def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
@@ -81,16 +82,24 @@ def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
     kept = session.info.get(_PAYMENTS)
     if kept is None or kept[0] is not transaction:  # only within one transaction
         kept = session.info[_PAYMENTS] = (transaction, {})
-    known: dict[int, RatepayPayment] = kept[1]
-    payment = known.get(order_id)
-    if payment is not None:
+    known: dict[int, RatepayPayment | None] = kept[1]
+    if order_id in known:
+        payment = known[order_id]
+        if payment is None:
+            return None  # asked before in this transaction: none (only ensure_payment adds)
         state = inspect(payment)
         if state.persistent and state.session is session:
             return payment
     payment = session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
-    if payment is not None:
-        known[order_id] = payment
+    known[order_id] = payment
     return payment
+
+
+def _keep(session: Session, payment: RatepayPayment) -> None:
+    """``payment`` (just added) is the order's row for ``get_payment`` from now on."""
+    kept = session.info.get(_PAYMENTS)
+    if kept is not None and kept[0] is session.get_transaction():
+        kept[1][payment.order_id] = payment
 
 
 def ensure_payment(
@@ -120,6 +129,7 @@ def ensure_payment(
     if voucher_rule is not None:
         payment.voucher_rule = voucher_rule
     session.flush()
+    _keep(session, payment)
     return payment
 
 
