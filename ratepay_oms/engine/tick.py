@@ -25,6 +25,12 @@ such items costs a lock query, a check for other due work and five or six statem
 (the database could otherwise pick the ``(process, state)`` index and read every waiting row
 of the process), writes their plain moves set-based from their ids, and loads ORM objects
 only for the orders with other work, which it hands to the runner.
+
+On SQLite (no row locks: a batch holds the database's write lock) a state step whose due rows
+are many and dense in order id first moves its plain moves range by range
+(:meth:`TickRunner._move_ranges`): the statements name an order-id range, skipping leased
+orders and orders with work for the runner, so no per-order window is read into Python and no
+list of ids travels back; the window walk then finds only what the ranges left.
 """
 
 from __future__ import annotations
