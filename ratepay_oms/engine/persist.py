@@ -882,10 +882,14 @@ def _resting_statement(kind: str, style: str) -> Executable:
                 values.append(literal(0 if name == "v_zero" else False, table.c[column].type))
             else:
                 values.append(_param(table, column, name))
-        # In (order, item) order: the order the ``order_id`` index gives the rows in, so
-        # SQLite needs no sort (``ORDER BY id`` cost it a temporary B-tree per statement).
+        # SQLite: in (order, item) order, the order its ``order_id`` index gives the rows
+        # in, so it needs no sort (``ORDER BY id`` cost a temporary B-tree per statement).
+        # The servers keep ``ORDER BY id`` (MariaDB measured slower with the other).
+        order = (OrderItem.order_id, OrderItem.id) if style in ("json", "range") else (
+            OrderItem.id,
+        )
         statement = insert(table).from_select(
-            columns, select(*values).where(where).order_by(OrderItem.order_id, OrderItem.id)
+            columns, select(*values).where(where).order_by(*order)
         ).execution_options(preserve_rowcount=True)  # else -1 for an INSERT on PostgreSQL
     _RESTING[(kind, style)] = statement
     return statement
