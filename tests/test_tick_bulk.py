@@ -180,3 +180,69 @@ def test_an_idle_tick_is_one_probe_and_a_busy_one_still_runs_every_later_step(
         assert {i.state for i in eng.order(ref).items} == {"end"}
     finally:
         eng.close()
+
+
+def test_sqlite_moves_a_dense_span_range_by_range_skipping_leased_and_runner_orders(
+    engine: Engine,
+) -> None:
+    """SQLite moves the plain moves of a dense due span by order-id ranges (no per-order
+    window): every write is there, an order leased by another worker is left alone, an
+    expired lease is taken over, and an order with an item for the runner goes through the
+    window walk after the ranges, as a whole."""
+    if engine.db.dialect.name != "sqlite":
+        pytest.skip("ranges are SQLite's path; the servers lock order by order")
+    refs = [f"R-{uuid.uuid4().hex[:10]}" for _ in range(ORDERS)]
+    for r in refs:
+        engine.place_order(order_doc(r, process=DEFINITION.name, lines=LINES), now=T0, fire=False)
+    items = ORDERS * 5
+    with engine.session() as s, s.begin():
+        s.execute(
+            update(Order)
+            .where(Order.order_ref == refs[7])
+            .values(claimed_by="other-worker", claim_expires_at=datetime(2999, 1, 1))
+        )
+        s.execute(
+            update(Order)
+            .where(Order.order_ref == refs[8])
+            .values(claimed_by="dead-worker", claim_expires_at=datetime(2000, 1, 1))
+        )
+        mixed = s.scalar(select(Order.id).where(Order.order_ref == refs[20]))
+        s.execute(
+            update(OrderItem)
+            .where(OrderItem.order_id == mixed, OrderItem.sku == "SKU-B")
+            .values(state="check")
+        )
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(engine.db, "before_cursor_execute", seen)
+    try:
+        result = engine.tick(now=T0)
+    finally:
+        event.remove(engine.db, "before_cursor_execute", seen)
+
+    ranged = [
+        s for s in statements
+        if s.startswith("UPDATE oms_order_item") and "oms_order_item.order_id >" in s
+    ]
+    assert len(ranged) > 2, "the plain moves did not go range by range"
+    assert (result.items_moved, result.orders_seen, result.errors) == (
+        items - 5, ORDERS - 1, 0,
+    )
+    assert engine.order(refs[7]).states() == {"new": 5}
+    assert engine.order(refs[8]).states() == {"done": 5}
+    assert engine.order(refs[20]).states() == {"done": 5}
+    with engine.session() as s:
+        assert s.scalar(select(Order.claimed_by).where(Order.order_ref == refs[8])) is None
+        for table, column in (
+            (StateHistory, StateHistory.to_state),
+            (TransitionLog, TransitionLog.target_state),
+        ):
+            per_item = Counter(
+                s.execute(select(table.item_id).where(column == "done")).scalars()
+            )
+            assert len(per_item) == items - 5 and set(per_item.values()) == {1}
+        assert s.scalar(select(func.count()).select_from(EventTimeout)) == items - 5
+    assert engine.tick(now=T0).items_moved == 0  # nothing moves twice

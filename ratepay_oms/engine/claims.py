@@ -117,6 +117,33 @@ class Claims:
             log.warning("taking over %d expired order leases of other workers", len(expired))
         return got
 
+    def held_in_range(self, session: Session, low: int, high: int) -> list[int]:
+        """The orders with ids in ``(low, high]`` somebody holds a lease on, for a caller that
+        works on the rest of that range in its transaction (:meth:`lock` for a range of ids).
+        Only where the transaction holds the database's write lock (SQLite's ``BEGIN
+        IMMEDIATE``): there is nothing to row-lock, and nobody can lease an order meanwhile.
+        Expired leases in the range are taken over, as :meth:`lock` does."""
+        if self._skip_locked(session):
+            raise ValueError("held_in_range is for SQLite; the servers lock order by order")
+        now = wall_now()
+        held: list[int] = []
+        expired: list[int] = []
+        rows = session.connection().execute(
+            select(_ORDERS.c.id, _ORDERS.c.claim_expires_at).where(
+                _ORDERS.c.id > low, _ORDERS.c.id <= high, _ORDERS.c.claimed_by.is_not(None)
+            )
+        )
+        for order_id, until in rows:
+            if until is not None and until < now:
+                expired.append(order_id)
+            else:
+                held.append(order_id)
+        if expired:
+            self._drop(session, expired)
+            instruments.note_takeovers(session, len(expired))
+            log.warning("taking over %d expired order leases of other workers", len(expired))
+        return held
+
     def _drop(self, session: Session, order_ids: Sequence[int]) -> None:
         """Clear the (expired) leases of ``order_ids``, whoever held them."""
         for part in chunked(sorted(order_ids)):

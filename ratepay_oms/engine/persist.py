@@ -451,12 +451,51 @@ class StateWriter:
         if not order_ids:
             return 0
         self.session.flush()
+        style = _ids_style(self.session.connection().dialect)
+        moved, _orders = self._move_resting(
+            {"ids": _ids_value(sorted(order_ids), style)}, style, key, definitions
+        )
+        return moved
+
+    def move_resting_range(
+        self,
+        low: int,
+        high: int,
+        skip: Sequence[int],
+        key: MoveKey,
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> list[int]:
+        """:meth:`move_resting` for the orders with ids in ``(low, high]`` but ``skip``, named
+        by that range instead of by a list of their ids (SQLite only: :func:`ranged_moves`).
+        Returns the order id of every item moved (one per item).
+
+        The caller holds SQLite's write lock (nobody else writes meanwhile) and has put into
+        ``skip`` the orders somebody else holds a lease on and those with due work for the
+        runner. The statements walk the ``order_id`` index over the range, so a batch costs
+        one pass over its range per statement, and no order id travels through Python on the
+        way in."""
+        self.session.flush()
+        _moved, orders = self._move_resting(
+            {"low": low, "high": high, "skip": json.dumps(sorted(skip))},
+            "range",
+            key,
+            definitions,
+        )
+        return orders
+
+    def _move_resting(
+        self,
+        which: Mapping[str, Any],
+        style: str,
+        key: MoveKey,
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> tuple[int, list[int]]:
+        """The statements of :meth:`move_resting` (``style`` an ids style, or ``"range"``):
+        items moved and, for a range, their order ids."""
         conn = self.session.connection()
-        style = _ids_style(conn.dialect)
         definition = definitions[key.process]
-        ids = _ids_value(sorted(order_ids), style)
         shared = {
-            "ids": ids,
+            **which,
             "v_source": key.source,
             "v_target": key.target,
             "v_event": key.event,
@@ -473,7 +512,7 @@ class StateWriter:
         }
         history = conn.execute(_resting_statement("history", style), shared).rowcount
         if not history:
-            return 0
+            return 0, []
         logged = conn.execute(_resting_statement("log", style), shared).rowcount
         if definition.notifies(key.target):
             conn.execute(_resting_statement("notify", style), {
@@ -486,14 +525,20 @@ class StateWriter:
                 _resting_statement("timeout", style),
                 {**shared, "v_event": event.name, "v_due": self.now + event.timeout},
             )
-        moved = int(conn.execute(_resting_statement("update", style), shared).rowcount)
+        updated = conn.execute(_resting_statement("update", style), shared)
+        orders: list[int] = []
+        if style == "range":
+            orders = list(updated.scalars())
+            moved = len(orders)
+        else:
+            moved = int(updated.rowcount)
         if history != moved or logged != moved:
             raise MoveMismatchError(
                 f"{key.process} {key.source} -> {key.target}: {moved} items moved, "
                 f"{history} history and {logged} log rows"
             )
         instruments.note_moves(self.session, key.process, key.event, moved)
-        return moved
+        return moved, orders
 
     def write_forced_move(
         self,
@@ -755,9 +800,20 @@ _RESTING: dict[tuple[str, str], Executable] = {}
 def _resting(style: str) -> ColumnElement[bool]:
     """The items :meth:`StateWriter.move_resting` moves: in the orders ``:ids``, resting in
     ``:v_source`` of ``:v_process`` with no retry scheduled and no open intent (what the
-    tick's on-enter and event-less steps find due)."""
+    tick's on-enter and event-less steps find due). Style ``"range"``
+    (:meth:`StateWriter.move_resting_range`): in the orders with ids in ``(:low, :high]``
+    but those of the JSON array ``:skip``."""
+    if style == "range":
+        skipped = func.json_each(bindparam("skip", type_=String))
+        orders = and_(
+            OrderItem.order_id > bindparam("low", type_=Integer),
+            OrderItem.order_id <= bindparam("high", type_=Integer),
+            OrderItem.order_id.not_in(select(skipped.table_valued("value").c.value)),
+        )
+    else:
+        orders = _ids_clause(OrderItem.order_id, style)
     return and_(
-        _ids_clause(OrderItem.order_id, style),
+        orders,
         by_order_only(OrderItem.process) == bindparam("v_process", type_=String),
         by_order_only(OrderItem.state) == bindparam("v_source", type_=String),
         by_order_only(OrderItem.retry_at).is_(None),
@@ -799,10 +855,20 @@ def by_order_only(column: InstrumentedAttribute[Any]) -> ColumnElement[Any]:
     return _NoIndex(column.expression)
 
 
+def ranged_moves(dialect: Dialect) -> bool:
+    """Whether :meth:`StateWriter.move_resting_range` works on ``dialect``: SQLite with JSON
+    functions and ``RETURNING`` (3.38 on). Only SQLite: its writers are serialised by the
+    database lock, so a range of orders can be worked on without row-locking each order;
+    the servers lock the orders one by one (``Claims.lock``)."""
+    return (
+        dialect.name == "sqlite" and _sqlite_has_json(dialect) and bool(dialect.update_returning)
+    )
+
+
 def _resting_statement(kind: str, style: str) -> Executable:
-    """One statement of :meth:`StateWriter.move_resting`, built once per dialect style: the
-    same columns and parameters as :func:`_move_statement`'s, the items picked by
-    :func:`_resting` instead of by id."""
+    """One statement of :meth:`StateWriter.move_resting`, built once per dialect style (or
+    ``"range"``): the same columns and parameters as :func:`_move_statement`'s, the items
+    picked by :func:`_resting` instead of by id."""
     statement = _RESTING.get((kind, style))
     if statement is not None:
         return statement
@@ -818,6 +884,8 @@ def _resting_statement(kind: str, style: str) -> Executable:
                 **_CLEARED_RETRY,
             )
         )
+        if style == "range":  # the moved items' orders, for the tick's count of orders
+            statement = statement.returning(OrderItem.order_id)
     elif kind == "untime":
         timeouts = _table(EventTimeout)
         statement = delete(timeouts).where(
@@ -861,8 +929,14 @@ def _resting_statement(kind: str, style: str) -> Executable:
                 values.append(literal(0 if name == "v_zero" else False, table.c[column].type))
             else:
                 values.append(_param(table, column, name))
+        # SQLite: in (order, item) order, the order its ``order_id`` index gives the rows
+        # in, so it needs no sort (``ORDER BY id`` cost a temporary B-tree per statement).
+        # The servers keep ``ORDER BY id`` (MariaDB measured slower with the other).
+        order = (OrderItem.order_id, OrderItem.id) if style in ("json", "range") else (
+            OrderItem.id,
+        )
         statement = insert(table).from_select(
-            columns, select(*values).where(where).order_by(OrderItem.id)
+            columns, select(*values).where(where).order_by(*order)
         ).execution_options(preserve_rowcount=True)  # else -1 for an INSERT on PostgreSQL
     _RESTING[(kind, style)] = statement
     return statement

@@ -25,6 +25,12 @@ such items costs a lock query, a check for other due work and five or six statem
 (the database could otherwise pick the ``(process, state)`` index and read every waiting row
 of the process), writes their plain moves set-based from their ids, and loads ORM objects
 only for the orders with other work, which it hands to the runner.
+
+On SQLite (no row locks: a batch holds the database's write lock) a state step whose due rows
+are many and dense in order id first moves its plain moves range by range
+(:meth:`TickRunner._move_ranges`): the statements name an order-id range, skipping leased
+orders and orders with work for the runner, so no per-order window is read into Python and no
+list of ids travels back; the window walk then finds only what the ranges left.
 """
 
 from __future__ import annotations
@@ -60,7 +66,13 @@ from ratepay_oms.engine.compiler import CompiledProcess
 from ratepay_oms.engine.context import EngineContext
 from ratepay_oms.engine.drive import CallPool, Drive, by_order
 from ratepay_oms.engine.intents import RECONCILE_BATCH, due_for_reconciliation, reconcile_due
-from ratepay_oms.engine.persist import MoveKey, by_order_only, chunked, id_in
+from ratepay_oms.engine.persist import (
+    MoveKey,
+    by_order_only,
+    chunked,
+    id_in,
+    ranged_moves,
+)
 from ratepay_oms.engine.plugins import UnknownPluginError
 from ratepay_oms.engine.runner import Call, Group, LoopGuard, Runner, RunStats, group_items
 from ratepay_oms.engine.views import TickResult
@@ -96,6 +108,10 @@ transaction."""
 RESTING_CHUNK = 5000
 """Orders per set-based statement of plain moves (their ids are one parameter on PostgreSQL
 and SQLite; MariaDB gets an ``IN`` list, well under its bind-parameter limit)."""
+DENSE_SPAN = 4
+"""Items of a step's due order-id span per due row up to which SQLite moves the span's plain
+moves range by range (:meth:`TickRunner._move_ranges`): each statement then reads at most
+this many rows per item it moves."""
 MAX_DB_FAILURES_IN_A_ROW = 3
 """A tick gives up after this many batches in a row failed in the database (it is down)."""
 
@@ -533,6 +549,59 @@ class _StateStep(_Step):
             .group_by(OrderItem.order_id, OrderItem.process, OrderItem.state)
         )
 
+    def plan_dense(self, session: Session, rows: int) -> tuple[int, int, int] | None:
+        """:meth:`plan_ranges`, if the step has plain moves and its due rows are dense in
+        their order-id span (at most ``DENSE_SPAN`` items of the span per due row), so that
+        statements walking the span's ``order_id`` index read few rows that are not due:
+        then :meth:`move_range` can take the span range by range."""
+        if not self.plain:
+            return None
+        planned = self.plan_ranges(session, rows)
+        if planned is None:
+            return None
+        low, high, count = planned
+        span_items = session.connection().execute(
+            select(func.count()).where(OrderItem.order_id >= low, OrderItem.order_id <= high)
+        ).scalar_one()
+        return planned if span_items <= DENSE_SPAN * count else None
+
+    def move_range(
+        self, runner: Runner, low: int, high: int, held: Sequence[int]
+    ) -> tuple[int, list[int]]:
+        """Move set-based every plain-move item due in the orders with ids in ``(low, high]``
+        (SQLite's write lock held) but those of ``held`` and those with due work for the
+        runner (left for the step's window walk); returns the items moved and their orders,
+        one per item. The range stands for the list of order ids a window would have read."""
+        session = runner.session
+        keys = sorted(self.plain)
+        skip = set(held)
+        if len(keys) > 1 or any(self._fired.values()):
+            in_range = and_(OrderItem.order_id > low, OrderItem.order_id <= high)
+            found = {
+                (process, state)
+                for process, state in session.connection().execute(
+                    select(OrderItem.process, OrderItem.state)
+                    .where(in_range, _by_order_filter(self.states))
+                    .distinct()
+                )
+            }
+            keys = sorted(k for k in found if k in self.plain)
+            if any(k not in self.plain for k in found):
+                skip.update(
+                    session.connection().execute(
+                        select(OrderItem.order_id)
+                        .where(in_range, _by_order_filter(self._fired))
+                        .distinct()
+                    ).scalars()
+                )
+        definitions = {name: c.definition for name, c in self.compiled.items()}
+        orders: list[int] = []
+        for key in keys:
+            orders += runner.writer.move_resting_range(
+                low, high, sorted(skip), self.plain[key], definitions
+            )
+        return len(orders), orders
+
     def fired_orders(self, session: Session, order_ids: Sequence[int]) -> set[int]:
         """Which of ``order_ids`` have a due item the runner has to fire (not a plain move):
         the window saw none, but it may be stale."""
@@ -784,6 +853,13 @@ class TickRunner:
         counted, and the tick goes on with the next batch on a fresh connection.
         """
         done_total = 0
+        if limit is None and isinstance(step, _StateStep) and self._ranged:
+            # SQLite: the plain moves of a dense span first, range by range; the window walk
+            # below then finds only what they left (orders with work for the runner, leased
+            # orders).
+            done_total = self._move_ranges(step, drive, processed, orders_seen, progress)
+            if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                return done_total
         window: deque[_Due] = deque()
         windows = _Windows(step, self.batch_size * WINDOW_BATCHES)
         while limit is None or processed + done_total < limit:
@@ -830,6 +906,71 @@ class TickRunner:
             if progress is not None:
                 progress(processed + done_total)
         return done_total
+
+    @property
+    def _ranged(self) -> bool:
+        """Whether plain moves go range by range (:meth:`_move_ranges`): on SQLite."""
+        bind = self.engine.sessions.kw.get("bind")
+        return bind is not None and ranged_moves(bind.dialect)
+
+    def _move_ranges(
+        self,
+        step: _StateStep,
+        drive: Drive,
+        processed: int,
+        orders_seen: _OrderSet,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """SQLite: move the plain-move items of a step whose due rows are many and dense in
+        order id (:meth:`_StateStep.plan_dense`) range by range, one transaction per range of
+        about a batch of plain moves (``batch_size / PLAIN_WEIGHT`` items), without reading
+        the due orders into Python: a window of per-order rows, the orders' ids sent back
+        for the lock and for every statement cost more than the moves themselves. SQLite has
+        no row locks: the transaction's write lock keeps every other writer out, and the
+        orders somebody holds a lease on are skipped (:meth:`Claims.held_in_range`). Ranges
+        that find little grow, ranges that find much shrink. Returns the items moved."""
+        try:
+            with self.engine.sessions() as session:
+                planned = step.plan_dense(session, self.batch_size * WINDOW_BATCHES)
+        except SQLAlchemyError as exc:
+            self._database_failed(drive, f"{step.name}: planning ranges", exc)
+            return 0
+        if planned is None:
+            return 0
+        low, high, count = planned
+        target = max(1, int(self.batch_size / PLAIN_WEIGHT))
+        span = max(1, (high - low + 1) * target // count)
+        claims = self.engine.claims
+        after, done = low - 1, 0
+        while after < high:
+            upto = min(after + span, high)
+
+            def work(runner: Runner, low: int = after, high: int = upto) -> tuple[int, list[int]]:
+                held = claims.held_in_range(runner.session, low, high)
+                moved, orders = step.move_range(runner, low, high, held)
+                runner.stats.items_moved += moved
+                return moved, orders
+
+            try:
+                (moved, orders), _calls = drive.transact(work, LoopGuard())
+            except SQLAlchemyError as exc:
+                # Its items stay due: the window walk after the ranges tries them again.
+                self._database_failed(drive, f"{step.name}: orders {after + 1}..{upto}", exc)
+                if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                    return done
+                after = upto
+                continue
+            self._db_failures = 0
+            after = upto
+            done += moved
+            orders_seen.update(orders)
+            if progress is not None:
+                progress(processed + done)
+            if moved < target // 4:
+                span *= 2
+            elif moved > 2 * target:
+                span = max(1, span // 2)
+        return done
 
     def _database_failed(self, drive: Drive, where: str, exc: SQLAlchemyError) -> None:
         """Count a batch the database threw away; the message names the step, not the SQL."""
