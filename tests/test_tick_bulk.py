@@ -49,17 +49,30 @@ DEFINITION = ProcessDefinition(
 )
 
 
-@pytest.fixture
-def engine(fresh_db_url: str) -> Iterator[Engine]:
-    upgrade(fresh_db_url)
+def _bulk_engine(url: str) -> Engine:
+    upgrade(url)
     eng = Engine(
-        fresh_db_url,
+        url,
         definitions={DEFINITION.name: DEFINITION},
         registry=make_registry(),
         worker_id="bulk-worker",
         batch_size=2,
     )
     eng.services["cleared"] = {"SKU-B"}
+    return eng
+
+
+@pytest.fixture
+def engine(fresh_db_url: str) -> Iterator[Engine]:
+    eng = _bulk_engine(fresh_db_url)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_sqlite_url: str) -> Iterator[Engine]:
+    """For SQLite's own path (the servers lock order by order, so they have nothing to run)."""
+    eng = _bulk_engine(tmp_sqlite_url)
     yield eng
     eng.close()
 
@@ -183,14 +196,13 @@ def test_an_idle_tick_is_one_probe_and_a_busy_one_still_runs_every_later_step(
 
 
 def test_sqlite_moves_a_dense_span_range_by_range_skipping_leased_and_runner_orders(
-    engine: Engine,
+    sqlite_engine: Engine,
 ) -> None:
     """SQLite moves the plain moves of a dense due span by order-id ranges (no per-order
     window): every write is there, an order leased by another worker is left alone, an
     expired lease is taken over, and an order with an item for the runner goes through the
     window walk after the ranges, as a whole."""
-    if engine.db.dialect.name != "sqlite":
-        pytest.skip("ranges are SQLite's path; the servers lock order by order")
+    engine = sqlite_engine
     refs = [f"R-{uuid.uuid4().hex[:10]}" for _ in range(ORDERS)]
     for r in refs:
         engine.place_order(order_doc(r, process=DEFINITION.name, lines=LINES), now=T0, fire=False)
