@@ -462,3 +462,34 @@ def test_sandbox_serve_prints_the_oauth_settings_to_export_without_the_secret(tm
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
     assert secret not in out.read_text()
+
+
+def test_a_second_return_of_the_same_article_waits_for_the_first_in_doubt(
+    engine, sandbox, db_url
+) -> None:
+    """Two units of one article returned one by one while the first return's answer is lost:
+    the second is held until the first is reconciled (its "before" would be stale), and both
+    end booked exactly once, none left for a person."""
+    ref = _ready(engine)
+    engine.trigger("ship", ref, now=_now())
+    first, second = engine.order(ref).items[:2]
+    sandbox.gateway.faults.add(
+        Fault("timeout_after_booking", operation="PAYMENT_CHANGE", subtype="return", times=1)
+    )
+    engine.trigger("refund payment", ref, [first.id], now=_now())
+    assert engine.order(ref).items[0].intent_id is not None  # in doubt
+    held = engine.trigger("refund payment", ref, [second.id], now=_now())
+    assert _count(sandbox, "PAYMENT_CHANGE", "return") == 1  # held: not sent beside it
+    ((item_id, why),) = held.held
+    assert item_id == second.id and "in doubt" in why and not held.errors
+    assert engine.order(ref).items[1].state == "ready for refund"
+    _due(db_url)
+    engine.tick(now=_now() + timedelta(seconds=1))
+    engine.tick(now=_now() + timedelta(minutes=10))
+    states = {i.id: i.state for i in engine.order(ref).items}
+    assert states[first.id] in ("refund succeeded", "completed")
+    assert states[second.id] in ("refund succeeded", "completed")
+    assert _count(sandbox, "PAYMENT_CHANGE", "return") == 2
+    assert not engine.intents(ref)  # none open, none for a person
+    tx = next(t for t in sandbox.gateway.transactions.values() if t.order_id == ref)
+    assert sandbox.gateway.ledger(tx.transaction_id)["SKU-100"].returned == 2

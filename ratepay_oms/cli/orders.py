@@ -474,6 +474,7 @@ def event(
             "event": event_name,
             "moved": [{"item_id": i, "from_state": s, "to_state": t} for i, s, t in result.moved],
             "stayed": list(result.stayed),
+            "held": [{"item_id": i, "why": why} for i, why in result.held],
             "errors": list(result.errors),
             "gateway_calls": [call_json(c) for c in calls],
         })
@@ -481,7 +482,8 @@ def event(
             raise click.exceptions.Exit(ExitCode.GATEWAY_FAILED)
         return None
     _print_moves(result)
-    if not result.moved and not result.stayed and not result.errors:
+    _print_held(result.held)
+    if not result.moved and not result.stayed and not result.errors and not result.held:
         click.echo("nothing moved")
     _print_calls(calls)
     if result.errors:
@@ -510,6 +512,16 @@ def _print_moves(result: Any) -> None:
             click.echo(f"item {item_id}: stayed in its state (no transition applied)")
     else:
         click.echo(f"{len(result.stayed)} items stayed in their state (no transition applied)")
+
+
+def _print_held(held: list[tuple[int, str]]) -> None:
+    """Items accepted but waiting: one line per reason (they share it, being one group)."""
+    by_reason: dict[str, list[int]] = {}
+    for item_id, why in held:
+        by_reason.setdefault(why, []).append(item_id)
+    for why, ids in by_reason.items():
+        label = f"item {ids[0]}" if len(ids) == 1 else f"{len(ids)} items"
+        click.echo(f"{label}: {why}")
 
 
 def _event_data(

@@ -772,4 +772,5 @@ def _trigger_result(event: str, stats: RunStats) -> TriggerResult:
         moved=list(stats.moves),
         stayed=list(stats.stayed),
         errors=list(stats.error_messages),
+        held=list(stats.held),
     )

@@ -6,6 +6,7 @@ from ratepay_oms.errors import OmsError
 from ratepay_oms.process.errors import UnknownProcessError
 
 __all__ = [
+    "BookingInDoubtError",
     "ManualEventError",
     "OrderLockedError",
     "OrderNotFoundError",
@@ -24,3 +25,8 @@ class ManualEventError(OmsError):
 
 class OrderLockedError(OmsError):
     """Another worker holds the order's lease; try again once it is released or expired."""
+
+
+class BookingInDoubtError(OmsError):
+    """A booking a person asked for on an order with another booking in doubt: that one is
+    settled first (reconciled by the tick, or resolved by a person). Nothing was written."""

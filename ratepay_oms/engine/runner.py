@@ -37,6 +37,7 @@ from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
+from ratepay_oms.engine.errors import BookingInDoubtError
 from ratepay_oms.engine.persist import (
     CHUNK,
     MoveKey,
@@ -79,6 +80,10 @@ MAX_EVENT_REPEATS = 10
 """How often one (order, state, event) may fire in one drive before the loop guard stops it."""
 
 MAX_ERROR_LENGTH = 2000
+
+HOLD_RECHECK = timedelta(minutes=1)
+"""How soon items held behind an intent a person must decide look again (a person's resolve
+lets them go at the latest this long after)."""
 
 # How an intent was settled (``Intent.resolution``).
 ANSWERED = "answered"
@@ -141,6 +146,9 @@ class RunStats:
     error_messages: list[str] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
     """(item id, error message) of every item whose event failed (bulk events report per item)."""
+    held: list[tuple[int, str]] = field(default_factory=list)
+    """(item id, why) of every item whose booking waits for another booking of its order that
+    is in doubt: not a failure, the tick fires it again once that one is settled."""
 
     def add(self, other: RunStats) -> None:
         """Add what ``other`` (a committed transaction's figures) counted."""
@@ -330,6 +338,8 @@ class Runner:
     ) -> list[Moves]:
         """Let ``command`` plan its call and write the intent (the drive loop sends it after
         this transaction commits); a plan without a call goes on as answered."""
+        if self._held(group, command_name):
+            return []
         try:
             with self.session.begin_nested():
                 call = command.plan(ctx, group.order, group.items)
@@ -377,6 +387,44 @@ class Runner:
             )
         )
         return []
+
+    def _held(self, group: Group, command_name: str) -> bool:
+        """Whether ``group``'s booking must wait for another booking of its order that is in
+        doubt (its answer lost, not yet reconciled, or left to a person).
+
+        An order's bookings happen one after another: a booking is planned from our ledger
+        (what RatePAY holds before it), and reconciling a lost answer compares RatePAY's
+        figures with that ledger. A second booking planned beside one in doubt would be
+        planned on a ledger that misses the first, and the status API could then tell neither
+        of them apart (two returns of one article show as one figure). So the group stays
+        where it is, with its event due again once the other is settled; nothing is sent."""
+        row = self.session.execute(_OPEN_INTENT, {"order_id": group.order.id}).first()
+        if row is None:
+            return False
+        blocking, status, reconcile_at = row
+        if group.event is None:
+            ref = group.order.order_ref
+            raise BookingInDoubtError(
+                f"order {ref} has a booking in doubt (intent {blocking}, {status}); settle it "
+                f"first (`ratepay-oms intents list --order {ref}`)"
+            )
+        if status == INTENT_PENDING and reconcile_at is not None:
+            wait = max(reconcile_at - wall_now(), timedelta(0)) + timedelta(seconds=1)
+        else:
+            wait = HOLD_RECHECK
+        why = (
+            f"held: {command_name} waits for intent {blocking} of this order ({status}: its "
+            f"booking is in doubt); fired again once it is settled"
+        )
+        log.info("order %s: %s items [%s] %s", group.order.order_ref, group.event,
+                 ", ".join(str(i.id) for i in group.items), why)
+        for item in group.items:
+            item.retry_event = group.event
+            item.retry_at = self.now + wait
+            item.last_error = why
+        self.stats.retries_scheduled += len(group.items)
+        self.stats.held.extend((i.id, why) for i in group.items)
+        return True
 
     def choose(
         self,
@@ -808,6 +856,23 @@ def _settle_statement(style: str) -> Any:
             note=bindparam("note", type_=intents.c.note.type),
         )
     )
+
+
+def _open_intent_statement() -> Any:
+    """The oldest open intent of an order (``:order_id``): what a new booking waits for."""
+    intents = cast(Table, Intent.__table__)
+    return (
+        select(intents.c.id, intents.c.status, intents.c.reconcile_at)
+        .where(
+            intents.c.order_id == bindparam("order_id", type_=intents.c.order_id.type),
+            intents.c.status.in_(INTENT_OPEN_STATUSES),
+        )
+        .order_by(intents.c.id)
+        .limit(1)
+    )
+
+
+_OPEN_INTENT = _open_intent_statement()
 
 
 def _settled_columns() -> tuple[Any, ...]:

@@ -258,12 +258,16 @@ class TriggerResult:
     moved: list[tuple[int, str, str]] = field(default_factory=list)
     stayed: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    held: list[tuple[int, str]] = field(default_factory=list)
+    """(item id, why): items whose booking waits for another booking of the order that is in
+    doubt; the tick fires the event for them once that one is settled."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "event": self.event,
             "moved": [{"item_id": i, "from": s, "to": t} for i, s, t in self.moved],
             "stayed": list(self.stayed),
+            "held": [{"item_id": i, "why": why} for i, why in self.held],
             "errors": list(self.errors),
         }
 
