@@ -111,10 +111,7 @@ class Claims:
                 got.append(order_id)
                 if holder is not None:
                     expired.append(order_id)
-        if expired:
-            self._drop(session, expired)
-            instruments.note_takeovers(session, len(expired))
-            log.warning("taking over %d expired order leases of other workers", len(expired))
+        self._take_over(session, expired)
         return got
 
     def held_in_range(self, session: Session, low: int, high: int) -> list[int]:
@@ -138,11 +135,17 @@ class Claims:
                 expired.append(order_id)
             else:
                 held.append(order_id)
-        if expired:
-            self._drop(session, expired)
-            instruments.note_takeovers(session, len(expired))
-            log.warning("taking over %d expired order leases of other workers", len(expired))
+        self._take_over(session, expired)
         return held
+
+    def _take_over(self, session: Session, expired: Sequence[int]) -> None:
+        """Drop the expired leases of ``expired`` (their workers died) and say so: counted in
+        the metrics and logged, as a dead worker is something an operator wants to see."""
+        if not expired:
+            return
+        self._drop(session, expired)
+        instruments.note_takeovers(session, len(expired))
+        log.warning("taking over %d expired order leases of other workers", len(expired))
 
     def _drop(self, session: Session, order_ids: Sequence[int]) -> None:
         """Clear the (expired) leases of ``order_ids``, whoever held them."""
