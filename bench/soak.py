@@ -1523,6 +1523,12 @@ class Soak:
             elif row.state.endswith(INVALID_SUFFIX) and _is_injected(last):
                 r.waiting.append(f"{what}; injected ERROR not retried before the end: {why}")
                 r.waiting_allowed += 1
+            elif row.state.endswith(INVALID_SUFFIX) and _attempts_used_by_faults(
+                    item_id, last, outcomes):
+                r.waiting.append(f"{what}; every payment attempt RatePAY allows in 24 hours "
+                                 f"was answered by an injected ERROR, so the engine sends no "
+                                 f"more (a person offers another payment method): {why}")
+                r.waiting_allowed += 1
             elif row.state.endswith(INVALID_SUFFIX):
                 r.waiting.append(f"{what}; NOT an injected ERROR: {why}")
                 r.wrong_items.append(f"{what}; {why}")
@@ -1735,6 +1741,17 @@ def _is_injected(outcome: Any) -> bool:
     return (outcome is not None and not outcome.success
             and str(outcome.result_code) == INJECTED_RESULT
             and str(outcome.reason_code) == INJECTED_REASON)
+
+
+def _attempts_used_by_faults(item_id: int, last: Any, outcomes: list[Any]) -> bool:
+    """The engine refused another PAYMENT_REQUEST because RatePAY's 3 attempts per order in
+    24 hours were used, and each attempt that counted (one with a transaction id) was
+    answered by an injected ERROR: the soak's faults used them up, not the engine."""
+    if last is None or last.success or "payment attempts per order" not in (last.message or ""):
+        return False
+    tries = [o for o in outcomes if o.item_id == item_id and o.operation == "PAYMENT_REQUEST"
+             and o.transaction_id is not None]
+    return bool(tries) and all(_is_injected(o) for o in tries)
 
 
 def _explain(row: Any, outcome: Any, intent: Any) -> str:

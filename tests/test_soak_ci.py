@@ -80,3 +80,24 @@ def test_soak_with_killed_workers_and_a_faulty_gateway_loses_and_double_books_no
     assert sum(report.faults_applied.values()) > 0, text
     assert report.finished, text
     assert report.zero_figures == dict.fromkeys(report.zero_figures, 0), text
+
+
+def test_payment_attempts_used_up_by_injected_errors_are_for_a_person_not_a_failure() -> None:
+    """The engine's refusal of a 4th PAYMENT_REQUEST in 24 hours is expected when each of the
+    three attempts was an injected ERROR, and a soak failure otherwise."""
+    from types import SimpleNamespace
+
+    soak = _soak()
+
+    def outcome(tx: str | None, result: str | None, message: str = "") -> SimpleNamespace:
+        return SimpleNamespace(item_id=7, operation="PAYMENT_REQUEST", transaction_id=tx,
+                               success=False, result_code=result,
+                               reason_code=soak.INJECTED_REASON if result else None,
+                               message=message)
+
+    refused = outcome(None, None, "not sent: RatePAY allows 3 payment attempts per order ...")
+    injected = [outcome(f"tx-{n}", soak.INJECTED_RESULT) for n in range(3)]
+    assert soak._attempts_used_by_faults(7, refused, [*injected, refused])
+    declined = [*injected[:2], outcome("tx-9", "401")]  # one attempt was the shopper's own
+    assert not soak._attempts_used_by_faults(7, refused, [*declined, refused])
+    assert not soak._attempts_used_by_faults(7, injected[-1], injected)  # not the refusal
