@@ -19,8 +19,10 @@ from decimal import Decimal
 
 import pytest
 import requests
+from click.testing import CliRunner
 from sqlalchemy import create_engine, update
 
+from ratepay_oms.cli import cli
 from ratepay_oms.demo import calls_of, demo_engine, example_order
 from ratepay_oms.persistence.models import Intent
 from ratepay_oms.plugins.ratepay import reconcile as recon
@@ -483,6 +485,17 @@ def test_a_second_return_of_the_same_article_waits_for_the_first_in_doubt(
     ((item_id, why),) = held.held
     assert item_id == second.id and "in doubt" in why and not held.errors
     assert engine.order(ref).items[1].state == "ready for refund"
+    env = {"RATEPAY_OMS_DATABASE_URL": db_url, "COLUMNS": "250"}
+    env.update({f"RATEPAY_{k}": v for k, v in sandbox.settings.items()
+                if not k.startswith("OAUTH_")})
+    again = CliRunner().invoke(
+        cli, ["event", "refund payment", ref, "--item", str(second.id)], env=env
+    )
+    assert again.exit_code == 0, again.output  # accepted: it goes once the first is settled
+    assert f"item {second.id}: held:" in again.output and "in doubt" in again.output
+    shown = CliRunner().invoke(cli, ["order", "show", ref, "--items"], env=env)
+    assert "held:" in shown.output, shown.output
+    assert _count(sandbox, "PAYMENT_CHANGE", "return") == 1
     _due(db_url)
     engine.tick(now=_now() + timedelta(seconds=1))
     engine.tick(now=_now() + timedelta(minutes=10))

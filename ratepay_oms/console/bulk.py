@@ -377,7 +377,7 @@ def _fire(
             _refuse(rows, f"{type(exc).__name__}: {first}", status=FAILED)
             return
         break
-    _settle_rows(rows, outcome.moved, outcome.stayed, outcome.errors)
+    _settle_rows(rows, outcome.moved, outcome.stayed, outcome.errors, outcome.held)
 
 
 def _settle_rows(
@@ -385,16 +385,20 @@ def _settle_rows(
     moved: Sequence[tuple[int, str, str]],
     stayed: Sequence[int],
     errors: Sequence[str],
+    held: Sequence[tuple[int, str]] = (),
 ) -> None:
     """Each row's share of what its event did (by the row's items)."""
     for row in rows:
         mine = set(row.items)
         row.moved = [m for m in moved if m[0] in mine]
         row.stayed = [i for i in stayed if i in mine]
+        waiting = sorted({why for i, why in held if i in mine})
         touched = {m[0] for m in row.moved} | set(row.stayed)
-        if errors and not touched:
+        if errors and not touched and not waiting:
             row.status = FAILED
             row.reason = "; ".join(errors)
+        elif waiting and not touched:
+            row.reason = "; ".join(waiting)
         elif not touched:
             row.reason = "nothing moved"
 
@@ -425,7 +429,7 @@ def _fire_many(
         elif outcome.refused is not None:
             _refuse(rows, outcome.refused)
         else:
-            _settle_rows(rows, outcome.moved, outcome.stayed, outcome.errors)
+            _settle_rows(rows, outcome.moved, outcome.stayed, outcome.errors, outcome.held)
     return busy
 
 

@@ -55,6 +55,8 @@ class EventOutcome:
     moved: list[tuple[int, str, str]] = field(default_factory=list)
     stayed: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    held: list[tuple[int, str]] = field(default_factory=list)
+    """(item id, why): accepted, but waiting for another booking of the order in doubt."""
 
 
 def _waves(requests: Sequence[EventRequest]) -> list[list[int]]:
@@ -145,17 +147,17 @@ def fire_many(
     return outcomes
 
 
-def _marks(drive: Drive) -> tuple[int, int, int]:
+def _marks(drive: Drive) -> tuple[int, int, int, int]:
     stats = drive.stats
-    return len(stats.moves), len(stats.stayed), len(stats.failed)
+    return len(stats.moves), len(stats.stayed), len(stats.failed), len(stats.held)
 
 
 def _attribute(
-    drive: Drive, before: tuple[int, int, int], owner: dict[int, int],
+    drive: Drive, before: tuple[int, int, int, int], owner: dict[int, int],
     outcomes: list[EventOutcome],
 ) -> None:
     """Hand this chunk's moves, stays and failures to the requests whose items they are."""
-    moves, stays, fails = before
+    moves, stays, fails, holds = before
     stats = drive.stats
     for move in stats.moves[moves:]:
         if move[0] in owner:
@@ -163,6 +165,9 @@ def _attribute(
     for item_id in stats.stayed[stays:]:
         if item_id in owner:
             outcomes[owner[item_id]].stayed.append(item_id)
+    for item_id, why in stats.held[holds:]:
+        if item_id in owner:
+            outcomes[owner[item_id]].held.append((item_id, why))
     for item_id, message in stats.failed[fails:]:
         if item_id in owner:
             errors = outcomes[owner[item_id]].errors
