@@ -480,6 +480,49 @@ def test_tick_loop_stops_cleanly_on_sigterm(tmp_sqlite_url: str, tmp_path: Path)
     assert "Traceback" not in err
 
 
+def test_a_loop_worker_that_did_work_ticks_again_without_waiting(
+    cli, tmp_sqlite_url: str, tmp_path: Path
+) -> None:
+    """Three due orders, one per tick (``--limit 1``; a tick never splits an order), an
+    interval of 10 minutes: a worker that waited the interval after each busy tick would need
+    20 minutes; it ticks again at once while there is work, and only the idle tick waits."""
+    assert main(["db", "upgrade", "--db", tmp_sqlite_url]) == 0
+    refs = []
+    for _ in range(3):
+        path, ref = order_file(tmp_path)
+        placed = cli("order", "place", path, "--no-fire", *engine_args(tmp_sqlite_url))
+        assert placed.code == 0, placed.err
+        refs.append(ref)
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [*_script(), "tick", "--loop", "--interval", "600", "--limit", "1", "--json",
+         *engine_args(tmp_sqlite_url)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    states: set[str] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and states != {"authorized"}:
+            time.sleep(0.2)
+            states = set()
+            for ref in refs:
+                shown = cli("order", "show", ref, "--json", *engine_args(tmp_sqlite_url))
+                states |= {i["state"] for i in shown.json()["items"]}
+        time.sleep(0.5)  # the idle tick after them
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert states == {"authorized"}, "the worker waited its interval after a busy tick"
+    assert proc.returncode == 0, err
+    decoder, moved, at = json.JSONDecoder(), [], 0
+    while out[at:].strip():
+        document, at = decoder.raw_decode(out, at + len(out[at:]) - len(out[at:].lstrip()))
+        moved.append(document["items_moved"])
+    assert moved == [4, 4, 4, 0]  # an order (4 items) per tick, three in a row, then idle
+
+
 def _read_json_document(stream: Any) -> dict[str, Any]:
     """Read lines until they form one JSON document (the first tick's result)."""
     buffer = ""

@@ -1,8 +1,8 @@
 """``ratepay-oms tick``: the cron entry point that advances every waiting item.
 
 One run calls :meth:`Engine.tick` once (retries, timeouts, on-enter leftovers, event-less
-transitions); ``--loop`` keeps calling it every ``--interval`` seconds for a worker process and
-stops cleanly after the current tick on SIGTERM/SIGINT, so a deploy never cuts a tick in half.
+transitions); ``--loop`` keeps calling it for a worker process (at once after a tick that did
+work, ``--interval`` seconds after an idle one) and stops cleanly after the current tick on SIGTERM/SIGINT, so a deploy never cuts a tick in half.
 """
 
 from __future__ import annotations
@@ -122,6 +122,15 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
 def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: bool) -> int:
     """One tick; returns its exit status (``ExitCode``): the database was lost during the tick,
     a gateway call failed or was refused or a command failed, or all well."""
+    return _tick_once(engine, now, limit, as_json)[0]
+
+
+def _tick_once(
+    engine: Engine, now: datetime | None, limit: int | None, as_json: bool
+) -> tuple[int, bool]:
+    """One tick: its exit status and whether it did work (moved items, ran commands, fired
+    timeouts). A loop worker that did work ticks again at once: what its work led to (and
+    what arrived meanwhile) is due now, and waiting the interval would only idle it."""
     if not as_json and sys.stdout.isatty():
         result = _tick_with_progress(engine, now, limit)
     else:
@@ -136,11 +145,12 @@ def _run_one(engine: Engine, now: datetime | None, limit: int | None, as_json: b
         for call in calls:
             if is_failure(call.success, call.error):
                 click.echo(describe_call(call))
+    busy = bool(result.items_moved or result.commands_run or result.timeouts_fired)
     if result.errors and _database_problem(engine) is not None:
-        return ExitCode.DATABASE_UNAVAILABLE
+        return ExitCode.DATABASE_UNAVAILABLE, False
     if result.errors or any_call_failed(calls):
-        return ExitCode.GATEWAY_FAILED
-    return ExitCode.OK
+        return ExitCode.GATEWAY_FAILED, busy
+    return ExitCode.OK, busy
 
 
 def _database_problem(engine: Engine) -> str | None:
@@ -186,9 +196,11 @@ def _metrics_server(engine: Engine, port: int | None, host: str | None) -> Itera
               help="Process at most N items in this tick.")
 @click.option("--now", type=IsoTime(), default=None,
               help="Run as if it were this time (ISO 8601; zone optional, UTC assumed).")
-@click.option("--loop", is_flag=True, help="Tick again every --interval seconds until stopped.")
+@click.option("--loop", is_flag=True,
+              help="Keep ticking until stopped: at once after a tick that did work, else "
+              "after --interval seconds.")
 @click.option("--interval", type=click.FloatRange(min=0.0), default=None, metavar="S",
-              help="Seconds between ticks with --loop (default 10).")
+              help="Seconds an idle --loop worker waits before it looks again (default 10).")
 @click.option("--max-db-outage", type=click.FloatRange(min=0.0), default=None, metavar="S",
               help=f"With --loop: give up (exit 3) when the database has been unavailable "
               f"this many seconds (default {DEFAULT_MAX_DB_OUTAGE:g}).")
@@ -270,12 +282,14 @@ def tick(
                         break
                     continue
                 outage.recovered()
+            busy = False
             try:
-                check = _run_one(engine, now, limit, as_json) != ExitCode.OK
+                code, busy = _tick_once(engine, now, limit, as_json)
+                check = code != ExitCode.OK
             except DBAPIError:
                 log.warning("tick lost the database; checking it before the next tick")
                 check = True
-            if flag.wait(pause):
+            if flag.wait(0.0 if busy else pause):
                 break
     if not as_json:
         stderr_console().print(f"stopped by {flag.signal_name or 'signal'} after the current tick")
