@@ -15,7 +15,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Row, Table, bindparam, func, insert, inspect, select
+from sqlalchemy import Integer, Row, Table, bindparam, func, insert, inspect, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
@@ -90,9 +90,16 @@ def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
         state = inspect(payment)
         if state.persistent and state.session is session:
             return payment
-    payment = session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+    payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order_id})
     known[order_id] = payment
     return payment
+
+
+_PAYMENT_OF_ORDER = select(RatepayPayment).where(
+    RatepayPayment.order_id == bindparam("order_id", type_=Integer)
+)
+"""The order's payment row (``:order_id``), one statement object for every call: built anew
+per call it cost its construction and cache key, twice per order."""
 
 
 def _keep(session: Session, payment: RatepayPayment) -> None:
@@ -157,11 +164,12 @@ def record_outcomes(
     why) and the outcome is a failure.
 
     Every value but the item's id is the same for all rows. A small group's rows go in by one
-    executemany and come back as transient objects for the group's conditions
-    (:func:`prime_outcomes`); from ``OUTCOMES_SET_BASED`` items on (a 10,000-unit order) they
-    are written inside the database by ``INSERT … SELECT`` from the items, by chunks of ids,
-    and come back as :class:`WrittenOutcome` tuples where the database returns the new ids
-    (``INSERT … RETURNING``), else ``None`` (the conditions read them back): cheaper than
+    executemany and come back as :class:`WrittenOutcome` tuples for the group's conditions
+    (:func:`prime_outcomes`; transient objects where the database cannot return the ids in
+    row order, and the ORM writes them); from ``OUTCOMES_SET_BASED`` items on (a
+    10,000-unit order) they are written inside the database by ``INSERT … SELECT`` from the
+    items, by chunks of ids, and come back as those tuples where the database returns the new
+    ids (``INSERT … RETURNING``), else ``None`` (the conditions read them back): cheaper than
     building 10,000 objects either way."""
     ok = bool(result.success) if success is None and result is not None else bool(success)
     text = message
@@ -200,10 +208,14 @@ def record_outcomes(
         return outcomes
     # One Core INSERT (all rows, ids back in row order): the unit of work for a handful of new
     # objects costs more CPU than the rows. Nothing in the engine loads these rows as objects
-    # in the same transaction but through a query, which reads them from the database; the
-    # objects returned are transient copies for the group's conditions (``prime_outcomes``).
+    # in the same transaction but through a query, which reads them from the database; what
+    # comes back for the group's conditions (``prime_outcomes``) are read-only tuples, as the
+    # set-based path gives: a transient ORM object per row cost more than its INSERT.
     ids = conn.execute(_INSERT_OUTCOMES, rows).scalars().all()
-    return [RatepayItemOutcome(id=i, **row) for i, row in zip(ids, rows, strict=True)]
+    assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
+    rest = (order.id, *same.values())
+    make = WrittenOutcome._make
+    return [make((i, item.id, *rest)) for i, item in zip(ids, items, strict=True)]
 
 
 _INSERT_OUTCOMES = insert(cast(Table, RatepayItemOutcome.__table__)).returning(
