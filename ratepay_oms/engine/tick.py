@@ -1016,7 +1016,8 @@ class TickRunner:
 
         def work(runner: Runner) -> tuple[int, list[int], list[int]]:
             session = runner.session
-            locked = self.engine.claims.lock(session, list(batch))
+            # Along with the lock: which orders have an open intent (a booking's hold check).
+            locked = self.engine.claims.lock(session, list(batch), runner.open_intents)
             moved, resting = 0, []
             if isinstance(step, _StateStep) and limit is None:
                 # ``limit`` counts items exactly, so it takes the path that reads them.
