@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import Table, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ratepay_oms.engine.clock import wall_now
@@ -36,7 +36,7 @@ from ratepay_oms.engine.errors import OrderLockedError
 from ratepay_oms.engine.persist import chunked, id_in, ids_clause, ids_style, ids_value, prebuilt
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ops import instruments
-from ratepay_oms.persistence.models import Order
+from ratepay_oms.persistence.models import INTENT_OPEN_STATUSES, Intent, Order
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,20 @@ class Claims:
 
     # -- inside the caller's transaction ------------------------------------------------------
 
-    def lock(self, session: Session, order_ids: Sequence[int]) -> list[int]:
+    def lock(
+        self,
+        session: Session,
+        order_ids: Sequence[int],
+        open_intents: dict[int, bool] | None = None,
+    ) -> list[int]:
         """The orders of ``order_ids`` nobody holds a lease on, row-locked until the caller's
-        transaction ends (locked by another transaction: skipped, not waited for)."""
+        transaction ends (locked by another transaction: skipped, not waited for).
+
+        ``open_intents``: on PostgreSQL and SQLite, filled with whether each order it got has an
+        open intent, read by the same statement (``Runner.open_intents``: a booking planned
+        in this transaction need not ask again; nobody writes an intent of an order without
+        its row lock or lease). Not on MariaDB, where a locking read's subquery may lock the
+        intent rows it reads: left empty there (the runner asks)."""
         if not order_ids:
             return []
         now = wall_now()
@@ -102,15 +113,25 @@ class Claims:
         got: list[int] = []
         expired: list[int] = []
         style = ids_style(session)
-        statement = prebuilt("lock skip" if skip else "lock", style,
-                             _lock_skipping if skip else _lock_waiting)
+        if open_intents is not None and session.get_bind().dialect.name not in (
+            "postgresql", "sqlite"
+        ):
+            open_intents = None
+        if open_intents is None:
+            statement = prebuilt("lock skip" if skip else "lock", style,
+                                 _lock_skipping if skip else _lock_waiting)
+        else:
+            statement = prebuilt("lock skip intents" if skip else "lock intents", style,
+                                 _lock_skipping_intents if skip else _lock_waiting_intents)
         conn = session.connection()
         for part in chunked(sorted(order_ids)):
             rows = conn.execute(statement, {"ids": ids_value(part, style), "now": now})
-            for order_id, holder in rows:
+            for order_id, holder, *has_open in rows:
                 got.append(order_id)
                 if holder is not None:
                     expired.append(order_id)
+                if open_intents is not None:
+                    open_intents[order_id] = bool(has_open[0])
         self._take_over(session, expired)
         return got
 
@@ -397,3 +418,23 @@ def _lock_waiting(style: str) -> Any:
 
 def _lock_skipping(style: str) -> Any:
     return _lock_statement(style).with_for_update(skip_locked=True)
+
+
+def _open_intent_exists() -> Any:
+    """Whether the order of the row has an open intent (a column of the lock statement).
+    A locking read does not lock the rows of a subquery (PostgreSQL, InnoDB)."""
+    intents = cast(Table, Intent.__table__)
+    return (
+        exists()
+        .where(intents.c.order_id == _ORDERS.c.id, intents.c.status.in_(INTENT_OPEN_STATUSES))
+        .correlate(_ORDERS)
+        .label("open_intent")
+    )
+
+
+def _lock_waiting_intents(style: str) -> Any:
+    return _lock_statement(style).add_columns(_open_intent_exists())
+
+
+def _lock_skipping_intents(style: str) -> Any:
+    return _lock_waiting_intents(style).with_for_update(skip_locked=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, exists, insert, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
@@ -227,6 +227,12 @@ class Runner:
         """Event data of a manual trigger: given to the first round's commands and written on
         the history rows of its moves (also after a gateway call, through the intent)."""
         self._first_round = False
+        self.open_intents: dict[int, bool] = {}
+        """Whether an order has an open intent, where a statement of this transaction read it
+        along (the tick's lock, a settle's compare-and-set) or this runner wrote one: a
+        booking's hold check (:meth:`_held`) asks the database only for orders not in here.
+        Nobody else writes an intent of an order meanwhile: that takes the order's row lock
+        (held to the end of this transaction) or its lease (ours while we settle)."""
 
     # -- the cascade ---------------------------------------------------------------------
 
@@ -374,6 +380,7 @@ class Runner:
             "reconcile_at": wall_now() + self.engine.claims.lease,
         }
         intent_id = insert_intent(self.session, row, marking=group.items)
+        self.open_intents[group.order.id] = True
         self.calls.append(
             Call(
                 intent_id=intent_id,
@@ -397,7 +404,12 @@ class Runner:
         figures with that ledger. A second booking planned beside one in doubt would be
         planned on a ledger that misses the first, and the status API could then tell neither
         of them apart (two returns of one article show as one figure). So the group stays
-        where it is, with its event due again once the other is settled; nothing is sent."""
+        where it is, with its event due again once the other is settled; nothing is sent.
+
+        An order this transaction already knows to have none (``open_intents``) is not asked
+        about again: a statement per booking saved."""
+        if self.open_intents.get(group.order.id) is False:
+            return False
         row = self.session.execute(_OPEN_INTENT, {"order_id": group.order.id}).first()
         if row is None:
             return False
@@ -589,9 +601,18 @@ class Runner:
         booked = not isinstance(answer, Reconciled) or answer.booked
         conn = self.session.connection()
         returning = conn.dialect.update_returning
+        # PostgreSQL: the compare-and-set also tells whether the order has another open
+        # intent (SQLite renders the columns of RETURNING unqualified, which a subquery on the
+        # same table would read as its own).
+        others = returning and conn.dialect.name == "postgresql"
+        if others:
+            statement = prebuilt("settle returning others", "", _settle_returning_others)
+        elif returning:
+            statement = prebuilt("settle returning", "", _settle_returning)
+        else:
+            statement = prebuilt("settle", "", _settle_statement)
         won = conn.execute(
-            prebuilt("settle returning" if returning else "settle", "",
-                     _settle_returning if returning else _settle_statement),
+            statement,
             {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
              "note": note},
         )
@@ -611,6 +632,9 @@ class Runner:
                 {"intent_id": intent_id},
             ).one()
         assert intent is not None
+        if others:
+            # The compare-and-set read along whether the order has another open intent.
+            self.open_intents[intent.order_id] = bool(intent.others_open)
         summary = json.loads(intent.summary)
         if loaded is not None and loaded.order.id == intent.order_id:
             order, items = self._take_up(loaded)
@@ -889,6 +913,25 @@ def _settled_columns() -> tuple[Any, ...]:
 
 def _settle_returning(style: str) -> Any:
     return _settle_statement(style).returning(*_settled_columns())
+
+
+def _settle_returning_others(style: str) -> Any:
+    """PostgreSQL: the compare-and-set returning the intent's columns and whether its order
+    has another open intent (``Runner.open_intents``; the subquery reads the statement's
+    snapshot, in which this intent is still open, so it is left out by its id)."""
+    intents = cast(Table, Intent.__table__)
+    other = intents.alias("other_intent")
+    others_open = (
+        exists()
+        .where(
+            other.c.order_id == intents.c.order_id,
+            other.c.status.in_(INTENT_OPEN_STATUSES),
+            other.c.id != intents.c.id,
+        )
+        .correlate(intents)
+        .label("others_open")
+    )
+    return _settle_statement(style).returning(*_settled_columns(), others_open)
 
 
 def _settled_intent_statement(style: str) -> Any:

@@ -71,6 +71,10 @@ from ratepay_oms.engine.persist import (
     by_order_only,
     chunked,
     id_in,
+    ids_clause,
+    ids_style,
+    ids_value,
+    prebuilt,
     ranged_moves,
 )
 from ratepay_oms.engine.plugins import UnknownPluginError
@@ -636,17 +640,11 @@ class _StateStep(_Step):
     ) -> list[DueItem]:
         events = self.events
         due: list[DueItem] = []
+        style = ids_style(session)
+        statement = prebuilt("due items", style, _due_items_statement)
+        conn = session.connection()
         for part in chunked(list(order_ids)):
-            rows = session.connection().execute(
-                select(
-                    OrderItem.id,
-                    OrderItem.order_id,
-                    OrderItem.process,
-                    OrderItem.state,
-                    OrderItem.retry_at,
-                    OrderItem.intent_id,
-                ).where(id_in(OrderItem.order_id, part, session))
-            )
+            rows = conn.execute(statement, {"ids": ids_value(part, style)})
             for item_id, order_id, process, state, retry_at, intent_id in rows:
                 key = (process, state)
                 if retry_at is None and key in events:
@@ -655,6 +653,29 @@ class _StateStep(_Step):
                     sizes[order_id] = sizes.get(order_id, 0) + 1
         due.sort()
         return due
+
+
+def _due_items_statement(style: str) -> Any:
+    """The item columns :meth:`_Step.due_items` reads, of the orders ``:ids`` (built once per
+    ids style, see ``persist.prebuilt``: it runs in every batch)."""
+    return select(
+        OrderItem.id,
+        OrderItem.order_id,
+        OrderItem.process,
+        OrderItem.state,
+        OrderItem.retry_at,
+        OrderItem.intent_id,
+    ).where(ids_clause(OrderItem.order_id, style))
+
+
+def _items_statement(style: str) -> Any:
+    """The items ``:ids`` as objects (what :meth:`TickRunner._fire` loads; built once)."""
+    return select(OrderItem).where(ids_clause(OrderItem.id, style))
+
+
+def _orders_statement(style: str) -> Any:
+    """The orders ``:ids`` as objects (what :meth:`TickRunner._fire` loads; built once)."""
+    return select(Order).where(ids_clause(Order.id, style))
 
 
 _NO_WORK = object()
@@ -995,7 +1016,8 @@ class TickRunner:
 
         def work(runner: Runner) -> tuple[int, list[int], list[int]]:
             session = runner.session
-            locked = self.engine.claims.lock(session, list(batch))
+            # Along with the lock: which orders have an open intent (a booking's hold check).
+            locked = self.engine.claims.lock(session, list(batch), runner.open_intents)
             moved, resting = 0, []
             if isinstance(step, _StateStep) and limit is None:
                 # ``limit`` counts items exactly, so it takes the path that reads them.
@@ -1075,19 +1097,20 @@ class TickRunner:
         put_back = set(leftover)
         fired = [d for d in fired if d.order_id not in put_back]
         session = runner.session
+        style = ids_style(session)
+        items_statement = prebuilt("fired items", style, _items_statement)
         items: dict[int, OrderItem] = {}
         for part in chunked([d.id for d in fired]):
             items.update(
                 (i.id, i)
-                for i in session.scalars(
-                    select(OrderItem).where(id_in(OrderItem.id, part, session))
-                )
+                for i in session.scalars(items_statement, {"ids": ids_value(part, style)})
             )
+        orders_statement = prebuilt("fired orders", style, _orders_statement)
         orders: dict[int, Order] = {}
         for part in chunked(sorted({d.order_id for d in fired})):
             orders.update(
                 (o.id, o)
-                for o in session.scalars(select(Order).where(id_in(Order.id, part, session)))
+                for o in session.scalars(orders_statement, {"ids": ids_value(part, style)})
             )
         if sizes:
             _whole_items(fired, items, orders, sizes)

@@ -285,7 +285,7 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         # Attempts are counted only for an order with a payment row: this plan writes it
         # before the first PAYMENT_REQUEST can leave, so without one none ever did (a
         # statement saved on every order's first attempt; the row is kept for ``ensure``).
-        known = store.get_payment(ctx.session, order.id)
+        known = store.get_payment(ctx.session, order)
         refusal = self._attempts_refusal(ctx, order) if known is not None else None
         if refusal is not None:
             store.record_outcomes(
@@ -434,7 +434,7 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         summary: dict[str, Any],
         answer: PaymentAnswer | Reconciled,
     ) -> None:
-        payment = store.get_payment(ctx.session, order.id)
+        payment = store.get_payment(ctx.session, order)
         assert payment is not None  # written by plan
         payment.updated_at = ctx.now
         if isinstance(answer, Reconciled):
@@ -506,7 +506,7 @@ def _transaction(
     ctx: CommandContext, order: Order, items: Sequence[OrderItem], action: str, operation: str
 ) -> RatepayPayment | None:
     """The order's payment with its transaction id, or a recorded failure without a call."""
-    payment = store.get_payment(ctx.session, order.id)
+    payment = store.get_payment(ctx.session, order)
     if payment is None or not payment.transaction_id:
         store.record_outcomes(
             ctx.session,
@@ -673,7 +673,7 @@ class _BookingCommand(_External[BookingPayload, RatepayResult]):
     ) -> None:
         booked = answer.booked if isinstance(answer, Reconciled) else answer.success
         if booked:
-            payment = store.get_payment(ctx.session, order.id)
+            payment = store.get_payment(ctx.session, order)
             assert payment is not None
             if summary.get("shipping"):
                 payment.shipping_status = self.settles_as
@@ -790,7 +790,7 @@ class AdjustmentCommand(_External[AdjustmentPayload, RatepayResult]):
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[AdjustmentPayload] | None:
         request = adj.AdjustmentRequest.from_data(ctx.data)
-        payment = store.get_payment(ctx.session, order.id)
+        payment = store.get_payment(ctx.session, order)
         profile = payment.profile if payment is not None else None
         facade_for(ctx.services, profile)  # an unknown profile fails here, unsent
         data = store.order_input(order)

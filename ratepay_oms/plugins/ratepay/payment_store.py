@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, cast
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import Row, Table, bindparam, func, insert, inspect, select
+from sqlalchemy import Integer, Row, Table, bindparam, func, insert, inspect, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
@@ -72,12 +74,18 @@ _PAYMENTS = "ratepay.payments"
 ``None`` when it had none})."""
 
 
-def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
+def get_payment(session: Session, order: Order) -> RatepayPayment | None:
     """The order's payment row. Kept per session: a settling transaction asks in ``apply`` and
     again in the next command's ``plan``; the second ask would return the very same object
     from the identity map after a SELECT (the ORM does not overwrite loaded attributes), so it
     is answered from the session unless the object left it (a savepoint that added it was
-    rolled back)."""
+    rolled back).
+
+    Across transactions, like the order and items a settle takes up (``Runner._take_up``):
+    when ``order`` is the very object a committed transaction of this worker loaded or wrote
+    the payment row with (:func:`_taken_up`), that object is taken into this session instead
+    of read again."""
+    order_id = order.id
     transaction = session.get_transaction()
     kept = session.info.get(_PAYMENTS)
     if kept is None or kept[0] is not transaction:  # only within one transaction
@@ -90,16 +98,71 @@ def get_payment(session: Session, order_id: int) -> RatepayPayment | None:
         state = inspect(payment)
         if state.persistent and state.session is session:
             return payment
-    payment = session.scalar(select(RatepayPayment).where(RatepayPayment.order_id == order_id))
+    payment = _taken_up(session, order)
+    if payment is None:
+        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order_id})
+        _remember(order, payment)
     known[order_id] = payment
     return payment
 
 
-def _keep(session: Session, payment: RatepayPayment) -> None:
+_LAST_WRITTEN: WeakKeyDictionary[Order, RatepayPayment] = WeakKeyDictionary()
+"""Per order object, its payment row's object as this worker last loaded or wrote it (kept
+while the order object lives: a chain's calls carry their order, ``Call.loaded``)."""
+_LAST_WRITTEN_LOCK = threading.Lock()
+"""The pool's threads share :data:`_LAST_WRITTEN` (each works on orders of its own)."""
+
+
+def _remember(order: Order, payment: RatepayPayment | None) -> None:
+    with _LAST_WRITTEN_LOCK:
+        if payment is None:
+            _LAST_WRITTEN.pop(order, None)
+        else:
+            _LAST_WRITTEN[order] = payment
+
+
+def _taken_up(session: Session, order: Order) -> RatepayPayment | None:
+    """The payment object kept for ``order`` (see :data:`_LAST_WRITTEN`), added to
+    ``session`` without a statement; ``None`` when a SELECT must answer.
+
+    Only when ``order`` itself was taken into this session (a settle of this worker's own
+    call: the order's lease kept every other writer off it since that transaction
+    committed) and the payment object left a session that committed it: detached, every
+    attribute loaded (a rolled-back transaction expires them; an object a rolled-back
+    transaction or savepoint added is transient, not detached)."""
+    with _LAST_WRITTEN_LOCK:
+        payment = _LAST_WRITTEN.get(order)
+    if payment is None:
+        return None
+    order_state = inspect(order)
+    if not order_state.persistent or order_state.session is not session:
+        return None
+    state = inspect(payment)
+    if (
+        not state.detached
+        or state.expired_attributes
+        or state.unloaded
+        or state.key is None
+        or state.key in session.identity_map
+    ):
+        return None
+    session.add(payment)
+    return payment
+
+
+_PAYMENT_OF_ORDER = select(RatepayPayment).where(
+    RatepayPayment.order_id == bindparam("order_id", type_=Integer)
+)
+"""The order's payment row (``:order_id``), one statement object for every call: built anew
+per call it cost its construction and cache key, twice per order."""
+
+
+def _keep(session: Session, order: Order, payment: RatepayPayment) -> None:
     """``payment`` (just added) is the order's row for ``get_payment`` from now on."""
     kept = session.info.get(_PAYMENTS)
     if kept is not None and kept[0] is session.get_transaction():
         kept[1][payment.order_id] = payment
+    _remember(order, payment)
 
 
 def ensure_payment(
@@ -113,11 +176,23 @@ def ensure_payment(
 ) -> RatepayPayment:
     """The order's payment row; a new PAYMENT_REQUEST attempt may move it to another profile
     (the old transaction is dead then), and fixes the voucher rule while nothing is booked."""
-    payment = get_payment(session, order.id)
+    payment = get_payment(session, order)
     if payment is None:
+        # Every column given (the INSERT writes them all either way): an attribute never set
+        # stays unloaded after the flush, and the object could not be taken up by the settle
+        # of this order's call (``_taken_up``), which would read the row again.
         payment = RatepayPayment(
             order_id=order.id,
             method=method,
+            transaction_id=None,
+            transaction_short_id=None,
+            descriptor=None,
+            result_code=None,
+            reason_code=None,
+            customer_message=None,
+            installment_plan=None,
+            profile=None,
+            voucher_rule=None,
             shipping_status=OPEN,
             discount_status=OPEN,
             created_at=now,
@@ -129,7 +204,7 @@ def ensure_payment(
     if voucher_rule is not None:
         payment.voucher_rule = voucher_rule
     session.flush()
-    _keep(session, payment)
+    _keep(session, order, payment)
     return payment
 
 
@@ -157,11 +232,12 @@ def record_outcomes(
     why) and the outcome is a failure.
 
     Every value but the item's id is the same for all rows. A small group's rows go in by one
-    executemany and come back as transient objects for the group's conditions
-    (:func:`prime_outcomes`); from ``OUTCOMES_SET_BASED`` items on (a 10,000-unit order) they
-    are written inside the database by ``INSERT … SELECT`` from the items, by chunks of ids,
-    and come back as :class:`WrittenOutcome` tuples where the database returns the new ids
-    (``INSERT … RETURNING``), else ``None`` (the conditions read them back): cheaper than
+    executemany and come back as :class:`WrittenOutcome` tuples for the group's conditions
+    (:func:`prime_outcomes`; transient objects where the database cannot return the ids in
+    row order, and the ORM writes them); from ``OUTCOMES_SET_BASED`` items on (a
+    10,000-unit order) they are written inside the database by ``INSERT … SELECT`` from the
+    items, by chunks of ids, and come back as those tuples where the database returns the new
+    ids (``INSERT … RETURNING``), else ``None`` (the conditions read them back): cheaper than
     building 10,000 objects either way."""
     ok = bool(result.success) if success is None and result is not None else bool(success)
     text = message
@@ -200,10 +276,14 @@ def record_outcomes(
         return outcomes
     # One Core INSERT (all rows, ids back in row order): the unit of work for a handful of new
     # objects costs more CPU than the rows. Nothing in the engine loads these rows as objects
-    # in the same transaction but through a query, which reads them from the database; the
-    # objects returned are transient copies for the group's conditions (``prime_outcomes``).
+    # in the same transaction but through a query, which reads them from the database; what
+    # comes back for the group's conditions (``prime_outcomes``) are read-only tuples, as the
+    # set-based path gives: a transient ORM object per row cost more than its INSERT.
     ids = conn.execute(_INSERT_OUTCOMES, rows).scalars().all()
-    return [RatepayItemOutcome(id=i, **row) for i, row in zip(ids, rows, strict=True)]
+    assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
+    rest = (order.id, *same.values())
+    make = WrittenOutcome._make
+    return [make((i, item.id, *rest)) for i, item in zip(ids, items, strict=True)]
 
 
 _INSERT_OUTCOMES = insert(cast(Table, RatepayItemOutcome.__table__)).returning(
@@ -370,7 +450,7 @@ def load_ledger(session: Session, order: Order) -> OrderLedger:
         {DELIVERY: ledger.delivered, CANCELLATION: ledger.cancelled, RETURN: ledger.returned}[
             action
         ].add(item_id)
-    payment = get_payment(session, order.id)
+    payment = get_payment(session, order)
     if payment is not None:
         ledger.shipping_status = payment.shipping_status
         ledger.discount_status = payment.discount_status
