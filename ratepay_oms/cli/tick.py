@@ -2,7 +2,8 @@
 
 One run calls :meth:`Engine.tick` once (retries, timeouts, on-enter leftovers, event-less
 transitions); ``--loop`` keeps calling it for a worker process (at once after a tick that did
-work, ``--interval`` seconds after an idle one) and stops cleanly after the current tick on SIGTERM/SIGINT, so a deploy never cuts a tick in half.
+work, ``--interval`` seconds after an idle one) and stops cleanly after the current tick on
+SIGTERM/SIGINT, so a deploy never cuts a tick in half.
 """
 
 from __future__ import annotations
