@@ -96,6 +96,9 @@ class _Direct:
     """How a URL is sent through urllib3 directly: the path and query the request line
     carries and the TLS settings of its connection pool (as ``requests`` would set them)."""
 
+    scheme: str
+    host: str
+    port: int | None
     request_uri: str
     pool_kwargs: dict[str, Any]
 
@@ -216,7 +219,13 @@ class RequestsTransport:
                 and not proxy
                 and "auth" not in settings
             ):
-                direct = _Direct(parsed.request_uri, _tls_kwargs(settings["verify"]))
+                direct = _Direct(
+                    parsed.scheme,
+                    parsed.host,
+                    parsed.port,
+                    parsed.request_uri,
+                    _tls_kwargs(settings["verify"]),
+                )
         self._direct[url] = direct
         return direct
 
@@ -371,7 +380,9 @@ class RequestsTransport:
         """One call through this thread's urllib3 pool for ``url``: no retries, no
         redirects followed, the answer read under the cap and the connection kept alive."""
         try:
-            pool = self._manager.connection_from_url(url, pool_kwargs=direct.pool_kwargs)
+            pool = self._manager.connection_from_host(
+                direct.host, direct.port, direct.scheme, pool_kwargs=direct.pool_kwargs
+            )
             response = pool.urlopen(
                 method,
                 direct.request_uri,
