@@ -206,6 +206,30 @@ def test_a_proxy_from_the_environment_is_used(hostile, monkeypatch) -> None:
     assert [path for path, _ in proxy.requests] == ["http://gateway.invalid/api/xml/1_0"]
 
 
+def test_credentials_in_the_url_are_sent_as_basic_auth(hostile) -> None:
+    """As ``requests`` does it (such a URL goes its way, not urllib3's directly)."""
+    import base64
+
+    server = hostile(200, OK_INIT)
+    url = server.url.replace("http://", "http://shop:s3cret@")
+    assert _facade(url, MemoryApiLogSink()).init_payment().success
+    expected = "Basic " + base64.b64encode(b"shop:s3cret").decode()
+    assert server.requests[0][1]["Authorization"] == expected
+
+
+def test_the_url_caches_start_over_when_full(hostile) -> None:
+    """A status lookup has a URL per transaction: the transport keeps a bounded number."""
+    from ratepay_oms.ratepay.transport import URL_CACHE_MAX
+
+    server = hostile(200, OK_INIT)
+    transport = RequestsTransport()
+    for n in range(URL_CACHE_MAX + 5):
+        transport._route(f"{server.url}?tx={n}")
+        transport._settings(f"{server.url}?tx={n}")
+    assert len(transport._direct) <= URL_CACHE_MAX
+    assert len(transport._environment) <= URL_CACHE_MAX
+
+
 def test_an_unknown_host_sent_nothing(hostile) -> None:
     log = MemoryApiLogSink()
     with pytest.raises(RatepayTransportError, match="connection failed") as caught:

@@ -86,6 +86,11 @@ def _refused_before_sending(exc: requests.ConnectionError) -> bool:
 POOL_MAXSIZE = 4
 """Kept-alive connections per host and session (one session per calling thread)."""
 
+URL_CACHE_MAX = 512
+"""URLs whose environment settings and route are kept: the XML API is one URL, but every
+status lookup has a URL of its own (the transaction id), so the caches start over when full
+rather than grow for as long as the worker runs."""
+
 _DEFAULT_HEADERS = dict(requests.utils.default_headers())
 """The headers a ``requests.Session`` sends (User-Agent, Accept-Encoding, Connection), so a
 call sent through urllib3 directly looks the same to the gateway."""
@@ -205,17 +210,22 @@ class RequestsTransport:
     def _route(self, url: str) -> _Direct | None:
         """How ``url`` goes through urllib3 directly, or ``None`` when it needs a
         ``requests.Session``: a given session, a proxy or ``.netrc`` credentials from the
-        environment, or not plain ``http``/``https``. Decided once per URL."""
-        if url in self._direct:
+        environment, credentials or other than ASCII in the URL itself (``requests`` turns
+        those into a header, an IDNA name), or not plain ``http``/``https``. Decided once
+        per URL."""
+        try:
             return self._direct[url]
+        except KeyError:  # not decided yet (or forgotten by another thread's clear)
+            pass
         direct: _Direct | None = None
-        if self._given is None:
+        if self._given is None and url.isascii():
             settings = self._settings(url)
             parsed = parse_url(url)
             proxy = requests.utils.select_proxy(url, settings["proxies"])
             if (
                 parsed.scheme in ("http", "https")
                 and parsed.host
+                and not parsed.auth
                 and not proxy
                 and "auth" not in settings
             ):
@@ -226,6 +236,8 @@ class RequestsTransport:
                     parsed.request_uri,
                     _tls_kwargs(settings["verify"]),
                 )
+        if len(self._direct) >= URL_CACHE_MAX:
+            self._direct.clear()
         self._direct[url] = direct
         return direct
 
@@ -250,6 +262,8 @@ class RequestsTransport:
             auth = requests.utils.get_netrc_auth(url)
             if auth:
                 settings["auth"] = auth
+            if len(self._environment) >= URL_CACHE_MAX:
+                self._environment.clear()
             self._environment[url] = settings
         return settings
 
