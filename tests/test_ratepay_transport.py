@@ -61,6 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         self.server.received.append((self.headers.get("Content-Type"), self.rfile.read(length)))
+        self.server.requests.append((self.path, dict(self.headers)))
         status, body = self.server.answer()
         self.send_response(status)
         self.send_header("Content-Type", "text/xml; charset=UTF-8")
@@ -76,6 +77,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.answer = answer
         self.received: list[tuple[str | None, bytes]] = []
+        self.requests: list[tuple[str, dict[str, str]]] = []
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # the client hanging up on a huge body is the point of some tests
@@ -170,6 +172,71 @@ def test_a_valid_answer_parses_and_the_request_is_text_xml(hostile) -> None:
     content_type, body = server.received[0]
     assert content_type == "text/xml; charset=UTF-8"
     assert body.startswith(b"<?xml version='1.0' encoding='UTF-8'?>")
+
+
+def test_calls_keep_the_headers_of_requests_and_one_connection(hostile) -> None:
+    """urllib3 directly (no proxy, no .netrc) sends what a ``requests.Session`` sent, and the
+    calls of one thread share one kept-alive connection."""
+    import requests
+
+    server = hostile(200, OK_INIT)
+    facade = _facade(server.url, MemoryApiLogSink())
+    for _ in range(3):
+        assert facade.init_payment().success
+    paths = [path for path, _ in server.requests]
+    assert paths == ["/api/xml/1_0"] * 3
+    headers = server.requests[0][1]
+    expected = requests.utils.default_headers()
+    assert headers["User-Agent"] == expected["User-Agent"]
+    assert headers["Accept-Encoding"] == expected["Accept-Encoding"]
+    assert headers["Accept"] == "text/xml, application/json"
+    assert headers["Content-Length"] == str(len(server.received[0][1]))
+    assert len(facade.transport._managers) == 1  # type: ignore[attr-defined]
+
+
+def test_a_proxy_from_the_environment_is_used(hostile, monkeypatch) -> None:
+    """A URL the environment sends through a proxy goes the ``requests`` way (its proxy
+    handling): the proxy gets the absolute URL of the gateway, which need not resolve."""
+    proxy = hostile(200, OK_INIT)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+    facade = _facade("http://gateway.invalid/api/xml/1_0", MemoryApiLogSink())
+    assert facade.init_payment().success
+    assert [path for path, _ in proxy.requests] == ["http://gateway.invalid/api/xml/1_0"]
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(hostile) -> None:
+    """As ``requests`` does it (such a URL goes its way, not urllib3's directly)."""
+    import base64
+
+    server = hostile(200, OK_INIT)
+    url = server.url.replace("http://", "http://shop:s3cret@")
+    assert _facade(url, MemoryApiLogSink()).init_payment().success
+    expected = "Basic " + base64.b64encode(b"shop:s3cret").decode()
+    assert server.requests[0][1]["Authorization"] == expected
+
+
+def test_the_url_caches_start_over_when_full(hostile) -> None:
+    """A status lookup has a URL per transaction: the transport keeps a bounded number."""
+    from ratepay_oms.ratepay.transport import URL_CACHE_MAX
+
+    server = hostile(200, OK_INIT)
+    transport = RequestsTransport()
+    for n in range(URL_CACHE_MAX + 5):
+        transport._route(f"{server.url}?tx={n}")
+        transport._settings(f"{server.url}?tx={n}")
+    assert len(transport._direct) <= URL_CACHE_MAX
+    assert len(transport._environment) <= URL_CACHE_MAX
+
+
+def test_an_unknown_host_sent_nothing(hostile) -> None:
+    log = MemoryApiLogSink()
+    with pytest.raises(RatepayTransportError, match="connection failed") as caught:
+        _facade("http://gateway.invalid/api/xml/1_0", log).request_payment(
+            "31-202401151000042", example_customer(), example_basket(), PaymentInfo("INVOICE")
+        )
+    assert caught.value.sent is False
 
 
 def test_a_slow_gateway_raises_a_read_timeout(sandbox) -> None:

@@ -1,4 +1,4 @@
-"""HTTP transport behind the facade: a tiny protocol and a ``requests`` implementation.
+"""HTTP transport behind the facade: a tiny protocol and a ``requests``/``urllib3`` implementation.
 
 The facade only needs "POST these bytes, give me status and body", "POST this JSON" (the OAuth
 token of the Transaction Status API) and "GET this URL with these headers". Keeping
@@ -15,14 +15,26 @@ it surfaces as ``RatepayTransportError(sent=True)`` and must be reconciled.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    DecodeError,
+    MaxRetryError,
+    NewConnectionError,
+    ProtocolError,
+    ProxyError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util import parse_url
 
 from ratepay_oms.ratepay.codes import IDEMPOTENT, Operation
 from ratepay_oms.ratepay.errors import RatepayTransportError
@@ -74,12 +86,73 @@ def _refused_before_sending(exc: requests.ConnectionError) -> bool:
 POOL_MAXSIZE = 4
 """Kept-alive connections per host and session (one session per calling thread)."""
 
+URL_CACHE_MAX = 512
+"""URLs whose environment settings and route are kept: the XML API is one URL, but every
+status lookup has a URL of its own (the transaction id), so the caches start over when full
+rather than grow for as long as the worker runs."""
+
+_DEFAULT_HEADERS = dict(requests.utils.default_headers())
+"""The headers a ``requests.Session`` sends (User-Agent, Accept-Encoding, Connection), so a
+call sent through urllib3 directly looks the same to the gateway."""
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """How a URL is sent through urllib3 directly: the path and query the request line
+    carries and the TLS settings of its connection pool (as ``requests`` would set them)."""
+
+    scheme: str
+    host: str
+    port: int | None
+    request_uri: str
+    pool_kwargs: dict[str, Any]
+
+
+def _tls_kwargs(verify: bool | str) -> dict[str, Any]:
+    """The pool settings ``requests`` gives a connection for ``verify`` (``HTTPAdapter``
+    ``cert_verify``): its CA bundle (``certifi``) when ``True``, the given file or folder,
+    or no verification at all when ``False``."""
+    if verify is False:
+        return {"cert_reqs": "CERT_NONE"}
+    location = requests.utils.DEFAULT_CA_BUNDLE_PATH if verify is True else verify
+    key = "ca_cert_dir" if os.path.isdir(location) else "ca_certs"
+    return {"cert_reqs": "CERT_REQUIRED", key: location}
+
+
+def _urllib3_failure(
+    exc: urllib3.exceptions.HTTPError, operation: str, timeout: tuple[float, float]
+) -> RatepayTransportError:
+    """The ``RatepayTransportError`` the ``requests`` path raises for the same failure, with
+    the same text (the name is that of the ``requests`` exception it would have been) and the
+    same ``sent``: only a connection that was never opened sent nothing."""
+    if isinstance(exc, NewConnectionError):  # refused, unreachable, unknown host
+        kind, name, sent = "connection failed", "ConnectionError", False
+    elif isinstance(exc, ConnectTimeoutError):
+        kind, name, sent = "connect timeout", "ConnectTimeout", False
+    elif isinstance(exc, ReadTimeoutError):
+        kind, name, sent = f"read timeout after {timeout[1]}s", "ReadTimeout", True
+    elif isinstance(exc, (SSLError, ProxyError)):
+        kind, name, sent = "connection failed", type(exc).__name__, True
+    elif isinstance(exc, ProtocolError):  # the connection broke while the request went out
+        kind, name, sent = "connection failed", "ConnectionError", True
+    else:
+        kind, name, sent = "HTTP failure", type(exc).__name__, True
+    return RatepayTransportError(f"{operation}: {kind} ({name})", sent=sent, operation=operation)
+
 
 class RequestsTransport:
-    """``requests.Session`` transport with explicit connect/read timeouts and a body cap.
+    """HTTP transport with explicit connect/read timeouts and a body cap.
 
     ``retries``/``retry_delay_s`` apply to refused connections of idempotent operations only.
     urllib3's own retries are switched off so that nothing is re-sent behind our back.
+
+    Without a given ``session`` a call goes through urllib3 directly (one ``PoolManager`` per
+    calling thread, TLS verified as ``requests`` does it): a ``requests.Session`` spends more
+    CPU preparing, merging and wrapping one call than urllib3 needs to send it, and the engine
+    makes three calls per invoice order. A URL the environment routes through a proxy or
+    gives ``.netrc`` credentials still goes through a ``requests.Session`` (its proxy and auth
+    handling), as does every call of a given ``session`` (a shop's own adapters, mTLS).
+    Failures raise the same ``RatepayTransportError`` (text and ``sent``) on both paths.
     """
 
     def __init__(
@@ -98,6 +171,8 @@ class RequestsTransport:
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._environment: dict[str, dict[str, Any]] = {}
+        self._direct: dict[str, _Direct | None] = {}
+        self._managers: list[urllib3.PoolManager] = []
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.max_response_bytes = max_response_bytes
@@ -118,6 +193,53 @@ class RequestsTransport:
             with self._lock:
                 self._sessions.append(session)
         return session
+
+    @property
+    def _manager(self) -> urllib3.PoolManager:
+        """This thread's urllib3 pools (not shared, like the sessions: the same number of
+        kept-alive connections per thread, none dropped for a full pool)."""
+        manager: urllib3.PoolManager | None = getattr(self._local, "manager", None)
+        if manager is None:
+            manager = self._local.manager = urllib3.PoolManager(
+                num_pools=10, maxsize=POOL_MAXSIZE, block=False
+            )
+            with self._lock:
+                self._managers.append(manager)
+        return manager
+
+    def _route(self, url: str) -> _Direct | None:
+        """How ``url`` goes through urllib3 directly, or ``None`` when it needs a
+        ``requests.Session``: a given session, a proxy or ``.netrc`` credentials from the
+        environment, credentials or other than ASCII in the URL itself (``requests`` turns
+        those into a header, an IDNA name), or not plain ``http``/``https``. Decided once
+        per URL."""
+        try:
+            return self._direct[url]
+        except KeyError:  # not decided yet (or forgotten by another thread's clear)
+            pass
+        direct: _Direct | None = None
+        if self._given is None and url.isascii():
+            settings = self._settings(url)
+            parsed = parse_url(url)
+            proxy = requests.utils.select_proxy(url, settings["proxies"])
+            if (
+                parsed.scheme in ("http", "https")
+                and parsed.host
+                and not parsed.auth
+                and not proxy
+                and "auth" not in settings
+            ):
+                direct = _Direct(
+                    parsed.scheme,
+                    parsed.host,
+                    parsed.port,
+                    parsed.request_uri,
+                    _tls_kwargs(settings["verify"]),
+                )
+        if len(self._direct) >= URL_CACHE_MAX:
+            self._direct.clear()
+        self._direct[url] = direct
+        return direct
 
     @staticmethod
     def _mount(session: requests.Session) -> None:
@@ -140,6 +262,8 @@ class RequestsTransport:
             auth = requests.utils.get_netrc_auth(url)
             if auth:
                 settings["auth"] = auth
+            if len(self._environment) >= URL_CACHE_MAX:
+                self._environment.clear()
             self._environment[url] = settings
         return settings
 
@@ -148,6 +272,10 @@ class RequestsTransport:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.close()
+        with self._lock:
+            managers, self._managers = self._managers, []
+        for manager in managers:
+            manager.clear()
         if self._given is not None:
             self._given.close()
 
@@ -208,6 +336,9 @@ class RequestsTransport:
             headers["Content-Type"] = CONTENT_TYPE
         if extra_headers:
             headers.update(extra_headers)
+        direct = self._route(url)
+        if direct is not None:
+            return self._send_direct(direct, method, url, body, operation, timeout, headers)
         try:
             response = self.session.request(
                 method,
@@ -249,6 +380,81 @@ class RequestsTransport:
                     http_status=response.status_code,
                 ) from None
         return HttpResponse(response.status_code, data)
+
+    def _send_direct(
+        self,
+        direct: _Direct,
+        method: str,
+        url: str,
+        body: bytes | None,
+        operation: str,
+        timeout: tuple[float, float],
+        headers: dict[str, str],
+    ) -> HttpResponse:
+        """One call through this thread's urllib3 pool for ``url``: no retries, no
+        redirects followed, the answer read under the cap and the connection kept alive."""
+        try:
+            pool = self._manager.connection_from_host(
+                direct.host, direct.port, direct.scheme, pool_kwargs=direct.pool_kwargs
+            )
+            response = pool.urlopen(
+                method,
+                direct.request_uri,
+                body=body,
+                headers={**_DEFAULT_HEADERS, **headers},
+                timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=False,
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise _urllib3_failure(exc, operation, timeout) from None
+        done = False
+        try:
+            data = self._read_capped_direct(response, operation)
+            done = True
+        except (ProtocolError, DecodeError, ReadTimeoutError, SSLError) as exc:
+            # What ``requests`` raises while streaming (ChunkedEncodingError,
+            # ContentDecodingError, ConnectionError, SSLError): all "broken answer".
+            name = {
+                ProtocolError: "ChunkedEncodingError",
+                DecodeError: "ContentDecodingError",
+                ReadTimeoutError: "ConnectionError",
+            }.get(type(exc), type(exc).__name__)
+            raise RatepayTransportError(
+                f"{operation}: broken answer while reading the answer ({name})",
+                sent=True,
+                operation=operation,
+                http_status=response.status,
+            ) from None
+        finally:
+            if not done:
+                response.close()  # not read to its end: the connection cannot be reused
+            response.release_conn()
+        return HttpResponse(response.status, data)
+
+    def _read_capped_direct(self, response: urllib3.BaseHTTPResponse, operation: str) -> bytes:
+        """``_read_capped`` for a urllib3 answer."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("Content-Length", "")
+        chunks: list[bytes] = []
+        size = int(declared) if declared.isdigit() else 0
+        if size <= cap:
+            size = 0
+            for chunk in response.stream(65536, decode_content=True):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > cap:
+                    break
+        if size > cap:
+            raise RatepayTransportError(
+                f"{operation}: gateway answer exceeds the cap of {cap} bytes",
+                sent=True,
+                operation=operation,
+                http_status=response.status,
+            )
+        return b"".join(chunks)
 
     def _read_capped(self, response: requests.Response, operation: str) -> bytes:
         """Read at most ``max_response_bytes``; a bigger answer is refused, not truncated."""
