@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -436,35 +437,35 @@ class RequestsTransport:
 
     def _read_capped_direct(self, response: urllib3.BaseHTTPResponse, operation: str) -> bytes:
         """``_read_capped`` for a urllib3 answer."""
-        cap = self.max_response_bytes
-        declared = response.headers.get("Content-Length", "")
-        chunks: list[bytes] = []
-        size = int(declared) if declared.isdigit() else 0
-        if size <= cap:
-            size = 0
-            for chunk in response.stream(65536, decode_content=True):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > cap:
-                    break
-        if size > cap:
-            raise RatepayTransportError(
-                f"{operation}: gateway answer exceeds the cap of {cap} bytes",
-                sent=True,
-                operation=operation,
-                http_status=response.status,
-            )
-        return b"".join(chunks)
+        return self._capped(
+            response.headers.get("Content-Length", ""),
+            lambda: response.stream(65536, decode_content=True),
+            response.status,
+            operation,
+        )
 
     def _read_capped(self, response: requests.Response, operation: str) -> bytes:
         """Read at most ``max_response_bytes``; a bigger answer is refused, not truncated."""
+        return self._capped(
+            response.headers.get("Content-Length", ""),
+            lambda: response.iter_content(chunk_size=65536),
+            response.status_code,
+            operation,
+        )
+
+    def _capped(
+        self, declared: str, chunks_of: Callable[[], Iterable[bytes]], status: int,
+        operation: str,
+    ) -> bytes:
+        """The answer's body from ``chunks_of()`` (read only when the declared length fits),
+        refused with ``RatepayTransportError`` once it exceeds the cap: the one rule for both
+        ways of sending."""
         cap = self.max_response_bytes
-        declared = response.headers.get("Content-Length", "")
         chunks: list[bytes] = []
         size = int(declared) if declared.isdigit() else 0
         if size <= cap:
             size = 0
-            for chunk in response.iter_content(chunk_size=65536):
+            for chunk in chunks_of():
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > cap:
@@ -474,6 +475,6 @@ class RequestsTransport:
                 f"{operation}: gateway answer exceeds the cap of {cap} bytes",
                 sent=True,
                 operation=operation,
-                http_status=response.status_code,
+                http_status=status,
             )
         return b"".join(chunks)
