@@ -303,3 +303,28 @@ def test_refused_connection_is_not_retried_for_payment_request() -> None:
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["urllib3-directly", "requests-session"])
+def test_an_answer_over_the_cap_is_refused_whichever_way_it_was_sent(hostile, given) -> None:
+    """The cap holds on both ways of sending: urllib3 directly (no session given) and a
+    ``requests.Session`` the shop passes in; the answer is refused, never truncated."""
+    import requests
+
+    from ratepay_oms.ratepay.codes import Operation
+
+    server = hostile(200, b"<response" + b" " * 5_000 + b"/>")
+    transport = RequestsTransport(requests.Session() if given else None, max_response_bytes=1_000)
+    try:
+        with pytest.raises(RatepayTransportError, match="exceeds the cap of 1000 bytes") as caught:
+            transport.post_xml(server.url, b"<request/>", operation=Operation.PAYMENT_INIT,
+                               timeout=(2.0, 2.0))
+        assert caught.value.sent is True and caught.value.http_status == 200
+        roomy = RequestsTransport(requests.Session() if given else None,
+                                  max_response_bytes=10_000)
+        answer = roomy.post_xml(server.url, b"<request/>", operation=Operation.PAYMENT_INIT,
+                                timeout=(2.0, 2.0))
+        assert len(answer.body) == len(b"<response" + b" " * 5_000 + b"/>")
+        roomy.close()
+    finally:
+        transport.close()
