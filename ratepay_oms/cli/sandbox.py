@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import sys
 from decimal import Decimal, InvalidOperation
 
@@ -173,6 +174,10 @@ def serve(
     console.print(f"Ledger: {server.ledger_url}{{transaction id}} (the sandbox's own view)")
     console.print(f"Faults: {server.faults_url} (GET / POST JSON / DELETE); active: {len(parsed)}")
     sys.stdout.flush()  # a supervising process reads the URL before the first request
+    # Ctrl-C (SIGINT) stops the sandbox even when it was started from a shell that ignores
+    # SIGINT for its background jobs (Python then leaves it ignored): it is the documented way
+    # to stop it, and a test or supervisor that sends it must not wait forever.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
