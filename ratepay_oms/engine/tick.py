@@ -1205,6 +1205,7 @@ class _Counts(RunStats):
         self.moves.clear()
         self.stayed.clear()
         self.failed.clear()
+        self.held.clear()
 
 
 class _OrderSet:
