@@ -18,17 +18,19 @@ worker at K = 1, 4, 16.
 
 Last, the engine's CPU per order: one worker, no gateway delay, ``--cpu-orders`` orders from
 ``new`` to ``ready for shipment``; the worker process's user+system CPU time (from
-``/proc/<pid>/stat``) while it works, divided by the orders. The sandbox runs in its own
-process, so its CPU is not counted. ``--cpu-only`` measures only that (about a minute).
+``/proc/<pid>/stat``) while it works, divided by the orders, the median of ``--cpu-runs``
+runs. The sandbox runs in its own process, so its CPU is not counted. ``--cpu-only``
+measures only that (about a minute).
 
     python3 bench/scale.py
     python3 bench/scale.py --cpu-only
     python3 bench/scale.py --orders 100 --delay-ms 50 --workers 1,8 --concurrency 16
     python3 bench/scale.py --cpu-only --profile /tmp/worker.prof   # cProfile of that worker
 
-The CPU run also prints the SQL statements and commits per order the worker sent (counted by
-a SQLAlchemy ``before_cursor_execute`` / ``commit`` listener in the worker, which costs a few
-microseconds per statement); ``--statements`` lists the most frequent ones.
+One more run of the same orders, after the CPU runs, counts the SQL statements and commits
+per order the worker sent (a SQLAlchemy ``before_cursor_execute`` / ``commit`` listener in
+the worker; it costs about a tenth of the worker's CPU, which is why the CPU runs go without
+it) and takes the ``--profile``; ``--statements`` lists the most frequent statements.
 
 A checkout whose ``tick`` has no ``--concurrency`` (the engine before it) gets ``n/a`` for
 K > 1, so the same script measures the before figures.
@@ -323,10 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="K values for one worker")
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL)
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--cpu-runs", type=int, default=3,
+                        help="CPU runs; the median is printed")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the engine CPU per order (same as --workers= --concurrency=)")
     parser.add_argument("--profile", metavar="PATH",
-                        help="write a cProfile of the CPU run's worker to PATH (pstats)")
+                        help="write a cProfile of the counted run's worker to PATH (pstats)")
     parser.add_argument("--statements", type=int, default=0, metavar="N",
                         help="list the N most frequent SQL statements of the CPU run")
     args = parser.parse_args(argv)
@@ -354,8 +358,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rate = "timeout" if r.rate is None else f"{r.rate:.1f} orders/s"
                 print(f"  W={w} K={k}: {rate} (load {load()})", file=sys.stderr)
             set_delay(sandbox, 0)
-            cpu = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline,
-                          count=True, profile=args.profile)
+            # The CPU runs carry no instrumentation (the statement counter's listener alone
+            # cost about a tenth of the worker's CPU); the statements are counted, and a
+            # profile taken, in a run of their own after them.
+            cpu_runs = [
+                measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline)
+                for _ in range(max(1, args.cpu_runs))
+            ]
+            counted = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir,
+                              args.deadline, count=True, profile=args.profile)
         finally:
             sandbox.stop()
 
@@ -368,19 +379,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = "n/a" if r.rate is None else f"{r.rate:.1f}"
         up = "n/a" if r.rate is None or not base_rate else f"{r.rate / base_rate:.2f}x"
         print(f"{w:>7} {k:>11} {rate:>9} {up:>9}")
+    cpu = sorted(cpu_runs, key=lambda r: r.cpu_ms_per_order or 0.0)[len(cpu_runs) // 2]
     per_order = "n/a" if cpu.cpu_ms_per_order is None else f"{cpu.cpu_ms_per_order:.1f}"
     speed = "n/a" if cpu.rate is None else f"{cpu.rate:.1f}"
+    each = ", ".join(f"{r.cpu_ms_per_order:.1f}" for r in cpu_runs
+                     if r.cpu_ms_per_order is not None)
     print(f"engine CPU per order (1 worker, no delay, {args.cpu_orders} orders new -> {REST}): "
-          f"{per_order} ms ({speed} orders/s)")
-    if cpu.statements is not None:
-        total = sum(cpu.statements.values())
+          f"{per_order} ms ({speed} orders/s; median of {len(cpu_runs)} runs: {each} ms)")
+    if counted.statements is not None:
+        total = sum(counted.statements.values())
         print(f"SQL statements per order: {total / args.cpu_orders:.1f}, commits per order: "
-              f"{(cpu.commits or 0) / args.cpu_orders:.1f}")
-        top = sorted(cpu.statements.items(), key=lambda kv: -kv[1])[: args.statements]
+              f"{(counted.commits or 0) / args.cpu_orders:.1f}")
+        top = sorted(counted.statements.items(), key=lambda kv: -kv[1])[: args.statements]
         for text, n in top:
             print(f"  {n / args.cpu_orders:6.2f}  {text}")
     if args.profile:
-        print(f"profile of the CPU run's worker: {args.profile}")
+        print(f"profile of the counted run's worker: {args.profile}")
     print(f"load after: {load()}")
     return 0
 
