@@ -36,7 +36,7 @@ from ratepay_oms.engine.errors import OrderLockedError
 from ratepay_oms.engine.persist import chunked, id_in, ids_clause, ids_style, ids_value, prebuilt
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ops import instruments
-from ratepay_oms.persistence.models import INTENT_OPEN_STATUSES, Intent, Order
+from ratepay_oms.persistence.models import Intent, Order, intent_open
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ def _open_intent_exists() -> Any:
     intents = cast(Table, Intent.__table__)
     return (
         exists()
-        .where(intents.c.order_id == _ORDERS.c.id, intents.c.status.in_(INTENT_OPEN_STATUSES))
+        .where(intents.c.order_id == _ORDERS.c.id, intent_open(intents.c.status))
         .correlate(_ORDERS)
         .label("open_intent")
     )

@@ -58,12 +58,12 @@ from ratepay_oms.engine.plugins import (
     Reconciled,
 )
 from ratepay_oms.persistence.models import (
-    INTENT_OPEN_STATUSES,
     INTENT_PENDING,
     INTENT_SETTLED,
     Intent,
     Order,
     OrderItem,
+    intent_open,
 )
 
 if TYPE_CHECKING:
@@ -871,7 +871,7 @@ def _settle_statement(style: str) -> Any:
         update(intents)
         .where(
             intents.c.id == bindparam("intent_id", type_=intents.c.id.type),
-            intents.c.status.in_(INTENT_OPEN_STATUSES),
+            intent_open(intents.c.status),
         )
         .values(
             status=INTENT_SETTLED,
@@ -889,7 +889,7 @@ def _open_intent_statement() -> Any:
         select(intents.c.id, intents.c.status, intents.c.reconcile_at)
         .where(
             intents.c.order_id == bindparam("order_id", type_=intents.c.order_id.type),
-            intents.c.status.in_(INTENT_OPEN_STATUSES),
+            intent_open(intents.c.status),
         )
         .order_by(intents.c.id)
         .limit(1)
@@ -925,7 +925,7 @@ def _settle_returning_others(style: str) -> Any:
         exists()
         .where(
             other.c.order_id == intents.c.order_id,
-            other.c.status.in_(INTENT_OPEN_STATUSES),
+            intent_open(other.c.status),
             other.c.id != intents.c.id,
         )
         .correlate(intents)

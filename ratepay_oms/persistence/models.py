@@ -16,6 +16,7 @@ from decimal import Decimal
 
 from sqlalchemy import (
     Boolean,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Index,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    literal,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -223,6 +225,15 @@ INTENT_UNKNOWN = "unknown"
 """Nobody can tell whether the call was booked (no status source): a person decides."""
 INTENT_SETTLED = "settled"
 INTENT_OPEN_STATUSES = (INTENT_PENDING, INTENT_UNKNOWN)
+
+
+def intent_open(status: ColumnElement[str]) -> ColumnElement[bool]:
+    """``status IN ('pending', 'unknown')`` with one plain parameter per status.
+
+    ``status.in_(INTENT_OPEN_STATUSES)`` would make an *expanding* parameter: SQLAlchemy then
+    renders the statement's SQL anew on every execution (a regular expression over the whole
+    text), which the engine's compare-and-set and lock paid on every gateway call."""
+    return status.in_([literal(s, String()) for s in INTENT_OPEN_STATUSES])
 
 
 class Intent(Base):
