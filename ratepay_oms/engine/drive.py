@@ -4,9 +4,11 @@ every tick batch.
 ::
 
     decide + write moves (one transaction; external commands only plan: intent rows) ─▶ commit
-       ─▶ each planned gateway call, outside any transaction (send, or reconcile)
-       ─▶ settle it (one transaction: compare-and-set the intent, apply the answer, choose,
-          move, on-enter cascade, which may plan further calls) ─▶ commit ─▶ loop
+       ─▶ each planned gateway call, outside any transaction (send, or reconcile); its
+          API-log rows are held back
+       ─▶ settle it (one transaction: the held API-log rows, compare-and-set the intent, apply
+          the answer, choose, move, on-enter cascade, which may plan further calls) ─▶ commit
+          (did it not commit: the held rows are written apart, each by itself) ─▶ loop
 
 :meth:`Drive.transact` is the only place that opens a transaction for a :class:`Runner`; it
 also writes the leases: an order with a call planned gets one in the same transaction (so it is
