@@ -4,9 +4,11 @@ every tick batch.
 ::
 
     decide + write moves (one transaction; external commands only plan: intent rows) ─▶ commit
-       ─▶ each planned gateway call, outside any transaction (send, or reconcile)
-       ─▶ settle it (one transaction: compare-and-set the intent, apply the answer, choose,
-          move, on-enter cascade, which may plan further calls) ─▶ commit ─▶ loop
+       ─▶ each planned gateway call, outside any transaction (send, or reconcile); its
+          API-log rows are held back
+       ─▶ settle it (one transaction: the held API-log rows, compare-and-set the intent, apply
+          the answer, choose, move, on-enter cascade, which may plan further calls) ─▶ commit
+          (did it not commit: the held rows are written apart, each by itself) ─▶ loop
 
 :meth:`Drive.transact` is the only place that opens a transaction for a :class:`Runner`; it
 also writes the leases: an order with a call planned gets one in the same transaction (so it is
@@ -34,7 +36,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, Table, bindparam, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from ratepay_oms.engine.claims import LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc, retry_delay, wall_now
@@ -53,6 +55,7 @@ from ratepay_oms.engine.runner import (
     describe_error,
 )
 from ratepay_oms.persistence.db import one_statement
+from ratepay_oms.persistence.held import HeldRows, holding
 from ratepay_oms.persistence.models import INTENT_PENDING, INTENT_UNKNOWN, Intent
 
 log = logging.getLogger(__name__)
@@ -97,23 +100,32 @@ class Drive:
         guard: LoopGuard,
         *,
         release: Collection[int] = (),
+        held: HeldRows | None = None,
     ) -> tuple[T, list[Call]]:
         """Run ``work`` in one transaction with a :class:`Runner`; lease the orders it
         planned calls for and drop our lease on ``release`` (those without a new call), in
-        the same transaction; commit. The figures count only once it committed."""
+        the same transaction; commit. The figures count only once it committed.
+
+        ``held``: the API-log rows of the call this transaction settles, written first in it
+        (one INSERT; see :func:`_begin`) and cleared once it committed. If it does not, they
+        stay held and the caller writes them apart."""
         stats = RunStats()
-        with self.engine.sessions() as session, session.begin():
-            runner = Runner(self.engine, session, self.now, guard, stats)
-            result = work(runner)
-            runner.finish()
-            calls = runner.calls
-            leased = {c.order_id for c in calls}
-            written = sorted(o for o in leased if not self._lease_fresh(o))
-            if written:
-                self.engine.claims.lease_in(session, written)
-            done = [o for o in release if o not in leased]
-            if done:
-                self.engine.claims.release_in(session, done)
+        with self.engine.sessions() as session:
+            transaction, taken = _begin(session, held)
+            with transaction:
+                runner = Runner(self.engine, session, self.now, guard, stats)
+                result = work(runner)
+                runner.finish()
+                calls = runner.calls
+                leased = {c.order_id for c in calls}
+                written = sorted(o for o in leased if not self._lease_fresh(o))
+                if written:
+                    self.engine.claims.lease_in(session, written)
+                done = [o for o in release if o not in leased]
+                if done:
+                    self.engine.claims.release_in(session, done)
+        if taken and held is not None:
+            held.clear()
         clock = time.monotonic()
         with self._stats_lock:
             self.stats.add(stats)
@@ -172,27 +184,37 @@ class Drive:
         io = CallContext(self.engine.services, remember=lambda f: self._remember(call, f))
         release = (call.order_id,) if last else ()
         work: Callable[[Runner], object]
-        with self.keeper.in_flight(call.order_id):
-            if call.prepared is None:
-                work = self._reconciled(call, command.reconcile, io)
-            else:
-                try:
-                    answer = command.send(call.prepared, io)
-                except CallNotSentError as exc:
-                    verdict = Reconciled(False, detail=describe_error(exc))
-                    work = _settle(call, verdict, NOT_SENT)
-                except Exception as exc:
-                    message = describe_error(exc)
-                    log.warning("intent %s left open after: %s", call.intent_id, message)
-                    work = _leave_open(call, message)
-                else:
-                    work = _settle(call, answer, ANSWERED, record_stays=call.record_stays,
-                                   loaded=call.loaded)
+        held = self._held()
         try:
-            _, more = self.transact(work, guard, release=release)
+            with self.keeper.in_flight(call.order_id), holding(held):
+                if call.prepared is None:
+                    work = self._reconciled(call, command.reconcile, io)
+                else:
+                    try:
+                        answer = command.send(call.prepared, io)
+                    except CallNotSentError as exc:
+                        verdict = Reconciled(False, detail=describe_error(exc))
+                        work = _settle(call, verdict, NOT_SENT)
+                    except Exception as exc:
+                        message = describe_error(exc)
+                        log.warning("intent %s left open after: %s", call.intent_id, message)
+                        work = _leave_open(call, message)
+                    else:
+                        work = _settle(call, answer, ANSWERED, record_stays=call.record_stays,
+                                       loaded=call.loaded)
+            _, more = self.transact(work, guard, release=release, held=held)
         finally:
             self._stored.pop(call.intent_id, None)
+            if held is not None:
+                held.write_apart()  # what the settle did not commit (nothing when it did)
         return more
+
+    def _held(self) -> HeldRows | None:
+        """A holder for the API-log rows of one call (the send and its status lookups), for
+        its settling transaction to write: only when the sessions use an engine of their own
+        (the sink defers only to that very engine; a test's connection: written at once)."""
+        bind = self.engine.sessions.kw.get("bind")
+        return HeldRows(bind) if isinstance(bind, Engine) else None
 
     def _reconciled(
         self,
@@ -261,6 +283,19 @@ def _writing(sessions: sessionmaker[Session]) -> Iterator[Connection]:
         return
     with sessions() as session, session.begin():
         yield session.connection()
+
+
+def _begin(session: Session, held: HeldRows | None) -> tuple[SessionTransaction, bool]:
+    """Begin ``session``'s transaction with ``held``'s rows written first; whether they are
+    in it. First, so that when the database refuses them nothing of the work is lost with the
+    rolled-back transaction: the work runs in a fresh one and the rows are written apart."""
+    transaction = session.begin()
+    if not held:
+        return transaction, False
+    if held.write_in(session.connection()):
+        return transaction, True
+    transaction.rollback()
+    return session.begin(), False
 
 
 def _merged(summary: str, facts: Mapping[str, Any]) -> str:

@@ -191,7 +191,8 @@ class Engine:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.concurrency = concurrency
         # One connection per call in flight, one for the deciding thread, one for the lease
-        # keeper (and the API log written after each call goes through the same pool).
+        # keeper (an API-log row written apart, when a settle did not commit, goes through the
+        # same pool).
         self.db = create_db_engine(self.database_url, **_pool_for(self.database_url, concurrency))
         self._sessions = session_factory(self.db)
         self.claims = Claims(self._sessions, self.worker_id, lease_seconds)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, Engine, Table, insert
+from sqlalchemy import Connection, Dialect, Engine, Table, bindparam, insert, text
 from sqlalchemy.orm import Session
 
 from ratepay_oms.persistence.api_log import ApiLogEntry
 from ratepay_oms.persistence.db import one_statement
+from ratepay_oms.persistence.held import held_for
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,45 @@ to fill ``inserted_primary_key``): nothing reads the new row's id, and fetching 
 about a quarter of the INSERT's CPU."""
 
 
-class SqlApiLogSink:
-    """Writes one ``ratepay_api_log`` row per call, each in its own short transaction.
+_MAX_ROWS_PER_INSERT = 8
+"""Held rows go in one INSERT of up to this many (a call makes one to three)."""
+_ROW_COLUMNS = tuple(c for c in _LOG_TABLE.columns if c.name != "id")
+_INSERT_ROWS: dict[tuple[str, int], Any] = {}
 
-    Own transaction on purpose: the row must survive even when the caller's unit of work (the
-    engine's state change) is rolled back — that is when the log is needed most.
+
+def _insert_rows(dialect: Dialect, count: int) -> Any:
+    """One INSERT of ``count`` rows, every value a named parameter (``<column>_<row>``),
+    built the first time each count is asked for. A multi-row INSERT on every database (an
+    executemany runs a statement per row on PostgreSQL); as text with typed parameters
+    because SQLAlchemy compiles a multi-values ``insert()`` again on every execution (it does
+    not cache them), which cost more CPU than the checkouts this saves."""
+    key = (dialect.name, count)
+    statement = _INSERT_ROWS.get(key)
+    if statement is None:
+        quote = dialect.identifier_preparer.quote
+        names = ", ".join(quote(c.name) for c in _ROW_COLUMNS)
+        rows = ", ".join(
+            "(" + ", ".join(f":{c.name}_{i}" for c in _ROW_COLUMNS) + ")" for i in range(count)
+        )
+        statement = _INSERT_ROWS[key] = text(
+            f"INSERT INTO {quote(_LOG_TABLE.name)} ({names}) VALUES {rows}"
+        ).bindparams(*(
+            bindparam(f"{c.name}_{i}", type_=c.type) for i in range(count) for c in _ROW_COLUMNS
+        ))
+    return statement
+
+
+class SqlApiLogSink:
+    """Writes one ``ratepay_api_log`` row per call, each in its own short transaction, or,
+    while the engine sends a call, with the transaction that settles it.
+
+    Never in the caller's unit of work alone: the row must survive even when it is rolled
+    back — that is when the log is needed most. A call the engine's drive sends
+    (:func:`ratepay_oms.persistence.held.holding`, same database) has its row held back and
+    written by the settling transaction, all of the call's rows as one INSERT; if that
+    transaction does not commit, the drive writes them here one by one after all
+    (:meth:`write_each`). Everything else (the console's own calls, a facade used directly)
+    writes at once.
     """
 
     def __init__(self, session_factory: Callable[[], Session]) -> None:
@@ -126,28 +161,65 @@ class SqlApiLogSink:
         try:
             entry = to_row(call)  # a dict: an ORM object only to read its values back costs
             engine = self._bind()
-            if engine is None:
-                with self.session_factory() as session, session.begin():
-                    self._write(session.connection(), entry)
-                return
-            # A connection of the sessions' engine, no Session: its transaction bookkeeping
-            # costs more CPU than the one INSERT (the engine writes a row per gateway call);
-            # the INSERT commits by itself (``one_statement``).
-            with one_statement(engine) as conn:
-                self._write(conn, entry)
+            if engine is not None:
+                held = held_for(engine)
+                if held is not None:
+                    held.add(self, entry)
+                    return
         except Exception:
             log.exception(
                 "could not write the RatePAY API log row for %s %s",
                 call.operation,
                 call.transaction_id,
             )
+            return
+        self._write_one(entry)
 
+    def write_each(self, rows: list[dict[str, Any]]) -> None:
+        """Each row in a transaction of its own (rows held for a settle that did not commit)."""
+        for row in rows:
+            self._write_one(row)
+
+    def write_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """``rows`` on ``conn`` (the settling transaction's), as one INSERT."""
+        for entry in rows:
+            _fill_order(conn, entry)
+        for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
+            chunk = rows[start:start + _MAX_ROWS_PER_INSERT]
+            conn.execute(
+                _insert_rows(conn.dialect, len(chunk)),
+                {f"{name}_{i}": value for i, row in enumerate(chunk)
+                 for name, value in row.items()},
+            )
+
+    def _write_one(self, entry: dict[str, Any]) -> None:
+        try:
+            engine = self._bind()
+            if engine is None:
+                with self.session_factory() as session, session.begin():
+                    self._write(session.connection(), entry)
+                return
+            # A connection of the sessions' engine, no Session: its transaction bookkeeping
+            # costs more CPU than the one INSERT; the INSERT commits by itself
+            # (``one_statement``).
+            with one_statement(engine) as conn:
+                self._write(conn, entry)
+        except Exception:
+            log.exception(
+                "could not write the RatePAY API log row for %s %s",
+                entry.get("operation"),
+                entry.get("transaction_id"),
+            )
 
     @staticmethod
     def _write(conn: Connection, entry: dict[str, Any]) -> None:
-        if entry["order_ref"] is None and entry["transaction_id"]:
-            entry["order_ref"] = _order_of_transaction(conn, entry["transaction_id"])
+        _fill_order(conn, entry)
         conn.execute(_INSERT_LOG, entry)
+
+
+def _fill_order(conn: Connection, entry: dict[str, Any]) -> None:
+    if entry["order_ref"] is None and entry["transaction_id"]:
+        entry["order_ref"] = _order_of_transaction(conn, entry["transaction_id"])
 
 
 def _order_of_transaction(conn: Connection, transaction_id: str) -> str | None:

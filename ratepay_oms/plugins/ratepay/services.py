@@ -1,10 +1,12 @@
 """Build the ``services`` the RatePAY commands need: ``{"ratepay": RatepayFacade,
 "ratepay_profiles": RatepayProfiles}`` (one facade per configured profile).
 
-The facade's API log goes to the engine's own database, one row per call in a short
-transaction of its own (``SqlApiLogSink``): the engine makes every gateway call outside any
-transaction (see ``ratepay_oms.engine.drive``), so the row is written at once, never waits for
-the engine's write lock, and survives whatever the engine does with the answer.
+The facade's API log goes to the engine's own database (``SqlApiLogSink``). The engine makes
+every gateway call outside any transaction (see ``ratepay_oms.engine.drive``) and has the rows
+of a call written by the transaction that settles it (one INSERT, no connection of their own);
+if that transaction does not commit, each row is written in a short transaction of its own, so
+the row survives whatever the engine does with the answer. A call made outside the engine's
+drive (the console's own, a facade used directly) writes its row at once.
 """
 
 from __future__ import annotations

@@ -1,0 +1,331 @@
+"""The API-log rows of the engine's gateway calls go with the transaction that settles them,
+and a settle that rolls back still leaves every row.
+
+Real engine, real sandbox over HTTP, real databases: SQLAlchemy's own events on the engine's
+``Engine`` say on which transaction each ``INSERT INTO ratepay_api_log`` ran. Before the rows
+were held for the settle, every call wrote its row at once in a transaction of its own (three
+per invoice order); now an order's calls make two INSERTs (one per settle), each in the
+transaction that also runs the settle's compare-and-set on ``oms_intent`` and commits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event, text
+
+from ratepay_oms.demo import demo_engine, example_order
+from ratepay_oms.engine.plugins import ExternalCommand
+from ratepay_oms.persistence.api_log import ApiLogEntry
+from ratepay_oms.persistence.held import HeldRows, held_for, holding
+from ratepay_oms.ratepay.api_log import ApiCallRecord, CallCollector, SqlApiLogSink, to_row
+
+LOG = ApiLogEntry.__table__
+PAYMENT_REQUEST = "Ratepay/PaymentRequest"
+
+
+@dataclass
+class Txn:
+    """One transaction of one connection as the events saw it."""
+
+    statements: list[str] = field(default_factory=list)
+    end: str | None = None  # "commit" / "rollback"
+
+    def logs(self) -> int:
+        return sum(s.startswith("INSERT INTO ratepay_api_log") for s in self.statements)
+
+    def settles(self) -> bool:
+        """Whether the settle's compare-and-set on the intent's status ran in it."""
+        return any(s.startswith("UPDATE oms_intent SET status") for s in self.statements)
+
+
+class Watch:
+    """Every statement on the engine, grouped by the transaction it ran in (``None``: none),
+    and the pool's checkouts."""
+
+    def __init__(self, db: sa.Engine) -> None:
+        self.db = db
+        self.txns: list[Txn] = []
+        self.outside: list[str] = []
+        self.checkouts = 0
+        self._open: dict[int, Txn] = {}
+        self.collected_at_insert: list[int] = []
+        self.collector: CallCollector | None = None
+
+    def __enter__(self) -> Watch:
+        event.listen(self.db, "begin", self._begin)
+        event.listen(self.db, "commit", self._commit)
+        event.listen(self.db, "rollback", self._rollback)
+        event.listen(self.db, "before_cursor_execute", self._execute)
+        event.listen(self.db.pool, "checkout", self._checkout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.db, "begin", self._begin)
+        event.remove(self.db, "commit", self._commit)
+        event.remove(self.db, "rollback", self._rollback)
+        event.remove(self.db, "before_cursor_execute", self._execute)
+        event.remove(self.db.pool, "checkout", self._checkout)
+
+    def _begin(self, conn: Any) -> None:
+        txn = Txn()
+        self._open[id(conn)] = txn
+        self.txns.append(txn)
+
+    def _close(self, conn: Any, how: str) -> None:
+        txn = self._open.pop(id(conn), None)
+        if txn is not None:
+            txn.end = how
+
+    def _commit(self, conn: Any) -> None:
+        self._close(conn, "commit")
+
+    def _rollback(self, conn: Any) -> None:
+        self._close(conn, "rollback")
+
+    def _execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statement = " ".join(statement.split())
+        if statement.startswith("INSERT INTO ratepay_api_log") and self.collector is not None:
+            self.collected_at_insert.append(len(self.collector.records))
+        txn = self._open.get(id(conn))
+        (txn.statements if txn is not None else self.outside).append(statement)
+
+    def _checkout(self, *args: Any) -> None:
+        self.checkouts += 1
+
+    def log_txns(self) -> list[Txn]:
+        return [t for t in self.txns if t.logs()]
+
+
+def _collect(engine: Any) -> CallCollector:
+    """The facade's sink behind a collector (as the console wraps it): what each call gave to
+    the log, to compare with the rows."""
+    facade = engine.services["ratepay"]
+    collector = CallCollector(facade.api_log)
+    facade.api_log = collector
+    return collector
+
+
+def _rows(engine: Any, ref: str) -> list[dict[str, Any]]:
+    with engine.db.connect() as conn:
+        rows = conn.execute(
+            sa.select(LOG).where(LOG.c.order_ref == ref).order_by(LOG.c.id)
+        ).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def _same_rows(stored: list[dict[str, Any]], records: list[ApiCallRecord]) -> None:
+    """The rows say exactly what the facade gave the log (``created_at`` to the second: MariaDB
+    keeps no fractions), in the order of the calls."""
+    assert len(stored) == len(records)
+    for row, record in zip(stored, records, strict=True):
+        expected = to_row(record)
+        got = {k: v for k, v in row.items() if k != "id"}
+        assert abs(got.pop("created_at") - expected.pop("created_at")) < timedelta(seconds=1)
+        assert got == expected
+
+
+@pytest.fixture
+def shared(sandbox: Any, server_db_url: str) -> Iterator[Any]:
+    engine = demo_engine(server_db_url, sandbox.settings)
+    yield engine
+    engine.close()
+
+
+def test_an_orders_rows_are_written_by_its_settles_one_insert_each(shared: Any) -> None:
+    engine = shared
+    collector = _collect(engine)
+    ref = f"LOGSET-{uuid.uuid4().hex[:8]}"
+    with Watch(engine.db) as watch:
+        watch.collector = collector
+        view = engine.place_order(example_order(ref))
+    assert view.states() == {"ready for shipment": 4}
+
+    records = collector.take()
+    assert [r.operation for r in records] == ["PAYMENT_INIT", "PAYMENT_REQUEST", "PAYMENT_CONFIRM"]
+    _same_rows(_rows(engine, ref), records)
+
+    # Two INSERTs (INIT + REQUEST with the first settle, CONFIRM with the second), each in a
+    # settling transaction that committed; none anywhere else.
+    assert not any(s.startswith("INSERT INTO ratepay_api_log") for s in watch.outside)
+    written = watch.log_txns()
+    assert [t.logs() for t in written] == [1, 1]
+    assert all(t.settles() and t.end == "commit" for t in written)
+    # The console's collector saw each call when it was made, before its row was written.
+    assert watch.collected_at_insert == [2, 3]
+    # The drive's three transactions (plan, two settles), one remember (INIT's transaction id
+    # before PAYMENT_REQUEST leaves) and the view place_order returns: no connection of
+    # its own for a log row (there were three more).
+    assert watch.checkouts <= 5, watch.checkouts
+
+
+class FailingSettle(ExternalCommand[Any, Any]):
+    """The real payment request, whose settle fails after it applied the answer: by raising
+    (``raise``) or by a statement the database refuses (``database``)."""
+
+    def __init__(self, real: ExternalCommand[Any, Any], how: str) -> None:
+        self.real = real
+        self.how = how
+
+    def plan(self, ctx: Any, order: Any, items: Any) -> Any:
+        return self.real.plan(ctx, order, items)
+
+    def send(self, call: Any, io: Any) -> Any:
+        return self.real.send(call, io)
+
+    def apply(self, ctx: Any, order: Any, items: Any, summary: Any, answer: Any) -> None:
+        self.real.apply(ctx, order, items, summary, answer)
+        if self.how == "database":
+            ctx.session.execute(text("SELECT no_such_column FROM ratepay_api_log"))
+        raise RuntimeError("the settle fails here")
+
+    def reconcile(self, summary: Any, io: Any) -> Any:
+        return self.real.reconcile(summary, io)
+
+
+@pytest.mark.parametrize("how", ["raise", "database"])
+def test_a_settle_that_rolls_back_still_leaves_the_rows(
+    sandbox: Any, fresh_db_url: str, how: str
+) -> None:
+    engine = demo_engine(fresh_db_url, sandbox.settings)
+    try:
+        engine.registry.register_external(
+            PAYMENT_REQUEST, FailingSettle(engine.registry.external(PAYMENT_REQUEST), how)
+        )
+        collector = _collect(engine)
+        ref = f"LOGFAIL-{uuid.uuid4().hex[:8]}"
+        with Watch(engine.db) as watch:
+            if how == "raise":
+                with pytest.raises(RuntimeError, match="the settle fails here"):
+                    engine.place_order(example_order(ref))
+            else:
+                engine.place_order(example_order(ref))
+        # Nothing of the settle stayed: the intent is open, the items wait on it.
+        assert engine.order(ref).states() == {"payment request initialized": 4}
+        (intent,) = engine.intents(ref)
+        assert intent.status == "pending"
+
+        records = collector.take()
+        assert [r.operation for r in records] == ["PAYMENT_INIT", "PAYMENT_REQUEST"]
+        _same_rows(_rows(engine, ref), records)
+        # The settle took the rows and rolled back; then each was written by itself
+        # (PostgreSQL: an autocommit statement, which the events see as a transaction
+        # "rolled back" after the fact).
+        (settle,) = [t for t in watch.txns if t.settles()]
+        assert settle.end == "rollback" and settle.logs() == 1
+        apart = [t for t in watch.log_txns() if not t.settles()]
+        assert [t.logs() for t in apart] == [1, 1]
+    finally:
+        engine.close()
+
+
+class RefusedWriter:
+    """Held rows the database refuses (their table does not exist)."""
+
+    def __init__(self) -> None:
+        self.apart: list[dict[str, Any]] = []
+
+    def write_rows(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+        conn.execute(text("INSERT INTO no_such_table (x) VALUES (1)"))
+
+    def write_each(self, rows: list[dict[str, Any]]) -> None:
+        self.apart.extend(rows)
+
+
+class RefusedRowsToo(FailingSettle):
+    """The real payment request; its call also holds a row the database will refuse."""
+
+    def __init__(self, real: ExternalCommand[Any, Any], db: sa.Engine) -> None:
+        super().__init__(real, "")
+        self.db = db
+        self.refused = RefusedWriter()
+
+    def send(self, call: Any, io: Any) -> Any:
+        answer = self.real.send(call, io)
+        held = held_for(self.db)
+        assert held is not None
+        held.add(self.refused, {"x": 1})
+        return answer
+
+    def apply(self, ctx: Any, order: Any, items: Any, summary: Any, answer: Any) -> None:
+        self.real.apply(ctx, order, items, summary, answer)
+
+
+def test_held_rows_the_database_refuses_do_not_cost_the_settle(
+    sandbox: Any, fresh_db_url: str
+) -> None:
+    """The held INSERT fails (on PostgreSQL that aborts the transaction): the settle runs in a
+    fresh transaction and commits, and the rows are written apart."""
+    engine = demo_engine(fresh_db_url, sandbox.settings)
+    try:
+        command = RefusedRowsToo(engine.registry.external(PAYMENT_REQUEST), engine.db)
+        engine.registry.register_external(PAYMENT_REQUEST, command)
+        collector = _collect(engine)
+        ref = f"LOGREF-{uuid.uuid4().hex[:8]}"
+        with Watch(engine.db) as watch:
+            view = engine.place_order(example_order(ref))
+        assert view.states() == {"ready for shipment": 4}
+        assert not engine.intents(ref)
+        records = collector.take()
+        assert [r.operation for r in records] == [
+            "PAYMENT_INIT", "PAYMENT_REQUEST", "PAYMENT_CONFIRM"
+        ]
+        _same_rows(_rows(engine, ref), records)
+        assert command.refused.apart == [{"x": 1}]
+        # First settle: rows refused, that transaction rolled back before any work, settled in
+        # a new one without them, committed; then INIT's and REQUEST's rows written apart.
+        # Second settle (CONFIRM): as usual.
+        first, second = [t for t in watch.txns if t.settles()]
+        assert first.end == "commit" and first.logs() == 0
+        assert second.end == "commit" and second.logs() == 1
+        tried, *apart = [t for t in watch.log_txns() if not t.settles()]
+        assert tried.end == "rollback" and tried.statements[-1].startswith("INSERT INTO no_such")
+        assert [t.logs() for t in apart] == [1, 1]
+    finally:
+        engine.close()
+
+
+def test_rows_for_another_database_are_written_at_once(tmp_path: Any) -> None:
+    """A sink on another engine than the held call's never holds its row (the settle could
+    not write it on its connection)."""
+    from ratepay_oms.persistence.base import Base
+    from ratepay_oms.persistence.db import session_factory
+
+    drive_db = sa.create_engine(f"sqlite:///{tmp_path / 'drive.sqlite'}")
+    log_db = sa.create_engine(f"sqlite:///{tmp_path / 'log.sqlite'}")
+    try:
+        Base.metadata.create_all(log_db, tables=[LOG])
+        sink = SqlApiLogSink(session_factory(log_db))
+        held = HeldRows(drive_db)
+        record = ApiCallRecord(
+            created_at=datetime.now(UTC),
+            operation="PAYMENT_INIT", subtype=None, transaction_id=None, order_ref="X-1",
+            success=True, status_code="OK", reason_code=None, reason_text=None,
+            result_code=350, result_text="ok", http_status=200, error=None, duration_ms=3,
+            request_xml="<a/>", response_xml="<b/>",
+        )
+        with holding(held):
+            sink.record(record)
+        assert not held
+        with log_db.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(LOG)) == 1
+
+        # The same engine: held until written.
+        same = HeldRows(log_db)
+        with holding(same):
+            sink.record(record)
+        assert same
+        with log_db.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(LOG)) == 1
+        same.write_apart()
+        with log_db.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(LOG)) == 2
+    finally:
+        drive_db.dispose()
+        log_db.dispose()
