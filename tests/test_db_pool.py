@@ -1,0 +1,239 @@
+"""The pool's liveness check on PostgreSQL and MariaDB: a connection idle for longer than
+``PING_AFTER_IDLE_SECONDS`` is pinged at checkout and replaced when the server dropped it; one
+handed back a moment ago is used without a round trip, and when it died in that moment its
+first statement fails as a disconnect, after which the pool connects afresh.
+
+Connections are killed for real, from a second connection (``pg_terminate_backend`` /
+``KILL``). Pings are counted with a logging handler on the module's "pinging" record; pool
+replacements with SQLAlchemy's ``invalidate`` and ``connect`` pool events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+from ratepay_oms.persistence import db as db_module
+from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS, create_db_engine
+from tests.test_reliability_workers import _history_count, _place, _prepare, _runs
+
+
+def _own_id(conn: sa.Connection) -> int:
+    query = "SELECT pg_backend_pid()" if conn.dialect.name == "postgresql" else (
+        "SELECT CONNECTION_ID()"
+    )
+    return int(conn.execute(sa.text(query)).scalar_one())
+
+
+def _kill(url: str, connection_id: int) -> None:
+    """Drop a connection from another one, the way an operator or a failover does, and wait
+    until the server has really let go of it (``pg_terminate_backend`` only signals)."""
+    admin = sa.create_engine(url)
+    try:
+        with admin.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": connection_id})
+                alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = :p"
+            else:
+                conn.execute(sa.text(f"KILL {int(connection_id)}"))
+                alive = "SELECT count(*) FROM information_schema.processlist WHERE id = :p"
+            deadline = time.monotonic() + 10
+            while conn.execute(sa.text(alive), {"p": connection_id}).scalar_one():
+                assert time.monotonic() < deadline, f"connection {connection_id} still there"
+                time.sleep(0.02)
+    finally:
+        admin.dispose()
+
+
+class PoolWatch:
+    """What the pool did, from real listeners: pings (the module's debug record), connections
+    opened (``connect``) and connections dropped (``invalidate``, with its reason)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.connects = 0
+        self.invalidated: list[BaseException | None] = []
+        self.pings = 0
+        event.listen(engine, "connect", self._connect)
+        event.listen(engine, "invalidate", self._invalidate)
+
+    def _connect(self, _dbapi: Any, _record: Any) -> None:
+        self.connects += 1
+
+    def _invalidate(self, _dbapi: Any, _record: Any, exc: BaseException | None) -> None:
+        self.invalidated.append(exc)
+
+
+class _PingCounter(logging.Handler):
+    def __init__(self, watch: PoolWatch) -> None:
+        super().__init__(logging.DEBUG)
+        self.watch = watch
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("pinging a database connection idle for"):
+            self.watch.pings += 1
+
+
+@pytest.fixture
+def watched(server_only_db_url: str) -> Iterator[tuple[sa.Engine, PoolWatch]]:
+    engine = create_db_engine(server_only_db_url)
+    watch = PoolWatch(engine)
+    handler = _PingCounter(watch)
+    logger = logging.getLogger(db_module.__name__)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield engine, watch
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        engine.dispose()
+
+
+def _idle_past_threshold() -> None:
+    time.sleep(PING_AFTER_IDLE_SECONDS + 0.3)
+
+
+def test_a_connection_handed_back_a_moment_ago_is_not_pinged(
+    watched: tuple[sa.Engine, PoolWatch],
+) -> None:
+    engine, watch = watched
+    with engine.connect() as conn:
+        first = _own_id(conn)
+    for _ in range(5):
+        with engine.connect() as conn:
+            assert _own_id(conn) == first  # the same pooled connection ...
+    assert watch.pings == 0  # ... never asked whether it lives
+    assert watch.connects == 1
+
+
+def test_an_idle_connection_is_pinged_once_per_checkout_after_the_threshold(
+    watched: tuple[sa.Engine, PoolWatch],
+) -> None:
+    engine, watch = watched
+    with engine.connect() as conn:
+        first = _own_id(conn)
+    _idle_past_threshold()
+    with engine.connect() as conn:  # idle long enough: pinged, alive, kept
+        assert _own_id(conn) == first
+    assert watch.pings == 1
+    with engine.connect() as conn:  # handed back just now: not again
+        assert _own_id(conn) == first
+    assert watch.pings == 1
+    assert watch.connects == 1 and watch.invalidated == []
+
+
+def test_an_idle_connection_killed_by_the_server_is_replaced_at_checkout(
+    server_only_db_url: str, watched: tuple[sa.Engine, PoolWatch]
+) -> None:
+    engine, watch = watched
+    with engine.connect() as conn:
+        dead = _own_id(conn)
+    _idle_past_threshold()
+    _kill(server_only_db_url, dead)
+    with engine.connect() as conn:  # no error reaches the caller
+        replacement = _own_id(conn)
+    assert replacement != dead
+    assert watch.pings == 1
+    assert watch.connects == 2
+    assert len(watch.invalidated) == 1
+    assert isinstance(watch.invalidated[0], DisconnectionError)  # found by the ping
+
+
+def test_a_fresh_connection_killed_fails_its_statement_then_the_pool_reconnects(
+    server_only_db_url: str, watched: tuple[sa.Engine, PoolWatch]
+) -> None:
+    """Within the threshold nothing asks: the killed connection's first statement fails as a
+    disconnect (what every caller already meets as a database error), SQLAlchemy drops it and
+    the pool's older connections, and the next checkout works."""
+    engine, watch = watched
+    a, b = engine.connect(), engine.connect()  # two pooled connections
+    dead, older = _own_id(a), _own_id(b)
+    a.close()  # the pool hands out the one returned first: the dead one
+    b.close()
+    _kill(server_only_db_url, dead)
+    with engine.connect() as conn:
+        with pytest.raises(DBAPIError) as failed:
+            _own_id(conn)
+        assert failed.value.connection_invalidated
+    assert watch.pings == 0
+    with engine.connect() as conn, engine.connect() as other:
+        ids = {_own_id(conn), _own_id(other)}
+    assert dead not in ids and older not in ids  # the older one went with it, unasked
+    assert watch.connects == 4
+
+
+def test_an_explicit_pool_pre_ping_is_kept(server_only_db_url: str) -> None:
+    """``pool_pre_ping=True`` pings every checkout (SQLAlchemy's own), so even a connection
+    killed a moment ago is replaced before use; ``False`` turns every check off."""
+    engine = create_db_engine(server_only_db_url, pool_pre_ping=True)
+    try:
+        with engine.connect() as conn:
+            dead = _own_id(conn)
+        _kill(server_only_db_url, dead)
+        with engine.connect() as conn:
+            assert _own_id(conn) != dead
+    finally:
+        engine.dispose()
+    engine = create_db_engine(server_only_db_url, pool_pre_ping=False)
+    try:
+        with engine.connect() as conn:
+            dead = _own_id(conn)
+        _idle_past_threshold()
+        _kill(server_only_db_url, dead)
+        with engine.connect() as conn, pytest.raises(DBAPIError):
+            _own_id(conn)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_has_no_ping(tmp_sqlite_url: str) -> None:
+    engine = create_db_engine(tmp_sqlite_url)
+    try:
+        assert not engine.pool._pre_ping
+        assert not engine.pool.dispatch.checkout
+        assert not engine.pool.dispatch.checkin
+    finally:
+        engine.dispose()
+
+
+def test_a_tick_right_after_its_idle_connections_were_killed_loses_one_batch_only(
+    server_only_db_url: str, tmp_path: Path
+) -> None:
+    """A worker whose pooled connections were all dropped a moment ago (an admin's kill, a
+    restart quicker than the ping threshold): the first statement on one of them fails, its
+    transaction rolls back and is counted like any database error, the pool reconnects, the
+    tick goes on, and whatever that transaction would have done is done by the next tick,
+    each order exactly once and nothing half-written."""
+    pdir = _prepare(server_only_db_url, tmp_path)
+    engine, refs, ids = _place(server_only_db_url, pdir, n=3)
+    engine.batch_size = 1
+    pool = engine.db.pool
+    idle = [engine.db.connect() for _ in range(pool.checkedin())]  # type: ignore[attr-defined]
+    assert idle, "placing the orders left no pooled connection"
+    victims = [_own_id(c) for c in idle]
+    for conn in idle:
+        conn.close()
+    for victim in victims:
+        _kill(server_only_db_url, victim)
+
+    first = engine.tick()  # must not raise
+    assert first.errors == 1
+    assert any("database error" in m and "rolled back" in m for m in first.error_messages)
+    assert all(engine.order(r).states() in ({"new": 2}, {"done": 2}) for r in refs)
+
+    second = engine.tick()
+    assert second.errors == 0
+    assert all(engine.order(r).states() == {"done": 2} for r in refs)
+    assert sorted(r["item_id"] for r in _runs(server_only_db_url)) == sorted(ids)  # once each
+    assert _history_count(server_only_db_url, ids) == len(ids)
+    engine.close()
