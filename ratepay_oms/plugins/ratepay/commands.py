@@ -436,41 +436,44 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
     ) -> None:
         payment = store.get_payment(ctx.session, order)
         assert payment is not None  # written by plan
-        payment.updated_at = ctx.now
+        values: dict[str, Any] = {"updated_at": ctx.now}
         if isinstance(answer, Reconciled):
             found = answer.answer if isinstance(answer.answer, dict) else {}
             accepted = found.get("accepted", True)
-            payment.transaction_id = summary.get("transaction_id") or payment.transaction_id
-            payment.transaction_short_id = (
+            values["transaction_id"] = summary.get("transaction_id") or payment.transaction_id
+            values["transaction_short_id"] = (
                 summary.get("transaction_short_id") or payment.transaction_short_id
             )
             if summary.get("installment_plan"):
-                payment.installment_plan = summary["installment_plan"]
-            payment.descriptor = found.get("descriptor") or payment.descriptor
-            payment.result_code = "402" if accepted else "401"
+                values["installment_plan"] = summary["installment_plan"]
+            values["descriptor"] = found.get("descriptor") or payment.descriptor
+            values["result_code"] = result_code = "402" if accepted else "401"
+            store.write_payment(ctx.session, payment, values)
             self._record_reconciled(
                 ctx, order, items, summary, answer, success=bool(accepted),
-                result_code=payment.result_code,
+                result_code=result_code,
             )
             return
         if answer.plan is not None:
-            payment.installment_plan = store.plan_json(answer.plan)
+            values["installment_plan"] = store.plan_json(answer.plan)
+        transaction_id, short_id = payment.transaction_id, payment.transaction_short_id
         if answer.init is not None and answer.init.transaction_id:
-            payment.transaction_id = answer.init.transaction_id
-            payment.transaction_short_id = answer.init.transaction_short_id
+            transaction_id = answer.init.transaction_id
+            short_id = answer.init.transaction_short_id
         result = answer.request
         if result is None:
             assert answer.refused is not None
-            self._refused(ctx, order, items, payment, answer.refused)
+            values["transaction_id"] = transaction_id
+            values["transaction_short_id"] = short_id
+            self._refused(ctx, order, items, payment, answer.refused, values)
             return
-        payment.transaction_id = result.transaction_id or payment.transaction_id
-        payment.transaction_short_id = (
-            result.transaction_short_id or payment.transaction_short_id
-        )
-        payment.descriptor = result.descriptor
-        payment.result_code = None if result.result_code is None else str(result.result_code)
-        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
-        payment.customer_message = result.customer_message
+        values["transaction_id"] = result.transaction_id or transaction_id
+        values["transaction_short_id"] = result.transaction_short_id or short_id
+        values["descriptor"] = result.descriptor
+        values["result_code"] = None if result.result_code is None else str(result.result_code)
+        values["reason_code"] = None if result.reason_code is None else str(result.reason_code)
+        values["customer_message"] = result.customer_message
+        store.write_payment(ctx.session, payment, values)
         store.prime_outcomes(
             ctx.memo, order, PAYMENT_REQUEST,
             store.record_outcomes(
@@ -491,12 +494,14 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         items: Sequence[OrderItem],
         payment: RatepayPayment,
         result: RatepayResult,
+        values: dict[str, Any],
     ) -> None:
-        """A step before PAYMENT_REQUEST was refused: the request counts as failed."""
-        payment.result_code = None if result.result_code is None else str(result.result_code)
-        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
-        payment.customer_message = result.customer_message
-        payment.updated_at = ctx.now
+        """A step before PAYMENT_REQUEST was refused: the request counts as failed. ``values``:
+        what ``apply`` writes to the payment row besides."""
+        values["result_code"] = None if result.result_code is None else str(result.result_code)
+        values["reason_code"] = None if result.reason_code is None else str(result.reason_code)
+        values["customer_message"] = result.customer_message
+        store.write_payment(ctx.session, payment, values)
         store.record_outcomes(
             ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result, success=False
         )
@@ -675,11 +680,13 @@ class _BookingCommand(_External[BookingPayload, RatepayResult]):
         if booked:
             payment = store.get_payment(ctx.session, order)
             assert payment is not None
+            values: dict[str, Any] = {}
             if summary.get("shipping"):
-                payment.shipping_status = self.settles_as
+                values["shipping_status"] = self.settles_as
             if summary.get("discount"):
-                payment.discount_status = self.settles_as
-            payment.updated_at = ctx.now
+                values["discount_status"] = self.settles_as
+            values["updated_at"] = ctx.now
+            store.write_payment(ctx.session, payment, values)
         if isinstance(answer, Reconciled):
             self._record_reconciled(ctx, order, items, summary, answer)
             return

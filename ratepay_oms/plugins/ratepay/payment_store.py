@@ -17,8 +17,10 @@ from decimal import Decimal
 from typing import Any, NamedTuple, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Integer, Row, Table, bindparam, func, insert, inspect, select
+from sqlalchemy import Integer, Row, Table, bindparam, func, insert, inspect, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 
 from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
 from ratepay_oms.orders import OrderInput, parse_order
@@ -206,6 +208,45 @@ def ensure_payment(
     session.flush()
     _keep(session, order, payment)
     return payment
+
+
+def write_payment(session: Session, payment: RatepayPayment, values: dict[str, Any]) -> None:
+    """Set ``values`` (column name → value) on the order's payment row by one Core UPDATE, and
+    on ``payment`` as what the database holds.
+
+    A settling ``apply`` changes a handful of columns of one row; the unit of work (history of
+    every attribute, a flush) cost more CPU than the UPDATE. The object must stay what the row
+    holds (the next command's ``plan`` and the settle of the next call take it up without a
+    statement, :func:`get_payment`), hence ``set_committed_value``. Only where no savepoint
+    can be rolled back alone after it (``apply``: a failure rolls the whole transaction back,
+    and that expires every object of the session, this one included); inside a ``plan``,
+    whose savepoint may be rolled back alone, set the attributes instead."""
+    statement = _PAYMENT_UPDATES.get(tuple(values))
+    if statement is None:
+        statement = _PAYMENT_UPDATES.setdefault(tuple(values), _payment_update(tuple(values)))
+    params = {f"v_{name}": value for name, value in values.items()}
+    params["payment_id"] = payment.id
+    written = session.connection().execute(statement, params).rowcount
+    if written != 1:
+        raise StaleDataError(
+            f"ratepay_payment {payment.id} (order {payment.order_id}): {written} rows updated"
+        )
+    for name, value in values.items():
+        set_committed_value(payment, name, value)
+
+
+_PAYMENT_UPDATES: dict[tuple[str, ...], Any] = {}
+"""One UPDATE statement per set of columns :func:`write_payment` is given (a handful), built
+once: building and caching a statement per call cost as much as running it."""
+
+
+def _payment_update(columns: tuple[str, ...]) -> Any:
+    table = cast(Table, RatepayPayment.__table__)
+    return (
+        update(table)
+        .where(table.c.id == bindparam("payment_id", type_=Integer))
+        .values({name: bindparam(f"v_{name}", type_=table.c[name].type) for name in columns})
+    )
 
 
 def plan_json(plan: InstallmentPlan) -> str:
