@@ -282,27 +282,30 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[PaymentPayload] | None:
         facade_in(ctx.services)
-        # Attempts are counted only for an order with a payment row: this plan writes it
-        # before the first PAYMENT_REQUEST can leave, so without one none ever did (a
-        # statement saved on every order's first attempt; the row is kept for ``ensure``).
-        known = store.get_payment(ctx.session, order)
-        refusal = self._attempts_refusal(ctx, order) if known is not None else None
-        if refusal is not None:
-            store.record_outcomes(
-                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
-                operation=Operation.PAYMENT_REQUEST.value, message=refusal,
-            )
-            return None
         data = store.order_input(order)
-        decision = decide_profile(ctx.session, ctx.services, data)
-        payment = store.ensure_payment(
-            ctx.session,
-            order,
-            data.payment.method,
-            ctx.now,
-            profile=decision.name,
-            voucher_rule=decision.facade.settings.voucher_rule if decision.facade else None,
+        decision = decide_profile(ctx.session, ctx.services, data)  # kept answers: no SQL
+        method = data.payment.method
+        voucher_rule = decision.facade.settings.voucher_rule if decision.facade else None
+        # The order's first plan writes its payment row in one statement (it has none yet);
+        # a later one finds it. Attempts are counted only for an order that had a row: this
+        # plan writes it before the first PAYMENT_REQUEST can leave, so without one none
+        # ever did (a statement saved on every order's first attempt).
+        payment, new = store.claim_payment(
+            ctx.session, order, method, ctx.now, profile=decision.name,
+            voucher_rule=voucher_rule,
         )
+        if not new:
+            refusal = self._attempts_refusal(ctx, order)
+            if refusal is not None:
+                store.record_outcomes(
+                    ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
+                    operation=Operation.PAYMENT_REQUEST.value, message=refusal,
+                )
+                return None
+            payment = store.ensure_payment(
+                ctx.session, order, method, ctx.now, profile=decision.name,
+                voucher_rule=voucher_rule,
+            )
         if decision.violation is not None:
             self._refused_by_profile(ctx, order, items, payment, decision)
             return None

@@ -17,8 +17,19 @@ from decimal import Decimal
 from typing import Any, NamedTuple, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Integer, Row, Table, bindparam, func, insert, inspect, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Integer,
+    Row,
+    Table,
+    bindparam,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, SessionTransaction, make_transient, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -87,25 +98,39 @@ def get_payment(session: Session, order: Order) -> RatepayPayment | None:
     when ``order`` is the very object a committed transaction of this worker loaded or wrote
     the payment row with (:func:`_taken_up`), that object is taken into this session instead
     of read again."""
-    order_id = order.id
+    known = _known(session)
+    answered, payment = _without_statement(session, order, known)
+    if not answered:
+        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
+        _remember(order, payment)
+    known[order.id] = payment
+    return payment
+
+
+def _known(session: Session) -> dict[int, RatepayPayment | None]:
+    """:func:`get_payment`'s answers in the session's open transaction."""
     transaction = session.get_transaction()
     kept = session.info.get(_PAYMENTS)
     if kept is None or kept[0] is not transaction:  # only within one transaction
         kept = session.info[_PAYMENTS] = (transaction, {})
     known: dict[int, RatepayPayment | None] = kept[1]
-    if order_id in known:
-        payment = known[order_id]
+    return known
+
+
+def _without_statement(
+    session: Session, order: Order, known: dict[int, RatepayPayment | None]
+) -> tuple[bool, RatepayPayment | None]:
+    """``(True, the order's payment row or None)`` when known without asking the database,
+    else ``(False, None)``."""
+    if order.id in known:
+        payment = known[order.id]
         if payment is None:
-            return None  # asked before in this transaction: none (only ensure_payment adds)
+            return True, None  # asked before in this transaction: none (only we add one)
         state = inspect(payment)
         if state.persistent and state.session is session:
-            return payment
+            return True, payment
     payment = _taken_up(session, order)
-    if payment is None:
-        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order_id})
-        _remember(order, payment)
-    known[order_id] = payment
-    return payment
+    return (True, payment) if payment is not None else (False, None)
 
 
 _LAST_WRITTEN: WeakKeyDictionary[Order, RatepayPayment] = WeakKeyDictionary()
@@ -165,6 +190,144 @@ def _keep(session: Session, order: Order, payment: RatepayPayment) -> None:
     if kept is not None and kept[0] is session.get_transaction():
         kept[1][payment.order_id] = payment
     _remember(order, payment)
+
+
+def claim_payment(
+    session: Session,
+    order: Order,
+    method: str,
+    now: datetime,
+    *,
+    profile: str | None = None,
+    voucher_rule: str | None = None,
+) -> tuple[RatepayPayment, bool]:
+    """Write the order's payment row unless it has one: ``(the new row, True)``; else
+    ``(the row it has, False)``, unchanged (``ensure_payment`` changes it).
+
+    The PAYMENT_REQUEST plan of every order starts here, and on its first plan the order has
+    no row: one ``INSERT … SELECT … WHERE NOT EXISTS (the order's row) RETURNING id`` writes it
+    where a SELECT that found nothing and the ORM's INSERT did before, and only an order that
+    had a row reads it (a retry). Two writers of one order's row can only meet when its lease
+    is broken: then both may see none, and the unique ``order_id`` fails the second INSERT,
+    which rolls its plan's savepoint back, as when the ORM wrote it.
+
+    The new row's object is added to the session as loaded (every column as written). A
+    rollback of the savepoint or transaction that wrote it takes it out again
+    (:func:`_forget_rolled_back`): the ORM does that only for the objects it flushed itself."""
+    known = _known(session)
+    answered, payment = _without_statement(session, order, known)
+    if payment is not None:
+        return payment, False
+    values: dict[str, Any] = {
+        "order_id": order.id,
+        "method": method,
+        "transaction_id": None,
+        "transaction_short_id": None,
+        "descriptor": None,
+        "result_code": None,
+        "reason_code": None,
+        "customer_message": None,
+        "installment_plan": None,
+        "profile": profile,
+        "voucher_rule": voucher_rule,
+        "shipping_status": OPEN,
+        "discount_status": OPEN,
+        "created_at": now,
+        "updated_at": now,
+    }
+    conn = session.connection()
+    if conn.dialect.insert_returning:
+        new_id = conn.execute(_CLAIM_RETURNING, _claim_params(values)).scalar()
+    else:
+        written = conn.execute(_CLAIM, _claim_params(values))
+        new_id = written.lastrowid if written.rowcount == 1 else None
+    if new_id is None:  # it has one (a retry): read it
+        if answered:  # pragma: no cover - "none" known in this transaction, yet a row
+            raise StaleDataError(f"order {order.order_ref}: a payment row appeared")
+        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
+        assert payment is not None  # rows are never deleted but with their order
+        known[order.id] = payment
+        _remember(order, payment)
+        return payment, False
+    payment = RatepayPayment(id=new_id, **values)
+    make_transient_to_detached(payment)  # as if loaded: persistent once added, no INSERT
+    session.add(payment)
+    root = session.get_transaction()
+    written_in = session.get_nested_transaction() or root
+    inserted = [e for e in session.info.get(_INSERTED, ()) if e[0] is root]
+    inserted.append((root, written_in, order, payment))
+    session.info[_INSERTED] = inserted
+    _keep(session, order, payment)
+    return payment, True
+
+
+def _claim_params(values: dict[str, Any]) -> dict[str, Any]:
+    return {f"v_{name}": value for name, value in values.items()}
+
+
+def _claim_statement() -> Any:
+    """``INSERT INTO ratepay_payment (…) SELECT :v_order_id, … WHERE NOT EXISTS (SELECT id
+    FROM ratepay_payment WHERE order_id = :v_order_id)``, one statement object for every
+    call."""
+    table = cast(Table, RatepayPayment.__table__)
+    columns = [c.name for c in table.columns if c.name != "id"]
+    order_id = bindparam("v_order_id", type_=table.c.order_id.type)
+    values = [
+        order_id if name == "order_id" else bindparam(f"v_{name}", type_=table.c[name].type)
+        for name in columns
+    ]
+    has_one = select(table.c.id).where(table.c.order_id == order_id).exists()
+    return insert(table).from_select(columns, select(*values).where(~has_one))
+
+
+_CLAIM = _claim_statement()
+_CLAIM_RETURNING = _claim_statement().returning(RatepayPayment.__table__.c.id)
+
+_INSERTED = "ratepay.inserted_payments"
+"""``Session.info`` key: ``[(transaction, transaction or savepoint, order, payment)]``, the
+rows :func:`claim_payment` wrote in the session's open transaction, and their objects."""
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    """A rolled-back savepoint or transaction took rows :func:`claim_payment` wrote in it:
+    their objects leave the session and every memory of them (as the ORM's own rollback does
+    with the objects it inserted), so nothing takes up or updates a row that is not there."""
+    inserted = session.info.get(_INSERTED)
+    if not inserted:
+        return
+    keep = []
+    for entry in inserted:
+        _root, written_in, order, payment = entry
+        if _within(written_in, previous_transaction):
+            _forget(session, order, payment)
+        else:
+            keep.append(entry)
+    session.info[_INSERTED] = keep
+
+
+def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    while transaction is not None:
+        if transaction is outer:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+def _forget(session: Session, order: Order, payment: RatepayPayment) -> None:
+    """Without reading an attribute of ``order``: the rollback expired them, and reading one
+    would begin a new transaction."""
+    if inspect(payment).session is session:
+        session.expunge(payment)
+    make_transient(payment)
+    with _LAST_WRITTEN_LOCK:
+        if _LAST_WRITTEN.get(order) is payment:
+            del _LAST_WRITTEN[order]
+    kept = session.info.get(_PAYMENTS)
+    if kept is not None:
+        for order_id, known in list(kept[1].items()):
+            if known is payment:
+                del kept[1][order_id]
 
 
 def ensure_payment(
