@@ -251,3 +251,56 @@ def test_a_profile_order_field_is_checked_at_intake() -> None:
         _order(**{"payment.profile": "de_1"})
     assert _order(**{"payment.profile": "CH"}).payment.profile == "CH"
     assert replace(_order(), currency="EUR").payment.profile is None
+
+
+# --------------------------------------------------------------------------- kept answers
+
+
+def test_a_worker_keeps_the_answers_a_while_and_sees_every_refresh(
+    db, configured, capsys, monkeypatch, tmp_path
+) -> None:
+    """A tick worker plans with the stored answers it read for ``PROFILES_TTL_S`` seconds: a
+    refresh by another process (the console, a real child process here) reaches it when they
+    run out, one by this process at once."""
+    import subprocess
+    import sys
+    import time
+
+    from ratepay_oms.engine.engine import Engine
+    from ratepay_oms.plugins.ratepay import profiles as plugin_profiles
+    from ratepay_oms.process.loader import default_process_dir
+
+    assert run(capsys, "profile", "refresh", "--db", db)[0] == 0
+    worker = Engine(db, process_dir=default_process_dir())
+    try:
+
+        def kept() -> plugin_profiles.KeptProfiles:
+            with worker.session() as session:
+                return plugin_profiles.kept_profiles(session)
+
+        monkeypatch.setattr(plugin_profiles, "PROFILES_TTL_S", 3600.0)
+        first = kept()
+        assert kept() is first  # kept: not read again
+        assert set(first.stored) == {"DE", "CH"}
+        before = first.stored["CH"].refreshed_at
+        time.sleep(1.1)  # a later refreshed_at on every dialect
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys; from ratepay_oms.cli import main; sys.exit(main())",
+             "profile", "refresh", "CH", "--db", db],
+            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        )
+        assert child.returncode == 0, child.stderr
+        assert kept() is first  # another process's change waits for the time-to-live
+        monkeypatch.setattr(plugin_profiles, "PROFILES_TTL_S", 0.2)
+        time.sleep(0.25)
+        second = kept()
+        assert second is not first and second.stored["CH"].refreshed_at > before
+        assert second.stored["DE"].refreshed_at == first.stored["DE"].refreshed_at
+        monkeypatch.setattr(plugin_profiles, "PROFILES_TTL_S", 3600.0)
+        assert kept() is second
+        assert run(capsys, "profile", "refresh", "DE", "--db", db)[0] == 0  # this process
+        third = kept()
+        assert third is not second  # at once, though written through another engine object
+        assert third.stored["DE"].refreshed_at > second.stored["DE"].refreshed_at
+    finally:
+        worker.close()

@@ -282,27 +282,30 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[PaymentPayload] | None:
         facade_in(ctx.services)
-        # Attempts are counted only for an order with a payment row: this plan writes it
-        # before the first PAYMENT_REQUEST can leave, so without one none ever did (a
-        # statement saved on every order's first attempt; the row is kept for ``ensure``).
-        known = store.get_payment(ctx.session, order)
-        refusal = self._attempts_refusal(ctx, order) if known is not None else None
-        if refusal is not None:
-            store.record_outcomes(
-                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
-                operation=Operation.PAYMENT_REQUEST.value, message=refusal,
-            )
-            return None
         data = store.order_input(order)
-        decision = decide_profile(ctx.session, ctx.services, data)
-        payment = store.ensure_payment(
-            ctx.session,
-            order,
-            data.payment.method,
-            ctx.now,
-            profile=decision.name,
-            voucher_rule=decision.facade.settings.voucher_rule if decision.facade else None,
+        decision = decide_profile(ctx.session, ctx.services, data)  # kept answers: no SQL
+        method = data.payment.method
+        voucher_rule = decision.facade.settings.voucher_rule if decision.facade else None
+        # The order's first plan writes its payment row in one statement (it has none yet);
+        # a later one finds it. Attempts are counted only for an order that had a row: this
+        # plan writes it before the first PAYMENT_REQUEST can leave, so without one none
+        # ever did (a statement saved on every order's first attempt).
+        payment, new = store.claim_payment(
+            ctx.session, order, method, ctx.now, profile=decision.name,
+            voucher_rule=voucher_rule,
         )
+        if not new:
+            refusal = self._attempts_refusal(ctx, order)
+            if refusal is not None:
+                store.record_outcomes(
+                    ctx.session, order, items, PAYMENT_REQUEST, ctx.now, success=False,
+                    operation=Operation.PAYMENT_REQUEST.value, message=refusal,
+                )
+                return None
+            payment = store.ensure_payment(
+                ctx.session, order, method, ctx.now, profile=decision.name,
+                voucher_rule=voucher_rule,
+            )
         if decision.violation is not None:
             self._refused_by_profile(ctx, order, items, payment, decision)
             return None
@@ -436,41 +439,44 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
     ) -> None:
         payment = store.get_payment(ctx.session, order)
         assert payment is not None  # written by plan
-        payment.updated_at = ctx.now
+        values: dict[str, Any] = {"updated_at": ctx.now}
         if isinstance(answer, Reconciled):
             found = answer.answer if isinstance(answer.answer, dict) else {}
             accepted = found.get("accepted", True)
-            payment.transaction_id = summary.get("transaction_id") or payment.transaction_id
-            payment.transaction_short_id = (
+            values["transaction_id"] = summary.get("transaction_id") or payment.transaction_id
+            values["transaction_short_id"] = (
                 summary.get("transaction_short_id") or payment.transaction_short_id
             )
             if summary.get("installment_plan"):
-                payment.installment_plan = summary["installment_plan"]
-            payment.descriptor = found.get("descriptor") or payment.descriptor
-            payment.result_code = "402" if accepted else "401"
+                values["installment_plan"] = summary["installment_plan"]
+            values["descriptor"] = found.get("descriptor") or payment.descriptor
+            values["result_code"] = result_code = "402" if accepted else "401"
+            store.write_payment(ctx.session, payment, values)
             self._record_reconciled(
                 ctx, order, items, summary, answer, success=bool(accepted),
-                result_code=payment.result_code,
+                result_code=result_code,
             )
             return
         if answer.plan is not None:
-            payment.installment_plan = store.plan_json(answer.plan)
+            values["installment_plan"] = store.plan_json(answer.plan)
+        transaction_id, short_id = payment.transaction_id, payment.transaction_short_id
         if answer.init is not None and answer.init.transaction_id:
-            payment.transaction_id = answer.init.transaction_id
-            payment.transaction_short_id = answer.init.transaction_short_id
+            transaction_id = answer.init.transaction_id
+            short_id = answer.init.transaction_short_id
         result = answer.request
         if result is None:
             assert answer.refused is not None
-            self._refused(ctx, order, items, payment, answer.refused)
+            values["transaction_id"] = transaction_id
+            values["transaction_short_id"] = short_id
+            self._refused(ctx, order, items, payment, answer.refused, values)
             return
-        payment.transaction_id = result.transaction_id or payment.transaction_id
-        payment.transaction_short_id = (
-            result.transaction_short_id or payment.transaction_short_id
-        )
-        payment.descriptor = result.descriptor
-        payment.result_code = None if result.result_code is None else str(result.result_code)
-        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
-        payment.customer_message = result.customer_message
+        values["transaction_id"] = result.transaction_id or transaction_id
+        values["transaction_short_id"] = result.transaction_short_id or short_id
+        values["descriptor"] = result.descriptor
+        values["result_code"] = None if result.result_code is None else str(result.result_code)
+        values["reason_code"] = None if result.reason_code is None else str(result.reason_code)
+        values["customer_message"] = result.customer_message
+        store.write_payment(ctx.session, payment, values)
         store.prime_outcomes(
             ctx.memo, order, PAYMENT_REQUEST,
             store.record_outcomes(
@@ -491,12 +497,14 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         items: Sequence[OrderItem],
         payment: RatepayPayment,
         result: RatepayResult,
+        values: dict[str, Any],
     ) -> None:
-        """A step before PAYMENT_REQUEST was refused: the request counts as failed."""
-        payment.result_code = None if result.result_code is None else str(result.result_code)
-        payment.reason_code = None if result.reason_code is None else str(result.reason_code)
-        payment.customer_message = result.customer_message
-        payment.updated_at = ctx.now
+        """A step before PAYMENT_REQUEST was refused: the request counts as failed. ``values``:
+        what ``apply`` writes to the payment row besides."""
+        values["result_code"] = None if result.result_code is None else str(result.result_code)
+        values["reason_code"] = None if result.reason_code is None else str(result.reason_code)
+        values["customer_message"] = result.customer_message
+        store.write_payment(ctx.session, payment, values)
         store.record_outcomes(
             ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result, success=False
         )
@@ -675,11 +683,13 @@ class _BookingCommand(_External[BookingPayload, RatepayResult]):
         if booked:
             payment = store.get_payment(ctx.session, order)
             assert payment is not None
+            values: dict[str, Any] = {}
             if summary.get("shipping"):
-                payment.shipping_status = self.settles_as
+                values["shipping_status"] = self.settles_as
             if summary.get("discount"):
-                payment.discount_status = self.settles_as
-            payment.updated_at = ctx.now
+                values["discount_status"] = self.settles_as
+            values["updated_at"] = ctx.now
+            store.write_payment(ctx.session, payment, values)
         if isinstance(answer, Reconciled):
             self._record_reconciled(ctx, order, items, summary, answer)
             return

@@ -17,8 +17,21 @@ from decimal import Decimal
 from typing import Any, NamedTuple, cast
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Integer, Row, Table, bindparam, func, insert, inspect, select
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    Integer,
+    Row,
+    Table,
+    bindparam,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, SessionTransaction, make_transient, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 
 from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
 from ratepay_oms.orders import OrderInput, parse_order
@@ -65,9 +78,6 @@ def units(items: Iterable[OrderItem]) -> list[Unit]:
 
 OUTCOME_CHUNK = 1000
 """Item ids per ``INSERT … SELECT`` of outcome rows (well under every bind limit)."""
-OUTCOMES_SET_BASED = 100
-"""From this many items on, a call's outcome rows are written inside the database (see
-:func:`record_outcomes`)."""
 
 _PAYMENTS = "ratepay.payments"
 """``Session.info`` key: (transaction, {order id: its payment row as loaded in it, or
@@ -85,25 +95,39 @@ def get_payment(session: Session, order: Order) -> RatepayPayment | None:
     when ``order`` is the very object a committed transaction of this worker loaded or wrote
     the payment row with (:func:`_taken_up`), that object is taken into this session instead
     of read again."""
-    order_id = order.id
+    known = _known(session)
+    answered, payment = _without_statement(session, order, known)
+    if not answered:
+        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
+        _remember(order, payment)
+    known[order.id] = payment
+    return payment
+
+
+def _known(session: Session) -> dict[int, RatepayPayment | None]:
+    """:func:`get_payment`'s answers in the session's open transaction."""
     transaction = session.get_transaction()
     kept = session.info.get(_PAYMENTS)
     if kept is None or kept[0] is not transaction:  # only within one transaction
         kept = session.info[_PAYMENTS] = (transaction, {})
     known: dict[int, RatepayPayment | None] = kept[1]
-    if order_id in known:
-        payment = known[order_id]
+    return known
+
+
+def _without_statement(
+    session: Session, order: Order, known: dict[int, RatepayPayment | None]
+) -> tuple[bool, RatepayPayment | None]:
+    """``(True, the order's payment row or None)`` when known without asking the database,
+    else ``(False, None)``."""
+    if order.id in known:
+        payment = known[order.id]
         if payment is None:
-            return None  # asked before in this transaction: none (only ensure_payment adds)
+            return True, None  # asked before in this transaction: none (only we add one)
         state = inspect(payment)
         if state.persistent and state.session is session:
-            return payment
+            return True, payment
     payment = _taken_up(session, order)
-    if payment is None:
-        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order_id})
-        _remember(order, payment)
-    known[order_id] = payment
-    return payment
+    return (True, payment) if payment is not None else (False, None)
 
 
 _LAST_WRITTEN: WeakKeyDictionary[Order, RatepayPayment] = WeakKeyDictionary()
@@ -165,6 +189,144 @@ def _keep(session: Session, order: Order, payment: RatepayPayment) -> None:
     _remember(order, payment)
 
 
+def claim_payment(
+    session: Session,
+    order: Order,
+    method: str,
+    now: datetime,
+    *,
+    profile: str | None = None,
+    voucher_rule: str | None = None,
+) -> tuple[RatepayPayment, bool]:
+    """Write the order's payment row unless it has one: ``(the new row, True)``; else
+    ``(the row it has, False)``, unchanged (``ensure_payment`` changes it).
+
+    The PAYMENT_REQUEST plan of every order starts here, and on its first plan the order has
+    no row: one ``INSERT … SELECT … WHERE NOT EXISTS (the order's row) RETURNING id`` writes it
+    where a SELECT that found nothing and the ORM's INSERT did before, and only an order that
+    had a row reads it (a retry). Two writers of one order's row can only meet when its lease
+    is broken: then both may see none, and the unique ``order_id`` fails the second INSERT,
+    which rolls its plan's savepoint back, as when the ORM wrote it.
+
+    The new row's object is added to the session as loaded (every column as written). A
+    rollback of the savepoint or transaction that wrote it takes it out again
+    (:func:`_forget_rolled_back`): the ORM does that only for the objects it flushed itself."""
+    known = _known(session)
+    answered, payment = _without_statement(session, order, known)
+    if payment is not None:
+        return payment, False
+    values: dict[str, Any] = {
+        "order_id": order.id,
+        "method": method,
+        "transaction_id": None,
+        "transaction_short_id": None,
+        "descriptor": None,
+        "result_code": None,
+        "reason_code": None,
+        "customer_message": None,
+        "installment_plan": None,
+        "profile": profile,
+        "voucher_rule": voucher_rule,
+        "shipping_status": OPEN,
+        "discount_status": OPEN,
+        "created_at": now,
+        "updated_at": now,
+    }
+    conn = session.connection()
+    if conn.dialect.insert_returning:
+        new_id = conn.execute(_CLAIM_RETURNING, _claim_params(values)).scalar()
+    else:
+        written = conn.execute(_CLAIM, _claim_params(values))
+        new_id = written.lastrowid if written.rowcount == 1 else None
+    if new_id is None:  # it has one (a retry): read it
+        if answered:  # pragma: no cover - "none" known in this transaction, yet a row
+            raise StaleDataError(f"order {order.order_ref}: a payment row appeared")
+        payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
+        assert payment is not None  # rows are never deleted but with their order
+        known[order.id] = payment
+        _remember(order, payment)
+        return payment, False
+    payment = RatepayPayment(id=new_id, **values)
+    make_transient_to_detached(payment)  # as if loaded: persistent once added, no INSERT
+    session.add(payment)
+    root = session.get_transaction()
+    written_in = session.get_nested_transaction() or root
+    inserted = [e for e in session.info.get(_INSERTED, ()) if e[0] is root]
+    inserted.append((root, written_in, order, payment))
+    session.info[_INSERTED] = inserted
+    _keep(session, order, payment)
+    return payment, True
+
+
+def _claim_params(values: dict[str, Any]) -> dict[str, Any]:
+    return {f"v_{name}": value for name, value in values.items()}
+
+
+def _claim_statement() -> Any:
+    """``INSERT INTO ratepay_payment (…) SELECT :v_order_id, … WHERE NOT EXISTS (SELECT id
+    FROM ratepay_payment WHERE order_id = :v_order_id)``, one statement object for every
+    call."""
+    table = cast(Table, RatepayPayment.__table__)
+    columns = [c.name for c in table.columns if c.name != "id"]
+    order_id = bindparam("v_order_id", type_=table.c.order_id.type)
+    values = [
+        order_id if name == "order_id" else bindparam(f"v_{name}", type_=table.c[name].type)
+        for name in columns
+    ]
+    has_one = select(table.c.id).where(table.c.order_id == order_id).exists()
+    return insert(table).from_select(columns, select(*values).where(~has_one))
+
+
+_CLAIM = _claim_statement()
+_CLAIM_RETURNING = _claim_statement().returning(RatepayPayment.__table__.c.id)
+
+_INSERTED = "ratepay.inserted_payments"
+"""``Session.info`` key: ``[(transaction, transaction or savepoint, order, payment)]``, the
+rows :func:`claim_payment` wrote in the session's open transaction, and their objects."""
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    """A rolled-back savepoint or transaction took rows :func:`claim_payment` wrote in it:
+    their objects leave the session and every memory of them (as the ORM's own rollback does
+    with the objects it inserted), so nothing takes up or updates a row that is not there."""
+    inserted = session.info.get(_INSERTED)
+    if not inserted:
+        return
+    keep = []
+    for entry in inserted:
+        _root, written_in, order, payment = entry
+        if _within(written_in, previous_transaction):
+            _forget(session, order, payment)
+        else:
+            keep.append(entry)
+    session.info[_INSERTED] = keep
+
+
+def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    while transaction is not None:
+        if transaction is outer:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+def _forget(session: Session, order: Order, payment: RatepayPayment) -> None:
+    """Without reading an attribute of ``order``: the rollback expired them, and reading one
+    would begin a new transaction."""
+    if inspect(payment).session is session:
+        session.expunge(payment)
+    make_transient(payment)
+    with _LAST_WRITTEN_LOCK:
+        if _LAST_WRITTEN.get(order) is payment:
+            del _LAST_WRITTEN[order]
+    kept = session.info.get(_PAYMENTS)
+    if kept is not None:
+        for order_id, known in list(kept[1].items()):
+            if known is payment:
+                del kept[1][order_id]
+
+
 def ensure_payment(
     session: Session,
     order: Order,
@@ -208,6 +370,45 @@ def ensure_payment(
     return payment
 
 
+def write_payment(session: Session, payment: RatepayPayment, values: dict[str, Any]) -> None:
+    """Set ``values`` (column name → value) on the order's payment row by one Core UPDATE, and
+    on ``payment`` as what the database holds.
+
+    A settling ``apply`` changes a handful of columns of one row; the unit of work (history of
+    every attribute, a flush) cost more CPU than the UPDATE. The object must stay what the row
+    holds (the next command's ``plan`` and the settle of the next call take it up without a
+    statement, :func:`get_payment`), hence ``set_committed_value``. Only where no savepoint
+    can be rolled back alone after it (``apply``: a failure rolls the whole transaction back,
+    and that expires every object of the session, this one included); inside a ``plan``,
+    whose savepoint may be rolled back alone, set the attributes instead."""
+    statement = _PAYMENT_UPDATES.get(tuple(values))
+    if statement is None:
+        statement = _PAYMENT_UPDATES.setdefault(tuple(values), _payment_update(tuple(values)))
+    params = {f"v_{name}": value for name, value in values.items()}
+    params["payment_id"] = payment.id
+    written = session.connection().execute(statement, params).rowcount
+    if written != 1:
+        raise StaleDataError(
+            f"ratepay_payment {payment.id} (order {payment.order_id}): {written} rows updated"
+        )
+    for name, value in values.items():
+        set_committed_value(payment, name, value)
+
+
+_PAYMENT_UPDATES: dict[tuple[str, ...], Any] = {}
+"""One UPDATE statement per set of columns :func:`write_payment` is given (a handful), built
+once: building and caching a statement per call cost as much as running it."""
+
+
+def _payment_update(columns: tuple[str, ...]) -> Any:
+    table = cast(Table, RatepayPayment.__table__)
+    return (
+        update(table)
+        .where(table.c.id == bindparam("payment_id", type_=Integer))
+        .values({name: bindparam(f"v_{name}", type_=table.c[name].type) for name in columns})
+    )
+
+
 def plan_json(plan: InstallmentPlan) -> str:
     return json.dumps({k: str(v) for k, v in asdict(plan).items()}, sort_keys=True)
 
@@ -227,18 +428,20 @@ def record_outcomes(
     transaction_id: str | None = None,
     result_code: str | None = None,
     reason_code: str | None = None,
-) -> Sequence[RatepayItemOutcome | WrittenOutcome] | None:
+) -> Sequence[WrittenOutcome] | None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
     why) and the outcome is a failure.
 
-    Every value but the item's id is the same for all rows. A small group's rows go in by one
-    executemany and come back as :class:`WrittenOutcome` tuples for the group's conditions
-    (:func:`prime_outcomes`; transient objects where the database cannot return the ids in
-    row order, and the ORM writes them); from ``OUTCOMES_SET_BASED`` items on (a
-    10,000-unit order) they are written inside the database by ``INSERT … SELECT`` from the
-    items, by chunks of ids, and come back as those tuples where the database returns the new
-    ids (``INSERT … RETURNING``), else ``None`` (the conditions read them back): cheaper than
-    building 10,000 objects either way."""
+    Every value but the item's id is the same for all rows, so they are written inside the
+    database by ``INSERT … SELECT`` from the items (by chunks of ids), one prebuilt statement
+    whatever the group's size, and come back as :class:`WrittenOutcome` tuples for the group's
+    conditions (:func:`prime_outcomes`) where the database returns the new ids (``INSERT …
+    RETURNING``), else ``None`` (the conditions read them back). Nothing loads these rows as
+    ORM objects in the same transaction (the conditions and the ledger read them by queries
+    of their own, after the flush here): building an object per row, or one parameter set
+    per row for an executemany, cost more CPU than the rows (an order's four items: a
+    fifth less CPU than the executemany, measured on each of the three dialects).
+    """
     ok = bool(result.success) if success is None and result is not None else bool(success)
     text = message
     if text is None and result is not None:
@@ -260,35 +463,9 @@ def record_outcomes(
         or transaction_id,
         "created_at": now,
     }
-    if len(items) >= OUTCOMES_SET_BASED:
-        return _insert_outcomes_from_items(session, order, items, same)
-    rows: list[dict[str, Any]] = [
-        {"item_id": item.id, "order_id": order.id, **same} for item in items
-    ]
-    if not rows:
+    if not items:
         return []
-    session.flush()  # the items (and anything else pending) first: the rows refer to them
-    conn = session.connection()
-    if not conn.dialect.insert_executemany_returning_sort_by_parameter_order:
-        outcomes = [RatepayItemOutcome(**row) for row in rows]
-        session.add_all(outcomes)
-        session.flush()
-        return outcomes
-    # One Core INSERT (all rows, ids back in row order): the unit of work for a handful of new
-    # objects costs more CPU than the rows. Nothing in the engine loads these rows as objects
-    # in the same transaction but through a query, which reads them from the database; what
-    # comes back for the group's conditions (``prime_outcomes``) are read-only tuples, as the
-    # set-based path gives: a transient ORM object per row cost more than its INSERT.
-    ids = conn.execute(_INSERT_OUTCOMES, rows).scalars().all()
-    assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
-    rest = (order.id, *same.values())
-    make = WrittenOutcome._make
-    return [make((i, item.id, *rest)) for i, item in zip(ids, items, strict=True)]
-
-
-_INSERT_OUTCOMES = insert(cast(Table, RatepayItemOutcome.__table__)).returning(
-    RatepayItemOutcome.__table__.c.id, sort_by_parameter_order=True
-)
+    return _insert_outcomes_from_items(session, order, items, same)
 
 
 class WrittenOutcome(NamedTuple):

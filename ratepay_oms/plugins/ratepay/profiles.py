@@ -6,19 +6,27 @@ RatePAY refuses an order outside its profile's contract with 2001/2002/2005/2006
 §4.3, §6.3) — after a PAYMENT_INIT and a PAYMENT_REQUEST that count as one of the shopper's
 three attempts a day. The profile says the same in advance (§4.7), so an order that breaks it
 is refused here, with the reason, without a call.
+
+The stored answers are read for every PAYMENT_REQUEST plan, so they are kept in memory per
+database engine (:func:`kept_profiles`) for at most :data:`PROFILES_TTL_S` seconds; see there
+for why a short time-to-live and not a change marker.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from ratepay_oms.errors import OmsError
@@ -94,6 +102,72 @@ def stored_profiles(session: Session) -> dict[str, StoredProfile]:
     }
 
 
+PROFILES_TTL_S = 5.0
+"""How long a tick worker plans with the stored answers it read (seconds): a ``profile
+refresh`` by another process reaches it within this time; one by this process at once."""
+
+
+@dataclass(frozen=True)
+class KeptProfiles:
+    """The stored answers as one process keeps them for a while (read only)."""
+
+    stored: Mapping[str, StoredProfile]
+    data: Mapping[str, ProfileData]
+    """``stored``'s master data by name, as ``ProfileSet.choose`` takes it."""
+    loaded_at: float
+    """``time.monotonic()`` when read."""
+
+
+_KEPT: WeakKeyDictionary[Engine, KeptProfiles] = WeakKeyDictionary()
+_KEPT_LOCK = threading.Lock()
+"""A worker's pool threads share the kept answers."""
+_changes = 0
+"""How often this process changed stored answers (:func:`forget_profiles`): an answer read
+before a change is not kept after it."""
+
+
+def kept_profiles(session: Session) -> KeptProfiles:
+    """The stored answers as :func:`stored_profiles` reads them, read again at most every
+    :data:`PROFILES_TTL_S` seconds per database engine.
+
+    Every payment-request plan needs them, and reading the table through the ORM and parsing
+    its JSON for each order was a fortieth of a tick worker's CPU; they change only by ``profile
+    refresh`` (``refresh`` is the one writer), a few times a year. Why a time-to-live and not
+    a change marker read along with a statement the plan already makes: on an order's first
+    plan the only statement left is the payment row's INSERT, and a marker on it would tie
+    the profile table to the payment statements on three dialects for no gain a person could
+    notice. What the delay can change is harmless: an order planned within the time-to-live
+    after a refresh by another process is checked against the answer before it, exactly as
+    if it had been planned a few seconds earlier (a refused order can be retried; one that
+    goes out is refused by RatePAY itself if the new answer forbids it). ``refresh`` in this
+    process forgets every kept answer when it commits (:func:`forget_profiles`; whatever
+    engine object it wrote through), so a transaction begun after it reads the new ones."""
+    engine = session.get_bind().engine
+    now = time.monotonic()
+    kept = _KEPT.get(engine)
+    if kept is not None and 0 <= now - kept.loaded_at < PROFILES_TTL_S:
+        return kept
+    changes = _changes
+    stored = stored_profiles(session)
+    kept = KeptProfiles(
+        MappingProxyType(stored),
+        MappingProxyType({name: s.data for name, s in stored.items()}),
+        now,
+    )
+    with _KEPT_LOCK:
+        if _changes == changes:  # not changed by this process while it was read
+            _KEPT[engine] = kept
+    return kept
+
+
+def forget_profiles() -> None:
+    """Drop every stored answer this process keeps: they were just changed."""
+    global _changes
+    with _KEPT_LOCK:
+        _changes += 1
+        _KEPT.clear()
+
+
 def refresh(
     session_factory: Callable[[], Session],
     profiles: RatepayProfiles,
@@ -126,6 +200,7 @@ def refresh(
             row.master_data = json.dumps(master, sort_keys=True)
             row.installment_config = json.dumps(installment, sort_keys=True)
             row.refreshed_at = now
+    forget_profiles()  # committed: this process plans with the new answers at once
     with session_factory() as session:
         stored = stored_profiles(session)
     log.info("RatePAY profiles refreshed: %s", ", ".join(wanted))
@@ -140,11 +215,15 @@ def choose_profile(
 ) -> str:
     """The profile name for ``order``: ``payment.profile``, else by billing country and
     currency (``ProfileSet.choose``)."""
+    return _choose(profiles, order, {name: s.data for name, s in stored.items()})
+
+
+def _choose(profiles: RatepayProfiles, order: OrderInput, data: Mapping[str, ProfileData]) -> str:
     return profiles.profiles.choose(
         explicit=order.payment.profile,
         country=order.customer.billing_address.country_code,
         currency=order.currency,
-        stored={name: s.data for name, s in stored.items()},
+        stored=data,
     )
 
 
@@ -227,6 +306,8 @@ def check_order(profile: ProfileData, order: OrderInput, amount: Decimal) -> Vio
 
 __all__ = [
     "PROFILES_SERVICE",
+    "PROFILES_TTL_S",
+    "KeptProfiles",
     "ProfileDecision",
     "ProfileRefreshError",
     "RatepayProfiles",
@@ -236,6 +317,8 @@ __all__ = [
     "check_order",
     "choose_profile",
     "decide_profile",
+    "forget_profiles",
+    "kept_profiles",
     "profiles_of",
     "refresh",
     "stored_profiles",
@@ -257,17 +340,18 @@ def decide_profile(
     """Choose the order's profile and check the order against its stored PROFILE_REQUEST
     answer (database only: the planning step of the PAYMENT_REQUEST). An order no profile
     serves, or naming an unknown one, is a violation too (200), so it is refused with the
-    reason instead of retried forever."""
+    reason instead of retried forever. The stored answers as kept for a few seconds
+    (:func:`kept_profiles`)."""
     profiles = profiles_of(services)
     if profiles is None:
         return ProfileDecision(None, None, None)
-    stored = stored_profiles(session)
+    answers = kept_profiles(session)
     try:
-        name = choose_profile(profiles, order, stored)
+        name = _choose(profiles, order, answers.data)
     except UnknownProfileError as exc:
         return ProfileDecision(None, None, Violation(200, str(exc)))
     facade = profiles.facade(name)
-    kept = stored.get(name)
+    kept = answers.stored.get(name)
     if kept is None or kept.profile_id != profiles.profiles[name].profile_id:
         return ProfileDecision(name, facade, None)  # never refreshed (or for another id)
     return ProfileDecision(name, facade, check_order(kept.data, order, order.basket_amount))
