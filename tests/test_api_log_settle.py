@@ -35,10 +35,25 @@ class Txn:
     """One transaction of one connection as the events saw it."""
 
     statements: list[str] = field(default_factory=list)
+    params: list[dict[str, Any]] = field(default_factory=list)
+    """The first parameter set of each statement, by bound parameter name (every dialect)."""
     end: str | None = None  # "commit" / "rollback"
 
     def logs(self) -> int:
         return sum(s.startswith("INSERT INTO ratepay_api_log") for s in self.statements)
+
+    def settled_intent(self) -> int:
+        (intent_id,) = [p["intent_id"] for s, p in zip(self.statements, self.params, strict=True)
+                        if s.startswith("UPDATE oms_intent SET status")]
+        return int(intent_id)
+
+    def logged_orders(self) -> set[str]:
+        """The order references of the API-log rows this transaction inserted."""
+        return {
+            v for s, p in zip(self.statements, self.params, strict=True)
+            if s.startswith("INSERT INTO ratepay_api_log")
+            for k, v in p.items() if k.startswith("order_ref")
+        }
 
     def settles(self) -> bool:
         """Whether the settle's compare-and-set on the intent's status ran in it."""
@@ -94,7 +109,12 @@ class Watch:
         if statement.startswith("INSERT INTO ratepay_api_log") and self.collector is not None:
             self.collected_at_insert.append(len(self.collector.records))
         txn = self._open.get(id(conn))
-        (txn.statements if txn is not None else self.outside).append(statement)
+        if txn is None:
+            self.outside.append(statement)
+            return
+        txn.statements.append(statement)
+        compiled = getattr(args[1], "compiled_parameters", None) if len(args) > 1 else None
+        txn.params.append(dict(compiled[0]) if compiled else {})
 
     def _checkout(self, *args: Any) -> None:
         self.checkouts += 1
@@ -163,6 +183,40 @@ def test_an_orders_rows_are_written_by_its_settles_one_insert_each(shared: Any) 
     # before PAYMENT_REQUEST leaves) and the view place_order returns: no connection of
     # its own for a log row (there were three more).
     assert watch.checkouts <= 5, watch.checkouts
+
+
+def test_a_ticks_concurrent_calls_each_write_their_own_rows_with_their_settle(
+    sandbox: Any, fresh_db_url: str
+) -> None:
+    """Four chains on the call pool's threads at once (every answer 0.2 s late, so their calls
+    overlap): each call's rows go with the settle of its own intent, none with another's."""
+    from ratepay_oms.sandbox.faults import Fault
+
+    engine = demo_engine(fresh_db_url, sandbox.settings)
+    try:
+        refs = [f"LOGTICK-{n}-{uuid.uuid4().hex[:6]}" for n in range(6)]
+        for ref in refs:
+            engine.place_order(example_order(ref), fire=False)
+        collector = _collect(engine)
+        sandbox.gateway.faults.add(Fault("delay", delay_s=0.2))
+        with Watch(engine.db) as watch:
+            result = engine.tick(concurrency=4)
+        assert not result.errors
+        records = collector.take()
+        intent_of: dict[int, str] = {}
+        for ref in refs:
+            assert engine.order(ref).states() == {"ready for shipment": 4}
+            _same_rows(_rows(engine, ref), [r for r in records if r.order_ref == ref])
+            intent_of.update((i.id, ref) for i in engine.intents(ref, open_only=False))
+        assert len(records) == 3 * len(refs)
+
+        written = watch.log_txns()
+        assert len(written) == 2 * len(refs)
+        for txn in written:
+            assert txn.settles() and txn.end == "commit" and txn.logs() == 1
+            assert txn.logged_orders() == {intent_of[txn.settled_intent()]}
+    finally:
+        engine.close()
 
 
 class FailingSettle(ExternalCommand[Any, Any]):
