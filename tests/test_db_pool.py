@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,20 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
+from ratepay_oms import Engine
+from ratepay_oms.engine.plugins import (
+    CallContext,
+    CommandContext,
+    PluginRegistry,
+    PreparedCall,
+    Reconciled,
+)
 from ratepay_oms.persistence import db as db_module
-from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS, create_db_engine
+from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS, create_db_engine, upgrade
+from ratepay_oms.persistence.models import Order, OrderItem
+from tests.plugins_for_tests import order_doc
+from tests.test_drive_concurrency import PROCESS as DRIVE_PROCESS
+from tests.test_drive_concurrency import Call, Gateway
 from tests.test_reliability_workers import _history_count, _place, _prepare, _runs
 
 
@@ -217,14 +230,7 @@ def test_a_tick_right_after_its_idle_connections_were_killed_loses_one_batch_onl
     pdir = _prepare(server_only_db_url, tmp_path)
     engine, refs, ids = _place(server_only_db_url, pdir, n=3)
     engine.batch_size = 1
-    pool = engine.db.pool
-    idle = [engine.db.connect() for _ in range(pool.checkedin())]  # type: ignore[attr-defined]
-    assert idle, "placing the orders left no pooled connection"
-    victims = [_own_id(c) for c in idle]
-    for conn in idle:
-        conn.close()
-    for victim in victims:
-        _kill(server_only_db_url, victim)
+    assert _kill_idle(engine.db, server_only_db_url), "placing left no pooled connection"
 
     first = engine.tick()  # must not raise
     assert first.errors == 1
@@ -236,4 +242,93 @@ def test_a_tick_right_after_its_idle_connections_were_killed_loses_one_batch_onl
     assert all(engine.order(r).states() == {"done": 2} for r in refs)
     assert sorted(r["item_id"] for r in _runs(server_only_db_url)) == sorted(ids)  # once each
     assert _history_count(server_only_db_url, ids) == len(ids)
+    engine.close()
+
+
+
+class _Booked(Call):
+    """``tests.test_drive_concurrency``'s call, whose lost answers the other side confirms as
+    booked (so a reconciled intent settles on its own); counts both ways in, and runs
+    ``during`` (once) while the call is in flight."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.reconciled = 0
+        self.during: Callable[[], None] | None = None
+
+    def send(self, call: PreparedCall[dict[str, str]], io: CallContext) -> str:
+        self.sent += 1
+        answer = super().send(call, io)
+        during, self.during = self.during, None
+        if during is not None:
+            during()
+        return answer
+
+    def reconcile(self, summary: dict[str, Any], io: CallContext) -> Reconciled | None:
+        self.reconciled += 1
+        return Reconciled(True, detail="booked")
+
+    def apply(
+        self,
+        ctx: CommandContext,
+        order: Order,
+        items: Sequence[OrderItem],
+        summary: dict[str, Any],
+        answer: str | Reconciled,
+    ) -> None:
+        assert answer == "ok" or (isinstance(answer, Reconciled) and answer.booked)
+
+
+def _kill_idle(engine: sa.Engine, url: str) -> list[int]:
+    """Drop every connection idle in ``engine``'s pool (they stay in the pool, fresh)."""
+    pool = engine.pool
+    idle = [engine.connect() for _ in range(pool.checkedin())]  # type: ignore[attr-defined]
+    victims = [_own_id(c) for c in idle]
+    for conn in idle:
+        conn.close()
+    for victim in victims:
+        _kill(url, victim)
+    return victims
+
+
+def test_a_settle_on_a_connection_killed_during_the_call_leaves_the_intent_open(
+    server_only_db_url: str, tmp_path: Path
+) -> None:
+    """The gateway call succeeds, and while it is in flight (well within the ping threshold)
+    every idle connection of the worker's pool is dropped. The settle meets one: the chain
+    counts a database error and leaves the intent open (nothing lost, nothing half-written),
+    the next tick reconciles it, and the call went out once."""
+    upgrade(server_only_db_url)
+    pdir = tmp_path / "processes"
+    pdir.mkdir()
+    (pdir / "Drive01.yaml").write_text(DRIVE_PROCESS, encoding="utf-8")
+    command = _Booked()
+    registry = PluginRegistry()
+    registry.register_external("Drive/Call", command)
+    engine = Engine(server_only_db_url, process_dir=pdir, registry=registry,
+                    services={"gateway": Gateway()}, concurrency=1, lease_seconds=2)
+    ref = f"D-{uuid.uuid4().hex[:8]}"
+    engine.place_order(order_doc(ref, process="Drive01", lines=(("SKU-A", 1),)), fire=False)
+    killed: list[int] = []
+    command.during = lambda: killed.extend(_kill_idle(engine.db, server_only_db_url))
+
+    first = engine.tick()
+    assert killed, "the worker had no idle connection to kill"
+    assert command.sent == 1
+    assert first.errors == 1
+    assert any("database error" in m for m in first.error_messages), first.error_messages
+    assert engine.order(ref).states() == {"new": 1}  # the settle rolled back whole
+    assert [i.order_ref for i in engine.intents(ref)] == [ref]  # open, to be reconciled
+    assert engine.order(ref).claimed_by is None  # the lease went with the failure
+
+    # An open intent is reconciled once its lease time has passed (2 s here).
+    deadline = time.monotonic() + 30
+    while engine.order(ref).states() != {"done": 1}:
+        assert time.monotonic() < deadline, "the order never finished"
+        result = engine.tick()
+        assert result.errors == 0, result.error_messages
+        time.sleep(0.2)
+    assert command.reconciled == 1  # the first call's booking, confirmed
+    assert command.sent == 2  # ... and the second call (first -> second) went out once
+    assert not engine.intents(ref)
     engine.close()
