@@ -21,9 +21,11 @@ from ratepay_oms.process.loader import default_process_dir
 NOW = datetime(2026, 3, 2, 12, 0, 0)
 
 
-@pytest.fixture(scope="module")
-def engine(server_db_url: str) -> Iterator[Engine]:
-    eng = Engine(server_db_url, process_dir=default_process_dir())
+@pytest.fixture
+def engine(fresh_db_url: str) -> Iterator[Engine]:
+    """A database of its own: the orders here wait in ``new``, where a tick of another test
+    on a shared database would take them up."""
+    eng = Engine(fresh_db_url, process_dir=default_process_dir())
     eng.upgrade_db()
     yield eng
     eng.close()

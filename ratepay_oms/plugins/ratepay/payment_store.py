@@ -212,7 +212,7 @@ def claim_payment(
     rollback of the savepoint or transaction that wrote it takes it out again
     (:func:`_forget_rolled_back`): the ORM does that only for the objects it flushed itself."""
     known = _known(session)
-    answered, payment = _without_statement(session, order, known)
+    _answered, payment = _without_statement(session, order, known)
     if payment is not None:
         return payment, False
     values: dict[str, Any] = {
@@ -239,8 +239,6 @@ def claim_payment(
         written = conn.execute(_CLAIM, _claim_params(values))
         new_id = written.lastrowid if written.rowcount == 1 else None
     if new_id is None:  # it has one (a retry): read it
-        if answered:  # pragma: no cover - "none" known in this transaction, yet a row
-            raise StaleDataError(f"order {order.order_ref}: a payment row appeared")
         payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
         assert payment is not None  # rows are never deleted but with their order
         known[order.id] = payment
