@@ -29,12 +29,15 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    JSON,
+    Boolean,
     ColumnElement,
     Dialect,
     Executable,
     Integer,
     String,
     Table,
+    Text,
     and_,
     any_,
     bindparam,
@@ -42,16 +45,19 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     null,
     select,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import TypeEngine
 
 from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.ops import instruments
@@ -265,7 +271,7 @@ class StateWriter:
         condition go in set-based: one ``INSERT … SELECT`` from a JSON array of (item id,
         order id, result, detail) per chunk, the shared values as parameters (a 10,000-unit
         order's two condition rounds bound 180,000 parameters one by one). On PostgreSQL
-        each chunk is one upsert from arrays (``_upsert_conditions``), not an executemany:
+        each chunk is one upsert from a JSON array (``_upsert_conditions``), not an executemany:
         psycopg runs that in pipeline mode, a statement per row, which cost an order's two
         rows several times the client CPU of one statement. On MariaDB one executemany,
         which PyMySQL already sends as one multi-row INSERT."""
@@ -281,7 +287,7 @@ class StateWriter:
         conn = self.session.connection()
         if conn.dialect.name == "postgresql":  # one statement replaces the older answers
             for rows_part in chunked(rows):
-                conn.execute(_UPSERT_CONDITIONS, self._condition_arrays(rows_part))
+                conn.execute(_UPSERT_CONDITIONS, self._condition_json(rows_part))
             return
         style = _ids_style(conn.dialect)
         forget = prebuilt("forget conditions", style, _forget_conditions_statement)
@@ -306,18 +312,13 @@ class StateWriter:
             })
             start = end
 
-    def _condition_arrays(self, rows: Sequence[_ConditionRow]) -> dict[str, Any]:
-        """The parameters of ``_UPSERT_CONDITIONS``: a column's values as one array each."""
-        shared = [row[2] for row in rows]
+    def _condition_json(self, rows: Sequence[_ConditionRow]) -> dict[str, Any]:
+        """The parameters of ``_UPSERT_CONDITIONS``: the rows as one JSON array."""
         return {
-            "a_item_id": [row[0] for row in rows],
-            "a_order_id": [row[1] for row in rows],
-            "a_process": [values[0] for values in shared],
-            "a_state": [values[1] for values in shared],
-            "a_event": [values[2] for values in shared],
-            "a_condition": [values[3] for values in shared],
-            "a_result": [row[3] for row in rows],
-            "a_detail": [row[4] for row in rows],
+            "rows": json.dumps([
+                [item_id, order_id, *shared, result, detail]
+                for item_id, order_id, shared, result, detail in rows
+            ]),
             "v_now": self.now,
         }
 
@@ -997,6 +998,12 @@ def _conditions_from_json(style: str) -> Executable:
     )
 
 
+_CONDITION_JSON_TYPES: list[TypeEngine[Any]] = [
+    Integer(), Integer(), Text(), Text(), Text(), Text(), Boolean(), Text()
+]
+"""The types of a condition row's JSON fields (``_upsert_conditions``), in their order."""
+
+
 def _upsert_conditions() -> Executable:
     """On PostgreSQL the newest answer replaces the older one (unique per item and
     condition) in the INSERT itself (``ON CONFLICT DO UPDATE``): one statement instead of a
@@ -1006,27 +1013,34 @@ def _upsert_conditions() -> Executable:
     answers go in set-based from JSON (``_conditions_from_json``) after one DELETE per
     condition, which a per-row upsert would undo.
 
-    The rows come as one array per column (``a_<column>``), unnested in the array's order
-    (``WITH ORDINALITY``), ``evaluated_at`` the one ``v_now``: the statement's text is the
-    same for any number of rows, so SQLAlchemy compiles it once and the server keeps it
-    prepared, and each array is one parameter whatever the chunk's size. A chunk never holds
-    the same (item, condition) twice (``StateWriter`` keeps the newest per key), which
-    ``ON CONFLICT DO UPDATE`` could not take in one statement."""
+    The rows come as one JSON array ``:rows`` of ``[item id, order id, process, state,
+    event, condition, result, detail]``, taken apart in the array's order (``WITH
+    ORDINALITY``), ``evaluated_at`` the one ``v_now``: the statement's text is the same for
+    any number of rows, so SQLAlchemy compiles it once and the server keeps it prepared, and
+    the rows are one parameter whatever the chunk's size. JSON, not an array per column:
+    psycopg dumps a list element by element in Python, which cost more than the
+    executemany it replaced. A chunk never holds the same (item, condition) twice
+    (``StateWriter`` keeps the newest per key), which ``ON CONFLICT DO UPDATE`` could not
+    take in one statement."""
     from sqlalchemy.dialects import postgresql
 
     keys = ["item_id", "condition"]
     columns = ["item_id", "order_id", "process", "state", "event", "condition", "result",
                "detail"]
     table = _CONDITIONS
-    rows = (
-        func.unnest(*(bindparam(f"a_{c}", type_=ARRAY(table.c[c].type)) for c in columns))
-        .table_valued(*columns, with_ordinality="n")
+    rows = (  # the names as TEXT: the INSERT checks their length as it did (no silent cut)
+        func.json_array_elements(sql_cast(bindparam("rows", type_=String), JSON))
+        .table_valued("value", with_ordinality="n")
         .render_derived(name="r")
     )
     stmt = postgresql.insert(table).from_select(
         [*columns, "evaluated_at"],
         select(
-            *(rows.c[c] for c in columns), _param(table, "evaluated_at", "v_now")
+            *(
+                sql_cast(rows.c.value.op("->>")(literal_column(str(index))), kind)
+                for index, kind in enumerate(_CONDITION_JSON_TYPES)
+            ),
+            _param(table, "evaluated_at", "v_now"),
         ).order_by(rows.c.n),
     )
     return stmt.on_conflict_do_update(
