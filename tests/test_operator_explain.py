@@ -242,3 +242,46 @@ def test_how_a_fallback_brought_the_item_here_is_explained(ticking: Engine) -> N
     assert y.arrival.describe() == ("forced here from 'escalated' at 2025-06-02 13:00:00 by "
                                     "dora: sold off")
     assert y.to_json()["arrival"]["reason"] == "sold off"
+
+
+def test_condition_rows_keep_every_character_of_what_was_read(engine: Engine) -> None:
+    """The rows go to the database as one set-based statement per chunk (a JSON parameter on
+    PostgreSQL and SQLite): names, detail and time come back exactly, text outside ASCII and
+    JSON escapes included, and a newer answer replaces the older one of its condition."""
+    from ratepay_oms.engine.persist import Origin, StateWriter, _detail
+    from ratepay_oms.engine.verdict import Verdict
+
+    _, ids = place(engine, ("A", 1), ("B", 1), fire=False)
+    reads: list[dict[str, Any]] = [
+        {"m": 'Grüße \u2028 "q" \\ nul\x00 😀', "n": None}, {}, {"d": 1.5, "l": [1, "x"]},
+    ]
+    at = datetime(2025, 6, 2, 12, 0, 0, 123456)
+
+    def write(process: str, results: list[tuple[int, str, bool, dict[str, Any]]]) -> None:
+        with engine.session() as s, s.begin():
+            items = {i.id: i for i in s.scalars(select(OrderItem).where(OrderItem.id.in_(ids)))}
+            writer = StateWriter(s, at, Origin.current())
+            for item_id, name, holds, read in results:
+                writer.record_conditions(
+                    items[item_id], process, "stäte", None, [(name, Verdict(holds, read))]
+                )
+            writer.flush_log()
+
+    first, second = ids
+    write("Pröc", [(first, "Cond/ä", False, reads[2]), (second, "Cond/ä", True, reads[1]),
+                   (first, "Other", True, reads[2])])
+    write("Pröc 2", [(first, "Cond/ä", True, reads[0])])  # replaces the first answer
+    with engine.session() as s:
+        rows = s.execute(
+            select(ConditionResult.item_id, ConditionResult.process, ConditionResult.state,
+                   ConditionResult.event, ConditionResult.condition, ConditionResult.result,
+                   ConditionResult.detail, ConditionResult.evaluated_at)
+            .where(ConditionResult.item_id.in_(ids))
+            .order_by(ConditionResult.item_id, ConditionResult.condition)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (first, "Pröc 2", "stäte", None, "Cond/ä", True, _detail(Verdict(True, reads[0])), at),
+        (first, "Pröc", "stäte", None, "Other", True, _detail(Verdict(True, reads[2])), at),
+        (second, "Pröc", "stäte", None, "Cond/ä", True, None, at),
+    ]
+    assert json.loads(rows[0].detail) == reads[0]
