@@ -1016,8 +1016,13 @@ class TickRunner:
 
         def work(runner: Runner) -> tuple[int, list[int], list[int]]:
             session = runner.session
-            # Along with the lock: which orders have an open intent (a booking's hold check).
-            locked = self.engine.claims.lock(session, list(batch), runner.open_intents)
+            # Along with the lock: which orders have an open intent (a booking's hold check),
+            # and (PostgreSQL) the lease of the orders that will likely get the call slots.
+            calling = [o for o, d in batch.items() if d.calls]
+            locked = self.engine.claims.lock(
+                session, list(batch), runner.open_intents,
+                lease=calling, slots=slots, leased=runner.leased,
+            )
             moved, resting = 0, []
             if isinstance(step, _StateStep) and limit is None:
                 # ``limit`` counts items exactly, so it takes the path that reads them.
@@ -1093,6 +1098,9 @@ class TickRunner:
         for d in fired:
             if compiled[d.process].calls_out(d.state, d.event) and d.order_id not in calling:
                 calling.append(d.order_id)
+        if runner.leased:
+            # Orders leased along with the lock go first: their lease is written already.
+            calling.sort(key=lambda o: o not in runner.leased)
         leftover = calling[slots:]
         put_back = set(leftover)
         fired = [d for d in fired if d.order_id not in put_back]
