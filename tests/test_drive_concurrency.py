@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ratepay_oms.engine.plugins import (
     PreparedCall,
     Reconciled,
 )
+from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.db import upgrade
 from ratepay_oms.persistence.models import Order, OrderItem
 from tests.plugins_for_tests import order_doc
@@ -72,12 +74,16 @@ class Gateway:
     started: threading.Event = field(default_factory=threading.Event)
     lease_check: Any = None
     """Called with the order ref at the end of each call."""
+    no_call: set[str] = field(default_factory=set)
+    """Orders whose plan decides without a call (every state)."""
 
 
 class Call(ExternalCommand[dict[str, str], str]):
     def plan(
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[dict[str, str]]:
+        if order.order_ref in ctx.services["gateway"].no_call:
+            return None
         summary = {"order": order.order_ref, "state": items[0].state}
         return PreparedCall(summary, dict(summary))
 
@@ -234,3 +240,49 @@ def test_the_lease_is_renewed_while_a_call_outlasts_it(fresh_db_url: str, tmp_pa
         assert engine.order(ref).claimed_by is None
     finally:
         engine.close()
+
+
+def test_an_order_that_gets_no_call_after_all_is_not_left_leased(
+    world: tuple[Engine, Gateway],
+) -> None:
+    """The first order of the batch looks like it will call (so on PostgreSQL its lock
+    statement leases it ahead), but its plan decides without a call: its lease is gone when
+    the batch commits, i.e. already while the next order's call is in flight."""
+    engine, gateway = world
+    quiet, calling = _place(engine, 2)
+    gateway.no_call.add(quiet)
+    seen: list[str | None] = []
+
+    def check(ref: str) -> None:
+        _lease_checker(engine)(ref)
+        seen.append(engine.order(quiet).claimed_by)
+
+    gateway.lease_check = check
+    result = engine.tick(concurrency=1)
+    assert result.errors == 0, result.error_messages
+    assert engine.order(quiet).states() == {"done": 1}
+    assert engine.order(calling).states() == {"done": 1}
+    assert [c[0] for c in gateway.calls] == [calling, calling]
+    assert seen == [None, None]
+    assert engine.order(quiet).claimed_by is None
+    assert engine.order(calling).claimed_by is None
+
+
+def test_an_expired_lease_is_taken_over_counted_and_ours_during_the_call(
+    world: tuple[Engine, Gateway],
+) -> None:
+    """A worker died holding the order's lease: once it expired, the tick takes the order
+    over (counted once), holds the lease itself while its call is in flight and drops it."""
+    engine, gateway = world
+    (ref,) = _place(engine, 1)
+    with engine.session() as session, session.begin():
+        order = session.query(Order).filter_by(order_ref=ref).one()
+        order.claimed_by, order.claim_expires_at = "dead-worker", wall_now() - timedelta(seconds=1)
+    gateway.lease_check = _lease_checker(engine)
+    before = instruments.sample("ratepay_oms_lease_takeovers_total", {})
+    result = engine.tick(concurrency=1)
+    assert result.errors == 0, result.error_messages
+    assert instruments.sample("ratepay_oms_lease_takeovers_total", {}) == before + 1
+    assert [c[0] for c in gateway.calls] == [ref, ref]
+    assert engine.order(ref).states() == {"done": 1}
+    assert engine.order(ref).claimed_by is None

@@ -104,7 +104,9 @@ class Drive:
     ) -> tuple[T, list[Call]]:
         """Run ``work`` in one transaction with a :class:`Runner`; lease the orders it
         planned calls for and drop our lease on ``release`` (those without a new call), in
-        the same transaction; commit. The figures count only once it committed.
+        the same transaction; commit. The figures count only once it committed. Orders
+        ``work`` leased ahead (``Runner.leased``, the tick's lock) are not leased again;
+        those of them without a call lose the lease again before the commit.
 
         ``held``: the API-log rows of the call this transaction settles, written first in it
         (one INSERT; see :func:`_begin`) and cleared once it committed. If it does not, they
@@ -118,10 +120,15 @@ class Drive:
                 runner.finish()
                 calls = runner.calls
                 leased = {c.order_id for c in calls}
-                written = sorted(o for o in leased if not self._lease_fresh(o))
+                ahead = runner.leased
+                written = sorted(
+                    o for o in leased if o not in ahead and not self._lease_fresh(o)
+                )
                 if written:
                     self.engine.claims.lease_in(session, written)
+                # Leased ahead but no call planned after all: dropped again before commit.
                 done = [o for o in release if o not in leased]
+                done.extend(sorted(ahead - leased))
                 if done:
                     self.engine.claims.release_in(session, done)
         if taken and held is not None:
@@ -130,6 +137,8 @@ class Drive:
         with self._stats_lock:
             self.stats.add(stats)
             for order_id in written:
+                self._leased_at[order_id] = clock
+            for order_id in ahead & leased:
                 self._leased_at[order_id] = clock
             for order_id in done:
                 self._leased_at.pop(order_id, None)

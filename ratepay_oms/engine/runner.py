@@ -227,6 +227,10 @@ class Runner:
         """Event data of a manual trigger: given to the first round's commands and written on
         the history rows of its moves (also after a gateway call, through the intent)."""
         self._first_round = False
+        self.leased: set[int] = set()
+        """Orders this transaction leased ahead of planning their call (the tick's lock,
+        ``Claims.lock``): ``Drive.transact`` writes no lease for them again and drops the
+        lease of those that end up without a call."""
         self.open_intents: dict[int, bool] = {}
         """Whether an order has an open intent, where a statement of this transaction read it
         along (the tick's lock, a settle's compare-and-set) or this runner wrote one: a
