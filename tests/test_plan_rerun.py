@@ -66,6 +66,9 @@ class Call(ExternalCommand[str, str]):
         self, ctx: CommandContext, order: Order, items: Sequence[OrderItem]
     ) -> PreparedCall[str]:
         state = items[0].state
+        # A plan reads the database (as the real ones do: a savepoint is begun on first use).
+        ctx.session.scalar(sa.select(sa.func.count(OrderItem.id)).where(
+            OrderItem.order_id == order.id))
         if (order.order_ref, state) in ctx.services["fail"]:
             order.customer_ref = "written by a failing plan"
             ctx.session.flush()
