@@ -72,6 +72,12 @@ class Call(ExternalCommand[str, str]):
         if (order.order_ref, state) in ctx.services["fail"]:
             order.customer_ref = "written by a failing plan"
             ctx.session.flush()
+            if ctx.services.get("how") == "flush":
+                # A flush the database refuses: the session rolls back what it holds.
+                ctx.session.add(Order(order_ref=order.order_ref, process="Replan01",
+                                      currency="EUR", data="{}", goods_total=0,
+                                      created_at=ctx.now))
+                ctx.session.flush()
             raise RuntimeError(f"plan refused for {order.order_ref} in {state}")
         return PreparedCall({"order": order.order_ref, "state": state}, order.order_ref)
 
@@ -132,15 +138,21 @@ def _place(engine: Engine, prefix: str, count: int) -> list[str]:
     return refs
 
 
-def _failed_as_a_savepoint_left_it(engine: Engine, ref: str, state: str, event: str) -> None:
+def _failed_as_a_savepoint_left_it(
+    engine: Engine, ref: str, state: str, event: str, how: str = "raise"
+) -> None:
     """Items where the plan found them, the plan's error, one attempt, a retry after the
     first backoff, one error row per item; no intent; nothing the plan wrote."""
-    message = f"RuntimeError: plan refused for {ref} in {state}"
     view = engine.order(ref)
     assert view.states() == {state: 2}
-    assert {(i.attempts, i.retry_at, i.retry_event, i.last_error) for i in view.items} == {
-        (1, T0 + retry_delay(1), event, message)
+    assert {(i.attempts, i.retry_at, i.retry_event) for i in view.items} == {
+        (1, T0 + retry_delay(1), event)
     }
+    (message,) = {i.last_error for i in view.items}
+    if how == "raise":
+        assert message == f"RuntimeError: plan refused for {ref} in {state}"
+    else:
+        assert message is not None and message.startswith("IntegrityError: ")
     errors = [e for e in engine.transition_log(ref) if e.is_error]
     assert len(errors) == 2
     assert {(e.source_state, e.target_state, e.command) for e in errors} == {
@@ -152,23 +164,25 @@ def _failed_as_a_savepoint_left_it(engine: Engine, ref: str, state: str, event: 
         assert order is not None and order.customer_ref != "written by a failing plan"
 
 
-@pytest.mark.parametrize("failing", [1, REPLANS + 1])
+@pytest.mark.parametrize(("failing", "how"), [(1, "raise"), (1, "flush"), (REPLANS + 1, "raise")])
 def test_a_failing_plan_rolls_back_alone_without_a_savepoint(
-    engine: Engine, failing: int
+    engine: Engine, failing: int, how: str
 ) -> None:
-    """One tick batch holds every order's moves and plans; ``failing`` of them raise. With
-    more failing plans than the drive re-runs for, the last attempt falls back to a savepoint
-    around each plan: the outcome is the same."""
+    """One tick batch holds every order's moves and plans; ``failing`` of them raise (or
+    fail in a flush the database refuses). With more failing plans than the drive re-runs
+    for, the last attempt falls back to a savepoint around each plan: the outcome is the
+    same."""
     good = _place(engine, "GOOD", 2)
     bad = _place(engine, "BAD", failing)
     engine.services["fail"] = {(ref, "waiting") for ref in bad}
+    engine.services["how"] = how
     with Statements(engine.db) as trace:
         result = engine.tick(now=T0, concurrency=8)
     for ref in good:
         assert engine.order(ref).states() == {"again": 2}
         assert [i.status for i in engine.intents(ref, open_only=False)] == ["settled"] * 2
     for ref in bad:
-        _failed_as_a_savepoint_left_it(engine, ref, "waiting", "call")
+        _failed_as_a_savepoint_left_it(engine, ref, "waiting", "call", how)
     assert result.errors == failing and result.retries_scheduled == 2 * failing
     # Moves new -> waiting -> called -> again of the good orders, new -> waiting of the bad.
     assert result.items_moved == 2 * 3 * len(good) + 2 * failing

@@ -410,8 +410,12 @@ class Runner:
             return []
         replan = self.replan
         key: PlanKey | None = None
-        if replan is not None and replan.known:
+        if replan is not None and not replan.savepoints:
+            # Before the plan: one whose flush fails has the session roll back, expiring the
+            # order (reading its ref then would raise instead of failing the plan).
             key = self._plan_key(group, command_name)
+        if replan is not None and replan.known:
+            key = key or self._plan_key(group, command_name)
             known = replan.known.get(key)
             if known is not None:
                 self.stats.commands_run += 1
@@ -428,7 +432,8 @@ class Runner:
                 raise
             if replan is not None and not replan.savepoints:
                 # What the plan wrote is in the transaction: all of it goes back.
-                failed = PlanFailed(key or self._plan_key(group, command_name), exc)
+                assert key is not None
+                failed = PlanFailed(key, exc)
                 replan.failed = failed
                 raise failed from exc
             self.stats.commands_run += 1
