@@ -62,7 +62,7 @@ def test_soak_with_killed_workers_and_a_faulty_gateway_loses_and_double_books_no
     options = soak.parse_args([
         "--orders", "80",
         "--workers", "3",
-        "--kill-every", "5",
+        "--kill-every", "2",  # a run can be over in 10 s: at least two kills still
         "--fault-rate", "0.10",
         "--read-timeout", "1",
         "--deadline", "150",  # a loaded 2-core machine needs ~3x the idle ~30 s

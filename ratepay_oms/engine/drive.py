@@ -47,9 +47,12 @@ from ratepay_oms.engine.runner import (
     NOT_SENT,
     RECONCILED_BOOKED,
     RECONCILED_NOT_BOOKED,
+    REPLANS,
     Call,
     Loaded,
     LoopGuard,
+    PlanKey,
+    Replan,
     Runner,
     RunStats,
     describe_error,
@@ -101,6 +104,7 @@ class Drive:
         *,
         release: Collection[int] = (),
         held: HeldRows | None = None,
+        replan: bool = True,
     ) -> tuple[T, list[Call]]:
         """Run ``work`` in one transaction with a :class:`Runner`; lease the orders it
         planned calls for and drop our lease on ``release`` (those without a new call), in
@@ -110,27 +114,59 @@ class Drive:
 
         ``held``: the API-log rows of the call this transaction settles, written first in it
         (one INSERT; see :func:`_begin`) and cleared once it committed. If it does not, they
-        stay held and the caller writes them apart."""
-        stats = RunStats()
-        with self.engine.sessions() as session:
-            transaction, taken = _begin(session, held)
-            with transaction:
-                runner = Runner(self.engine, session, self.now, guard, stats)
-                result = work(runner)
-                runner.finish()
-                calls = runner.calls
-                leased = {c.order_id for c in calls}
-                ahead = runner.leased
-                written = sorted(
-                    o for o in leased if o not in ahead and not self._lease_fresh(o)
+        stay held and the caller writes them apart.
+
+        ``work`` must be database-only and may be run more than once: its plans run without
+        a savepoint (``replan``, see ``Replan``), and when one raises the transaction is
+        rolled back and ``work`` runs again in a new one with that plan known to fail (at
+        most ``REPLANS`` times; then with a savepoint around each plan). Only the attempt
+        that commits counts: its stats, calls, leases, loop-guard counts and held rows.
+        ``replan=False``: a savepoint around each plan, ``work`` runs once."""
+        known: dict[PlanKey, Exception] = {}
+        start = guard.checkpoint() if replan else None
+        attempt = 0
+        while True:
+            stats = RunStats()
+            planning = Replan(known, savepoints=attempt >= REPLANS) if replan else None
+            try:
+                with self.engine.sessions() as session:
+                    transaction, taken = _begin(session, held)
+                    with transaction:
+                        runner = Runner(self.engine, session, self.now, guard, stats)
+                        runner.replan = planning
+                        result = work(runner)
+                        if planning is not None and planning.failed is not None:
+                            raise planning.failed  # swallowed on the way: still roll back
+                        runner.finish()
+                        calls = runner.calls
+                        leased = {c.order_id for c in calls}
+                        ahead = runner.leased
+                        written = sorted(
+                            o for o in leased if o not in ahead and not self._lease_fresh(o)
+                        )
+                        if written:
+                            self.engine.claims.lease_in(session, written)
+                        # Leased ahead but no call planned after all: dropped again before
+                        # commit.
+                        done = [o for o in release if o not in leased]
+                        done.extend(sorted(ahead - leased))
+                        if done:
+                            self.engine.claims.release_in(session, done)
+            except Exception:
+                failed = planning.failed if planning is not None else None
+                if failed is None:
+                    raise
+                assert start is not None
+                guard.restore(start)
+                known[failed.key] = failed.error
+                attempt += 1
+                log.info(
+                    "a plan failed (%s for order %s); transaction rolled back, running "
+                    "it again with that plan failed (attempt %d)",
+                    failed.key[4], failed.key[0], attempt + 1,
                 )
-                if written:
-                    self.engine.claims.lease_in(session, written)
-                # Leased ahead but no call planned after all: dropped again before commit.
-                done = [o for o in release if o not in leased]
-                done.extend(sorted(ahead - leased))
-                if done:
-                    self.engine.claims.release_in(session, done)
+                continue
+            break
         if taken and held is not None:
             held.clear()
         clock = time.monotonic()

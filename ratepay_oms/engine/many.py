@@ -83,7 +83,16 @@ def fire_many(
     for chunk in _waves(requests):
         owner: dict[int, int] = {}  # item id -> request index, for this chunk
 
-        def work(runner: Runner, chunk: list[int] = chunk, owner: dict[int, int] = owner) -> None:
+        def work(
+            runner: Runner, chunk: list[int] = chunk, owner: dict[int, int] = owner
+        ) -> set[str]:
+            """The chunk's transaction; the orders found busy. Run again from scratch when a
+            plan fails (``Drive.transact``), so it starts from fresh outcomes and leaves
+            ``busy`` to the caller, after it committed."""
+            owner.clear()
+            for index in chunk:
+                outcomes[index] = EventOutcome()
+            now_busy: set[str] = set()
             session = runner.session
             refs = sorted({requests[i].order_ref for i in chunk})
             orders = {
@@ -108,7 +117,7 @@ def fire_many(
                     continue
                 if order.id not in free or request.order_ref in busy:
                     outcome.busy = True
-                    busy.add(request.order_ref)
+                    now_busy.add(request.order_ref)
                     continue
                 definition = runner.engine.definitions.get(order.process)
                 if definition is None:
@@ -127,16 +136,18 @@ def fire_many(
                 pairs += [(i, event) for i in chosen]
                 chosen_orders[order.id] = order
             runner.run(group_items(pairs, chosen_orders), record_stays=True)
+            return now_busy
 
         before = _marks(drive)
         try:
-            _, calls = drive.transact(work, LoopGuard())
+            now_busy, calls = drive.transact(work, LoopGuard())
         except SQLAlchemyError as exc:
             first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
             for index in chunk:
                 outcomes[index] = EventOutcome(refused=f"database error: {first}")
             log.error("bulk %s: a chunk of %d orders failed: %s", event, len(chunk), first)
             continue
+        busy.update(now_busy)
         if calls:
             pool = CallPool(drive, concurrency)
             try:

@@ -12,11 +12,17 @@ transaction, and hands the call back in :attr:`Runner.calls`. The drive loop
 (``ratepay_oms.engine.drive``) commits, makes the call outside any transaction, and settles it
 in a new transaction through :meth:`Runner.settle`, which continues the cascade.
 
-Each command (and each item's condition checks) runs inside a SAVEPOINT, so a command that
-raises is rolled back alone: its items stay where they were with an error row in the
-transition log and a retry scheduled with backoff, while the other groups of the same
+Each in-transaction command (and each item's condition checks) runs inside a SAVEPOINT, so
+a command that raises is rolled back alone: its items stay where they were with an error row
+in the transition log and a retry scheduled with backoff, while the other groups of the same
 transaction still commit. What a command wrote through ``ctx.session`` commits together with
 the state change it led to.
+
+An external command's ``plan`` runs without one inside ``Drive.transact`` (two statements
+fewer per planned call): a plan touches only the database, and so does every unit of work
+the drive runs, so a plan that raises rolls the whole transaction back and the drive runs the
+same work again in a new one, that group's failure already known (:class:`Replan`): the
+group is failed as a savepoint's rollback would have left it, without planning it again.
 """
 
 from __future__ import annotations
@@ -175,6 +181,59 @@ class LoopGuard:
         self._seen[key] += 1
         return self._seen[key] <= MAX_EVENT_REPEATS
 
+    def fired(self, order_id: int, state: str, event: str | None) -> int:
+        """How often (order, state, event) fired so far in this drive."""
+        return self._seen.get((order_id, state, event), 0)
+
+    def checkpoint(self) -> Counter[tuple[int, str, str | None]]:
+        """The counts now, for :meth:`restore` when the transaction that counts on is re-run
+        (only a committed transaction's firings count)."""
+        return self._seen.copy()
+
+    def restore(self, checkpoint: Counter[tuple[int, str, str | None]]) -> None:
+        self._seen = checkpoint.copy()
+
+
+REPLANS = 3
+"""How many failing plans one transaction learns by re-running (see :class:`Replan`); the
+attempt after that puts a savepoint around each plan still unknown, as every plan had before."""
+
+PlanKey = tuple[str, str, str, str | None, str, int, int]
+"""(order ref, process, state, event, command, how often the guard had counted that order,
+state and event when it was planned, how many items): the same plan in a re-run of the same
+work. By the order's ref, not its id, and not by item ids: an order placed in the transaction
+gets new ids in the re-run (PostgreSQL does not take back sequence values). Should a re-run's
+group differ all the same (another worker got to the order between the attempts), failing it
+unplanned is still safe: its items wait for a retry, nothing is sent."""
+
+
+class PlanFailed(Exception):
+    """A plan raised in a transaction that runs plans without a savepoint: ``Drive.transact``
+    rolls the transaction back and runs its work again with this failure known."""
+
+    def __init__(self, key: PlanKey, error: Exception) -> None:
+        super().__init__(describe_error(error))
+        self.key = key
+        self.error = error
+
+
+@dataclass
+class Replan:
+    """How a runner inside ``Drive.transact`` plans: without a savepoint (``savepoints``
+    false), failing the plans ``known`` to raise without running them again.
+
+    Why that is the same as a savepoint around each plan: a plan only reads and writes the
+    database, and the work the drive runs is database-only too, so rolling the whole
+    transaction back and running the work again reaches the same groups with the same data;
+    a group whose plan raised before is then failed with that very error (same message,
+    retry and log rows) as the savepoint's rollback would have left it."""
+
+    known: dict[PlanKey, Exception]
+    savepoints: bool = False
+    failed: PlanFailed | None = None
+    """The plan that raised in this attempt (set even if something swallowed the raise:
+    the drive then still rolls back instead of committing half a plan)."""
+
 
 def group_items(
     pairs: Iterable[tuple[OrderItem, str | None]], orders: Mapping[int, Order]
@@ -231,6 +290,9 @@ class Runner:
         """Orders this transaction leased ahead of planning their call (the tick's lock,
         ``Claims.lock``): ``Drive.transact`` writes no lease for them again and drops the
         lease of those that end up without a call."""
+        self.replan: Replan | None = None
+        """Set by ``Drive.transact``: plans run without a savepoint (see :class:`Replan`).
+        ``None`` (a runner built elsewhere): a savepoint around each plan."""
         self.open_intents: dict[int, bool] = {}
         """Whether an order has an open intent, where a statement of this transaction read it
         along (the tick's lock, a settle's compare-and-set) or this runner wrote one: a
@@ -350,12 +412,34 @@ class Runner:
         this transaction commits); a plan without a call goes on as answered."""
         if self._held(group, command_name):
             return []
+        replan = self.replan
+        key: PlanKey | None = None
+        if replan is not None and not replan.savepoints:
+            # Before the plan: one whose flush fails has the session roll back, expiring the
+            # order (reading its ref then would raise instead of failing the plan).
+            key = self._plan_key(group, command_name)
+        if replan is not None and replan.known:
+            key = key or self._plan_key(group, command_name)
+            known = replan.known.get(key)
+            if known is not None:
+                self.stats.commands_run += 1
+                self.fail(group, group.items, command_name, known)
+                return []
         try:
-            with self.session.begin_nested():
+            if replan is None or replan.savepoints:
+                with self.session.begin_nested():
+                    call = command.plan(ctx, group.order, group.items)
+            else:
                 call = command.plan(ctx, group.order, group.items)
         except Exception as exc:
             if database_lost(exc):
                 raise
+            if replan is not None and not replan.savepoints:
+                # What the plan wrote is in the transaction: all of it goes back.
+                assert key is not None
+                failed = PlanFailed(key, exc)
+                replan.failed = failed
+                raise failed from exc
             self.stats.commands_run += 1
             self.fail(group, group.items, command_name, exc)
             return []
@@ -398,6 +482,11 @@ class Runner:
             )
         )
         return []
+
+    def _plan_key(self, group: Group, command_name: str) -> PlanKey:
+        order = group.order
+        return (order.order_ref, group.process, group.state, group.event, command_name,
+                self.guard.fired(order.id, group.state, group.event), len(group.items))
 
     def _held(self, group: Group, command_name: str) -> bool:
         """Whether ``group``'s booking must wait for another booking of its order that is in
@@ -640,7 +729,7 @@ class Runner:
             # The compare-and-set read along whether the order has another open intent.
             self.open_intents[intent.order_id] = bool(intent.others_open)
         summary = json.loads(intent.summary)
-        if loaded is not None and loaded.order.id == intent.order_id:
+        if loaded is not None and _intact(loaded) and loaded.order.id == intent.order_id:
             order, items = self._take_up(loaded)
         else:
             order = self.session.get_one(Order, intent.order_id)
@@ -772,6 +861,15 @@ class Runner:
             f"loop guard: {group.event or '(event-less)'} fired more than {MAX_EVENT_REPEATS} "
             f"times from {group.state} in one run; check the process for an on-enter cycle",
         )
+
+
+def _intact(loaded: Loaded) -> bool:
+    """Whether ``loaded`` is still as its planning transaction committed it. Not when an
+    earlier attempt of this settle took it up and was rolled back (``Drive.transact`` re-runs
+    a transaction whose plan failed): the rollback expired the objects, and reading them one
+    by one would cost a statement each, so the settle reads them again as a whole."""
+    state = instance_state(loaded.order)
+    return not (state.expired or state.expired_attributes)
 
 
 def mark_items(session: Session, items: Sequence[OrderItem], intent_id: int | None) -> None:
