@@ -136,7 +136,7 @@ if prof:
     profiler = cProfile.Profile(time.thread_time)  # CPU of the main thread, not wall time
 if out:
     def _count(conn, cursor, statement, parameters, context, executemany):
-        counts[" ".join(statement.split())[:100]] += 1
+        counts[" ".join(statement.split())[:int(os.environ.get("RPOMS_SCALE_WIDTH", "100"))]] += 1
     def _commit(conn):
         commits[0] += 1
     sa.event.listen(sa.engine.Engine, "before_cursor_execute", _count)
@@ -243,7 +243,7 @@ def busy_states(engine: Engine) -> list[str]:
 
 def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: int,
             orders: int, log_dir: Path, deadline: float, *, count: bool = False,
-            profile: str | None = None) -> Result:
+            profile: str | None = None, spy: str | None = None) -> Result:
     """One configuration; ``count``: the worker counts its statements and commits (those it
     sent while idle before the orders were placed are subtracted), ``profile``: cProfile of
     the worker written there."""
@@ -261,6 +261,7 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
         pool = Workers(url, sandbox, workers, concurrency, log_dir, extra)
         try:
             pool.wait_ready()
+            spying = start_spy(pool.procs[0].pid, spy) if spy else None
             pool.signal(signal.SIGSTOP)
             tag = f"{workers}x{concurrency}-{secrets.token_hex(2)}"
             for doc in order_docs(orders, tag):
@@ -277,6 +278,9 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
                     break
                 time.sleep(0.05)
             cpu = sum(cpu_seconds(p.pid) for p in pool.procs) - cpu_before
+            if spying is not None:
+                spying.send_signal(signal.SIGINT)
+                spying.wait(timeout=60)
             if extra:
                 pool.signal(signal.SIGUSR2)
                 wait_for = stats_path if count else Path(extra["RPOMS_SCALE_PROFILE"])
@@ -306,6 +310,18 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
                       statements, commits)
 
 
+def start_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
+    """py-spy (``pip install py-spy``) on the worker, sampling only while it holds the GIL: its
+    Python CPU, not its waits on the database, as collapsed stacks (``--format raw``)."""
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--gil", "--rate", "400", "--format", "raw",
+         "--output", path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # py-spy attaches before the worker is let go
+    return spy
+
+
 def set_delay(sandbox: SandboxProcess, delay_ms: float) -> None:
     sandbox.http.delete(sandbox.faults_url, timeout=10).raise_for_status()
     if delay_ms > 0:
@@ -331,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only the engine CPU per order (same as --workers= --concurrency=)")
     parser.add_argument("--profile", metavar="PATH",
                         help="write a cProfile of the counted run's worker to PATH (pstats)")
+    parser.add_argument("--spy", metavar="PATH",
+                        help="py-spy the counted run's worker (GIL samples, collapsed stacks)")
     parser.add_argument("--statements", type=int, default=0, metavar="N",
                         help="list the N most frequent SQL statements of the CPU run")
     args = parser.parse_args(argv)
@@ -366,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for _ in range(max(1, args.cpu_runs))
             ]
             counted = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir,
-                              args.deadline, count=True, profile=args.profile)
+                              args.deadline, count=True, profile=args.profile,
+                              spy=args.spy)
         finally:
             sandbox.stop()
 
