@@ -89,6 +89,7 @@ class Result:
     cpu_ms_per_order: float | None = None
     statements: dict[str, int] | None = None
     commits: int | None = None
+    warmup_ms_per_order: float | None = None
 
     @property
     def rate(self) -> float | None:
@@ -243,10 +244,10 @@ def busy_states(engine: Engine) -> list[str]:
 
 def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: int,
             orders: int, log_dir: Path, deadline: float, *, count: bool = False,
-            profile: str | None = None, spy: str | None = None) -> Result:
+            profile: str | None = None, spy: str | None = None, warmup: int = 0) -> Result:
     """One configuration; ``count``: the worker counts its statements and commits (those it
     sent while idle before the orders were placed are subtracted), ``profile``: cProfile of
-    the worker written there."""
+    the worker written there; ``warmup``: orders the workers work first, not measured."""
     extra: dict[str, str] = {}
     stats_path = log_dir / f"stats-{workers}x{concurrency}.json"
     if count:
@@ -261,6 +262,7 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
         pool = Workers(url, sandbox, workers, concurrency, log_dir, extra)
         try:
             pool.wait_ready()
+            warm_ms = warm_up(engine, pool, busy, warmup, deadline) if warmup else None
             spying = start_spy(pool.procs[0].pid, spy) if spy else None
             pool.signal(signal.SIGSTOP)
             tag = f"{workers}x{concurrency}-{secrets.token_hex(2)}"
@@ -307,7 +309,25 @@ def measure(admin_url: str, sandbox: SandboxProcess, workers: int, concurrency: 
             found = json.loads(stats_path.read_text())
             statements, commits = found["statements"], found["commits"]
         return Result(workers, concurrency, orders, seconds, cpu * 1000 / orders,
-                      statements, commits)
+                      statements, commits, warm_ms)
+
+
+def warm_up(engine: Engine, pool: Workers, busy: Sequence[str], orders: int,
+            deadline: float) -> float:
+    """Let the workers work ``orders`` orders first; their CPU per order (ms). A worker's
+    first orders pay what it pays once per process: SQLAlchemy compiling each statement and
+    ORM query the first time, the payment profiles' first read, the first connections. A
+    shop's worker runs for hours, so the CPU per order measured after this is what each
+    further order costs; the warm-up's own figure is printed beside it."""
+    before = sum(cpu_seconds(p.pid) for p in pool.procs)
+    for doc in order_docs(orders, f"warm-{secrets.token_hex(2)}"):
+        engine.place_order(doc, fire=False)
+    started = time.perf_counter()
+    while not_at_rest(engine.db, busy):
+        if time.perf_counter() - started > deadline:
+            raise RuntimeError("the warm-up orders did not come to rest in time")
+        time.sleep(0.05)
+    return (sum(cpu_seconds(p.pid) for p in pool.procs) - before) * 1000 / orders
 
 
 def start_spy(pid: int, path: str) -> subprocess.Popen[bytes]:
@@ -343,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=600.0, help="seconds per run")
     parser.add_argument("--cpu-runs", type=int, default=3,
                         help="CPU runs; the median is printed")
+    parser.add_argument("--cpu-warmup", type=int, default=20, metavar="N",
+                        help="orders each CPU run's worker works first, not measured "
+                             "(its once-per-process costs); 0: none")
     parser.add_argument("--cpu-only", action="store_true",
                         help="only the engine CPU per order (same as --workers= --concurrency=)")
     parser.add_argument("--profile", metavar="PATH",
@@ -380,12 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             # cost about a tenth of the worker's CPU); the statements are counted, and a
             # profile taken, in a run of their own after them.
             cpu_runs = [
-                measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline)
+                measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir, args.deadline,
+                        warmup=args.cpu_warmup)
                 for _ in range(max(1, args.cpu_runs))
             ]
             counted = measure(args.admin_url, sandbox, 1, 1, args.cpu_orders, log_dir,
                               args.deadline, count=True, profile=args.profile,
-                              spy=args.spy)
+                              spy=args.spy, warmup=args.cpu_warmup)
         finally:
             sandbox.stop()
 
@@ -405,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                      if r.cpu_ms_per_order is not None)
     print(f"engine CPU per order (1 worker, no delay, {args.cpu_orders} orders new -> {REST}): "
           f"{per_order} ms ({speed} orders/s; median of {len(cpu_runs)} runs: {each} ms)")
+    if cpu.warmup_ms_per_order is not None:
+        print(f"  after a warm-up of {args.cpu_warmup} orders in the same worker, not counted "
+              f"(its first orders: {cpu.warmup_ms_per_order:.1f} ms each; --cpu-warmup 0 "
+              f"counts them)")
     if counted.statements is not None:
         total = sum(counted.statements.values())
         print(f"SQL statements per order: {total / args.cpu_orders:.1f}, commits per order: "
