@@ -44,6 +44,7 @@ import functools
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--statements", type=int, default=0, metavar="N",
                         help="list the N most frequent SQL statements of the CPU run")
     args = parser.parse_args(argv)
+    if args.spy and shutil.which("py-spy") is None:
+        parser.error("--spy needs py-spy on PATH: pip install py-spy")
     worker_counts = [int(x) for x in args.workers.split(",") if x and not args.cpu_only]
     ks = [int(x) for x in args.concurrency.split(",") if x and not args.cpu_only]
     has_k = supports_concurrency()
