@@ -328,3 +328,124 @@ def test_an_answer_over_the_cap_is_refused_whichever_way_it_was_sent(hostile, gi
         roomy.close()
     finally:
         transport.close()
+
+
+def _raw_server(answer: bytes, *, stall_s: float = 0.0) -> tuple[str, Callable[[], None]]:
+    """A loopback server that reads one request per connection and writes ``answer`` as it
+    is (a status line, headers and a body that may break its own promises), then waits
+    ``stall_s`` and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        (line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                         if line.lower().startswith(b"content-length:")),
+                        b"0",
+                    )
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(answer)
+                stop.wait(stall_s)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def close() -> None:
+        stop.set()
+        listener.close()
+
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/api/xml/1_0", close
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["urllib3-directly", "requests-session"])
+@pytest.mark.parametrize(
+    ("headers", "body", "stall_s", "why"),
+    [
+        ("Content-Length: 500\r\n", OK_INIT[:100], 0.0, r"broken answer .*ChunkedEncodingError"),
+        ("Content-Length: 500\r\n", OK_INIT[:100], 3.0, r"broken answer .*ConnectionError"),
+    ],
+    ids=["cut-short", "stalls"],
+)
+def test_an_answer_that_breaks_off_is_a_broken_answer_whichever_way(
+    given, headers, body, stall_s, why
+) -> None:
+    """An answer that stops before the length it declared (the connection closed, or silent
+    beyond the read timeout) was sent and is broken, with the same text on both ways."""
+    import requests
+
+    from ratepay_oms.ratepay.codes import Operation
+
+    url, close = _raw_server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\n" + headers.encode() + b"\r\n" + body,
+        stall_s=stall_s,
+    )
+    transport = RequestsTransport(requests.Session() if given else None)
+    try:
+        with pytest.raises(RatepayTransportError, match=why) as caught:
+            transport.post_xml(url, b"<request/>", operation=Operation.PAYMENT_REQUEST,
+                               timeout=(2.0, 1.0))
+        assert caught.value.sent is True and caught.value.http_status == 200
+    finally:
+        transport.close()
+        close()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["urllib3-directly", "requests-session"])
+def test_a_compressed_answer_is_decoded_and_capped_when_decoded(given) -> None:
+    """``Content-Encoding: gzip`` is decoded on both ways, and the cap counts the decoded
+    bytes: a small compressed answer that unpacks beyond it is refused."""
+    import gzip
+
+    import requests
+
+    from ratepay_oms.ratepay.codes import Operation
+
+    packed = gzip.compress(OK_INIT)
+    url, close = _raw_server(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Encoding: gzip\r\n"
+        + f"Content-Length: {len(packed)}\r\n\r\n".encode() + packed
+    )
+    try:
+        roomy = RequestsTransport(requests.Session() if given else None)
+        answer = roomy.post_xml(url, b"<request/>", operation=Operation.PAYMENT_INIT,
+                                timeout=(2.0, 2.0))
+        assert answer.body == OK_INIT
+        roomy.close()
+        tight = RequestsTransport(requests.Session() if given else None,
+                                  max_response_bytes=len(packed) + 10)
+        with pytest.raises(RatepayTransportError, match="exceeds the cap") as caught:
+            tight.post_xml(url, b"<request/>", operation=Operation.PAYMENT_INIT,
+                           timeout=(2.0, 2.0))
+        assert caught.value.sent is True
+        tight.close()
+    finally:
+        close()
+
+
+def test_calls_after_close_open_a_new_connection(hostile) -> None:
+    """``close`` closes the kept connections (and the pools they are in); the transport still
+    works afterwards, on new ones."""
+    from ratepay_oms.ratepay.codes import Operation
+
+    server = hostile(200, OK_INIT)
+    transport = RequestsTransport()
+    for _ in range(2):
+        answer = transport.post_xml(server.url, b"<request/>", operation=Operation.PAYMENT_INIT,
+                                    timeout=(2.0, 2.0))
+        assert answer.status == 200 and answer.body == OK_INIT
+        transport.close()
+    assert len(server.received) == 2

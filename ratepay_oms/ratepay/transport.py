@@ -96,17 +96,32 @@ _DEFAULT_HEADERS = dict(requests.utils.default_headers())
 """The headers a ``requests.Session`` sends (User-Agent, Accept-Encoding, Connection), so a
 call sent through urllib3 directly looks the same to the gateway."""
 
+_ACCEPT = {"Accept": "text/xml, application/json"}
+_XML_POST_HEADERS = {**_ACCEPT, "Content-Type": CONTENT_TYPE}
+_DIRECT_XML_POST_HEADERS = {**_DEFAULT_HEADERS, **_XML_POST_HEADERS}
+"""What a call of the XML API sends through urllib3 directly, merged once per process (the
+same dict ``_send`` and ``_send_direct`` would build for it on every call)."""
+
+_NO_RETRIES = urllib3.Retry(False, redirect=False)
+"""What urllib3 makes of ``retries=False, redirect=False`` on every call (``Retry.from_int``),
+made once: a ``Retry`` is never changed (``increment`` returns a new one)."""
+
+POOLS_PER_THREAD = 10
+"""Connection pools a thread keeps at hand (its ``PoolManager`` keeps as many)."""
+
 
 @dataclass(frozen=True)
 class _Direct:
     """How a URL is sent through urllib3 directly: the path and query the request line
-    carries and the TLS settings of its connection pool (as ``requests`` would set them)."""
+    carries and the TLS settings of its connection pool (as ``requests`` would set them).
+    ``pool_key`` names the pool (host and settings), the same for every URL of a host."""
 
     scheme: str
     host: str
     port: int | None
     request_uri: str
     pool_kwargs: dict[str, Any]
+    pool_key: tuple[Any, ...]
 
 
 def _tls_kwargs(verify: bool | str) -> dict[str, Any]:
@@ -174,6 +189,7 @@ class RequestsTransport:
         self._environment: dict[str, dict[str, Any]] = {}
         self._direct: dict[str, _Direct | None] = {}
         self._managers: list[urllib3.PoolManager] = []
+        self._timeouts: dict[tuple[float, float], urllib3.Timeout] = {}
         self.retries = retries
         self.retry_delay_s = retry_delay_s
         self.max_response_bytes = max_response_bytes
@@ -208,6 +224,38 @@ class RequestsTransport:
                 self._managers.append(manager)
         return manager
 
+    def _pool(self, direct: _Direct) -> urllib3.HTTPConnectionPool:
+        """This thread's connection pool for ``direct``'s host, from its ``PoolManager``
+        (which normalises its key on every lookup) once, then kept at hand; a pool the
+        manager closed since (``close``, or evicted for an eleventh host) is looked up
+        again."""
+        pools: dict[tuple[Any, ...], urllib3.HTTPConnectionPool] | None = getattr(
+            self._local, "pools", None
+        )
+        if pools is None:
+            pools = self._local.pools = {}
+        pool = pools.get(direct.pool_key)
+        if pool is None or pool.pool is None:  # never looked up, or closed
+            pool = self._manager.connection_from_host(
+                direct.host, direct.port, direct.scheme, pool_kwargs=direct.pool_kwargs
+            )
+            if len(pools) >= POOLS_PER_THREAD:
+                pools.clear()
+            pools[direct.pool_key] = pool
+        return pool
+
+    def _timeout_of(self, timeout: tuple[float, float]) -> urllib3.Timeout:
+        """The ``urllib3.Timeout`` of ``timeout`` (connect, read), made once per pair: urllib3
+        clones it for each call and never changes the one it is given."""
+        found = self._timeouts.get(timeout)
+        if found is None:
+            if len(self._timeouts) >= 16:
+                self._timeouts.clear()
+            found = self._timeouts[timeout] = urllib3.Timeout(
+                connect=timeout[0], read=timeout[1]
+            )
+        return found
+
     def _route(self, url: str) -> _Direct | None:
         """How ``url`` goes through urllib3 directly, or ``None`` when it needs a
         ``requests.Session``: a given session, a proxy or ``.netrc`` credentials from the
@@ -230,12 +278,14 @@ class RequestsTransport:
                 and not proxy
                 and "auth" not in settings
             ):
+                tls = _tls_kwargs(settings["verify"])
                 direct = _Direct(
                     parsed.scheme,
                     parsed.host,
                     parsed.port,
                     parsed.request_uri,
-                    _tls_kwargs(settings["verify"]),
+                    tls,
+                    (parsed.scheme, parsed.host, parsed.port, *sorted(tls.items())),
                 )
         if len(self._direct) >= URL_CACHE_MAX:
             self._direct.clear()
@@ -332,14 +382,18 @@ class RequestsTransport:
         timeout: tuple[float, float],
         extra_headers: dict[str, str] | None = None,
     ) -> HttpResponse:
-        headers = {"Accept": "text/xml, application/json"}
-        if body is not None:
-            headers["Content-Type"] = CONTENT_TYPE
+        direct = self._route(url)
+        if direct is not None and body is not None and not extra_headers:  # the XML API
+            return self._send_direct(
+                direct, method, url, body, operation, timeout, _DIRECT_XML_POST_HEADERS
+            )
+        headers = {**(_ACCEPT if body is None else _XML_POST_HEADERS)}
         if extra_headers:
             headers.update(extra_headers)
-        direct = self._route(url)
         if direct is not None:
-            return self._send_direct(direct, method, url, body, operation, timeout, headers)
+            return self._send_direct(
+                direct, method, url, body, operation, timeout, {**_DEFAULT_HEADERS, **headers}
+            )
         try:
             response = self.session.request(
                 method,
@@ -393,18 +447,16 @@ class RequestsTransport:
         headers: dict[str, str],
     ) -> HttpResponse:
         """One call through this thread's urllib3 pool for ``url``: no retries, no
-        redirects followed, the answer read under the cap and the connection kept alive."""
+        redirects followed, the answer read under the cap and the connection kept alive.
+        ``headers`` are all the request's headers (``requests``' defaults included)."""
         try:
-            pool = self._manager.connection_from_host(
-                direct.host, direct.port, direct.scheme, pool_kwargs=direct.pool_kwargs
-            )
-            response = pool.urlopen(
+            response = self._pool(direct).urlopen(
                 method,
                 direct.request_uri,
                 body=body,
-                headers={**_DEFAULT_HEADERS, **headers},
-                timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]),
-                retries=False,
+                headers=headers,
+                timeout=self._timeout_of(timeout),
+                retries=_NO_RETRIES,
                 redirect=False,
                 assert_same_host=False,
                 preload_content=False,
@@ -436,9 +488,19 @@ class RequestsTransport:
         return HttpResponse(response.status, data)
 
     def _read_capped_direct(self, response: urllib3.BaseHTTPResponse, operation: str) -> bytes:
-        """``_read_capped`` for a urllib3 answer."""
+        """``_read_capped`` for a urllib3 answer. One that declares its length within the cap
+        and no content coding (the gateway's answers) is read in one go: exactly that many
+        bytes (fewer is a broken answer, as on the streaming way)."""
+        headers = response.headers
+        declared = headers.get("Content-Length", "")
+        if (
+            declared.isdigit()
+            and int(declared) <= self.max_response_bytes
+            and "Content-Encoding" not in headers
+        ):
+            return response.read()
         return self._capped(
-            response.headers.get("Content-Length", ""),
+            declared,
             lambda: response.stream(65536, decode_content=True),
             response.status,
             operation,
