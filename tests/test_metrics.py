@@ -291,6 +291,42 @@ def test_spans_wrap_ticks_and_gateway_calls(
     assert tick_attrs["ratepay_oms.items_moved"] == 0
 
 
+def test_spans_go_to_a_tracer_provider_set_after_the_first_span() -> None:
+    """Without an SDK a span is the current (non-recording) one; once the host application
+    sets a tracer provider, spans start through it, the exception in one included."""
+    script = (
+        "from opentelemetry import trace\n"
+        "from ratepay_oms.ops import tracing\n"
+        "started = []\n"
+        "class Tracer(trace.NoOpTracer):\n"
+        "    def start_span(self, name, *args, **kwargs):\n"
+        "        started.append(name)\n"
+        "        return trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)\n"
+        "class Provider(trace.TracerProvider):\n"
+        "    def get_tracer(self, *args, **kwargs):\n"
+        "        return Tracer()\n"
+        "with tracing.span('before') as outer:\n"
+        "    with tracing.span('nested') as inner:\n"
+        "        assert inner is outer is trace.get_current_span()\n"
+        "assert outer is trace.INVALID_SPAN\n"
+        "trace.set_tracer_provider(Provider())\n"
+        "with tracing.span('after', {'a': 1}):\n"
+        "    pass\n"
+        "try:\n"
+        "    with tracing.span('failing'):\n"
+        "        raise KeyError('x')\n"
+        "except KeyError:\n"
+        "    pass\n"
+        "assert started == ['after', 'failing'], started\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_everything_works_without_opentelemetry(tmp_sqlite_url: str, pdir: Path) -> None:
     script = (
         "import sys; sys.modules['opentelemetry'] = None\n"

@@ -14,25 +14,47 @@ from typing import Any
 
 try:  # the extra
     from opentelemetry import trace as _trace
+    from opentelemetry.trace import NonRecordingSpan as _NonRecordingSpan
+    from opentelemetry.trace import ProxyTracerProvider as _ProxyTracerProvider
 except ImportError:  # pragma: no cover - exercised in the test that hides the package
     _trace = None  # type: ignore[assignment]
 
+_OTEL = _trace
+"""The real ``opentelemetry.trace`` (a test may stand another module in for ``_trace``)."""
+
 TRACER_NAME = "ratepay_oms"
+
+_NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext(None)
 
 
 def enabled() -> bool:
     return _trace is not None
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
+def span(
+    name: str, attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Any]:
     """A span named ``name`` (current span as parent); yields it, or ``None`` without OTel.
 
     An exception leaving the block is recorded on the span and re-raised unchanged.
+
+    With the API but no SDK (no tracer provider set) OpenTelemetry's no-op tracer would
+    start nothing: it yields the current span, a non-recording one, and makes it current
+    again, at some 50 Python calls a span (three per order). That span is yielded here
+    directly; the moment a provider is set, spans are started through it.
     """
-    if _trace is None:
-        yield None
-        return
+    trace = _trace
+    if trace is None:
+        return _NO_SPAN
+    if trace is _OTEL and isinstance(trace.get_tracer_provider(), _ProxyTracerProvider):
+        current = trace.get_current_span()
+        if isinstance(current, _NonRecordingSpan):
+            return contextlib.nullcontext(current)
+    return _started(name, attributes)
+
+
+@contextlib.contextmanager
+def _started(name: str, attributes: Mapping[str, Any] | None) -> Iterator[Any]:
     tracer = _trace.get_tracer(TRACER_NAME)
     with tracer.start_as_current_span(name, attributes=dict(attributes or {})) as current:
         yield current
