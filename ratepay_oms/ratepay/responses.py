@@ -25,24 +25,52 @@ from ratepay_oms.ratepay.xml import RATEPAY_NS, parse_amount, parse_xml
 log = logging.getLogger(__name__)
 
 
-class _Reader:
+class _Names:
+    """The Clark names (``{urn…}tag``) of the response elements in one namespace, made once
+    per namespace instead of for every lookup."""
+
     def __init__(self, ns: str) -> None:
         self.ns = ns
+        self.response = f"{{{ns}}}response"
+        self.head = f"{{{ns}}}head"
+        self.processing = f"{{{ns}}}processing"
+        self.operation = f"{{{ns}}}operation"
+        self.status = f"{{{ns}}}status"
+        self.reason = f"{{{ns}}}reason"
+        self.result = f"{{{ns}}}result"
+        self.customer_message = f"{{{ns}}}customer-message"
+        self.transaction_id = f"{{{ns}}}transaction-id"
+        self.transaction_short_id = f"{{{ns}}}transaction-short-id"
+        self.response_type = f"{{{ns}}}response-type"
+        self.content = f"{{{ns}}}content"
+        self.payment = f"{{{ns}}}payment"
+        self.amount = f"{{{ns}}}amount"
+        self.descriptor = f"{{{ns}}}descriptor"
+        self.products = f"{{{ns}}}products/{{{ns}}}product"
+        self.calculation_result = f"{{{ns}}}installment-calculation-result"
+        self.configuration_result = f"{{{ns}}}installment-configuration-result"
+        self.master_data = f"{{{ns}}}master-data"
 
-    def path(self, path: str) -> str:
-        return "/".join(f"{{{self.ns}}}{part}" for part in path.split("/"))
 
-    def find(self, node: etree._Element | None, path: str) -> etree._Element | None:
-        if node is None:
-            return None
-        return node.find(self.path(path))
+_NAMES: dict[str, _Names] = {}
 
-    def text(self, node: etree._Element | None, path: str) -> str | None:
-        found = self.find(node, path)
-        if found is None or found.text is None:
-            return None
-        value = found.text.strip()
-        return value or None
+
+def _names(ns: str) -> _Names:
+    names = _NAMES.get(ns)
+    if names is None:
+        if len(_NAMES) >= 8:  # one namespace per profile setting: a handful at most
+            _NAMES.clear()
+        names = _NAMES[ns] = _Names(ns)
+    return names
+
+
+def _text_in(node: etree._Element | None, name: str) -> str | None:
+    """The stripped text of ``node``'s child ``name``; ``None`` when there is no such child
+    or it holds only whitespace."""
+    if node is None:
+        return None
+    text = node.findtext(name)
+    return (text.strip() or None) if text else None
 
 
 def _code(node: etree._Element | None, what: str, operation: str) -> int | None:
@@ -86,30 +114,30 @@ def parse_response(
         raise RatepayTransportError(
             f"{op}: unusable gateway answer: {exc}", sent=True, operation=op
         ) from None
-    if root.tag != f"{{{ns}}}response":
+    n = _names(ns)
+    if root.tag != n.response:
         raise RatepayTransportError(
             f"{op}: gateway answer is not a RatePAY response (root {root.tag!r})",
             sent=True,
             operation=op,
         )
-    r = _Reader(ns)
-    head = r.find(root, "head")
-    processing = r.find(head, "processing")
-    if processing is None:
+    head = root.find(n.head)
+    processing = head.find(n.processing) if head is not None else None
+    if head is None or processing is None:
         raise RatepayTransportError(
             f"{op}: gateway answer has no processing block", sent=True, operation=op
         )
-    echoed = r.text(head, "operation")
+    echoed = _text_in(head, n.operation)
     if echoed is not None and echoed != op:
         raise RatepayTransportError(
             f"{op}: gateway answered for operation {echoed[:40]!r}", sent=True, operation=op
         )
-    status_node = r.find(processing, "status")
+    status_node = processing.find(n.status)
     status_code = (status_node.get("code") or "").strip() if status_node is not None else ""
     if not status_code:
         raise RatepayTransportError(f"{op}: gateway answer has no status", sent=True, operation=op)
-    reason_node = r.find(processing, "reason")
-    result_node = r.find(processing, "result")
+    reason_node = processing.find(n.reason)
+    result_node = processing.find(n.result)
     reason_code = _code(reason_node, "reason", op)
     result_code = _code(result_node, "result", op)
     if status_code == Status.OK and result_code is None:
@@ -120,20 +148,28 @@ def parse_response(
     if operation == Operation.CALCULATION_REQUEST:
         # 502 alone is not a plan: only 603 and the "adjusted" reasons are usable (§4.9).
         success = status_code == Status.OK and usable_calculation(result_code, reason_code)
-    content = r.find(root, "content")
-    payment = r.find(content, "payment")
+    content = root.find(n.content)
+    payment: etree._Element | None = None
     payment_amount: Decimal | None = None
-    amount_text = r.text(payment, "amount")
-    if amount_text is not None:
-        try:
-            payment_amount = parse_amount(amount_text)
-        except MalformedXmlError:
-            log.warning("%s: ignoring unparsable payment amount in the response", op)
-    products = tuple(
-        p.get("method", "")
-        for p in (content.iterfind(r.path("products/product")) if content is not None else ())
-        if p.get("method")
-    )
+    products: tuple[str, ...] = ()
+    plan: InstallmentPlan | None = None
+    configuration: dict[str, str] = {}
+    master_data: dict[str, str] = {}
+    if content is not None:  # PAYMENT_INIT, PAYMENT_CONFIRM and the follow-ups carry none
+        payment = content.find(n.payment)
+        amount_text = _text_in(payment, n.amount)
+        if amount_text is not None:
+            try:
+                payment_amount = parse_amount(amount_text)
+            except MalformedXmlError:
+                log.warning("%s: ignoring unparsable payment amount in the response", op)
+        products = tuple(
+            p.get("method", "") for p in content.iterfind(n.products) if p.get("method")
+        )
+        if success:
+            plan = _plan(content.find(n.calculation_result), op)
+        configuration = _flat(content.find(n.configuration_result))
+        master_data = _flat(content.find(n.master_data))
     return RatepayResult(
         success=success,
         operation=op,
@@ -144,18 +180,18 @@ def parse_response(
         reason_text=_text_of(reason_node),
         result_code=result_code,
         result_text=_text_of(result_node),
-        customer_message=r.text(processing, "customer-message"),
-        transaction_id=r.text(head, "transaction-id"),
-        transaction_short_id=r.text(head, "transaction-short-id"),
-        response_type=r.text(head, "response-type"),
+        customer_message=_text_in(processing, n.customer_message),
+        transaction_id=_text_in(head, n.transaction_id),
+        transaction_short_id=_text_in(head, n.transaction_short_id),
+        response_type=_text_in(head, n.response_type),
         exchange=exchange,
-        descriptor=r.text(payment, "descriptor"),
+        descriptor=_text_in(payment, n.descriptor),
         payment_method=payment.get("method") if payment is not None else None,
         payment_amount=payment_amount,
         products=products,
-        installment_plan=_plan(r, content, op) if success else None,
-        installment_configuration=_flat(r.find(content, "installment-configuration-result")),
-        master_data=_flat(r.find(content, "master-data")),
+        installment_plan=plan,
+        installment_configuration=configuration,
+        master_data=master_data,
     )
 
 
@@ -171,8 +207,7 @@ def _flat(node: etree._Element | None) -> dict[str, str]:
     return values
 
 
-def _plan(r: _Reader, content: etree._Element | None, op: str) -> InstallmentPlan | None:
-    node = r.find(content, "installment-calculation-result")
+def _plan(node: etree._Element | None, op: str) -> InstallmentPlan | None:
     if node is None:
         return None
     values = _flat(node)
