@@ -8,6 +8,7 @@ for ``head``, §8 for ``content``); free text is escaped by lxml (no hand-made C
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -54,6 +55,10 @@ ORDER_ID_MAX = 50
 log = logging.getLogger(__name__)
 
 API_VERSION = "1.8"
+
+_PAYMENT_METHODS = frozenset(m.value for m in PaymentMethod)
+_DEBIT_PAY_TYPES = frozenset(t.value for t in DebitPayType)
+_DELIVERY_TYPES = (None, *(t.value for t in DeliveryType))
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ def _check_basket(
     need_item: bool,
     allow_negative_amount: bool = False,
     adjustment: bool = False,
-) -> None:
+) -> Decimal:
+    """Refuses a basket RatePAY would refuse; returns its amount (worked out once here, for
+    the document)."""
     if not isinstance(basket, Basket):
         raise RatepayValidationError(f"{where}: basket must be a Basket")
     if basket.currency not in CURRENCIES:
@@ -134,8 +141,10 @@ def _check_basket(
         _money(basket.discount.tax_rate, f"{where} discount tax-rate")
         if basket.discount.unit_price_gross > 0 and not adjustment:
             raise RatepayValidationError(f"{where}: the basket discount must be negative")
-    if not allow_negative_amount and basket.amount < 0:
-        raise RatepayValidationError(f"{where}: basket amount {basket.amount} is negative")
+    amount = basket.amount
+    if not allow_negative_amount and amount < 0:
+        raise RatepayValidationError(f"{where}: basket amount {amount} is negative")
+    return amount
 
 
 def _check_transaction_id(transaction_id: object, operation: Operation) -> str:
@@ -183,9 +192,9 @@ def _check_customer(customer: Customer) -> None:
             raise RatepayValidationError(f"{name} is only allowed with a company name (B2B)")
     if customer.billing_address.delivery_type not in (None, DeliveryType.ADDRESS):
         raise RatepayValidationError("a billing address is not a pick-up location")
-    if customer.delivery_address is not None and customer.delivery_address.delivery_type not in (
-        None,
-        *(t.value for t in DeliveryType),
+    if (
+        customer.delivery_address is not None
+        and customer.delivery_address.delivery_type not in _DELIVERY_TYPES
     ):
         raise RatepayValidationError(
             "delivery type must be one of " + ", ".join(t.value for t in DeliveryType)
@@ -203,17 +212,17 @@ def _check_customer(customer: Customer) -> None:
 def _check_payment(payment: PaymentInfo, customer: Customer) -> None:
     if not isinstance(payment, PaymentInfo):
         raise RatepayValidationError("payment must be a PaymentInfo")
-    methods = {m.value for m in PaymentMethod}
-    if payment.method not in methods:
+    if payment.method not in _PAYMENT_METHODS:
         raise RatepayValidationError(
-            f"unknown payment method {payment.method!r}; use one of {', '.join(sorted(methods))}"
+            f"unknown payment method {payment.method!r}; use one of "
+            f"{', '.join(sorted(_PAYMENT_METHODS))}"
         )
     if payment.method == PaymentMethod.ELV and customer.bank_account is None:
         raise RatepayValidationError("payment method ELV needs the customer's bank account")
     if payment.method == PaymentMethod.INSTALLMENT:
         if payment.installment is None:
             raise RatepayValidationError("payment method INSTALLMENT needs installment details")
-        if payment.debit_pay_type not in {t.value for t in DebitPayType}:
+        if payment.debit_pay_type not in _DEBIT_PAY_TYPES:
             raise RatepayValidationError(
                 "payment method INSTALLMENT needs debit_pay_type DIRECT-DEBIT or BANK-TRANSFER"
             )
@@ -238,6 +247,17 @@ def _check_payment(payment: PaymentInfo, customer: Customer) -> None:
 # --- XML helpers ---------------------------------------------------------------------------
 
 
+class _AttributeNames(dict[str, str]):
+    """Keyword → attribute name (``tax_rate`` → ``tax-rate``), each worked out once."""
+
+    def __missing__(self, key: str) -> str:
+        name = self[key] = key.replace("_", "-")
+        return name
+
+
+_ATTRIBUTE_NAMES = _AttributeNames()
+
+
 class _Writer:
     """Creates namespaced elements; turns lxml's refusal of control characters into a
     validation error instead of a crash."""
@@ -254,14 +274,20 @@ class _Writer:
     ) -> etree._Element:
         name = f"{{{self.ns}}}{tag}"
         try:
-            node = (
-                etree.Element(name, nsmap={None: self.ns})  # type: ignore[dict-item]
-                if parent is None
-                else etree.SubElement(parent, name)
-            )
-            for key, value in attrs.items():
-                if value is not None:
-                    node.set(key.replace("_", "-"), value)
+            if parent is None:
+                node = etree.Element(name, nsmap={None: self.ns})  # type: ignore[dict-item]
+                for key, value in attrs.items():
+                    if value is not None:
+                        node.set(_ATTRIBUTE_NAMES[key], value)
+            elif attrs:  # the attributes in one go, in the order given
+                node = etree.SubElement(
+                    parent,
+                    name,
+                    {_ATTRIBUTE_NAMES[key]: value for key, value in attrs.items()
+                     if value is not None},
+                )
+            else:
+                node = etree.SubElement(parent, name)
             if text is not None:
                 node.text = text
         except ValueError as exc:
@@ -269,6 +295,15 @@ class _Writer:
                 f"<{tag}> holds characters XML cannot carry: {exc}"
             ) from None
         return node
+
+    def set(self, node: etree._Element, tag: str, key: str, value: str) -> None:
+        """``node.set(key, value)`` with el's refusal of control characters."""
+        try:
+            node.set(key, value)
+        except ValueError as exc:
+            raise RatepayValidationError(
+                f"<{tag}> holds characters XML cannot carry: {exc}"
+            ) from None
 
     def opt(self, parent: etree._Element, tag: str, text: str | None) -> None:
         if text is not None and text != "":
@@ -336,6 +371,30 @@ class RequestBuilder:
     def __init__(self, settings: RatepaySettings) -> None:
         self.settings = settings
         self.w = _Writer(settings.xmlns_urn)
+        self._template: tuple[RatepaySettings, etree._Element] | None = None
+
+    def _request(self) -> etree._Element:
+        """A new ``request`` with what every request carries: ``head`` with ``system-id``,
+        an empty ``operation``, ``credential`` and ``meta``, copied from one built with the
+        same writer the first time (and again should ``settings`` be replaced): the same
+        elements, without building them one by one for every call. Settings XML cannot
+        carry raise on every call, as before: a template is kept only once it was built."""
+        template = self._template
+        if template is None or template[0] is not self.settings:
+            s, w = self.settings, self.w
+            root = w.el(None, "request", version=s.request_version)
+            head = w.el(root, "head")
+            w.el(head, "system-id", s.system_id)
+            w.el(head, "operation")
+            credential = w.el(head, "credential")
+            w.el(credential, "profile-id", s.profile_id)
+            w.el(credential, "securitycode", s.security_code)
+            meta = w.el(head, "meta")
+            systems = w.el(meta, "systems")
+            w.el(systems, "system", name=s.client_name, version=s.client_version)
+            w.el(systems, "api-version", API_VERSION)
+            template = self._template = (s, root)
+        return copy.deepcopy(template[1])
 
     # head ----------------------------------------------------------------------------------
 
@@ -354,15 +413,15 @@ class RequestBuilder:
             raise RatepayValidationError(f"{operation} needs a subtype, got {subtype!r}")
         if operation in WITHOUT_TRANSACTION:
             transaction_id = None
-        s, w = self.settings, self.w
-        root = w.el(None, "request", version=s.request_version)
-        head = w.el(root, "head")
-        w.el(head, "system-id", s.system_id)
-        w.opt(head, "transaction-id", transaction_id)
-        w.el(head, "operation", operation.value, subtype=subtype)
-        credential = w.el(head, "credential")
-        w.el(credential, "profile-id", s.profile_id)
-        w.el(credential, "securitycode", s.security_code)
+        w = self.w
+        root = self._request()
+        head = root[0]
+        system_id, operation_node, _, meta = head
+        if subtype is not None:
+            w.set(operation_node, "operation", "subtype", subtype)
+        operation_node.text = operation.value
+        if transaction_id is not None and transaction_id != "":
+            system_id.addnext(w.el(head, "transaction-id", transaction_id))
         if order_id is not None and len(order_id) > ORDER_ID_MAX:
             raise RatepayValidationError(f"order id longer than {ORDER_ID_MAX} characters")
         if order_id or merchant_consumer_id or tracking:
@@ -380,17 +439,17 @@ class RequestBuilder:
                 )
             device = w.el(head, "customer-device")
             w.el(device, "device-token", device_token)
-        meta = w.el(head, "meta")
-        systems = w.el(meta, "systems")
-        w.el(systems, "system", name=s.client_name, version=s.client_version)
-        w.el(systems, "api-version", API_VERSION)
+        if head[-1] is not meta:  # external / customer-device were added after it
+            head.append(meta)
         return root, head
 
     # content parts ---------------------------------------------------------------------------
 
-    def _basket(self, parent: etree._Element, basket: Basket, *, full: bool = False) -> None:
+    def _basket(
+        self, parent: etree._Element, basket: Basket, amount: Decimal, *, full: bool = False
+    ) -> None:
+        """``amount`` is the basket's (``_check_basket``'s answer), 0 for the full form."""
         w = self.w
-        amount = Decimal("0") if full else basket.amount
         node = w.el(
             parent, "shopping-basket", amount=format_amount(amount), currency=basket.currency
         )
@@ -482,7 +541,9 @@ class RequestBuilder:
         w.opt(node, "company-type", customer.company_type)
         w.opt(node, "homepage", customer.homepage)
 
-    def _payment(self, parent: etree._Element, payment: PaymentInfo, basket: Basket) -> None:
+    def _payment(
+        self, parent: etree._Element, payment: PaymentInfo, basket: Basket, amount: Decimal
+    ) -> None:
         w = self.w
         node = w.el(parent, "payment", method=payment.method, currency=basket.currency)
         plan = payment.installment
@@ -496,7 +557,7 @@ class RequestBuilder:
             w.el(details, "payment-firstday", str(plan.payment_firstday))
             w.el(node, "debit-pay-type", payment.debit_pay_type)
         else:
-            w.el(node, "amount", format_amount(basket.amount))
+            w.el(node, "amount", format_amount(amount))
 
     # operations --------------------------------------------------------------------------
 
@@ -519,7 +580,7 @@ class RequestBuilder:
         op = Operation.PAYMENT_QUERY
         transaction_id = _check_transaction_id(transaction_id, op)
         _check_customer(customer)
-        _check_basket(basket, op, need_item=True)
+        amount = _check_basket(basket, op, need_item=True)
         root, _ = self._envelope(
             op,
             subtype=QUERY_SUBTYPE_FULL,
@@ -530,7 +591,7 @@ class RequestBuilder:
         )
         content = self.w.el(root, "content")
         self._customer(content, customer, with_bank_account=False)
-        self._basket(content, basket)
+        self._basket(content, basket, amount)
         return BuiltRequest(op, QUERY_SUBTYPE_FULL, transaction_id, order_id, root)
 
     def payment_request(
@@ -547,7 +608,7 @@ class RequestBuilder:
         op = Operation.PAYMENT_REQUEST
         transaction_id = _check_transaction_id(transaction_id, op)
         _check_customer(customer)
-        _check_basket(basket, op, need_item=True)
+        amount = _check_basket(basket, op, need_item=True)
         _check_payment(payment, customer)
         needs_account = payment.method == PaymentMethod.ELV or (
             payment.method == PaymentMethod.INSTALLMENT
@@ -562,8 +623,8 @@ class RequestBuilder:
         )
         content = self.w.el(root, "content")
         self._customer(content, customer, with_bank_account=needs_account)
-        self._basket(content, basket)
-        self._payment(content, payment, basket)
+        self._basket(content, basket, amount)
+        self._payment(content, payment, basket, amount)
         return BuiltRequest(op, None, transaction_id, order_id, root)
 
     def payment_confirm(self, transaction_id: str, order_id: str | None) -> BuiltRequest:
@@ -583,7 +644,7 @@ class RequestBuilder:
     ) -> BuiltRequest:
         op = Operation.CONFIRMATION_DELIVER
         transaction_id = _check_transaction_id(transaction_id, op)
-        _check_basket(basket, op, need_item=False)
+        amount = _check_basket(basket, op, need_item=False)
         parcels = tuple(tracking)
         for parcel in parcels:
             if parcel.provider not in TRACKING_PROVIDERS:
@@ -610,7 +671,7 @@ class RequestBuilder:
             ):
                 if when is not None:
                     w.el(node, tag, _dt(when, zone))
-        self._basket(content, basket)
+        self._basket(content, basket, amount)
         return BuiltRequest(op, None, transaction_id, order_id, root)
 
     def payment_change(
@@ -631,9 +692,10 @@ class RequestBuilder:
             if subtype not in (ChangeSubtype.CANCELLATION, ChangeSubtype.RETURN):
                 raise RatepayValidationError(f"PAYMENT_CHANGE {subtype} needs a basket")
             basket = Basket(currency=currency)
+            amount = Decimal("0")
         elif subtype == ChangeSubtype.CREDIT:
             # credit: a negative <discount> (goodwill credit) or a positive one (debit)
-            _check_basket(
+            amount = _check_basket(
                 basket,
                 f"{op} {subtype}",
                 need_item=False,
@@ -641,14 +703,14 @@ class RequestBuilder:
                 adjustment=True,
             )
         else:
-            _check_basket(
+            amount = _check_basket(
                 basket, f"{op} {subtype}", need_item=subtype == ChangeSubtype.CHANGE_ORDER
             )
         root, _ = self._envelope(
             op, subtype=subtype.value, transaction_id=transaction_id, order_id=order_id
         )
         content = self.w.el(root, "content")
-        self._basket(content, basket, full=full)
+        self._basket(content, basket, amount, full=full)
         return BuiltRequest(op, subtype.value, transaction_id, order_id, root)
 
     def profile_request(self) -> BuiltRequest:
