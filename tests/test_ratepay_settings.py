@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from sqlalchemy.orm import sessionmaker
 
@@ -163,6 +163,37 @@ def test_mask_security_code_masks_every_form() -> None:
     assert SECRET not in mask_security_code(f"<securitycode><![CDATA[{SECRET}]]></securitycode>")
     truncated = f"<r><securitycode>{SECRET[:20]}"
     assert SECRET[:20] not in mask_security_code(truncated)
+
+
+def _masked_by_the_patterns(text: str) -> str:
+    """``mask_security_code`` without its shortcut for documents that cannot match."""
+    from ratepay_oms.ratepay.xml import _SECURITYCODE, _SECURITYCODE_OPEN, MASK
+
+    masked = _SECURITYCODE.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
+    for opening in _SECURITYCODE_OPEN.finditer(masked):
+        if not masked.startswith(MASK + "</", opening.end()):
+            return masked[: opening.end()] + MASK
+    return masked
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            ["<", "</", ">", "/>", "p:", " a='1'", "securitycode", "SECURITYCODE", "SecurityCode",
+             "\u017fecuritycode", "secur\u0131tycode", "secur\u0130tycode", "code", "CODE",
+             "ycode", "yCoDe",
+             "\u212a", "x", " ", "\n", SECRET[:8], "<![CDATA[", "]]>", "ümlaut"]
+        ),
+        max_size=30,
+    ).map("".join)
+)
+@example("<\u017fecuritycode>x</securitycode>")
+@example("<secur\u0131tycode>x")
+def test_mask_security_code_masks_what_the_patterns_mask(text: str) -> None:
+    """The shortcut (no "ycode" in any case: nothing to mask) never changes the answer, also
+    for the characters the patterns match case-insensitively beyond ASCII (ſ, ı, İ, K)."""
+    assert mask_security_code(text) == _masked_by_the_patterns(text)
+    assert mask_security_code(text.encode()) == _masked_by_the_patterns(text)
 
 
 def test_format_amount_rounds_half_up_and_refuses_floats() -> None:

@@ -449,3 +449,33 @@ def test_calls_after_close_open_a_new_connection(hostile) -> None:
         assert answer.status == 200 and answer.body == OK_INIT
         transport.close()
     assert len(server.received) == 2
+
+
+@pytest.mark.parametrize(
+    "code",
+    [SECRET, "a&b<c>d\"e'f]]>", "Ümlaut-ß-Code-éà-✓", "tab\tand\rcr!", "  spaced  ", "x" * 300],
+    ids=["hex", "xml-specials", "non-ascii", "control-whitespace", "spaced", "long"],
+)
+def test_the_logged_request_is_masked_as_the_pattern_masks_it(hostile, code) -> None:
+    """The facade masks its own requests by replacing their one ``securitycode`` element;
+    what it logs is exactly what ``mask_security_code`` (the pattern) and the secret
+    masking make of the document that was sent, for codes lxml escapes too."""
+    from ratepay_oms.ratepay.xml import mask_secret, mask_security_code
+
+    server = hostile(200, OK_INIT)
+    log = MemoryApiLogSink()
+    settings = RatepaySettings(
+        profile_id="P", security_code=code, api_test_url=server.url, read_timeout=2
+    )
+    facade = RatepayFacade(settings, transport=RequestsTransport(), api_log=log)
+    assert facade.init_payment(order_ref="O-1").success
+    with pytest.raises(RatepayTransportError, match="operation"):  # it answers INIT again
+        facade.request_payment(
+            "31-202401151000042", example_customer(), example_basket(), PaymentInfo("INVOICE"),
+            order_id="O-1",
+        )
+    assert len(server.received) == len(log.records) == 2
+    for (_, body), record in zip(server.received, log.records, strict=True):
+        assert record.request_xml == mask_secret(mask_security_code(body), code)
+        assert record.request_xml.count("<securitycode>********</securitycode>") == 1
+        assert body.decode().count("<securitycode>") == 1

@@ -52,7 +52,12 @@ from ratepay_oms.ratepay.types import (
     Tracking,
     TransactionStatus,
 )
-from ratepay_oms.ratepay.xml import mask_secret, mask_security_code, to_bytes
+from ratepay_oms.ratepay.xml import (
+    mask_secret,
+    mask_security_code,
+    security_code_forms,
+    to_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,7 @@ class RatepayFacade:
         self._tokens = TokenCache(self._fetch_token)
         self._processing_offset: Decimal | None = None
         """``maximum_processing_offset_in_hours`` of the last status answer that had one."""
+        self._code_forms: tuple[RatepaySettings, tuple[str, str] | None] | None = None
 
     def __repr__(self) -> str:
         return f"RatepayFacade({self.settings!r})"
@@ -436,6 +442,26 @@ class RatepayFacade:
             text = mask_secret(text, secret)
         return text
 
+    def _mask_request(self, body: bytes) -> str:
+        """``_mask`` of a request document the builder made: its one ``securitycode``
+        element (the settings' code, as lxml serialises it) is replaced by the masked one,
+        which is what the pattern of ``mask_security_code`` does to it; a document where
+        that element is not found is masked by the pattern after all."""
+        forms = self._code_forms
+        if forms is None or forms[0] is not self.settings:
+            forms = self._code_forms = (
+                self.settings, security_code_forms(self.settings.security_code)
+            )
+        text = body.decode("utf-8", errors="replace")
+        element = forms[1]
+        if element is not None and element[0] in text:
+            text = text.replace(element[0], element[1])
+        else:
+            text = mask_security_code(text)
+        for secret in (*self.settings.secrets(), self._tokens.current):
+            text = mask_secret(text, secret)
+        return text
+
     @staticmethod
     def _ms(started: float) -> int:
         return int((time.monotonic() - started) * 1000)
@@ -449,7 +475,7 @@ class RatepayFacade:
 
     def _send(self, built: BuiltRequest) -> RatepayResult:
         body = to_bytes(built.root)
-        masked_request = self._mask(body) or ""
+        masked_request = self._mask_request(body)
         op = built.operation
         started = time.monotonic()
         http_status: int | None = None

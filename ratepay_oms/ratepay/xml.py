@@ -130,11 +130,29 @@ def mask_security_code(xml: str | bytes | None) -> str:
     if xml is None:
         return ""
     text = xml.decode("utf-8", errors="replace") if isinstance(xml, bytes) else xml
+    if "ycode" not in text.lower():
+        # Every match of either pattern holds "ycode" in ASCII letters of any case (no other
+        # character matches y, c, o, d or e case-insensitively), so there is nothing to
+        # mask: the answers of the gateway, spared two regex passes over them.
+        return text
     masked = _SECURITYCODE.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
     for opening in _SECURITYCODE_OPEN.finditer(masked):
         if not masked.startswith(MASK + "</", opening.end()):
             return masked[: opening.end()] + MASK
     return masked
+
+
+def security_code_forms(code: str) -> tuple[str, str] | None:
+    """The ``securitycode`` element holding ``code`` as our requests carry it (serialised by
+    lxml, default namespace, no attributes) and the same element masked: in a request we
+    built, replacing the one by the other is what ``mask_security_code`` does to it, without
+    its two regex passes (a third of the CPU of a call's own code). ``None`` for an empty
+    code (an empty element is serialised self-closed, which the pattern leaves alone)."""
+    if not code:
+        return None
+    element = etree.Element("securitycode")
+    element.text = code
+    return etree.tostring(element, encoding="unicode"), f"<securitycode>{MASK}</securitycode>"
 
 
 def mask_secret(text: str, secret: str | None) -> str:
