@@ -57,6 +57,8 @@ class ApiLogSink(Protocol):
 def _cut(text: str | None, limit: int) -> str | None:
     if text is None:
         return None
+    if len(text) <= limit // 4:  # fits even at four UTF-8 bytes a character: not encoded
+        return text
     data = text.encode("utf-8")
     if len(data) <= limit:
         return text

@@ -84,6 +84,7 @@ class RatepayFacade:
         self._processing_offset: Decimal | None = None
         """``maximum_processing_offset_in_hours`` of the last status answer that had one."""
         self._code_forms: tuple[RatepaySettings, tuple[str, str] | None] | None = None
+        self._settings_secrets: tuple[RatepaySettings, tuple[str, ...]] | None = None
 
     def __repr__(self) -> str:
         return f"RatepayFacade({self.settings!r})"
@@ -437,8 +438,15 @@ class RatepayFacade:
         """``document`` as text without the security code, the client secret or the token."""
         if document is None:
             return None
-        text = mask_security_code(document)
-        for secret in (*self.settings.secrets(), self._tokens.current):
+        return self._mask_secrets(mask_security_code(document))
+
+    def _mask_secrets(self, text: str) -> str:
+        """``text`` without the settings' secrets and the current token (the settings'
+        secrets looked up once per settings object)."""
+        known = self._settings_secrets
+        if known is None or known[0] is not self.settings:
+            known = self._settings_secrets = (self.settings, self.settings.secrets())
+        for secret in (*known[1], self._tokens.current):
             text = mask_secret(text, secret)
         return text
 
@@ -458,9 +466,7 @@ class RatepayFacade:
             text = text.replace(element[0], element[1])
         else:
             text = mask_security_code(text)
-        for secret in (*self.settings.secrets(), self._tokens.current):
-            text = mask_secret(text, secret)
-        return text
+        return self._mask_secrets(text)
 
     @staticmethod
     def _ms(started: float) -> int:
