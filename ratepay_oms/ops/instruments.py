@@ -112,12 +112,31 @@ def _after_commit(session: Session) -> None:
     pending = session.info.pop(_PENDING_KEY, None)
     if not pending:
         return
-    for (process, name), count in pending["moves"].items():
-        TRANSITIONS.labels(process, name).inc(count)
-    for (process, name), count in pending["errors"].items():
-        TRANSITION_ERRORS.labels(process, name).inc(count)
+    for key, count in pending["moves"].items():
+        _child(_TRANSITION_CHILDREN, TRANSITIONS, key).inc(count)
+    for key, count in pending["errors"].items():
+        _child(_TRANSITION_ERROR_CHILDREN, TRANSITION_ERRORS, key).inc(count)
     for count in pending["takeovers"].values():
         LEASE_TAKEOVERS.inc(count)
+
+
+_CHILDREN_MAX = 4096
+"""Labelled children kept at hand per metric: (process, event) pairs come from the loaded
+process definitions, a bounded set; the bound only guards a worker that loads new ones
+for ever."""
+_TRANSITION_CHILDREN: dict[tuple[str, ...], Any] = {}
+_TRANSITION_ERROR_CHILDREN: dict[tuple[str, ...], Any] = {}
+
+
+def _child(children: dict[tuple[str, ...], Any], metric: Any, key: tuple[str, ...]) -> Any:
+    """``metric.labels(*key)``, looked up once per key (``labels()`` takes a lock and
+    validates its arguments on every call); nothing removes children from these metrics."""
+    child = children.get(key)
+    if child is None:
+        if len(children) >= _CHILDREN_MAX:
+            children.clear()
+        child = children[key] = metric.labels(*key)
+    return child
 
 
 @event.listens_for(Session, "after_rollback")
