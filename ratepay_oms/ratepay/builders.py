@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 API_VERSION = "1.8"
 
+_COUNTRY_CODE = re.compile(r"[A-Z]{2}")
+_DEVICE_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _PAYMENT_METHODS = frozenset(m.value for m in PaymentMethod)
 _DEBIT_PAY_TYPES = frozenset(t.value for t in DebitPayType)
 _DELIVERY_TYPES = (None, *(t.value for t in DeliveryType))
@@ -174,7 +176,7 @@ def _check_customer(customer: Customer) -> None:
         _text(address.street, f"{kind} street", max_len=100)
         _text(address.zip_code, f"{kind} zip code", max_len=10)
         _text(address.city, f"{kind} city")
-        if not re.fullmatch(r"[A-Z]{2}", address.country_code or ""):
+        if not _COUNTRY_CODE.fullmatch(address.country_code or ""):
             raise RatepayValidationError(f"{kind} country code must be ISO alpha-2 upper case")
     if customer.delivery_address is not None and not (
         customer.delivery_address.first_name and customer.delivery_address.last_name
@@ -433,7 +435,7 @@ class RequestBuilder:
                 for parcel in tracking:
                     w.el(tracking_el, "id", parcel.code, provider=parcel.provider)
         if device_token:
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", device_token):
+            if not _DEVICE_TOKEN.fullmatch(device_token):
                 raise RatepayValidationError(
                     "device token must be a UUID or letters, digits, '_' and '-'"
                 )

@@ -96,6 +96,9 @@ def format_amount(value: Decimal | int) -> str:
     return f"{amount:f}"
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+
+
 def parse_amount(text: str | None) -> Decimal:
     """A protocol decimal (``"82.45"``, ``"-7.5"``, ``"19"``) as an exact ``Decimal``.
 
@@ -105,7 +108,7 @@ def parse_amount(text: str | None) -> Decimal:
     if text is None:
         raise MalformedXmlError("missing decimal value")
     raw = text.strip()
-    if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", raw):
+    if not _DECIMAL.fullmatch(raw):
         raise MalformedXmlError(f"not a decimal amount: {raw[:40]!r}")
     try:
         return Decimal(raw)
