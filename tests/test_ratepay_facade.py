@@ -384,6 +384,33 @@ def test_invalid_input_is_refused_before_sending(facade, sandbox, api_log, call,
     assert api_log.records == []
 
 
+def test_a_setting_xml_cannot_carry_is_refused_on_every_call(sandbox) -> None:
+    """The requests' constant part is copied from a template made on first use: a setting
+    that cannot be put into XML is refused on every call, and nothing is sent."""
+    settings = RatepaySettings.from_mapping({**sandbox.settings, "SYSTEM_ID": "shop\x01"})
+    log = MemoryApiLogSink()
+    facade = RatepayFacade(settings, api_log=log)
+    before = len(sandbox.gateway.received)
+    for _ in range(2):
+        with pytest.raises(RatepayValidationError, match="system-id"):
+            facade.init_payment()
+    assert len(sandbox.gateway.received) == before and log.records == []
+
+
+def test_each_request_starts_from_a_clean_copy_of_the_constant_part(facade, api_log) -> None:
+    """What one request adds to its head (transaction id, subtype, external, device token)
+    does not show in the next one."""
+    tx = authorised(facade)
+    assert facade.cancel(tx, None, order_id=ORDER_ID).success
+    assert facade.request_profile().success
+    change, profile = api_log.records[-2].request_xml, api_log.records[-1].request_xml
+    assert 'subtype="cancellation"' in change and "<transaction-id>" in change
+    assert "<external>" in change
+    assert "subtype" not in profile and "<transaction-id>" not in profile
+    assert "<external>" not in profile and "<customer-device>" not in profile
+    assert profile.count("<securitycode>") == 1 and profile.count("<meta>") == 1
+
+
 # --- the security code never leaks ---------------------------------------------------------
 
 
