@@ -473,23 +473,25 @@ class RatepayFacade:
         return int((time.monotonic() - started) * 1000)
 
     def _call(self, built: BuiltRequest) -> RatepayResult:
-        attributes = {"ratepay.operation": built.operation.value}
+        name = built.operation.value
+        attributes = {"ratepay.operation": name}
         if built.subtype:
             attributes["ratepay.subtype"] = built.subtype
-        with span(f"ratepay {built.operation.value}", attributes):
+        with span(f"ratepay {name}", attributes):
             return self._send(built)
 
     def _send(self, built: BuiltRequest) -> RatepayResult:
         body = to_bytes(built.root)
         masked_request = self._mask_request(body)
         op = built.operation
+        name = op.value  # an enum member's value is a property: read once
         started = time.monotonic()
         http_status: int | None = None
         response_body: bytes | None = None
 
         def exchange(error: str | None) -> Exchange:
             return Exchange(
-                operation=op.value,
+                operation=name,
                 subtype=built.subtype,
                 request_xml=masked_request,
                 response_xml=self._mask(response_body),
@@ -507,9 +509,9 @@ class RatepayFacade:
             http_status, response_body = response.status, response.body
             if response.status != 200:
                 raise RatepayTransportError(
-                    f"{op.value}: unexpected HTTP status {response.status}",
+                    f"{name}: unexpected HTTP status {response.status}",
                     sent=True,
-                    operation=op.value,
+                    operation=name,
                     http_status=response.status,
                 )
             result = parse_response(
@@ -527,7 +529,7 @@ class RatepayFacade:
             self._record(failed, None)
             log.warning(
                 "RatePAY %s%s tx=%s failed after %d ms: %s (sent=%s)",
-                op.value,
+                name,
                 f"/{built.subtype}" if built.subtype else "",
                 built.transaction_id,
                 failed.duration_ms,
@@ -538,7 +540,7 @@ class RatepayFacade:
         self._record(result.exchange, result)
         log.info(
             "RatePAY %s%s tx=%s order=%s status=%s reason=%s result=%s success=%s (%d ms)",
-            op.value,
+            name,
             f"/{built.subtype}" if built.subtype else "",
             result.transaction_id or built.transaction_id,
             built.order_ref,
