@@ -281,6 +281,8 @@ class _Reader:
         if value is None:
             assert default is not None
             return default
+        if value.__class__ is int:  # what JSON gives for a whole number: nothing to check
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
             raise OrderInputError(f"{self._at(key)}: expected a whole number, got {_kind(value)}")
         try:
