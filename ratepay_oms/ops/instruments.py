@@ -16,7 +16,7 @@ Names follow Prometheus conventions: ``ratepay_oms_`` prefix, ``_total`` for cou
 
 from __future__ import annotations
 
-from collections import Counter as _Tally
+from collections import defaultdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -80,11 +80,13 @@ NOTIFICATIONS = Counter(
 _PENDING_KEY = "ratepay_oms.metrics.pending"
 
 
-def _pending(session: Session) -> dict[str, _Tally[tuple[str, str]]]:
-    found: dict[str, _Tally[tuple[str, str]]] | None = session.info.get(_PENDING_KEY)
+def _pending(session: Session) -> dict[str, defaultdict[tuple[str, str], int]]:
+    """The tallies of ``session``'s open transaction (``defaultdict(int)``: a ``Counter``
+    makes its every new key and its own construction Python calls)."""
+    found: dict[str, defaultdict[tuple[str, str], int]] | None = session.info.get(_PENDING_KEY)
     if found is None:
         found = session.info[_PENDING_KEY] = {
-            "moves": _Tally(), "errors": _Tally(), "takeovers": _Tally()
+            "moves": defaultdict(int), "errors": defaultdict(int), "takeovers": defaultdict(int)
         }
     return found
 
