@@ -730,41 +730,44 @@ class TickRunner:
             worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
         pool: CallPool | None = None
         try:
-            try:
-                reconcile, *due_steps = _due_probe(self.engine.sessions, compiled, steps, now)
-            except SQLAlchemyError as exc:
-                # The probe is only a shortcut: without it every step looks for itself.
-                self._database_failed(drive, "looking for due work", exc)
-                reconcile, due_steps = True, [True] * len(steps)
-            # Skip what the probe found empty up to the first part with work; from there on
-            # every later step runs as before, since earlier ones make work for later ones.
-            started_work = reconcile
-            if started_work or any(due_steps):
-                pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
-            # First settle gateway calls whose answer was lost: their items wait on them.
-            if reconcile:
+            # This thread's batches (and, without a pool, the chains they start) on one
+            # connection (checked out by the first batch: an idle tick takes none).
+            with drive.connected():
                 try:
-                    self._reconcile_open(drive, pool)
+                    reconcile, *due_steps = _due_probe(self.engine.sessions, compiled, steps, now)
                 except SQLAlchemyError as exc:
-                    self._database_failed(drive, "reconciling open intents", exc)
-                if pool is not None:
-                    pool.join()
-            for step, has_due in zip(steps, due_steps, strict=True):
-                started_work = started_work or has_due
-                if not started_work:
-                    continue
-                done_total = self._step(
-                    step, drive, pool, limit, processed, orders_seen, progress
-                )
-                if pool is not None:
-                    pool.join()  # one step's calls settle before the next step looks
-                processed += done_total
-                if step.name == "timeouts":
-                    timeouts_fired += done_total
-                if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
-                    log.error("tick stopped: the database failed %d batches in a row",
-                              self._db_failures)
-                    break
+                    # The probe is only a shortcut: without it every step looks for itself.
+                    self._database_failed(drive, "looking for due work", exc)
+                    reconcile, due_steps = True, [True] * len(steps)
+                # Skip what the probe found empty up to the first part with work; from there on
+                # every later step runs as before, since earlier ones make work for later ones.
+                started_work = reconcile
+                if started_work or any(due_steps):
+                    pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
+                # First settle gateway calls whose answer was lost: their items wait on them.
+                if reconcile:
+                    try:
+                        self._reconcile_open(drive, pool)
+                    except SQLAlchemyError as exc:
+                        self._database_failed(drive, "reconciling open intents", exc)
+                    if pool is not None:
+                        pool.join()
+                for step, has_due in zip(steps, due_steps, strict=True):
+                    started_work = started_work or has_due
+                    if not started_work:
+                        continue
+                    done_total = self._step(
+                        step, drive, pool, limit, processed, orders_seen, progress
+                    )
+                    if pool is not None:
+                        pool.join()  # one step's calls settle before the next step looks
+                    processed += done_total
+                    if step.name == "timeouts":
+                        timeouts_fired += done_total
+                    if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                        log.error("tick stopped: the database failed %d batches in a row",
+                                  self._db_failures)
+                        break
         finally:
             if pool is not None:
                 pool.close()
