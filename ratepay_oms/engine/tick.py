@@ -39,7 +39,7 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
@@ -1040,17 +1040,20 @@ class TickRunner:
                     runner.stats.items_moved += moved
                     fast = set(resting)
                     locked = [o for o in locked if o not in fast]
+            locked, later = _beyond_slots(batch, locked, slots, runner.leased)
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
             sizes: dict[int, int] = {}
             due = [d for d in step.due_items(session, locked, sizes) if d.intent_id is None]
             if limit is not None:
                 due = _whole_orders(due, limit - processed)
             if not due:
-                return moved, resting, []
+                return moved, resting, later
             plain, fired_items = self._split(due)
             if plain:
                 self._write_plain(runner, plain)
             leftover = self._fire(runner, fired_items, slots, sizes) if fired_items else []
+            if later:
+                leftover = sorted(later + leftover)
             put_back = set(leftover)
             done = [d for d in due if d.order_id not in put_back]
             orders = dict.fromkeys(resting)
@@ -1138,6 +1141,26 @@ class TickRunner:
                 continue
             runner.run(by_order[order_id])
         return leftover
+
+
+def _beyond_slots(
+    batch: Mapping[int, _Due], locked: list[int], slots: int, leased: Collection[int]
+) -> tuple[list[int], list[int]]:
+    """``locked`` without the orders the window says will call the gateway beyond the first
+    ``slots`` of them (those leased along with the lock first), and those: put back before
+    their items are read. A batch locks up to ``CANDIDATES_PER_SLOT`` such orders per slot
+    so that it finds free ones among those other workers hold, and fires one per slot; the
+    others' items were read, sorted and split only for :meth:`TickRunner._fire` to put them
+    back (with one slot, three orders of four: most of a batch's reading). Should a kept
+    order plan no call after all (the window's guess is stale), its slot stays free until
+    the next batch; :meth:`TickRunner._fire` still limits the calls by what is planned."""
+    calling = [o for o in locked if batch[o].calls]
+    if len(calling) <= slots:
+        return locked, []
+    if leased:
+        calling.sort(key=lambda o: o not in leased)  # stable: id order within each
+    later = set(calling[slots:])
+    return [o for o in locked if o not in later], sorted(later)
 
 
 def _whole_items(
