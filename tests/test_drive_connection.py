@@ -10,6 +10,7 @@ Uses the two-call test process of ``test_drive_concurrency`` (``new`` → ``firs
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,10 +22,11 @@ from sqlalchemy import event, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from ratepay_oms import Engine
+from ratepay_oms.engine.plugins import CallContext, PluginRegistry, PreparedCall
 from ratepay_oms.engine.runner import LoopGuard, Runner, RunStats
-from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS
-from ratepay_oms.persistence.models import Order
-from tests.test_drive_concurrency import Gateway, _engine, _place
+from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS, upgrade
+from ratepay_oms.persistence.models import Intent, Order
+from tests.test_drive_concurrency import PROCESS, Call, Gateway, _engine, _place
 
 
 @pytest.fixture
@@ -183,3 +185,59 @@ def test_a_kept_connection_idle_too_long_is_pinged_and_replaced_when_dead(
         assert watch.checkouts == 2
         monkeypatch.undo()
     assert _customer(engine, ref) == "third"
+
+
+class _Remembering(Call):
+    """Remembers a fact about the call before it goes on, as PAYMENT_REQUEST remembers the
+    transaction id PAYMENT_INIT gave."""
+
+    def send(self, call: PreparedCall[dict[str, str]], io: CallContext) -> str:
+        io.remember({"seen": call.payload["state"]})
+        return super().send(call, io)
+
+
+def test_a_remembered_fact_is_committed_before_the_call_goes_on(
+    fresh_db_url: str, tmp_path: Path
+) -> None:
+    """The summary the call remembers (on the thread's kept connection: in autocommit on
+    PostgreSQL, a transaction of its own elsewhere) is visible to another connection while
+    the call is still in flight, for each of an order's two calls."""
+    upgrade(fresh_db_url)
+    pdir = tmp_path / "processes"
+    pdir.mkdir()
+    (pdir / "Drive01.yaml").write_text(PROCESS, encoding="utf-8")
+    registry = PluginRegistry()
+    registry.register_external("Drive/Call", _Remembering())
+    gateway = Gateway()
+    engine = Engine(fresh_db_url, process_dir=pdir, registry=registry,
+                    services={"gateway": gateway}, lease_seconds=60)
+    try:
+        refs = _place(engine, 2)
+        seen: list[tuple[str, tuple[str, ...]]] = []
+        with engine.session() as session:
+            rows = session.execute(
+                select(Order.id, Order.order_ref).where(Order.order_ref.in_(refs))
+            )
+            ids = {order_id: ref for order_id, ref in rows}
+
+        def look(ref: str) -> None:  # from another connection, during the call
+            with engine.session() as session:
+                rows = session.execute(
+                    select(Intent.order_id, Intent.summary).where(Intent.order_id.in_(ids))
+                )
+                facts = [json.loads(summary).get("seen") for order_id, summary in rows
+                         if ids[order_id] == ref]
+            seen.append((ref, tuple(sorted(f for f in facts if f))))
+
+        gateway.lease_check = look
+        with _Watch(engine) as watch:
+            result = engine.tick(concurrency=1)
+        assert result.errors == 0, result.error_messages
+        # The call's own intent has its fact (the first call's intent keeps its own).
+        assert sorted(seen) == sorted(
+            (r, s) for r in refs for s in (("new",), ("first", "new"))
+        )
+        assert all(engine.order(r).states() == {"done": 1} for r in refs)
+        assert not watch.open
+    finally:
+        engine.close()

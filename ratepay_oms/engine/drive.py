@@ -330,7 +330,8 @@ class Drive:
         this does write a summary after the plan, so when the plan's summary is known the
         row is not read back: one UPDATE, committing by itself (``one_statement``)."""
         stored = self._stored.get(call.intent_id, call.stored)
-        with _writing(self.engine.sessions) as conn:
+        line: _Line | None = getattr(self._local, "line", None)
+        with line.writing() if line is not None else _writing(self.engine.sessions) as conn:
             if stored is None:
                 stored = conn.execute(
                     select(_INTENTS.c.summary).where(_INTENTS.c.id == call.intent_id)
@@ -354,48 +355,88 @@ class Drive:
 
 class _Line:
     """One thread's connection and session for a run of a drive's transactions
-    (:meth:`Drive.connected`), checked out at the first transaction."""
+    (:meth:`Drive.connected`), checked out at the first transaction; on PostgreSQL a second
+    one in autocommit for the writes that commit by themselves (:meth:`writing`)."""
 
-    __slots__ = ("_session", "bind", "conn", "sessions", "used")
+    __slots__ = ("_session", "autocommit", "bind", "conn", "sessions", "used", "writer", "wrote")
 
     def __init__(self, sessions: sessionmaker[Session], bind: Engine) -> None:
         self.sessions = sessions
         self.bind = bind
+        self.autocommit = bind.dialect.name == "postgresql"
         self.conn: Connection | None = None
         self._session: Session | None = None
         self.used = 0.0
         """When (monotonic) the last transaction on ``conn`` ended."""
+        self.writer: Connection | None = None
+        self.wrote = 0.0
+        """When (monotonic) the last write on ``writer`` ended."""
 
     def session(self) -> Session:
         """The session for the next transaction, on the kept connection (closed after the
         transaction like any session: its objects go, the connection stays). A session bound
         to a connection that is not in a transaction begins one and commits it itself."""
-        conn = self.conn
-        if conn is not None and time.monotonic() - self.used > PING_AFTER_IDLE_SECONDS:
-            dbapi_connection = conn.connection.dbapi_connection
-            try:
-                if dbapi_connection is not None:
-                    self.bind.dialect.do_ping(dbapi_connection)
-            except self.bind.dialect.loaded_dbapi.Error as exc:
-                log.info("a kept database connection was dead (%s); connecting afresh", exc)
-                conn.invalidate()
-                self.drop()
-                conn = None
+        conn = self._alive(self.conn, self.used)
         session = self._session
         if conn is None or session is None:
+            self.drop()
             conn = self.conn = self.bind.connect()
             session = self._session = self.sessions(bind=conn)
         return session
 
-    def drop(self) -> None:
-        """Hand the connection back to the pool (an invalidated one: the pool replaces it)."""
-        conn, self.conn, self._session = self.conn, None, None
-        if conn is None:
-            return
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """``one_statement`` on a kept connection: on PostgreSQL the autocommit one (each
+        statement commits by itself, in one round trip), elsewhere a transaction of its own
+        on the kept connection (between two of the drive's transactions, so none is open
+        on it). A failure hands the connection back."""
         try:
-            conn.close()
-        except SQLAlchemyError as exc:  # the pool discards it; nothing of ours was in it
-            log.warning("could not hand back a database connection: %s", exc)
+            if self.autocommit:
+                conn = self._alive(self.writer, self.wrote)
+                if conn is None:
+                    conn = self.bind.connect()
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    self.writer = conn
+                # Each statement committed as it ran; SQLAlchemy's own record of a begun
+                # transaction (the database has none) ends with the connection.
+                yield conn
+                self.wrote = time.monotonic()
+                return
+            self.session()  # connects, or pings a connection idle too long
+            assert self.conn is not None
+            with self.conn.begin():
+                yield self.conn
+            self.used = time.monotonic()
+        except BaseException:
+            self.drop()
+            raise
+
+    def _alive(self, conn: Connection | None, since: float) -> Connection | None:
+        """``conn``, pinged first when idle for longer than ``PING_AFTER_IDLE_SECONDS`` (as
+        the pool pings a connection it hands out); ``None`` (and invalidated) when dead."""
+        if conn is None or time.monotonic() - since <= PING_AFTER_IDLE_SECONDS:
+            return conn
+        dbapi_connection = conn.connection.dbapi_connection
+        try:
+            if dbapi_connection is not None:
+                self.bind.dialect.do_ping(dbapi_connection)
+        except self.bind.dialect.loaded_dbapi.Error as exc:
+            log.info("a kept database connection was dead (%s); connecting afresh", exc)
+            conn.invalidate()
+            return None
+        return conn
+
+    def drop(self) -> None:
+        """Hand the connections back to the pool (an invalidated one: the pool replaces it)."""
+        kept = (self.conn, self.writer)
+        self.conn, self._session, self.writer = None, None, None
+        for conn in kept:
+            if conn is None:
+                continue
+            try:
+                conn.close()
+            except SQLAlchemyError as exc:  # the pool discards it; nothing of ours was in it
+                log.warning("could not hand back a database connection: %s", exc)
 
 
 _INTENTS = cast(Table, Intent.__table__)
