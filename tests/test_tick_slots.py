@@ -28,3 +28,30 @@ def test_nothing_put_back_within_the_slots() -> None:
     batch = _batch({1: True, 2: False, 3: True})
     assert _beyond_slots(batch, [1, 3], 2, set()) == ([1, 3], [])
     assert _beyond_slots(batch, [2], 1, set()) == ([2], [])
+
+
+def test_the_tick_adds_up_counts_and_error_messages_only() -> None:
+    """``_Counts.add`` sums every count field of ``RunStats`` and keeps the error messages;
+    the per-item lists stay empty however much a tick moves."""
+    from dataclasses import fields
+
+    from ratepay_oms.engine.runner import RunStats
+    from ratepay_oms.engine.tick import _Counts
+
+    one = RunStats(items_moved=3, commands_run=2, errors=0, retries_scheduled=1)
+    one.error("boom")
+    one.moves.append((1, "a", "b"))
+    one.stayed.append(2)
+    one.failed.append((3, "x"))
+    one.held.append((4, "y"))
+    total = _Counts()
+    total.add(one)
+    total.add(one)
+    for f in fields(RunStats):
+        value = getattr(total, f.name)
+        if f.name == "error_messages":
+            assert value == ["boom", "boom"]
+        elif isinstance(value, list):
+            assert value == [], f.name
+        else:
+            assert value == 2 * getattr(one, f.name), f.name
