@@ -96,6 +96,8 @@ class Drive:
         self._stored: dict[int, str] = {}
         """Intent summaries as ``_remember`` last wrote them (each chain its own intents)."""
         bind = engine.sessions.kw.get("bind")
+        self._engine = bind if isinstance(bind, Engine) else None
+        """The sessions' engine, ``None`` when they are bound to something else."""
         self._bind = bind if isinstance(bind, Engine) and isinstance(bind.pool, QueuePool) else None
         """The engine whose connections a thread may keep between transactions
         (:meth:`connected`); ``None``: sessions bound to something else (a test's connection),
@@ -245,6 +247,9 @@ class Drive:
         if not calls:
             return
         guard = guard if guard is not None else LoopGuard()
+        if getattr(self._local, "line", None) is not None:
+            self._chain(calls, guard)  # on the thread's kept connection already (a tick)
+            return
         with self.connected():
             self._chain(calls, guard)
 
@@ -301,8 +306,7 @@ class Drive:
         """A holder for the API-log rows of one call (the send and its status lookups), for
         its settling transaction to write: only when the sessions use an engine of their own
         (the sink defers only to that very engine; a test's connection: written at once)."""
-        bind = self.engine.sessions.kw.get("bind")
-        return HeldRows(bind) if isinstance(bind, Engine) else None
+        return HeldRows(self._engine) if self._engine is not None else None
 
     def _reconciled(
         self,
