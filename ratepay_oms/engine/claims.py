@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, cast
 
@@ -316,8 +316,11 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @contextlib.contextmanager
-    def in_flight(self, order_id: int) -> Iterator[None]:
+    def in_flight(self, order_id: int) -> _InFlight:
+        """Within: ``order_id``'s lease is renewed (a call of it is in flight)."""
+        return _InFlight(self, order_id)
+
+    def _begin(self, order_id: int) -> None:
         with self._lock:
             self._orders[order_id] += 1
             if self._thread is None:
@@ -325,13 +328,12 @@ class LeaseKeeper:
                     target=self._renew, name="oms-lease-keeper", daemon=True
                 )
                 self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._orders[order_id] -= 1
-                if self._orders[order_id] <= 0:
-                    del self._orders[order_id]
+
+    def _end(self, order_id: int) -> None:
+        with self._lock:
+            self._orders[order_id] -= 1
+            if self._orders[order_id] <= 0:
+                del self._orders[order_id]
 
     def _renew(self) -> None:
         period = max(self.claims.lease.total_seconds() / 3, 0.05)
@@ -347,6 +349,23 @@ class LeaseKeeper:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+
+class _InFlight:
+    """:meth:`LeaseKeeper.in_flight` as a plain context manager (one per gateway call: no
+    generator to start and finish)."""
+
+    __slots__ = ("keeper", "order_id")
+
+    def __init__(self, keeper: LeaseKeeper, order_id: int) -> None:
+        self.keeper = keeper
+        self.order_id = order_id
+
+    def __enter__(self) -> None:
+        self.keeper._begin(self.order_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self.keeper._end(self.order_id)
 
 
 # -- one tick worker per SQLite database --------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import Connection, Engine, Table, bindparam, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from ratepay_oms.engine.claims import LeaseKeeper
 from ratepay_oms.engine.clock import naive_utc, retry_delay, wall_now
@@ -57,7 +58,7 @@ from ratepay_oms.engine.runner import (
     RunStats,
     describe_error,
 )
-from ratepay_oms.persistence.db import one_statement
+from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS, one_statement
 from ratepay_oms.persistence.held import HeldRows, holding
 from ratepay_oms.persistence.models import INTENT_PENDING, INTENT_UNKNOWN, Intent
 
@@ -94,6 +95,40 @@ class Drive:
         self._fresh_for = engine.claims.lease.total_seconds() / 3
         self._stored: dict[int, str] = {}
         """Intent summaries as ``_remember`` last wrote them (each chain its own intents)."""
+        bind = engine.sessions.kw.get("bind")
+        self._engine = bind if isinstance(bind, Engine) else None
+        """The sessions' engine, ``None`` when they are bound to something else."""
+        self._bind = bind if isinstance(bind, Engine) and isinstance(bind.pool, QueuePool) else None
+        """The engine whose connections a thread may keep between transactions
+        (:meth:`connected`); ``None``: sessions bound to something else (a test's connection),
+        or a pool that hands one thread the same connection twice (SQLite in memory)."""
+        self._local = threading.local()
+
+    @contextmanager
+    def connected(self) -> Iterator[None]:
+        """Within: this thread's transactions of the drive run on one connection and one
+        ``Session``, checked out at the first and handed back at the end, instead of a
+        session and a pool checkout (with its check-in, reset and listeners) for each. A
+        chain's consecutive transactions and a tick's batches are many short transactions in
+        a row on one thread: this is a third of the session machinery per order.
+
+        The connection is only *kept* between transactions, never a transaction: each still
+        commits (or rolls back) before :meth:`transact` returns, so no gateway call runs
+        inside one. A database error drops the connection (the next transaction checks out
+        a fresh one); one idle for longer than ``PING_AFTER_IDLE_SECONDS`` (a slow gateway)
+        is pinged first, as the pool pings the connections it hands out. Each thread keeps
+        its own (a pool's chains: one each, as they held one each before, one at a time).
+        Nested: the outer block's connection."""
+        if self._bind is None or getattr(self._local, "line", None) is not None:
+            yield
+            return
+        line = _Line(self.engine.sessions, self._bind)
+        self._local.line = line
+        try:
+            yield
+        finally:
+            self._local.line = None
+            line.drop()
 
     # -- transactions ----------------------------------------------------------------------
 
@@ -128,8 +163,9 @@ class Drive:
         while True:
             stats = RunStats()
             planning = Replan(known, savepoints=attempt >= REPLANS) if replan else None
+            line: _Line | None = getattr(self._local, "line", None)
             try:
-                with self.engine.sessions() as session:
+                with line.session() if line is not None else self.engine.sessions() as session:
                     transaction, taken = _begin(session, held)
                     with transaction:
                         runner = Runner(self.engine, session, self.now, guard, stats)
@@ -153,6 +189,8 @@ class Drive:
                         if done:
                             self.engine.claims.release_in(session, done)
             except Exception:
+                if line is not None:
+                    line.drop()  # whatever the error did to the connection: a fresh one next
                 failed = planning.failed if planning is not None else None
                 if failed is None:
                     raise
@@ -167,6 +205,8 @@ class Drive:
                 )
                 continue
             break
+        if line is not None:
+            line.used = time.monotonic()
         if taken and held is not None:
             held.clear()
         clock = time.monotonic()
@@ -193,9 +233,10 @@ class Drive:
         """``work`` in one transaction, then its calls and their cascades to the end (in this
         thread: a manual event or a placed order returns when its items rest)."""
         guard = LoopGuard()
-        result, calls = self.transact(work, guard)
-        for order_calls in by_order(calls).values():
-            self.chain(order_calls, guard)
+        with self.connected():
+            result, calls = self.transact(work, guard)
+            for order_calls in by_order(calls).values():
+                self.chain(order_calls, guard)
         return result
 
     # -- gateway calls -----------------------------------------------------------------------
@@ -206,6 +247,13 @@ class Drive:
         if not calls:
             return
         guard = guard if guard is not None else LoopGuard()
+        if getattr(self._local, "line", None) is not None:
+            self._chain(calls, guard)  # on the thread's kept connection already (a tick)
+            return
+        with self.connected():
+            self._chain(calls, guard)
+
+    def _chain(self, calls: Sequence[Call], guard: LoopGuard) -> None:
         queue = deque(calls)
         order_id = calls[0].order_id
         while queue:
@@ -258,8 +306,7 @@ class Drive:
         """A holder for the API-log rows of one call (the send and its status lookups), for
         its settling transaction to write: only when the sessions use an engine of their own
         (the sink defers only to that very engine; a test's connection: written at once)."""
-        bind = self.engine.sessions.kw.get("bind")
-        return HeldRows(bind) if isinstance(bind, Engine) else None
+        return HeldRows(self._engine) if self._engine is not None else None
 
     def _reconciled(
         self,
@@ -287,7 +334,8 @@ class Drive:
         this does write a summary after the plan, so when the plan's summary is known the
         row is not read back: one UPDATE, committing by itself (``one_statement``)."""
         stored = self._stored.get(call.intent_id, call.stored)
-        with _writing(self.engine.sessions) as conn:
+        line: _Line | None = getattr(self._local, "line", None)
+        with line.writing() if line is not None else _writing(self.engine.sessions) as conn:
             if stored is None:
                 stored = conn.execute(
                     select(_INTENTS.c.summary).where(_INTENTS.c.id == call.intent_id)
@@ -307,6 +355,92 @@ class Drive:
         log.error("%s", message)
         with self._stats_lock:
             self.stats.error(message)
+
+
+class _Line:
+    """One thread's connection and session for a run of a drive's transactions
+    (:meth:`Drive.connected`), checked out at the first transaction; on PostgreSQL a second
+    one in autocommit for the writes that commit by themselves (:meth:`writing`)."""
+
+    __slots__ = ("_session", "autocommit", "bind", "conn", "sessions", "used", "writer", "wrote")
+
+    def __init__(self, sessions: sessionmaker[Session], bind: Engine) -> None:
+        self.sessions = sessions
+        self.bind = bind
+        self.autocommit = bind.dialect.name == "postgresql"
+        self.conn: Connection | None = None
+        self._session: Session | None = None
+        self.used = 0.0
+        """When (monotonic) the last transaction on ``conn`` ended."""
+        self.writer: Connection | None = None
+        self.wrote = 0.0
+        """When (monotonic) the last write on ``writer`` ended."""
+
+    def session(self) -> Session:
+        """The session for the next transaction, on the kept connection (closed after the
+        transaction like any session: its objects go, the connection stays). A session bound
+        to a connection that is not in a transaction begins one and commits it itself."""
+        conn = self._alive(self.conn, self.used)
+        session = self._session
+        if conn is None or session is None:
+            self.drop()
+            conn = self.conn = self.bind.connect()
+            session = self._session = self.sessions(bind=conn)
+        return session
+
+    @contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """``one_statement`` on a kept connection: on PostgreSQL the autocommit one (each
+        statement commits by itself, in one round trip), elsewhere a transaction of its own
+        on the kept connection (between two of the drive's transactions, so none is open
+        on it). A failure hands the connection back."""
+        try:
+            if self.autocommit:
+                conn = self._alive(self.writer, self.wrote)
+                if conn is None:
+                    conn = self.bind.connect()
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    self.writer = conn
+                # Each statement committed as it ran; SQLAlchemy's own record of a begun
+                # transaction (the database has none) ends with the connection.
+                yield conn
+                self.wrote = time.monotonic()
+                return
+            self.session()  # connects, or pings a connection idle too long
+            assert self.conn is not None
+            with self.conn.begin():
+                yield self.conn
+            self.used = time.monotonic()
+        except BaseException:
+            self.drop()
+            raise
+
+    def _alive(self, conn: Connection | None, since: float) -> Connection | None:
+        """``conn``, pinged first when idle for longer than ``PING_AFTER_IDLE_SECONDS`` (as
+        the pool pings a connection it hands out); ``None`` (and invalidated) when dead."""
+        if conn is None or time.monotonic() - since <= PING_AFTER_IDLE_SECONDS:
+            return conn
+        dbapi_connection = conn.connection.dbapi_connection
+        try:
+            if dbapi_connection is not None:
+                self.bind.dialect.do_ping(dbapi_connection)
+        except self.bind.dialect.loaded_dbapi.Error as exc:
+            log.info("a kept database connection was dead (%s); connecting afresh", exc)
+            conn.invalidate()
+            return None
+        return conn
+
+    def drop(self) -> None:
+        """Hand the connections back to the pool (an invalidated one: the pool replaces it)."""
+        kept = (self.conn, self.writer)
+        self.conn, self._session, self.writer = None, None, None
+        for conn in kept:
+            if conn is None:
+                continue
+            try:
+                conn.close()
+            except SQLAlchemyError as exc:  # the pool discards it; nothing of ours was in it
+                log.warning("could not hand back a database connection: %s", exc)
 
 
 _INTENTS = cast(Table, Intent.__table__)
@@ -448,7 +582,7 @@ class CallPool:
 
     def _chain(self, calls: Sequence[Call]) -> None:
         try:
-            self.drive.chain(calls)
+            self.drive.chain(calls)  # on a connection of its own for the whole chain
         except Exception:  # a chain never takes the pool down; its intent stays open
             log.exception("gateway calls of order #%s failed", calls[0].order_id)
         finally:

@@ -39,8 +39,8 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
@@ -730,41 +730,44 @@ class TickRunner:
             worker_lock.acquire()  # SqliteWorkerBusyError while another worker ticks
         pool: CallPool | None = None
         try:
-            try:
-                reconcile, *due_steps = _due_probe(self.engine.sessions, compiled, steps, now)
-            except SQLAlchemyError as exc:
-                # The probe is only a shortcut: without it every step looks for itself.
-                self._database_failed(drive, "looking for due work", exc)
-                reconcile, due_steps = True, [True] * len(steps)
-            # Skip what the probe found empty up to the first part with work; from there on
-            # every later step runs as before, since earlier ones make work for later ones.
-            started_work = reconcile
-            if started_work or any(due_steps):
-                pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
-            # First settle gateway calls whose answer was lost: their items wait on them.
-            if reconcile:
+            # This thread's batches (and, without a pool, the chains they start) on one
+            # connection (checked out by the first batch: an idle tick takes none).
+            with drive.connected():
                 try:
-                    self._reconcile_open(drive, pool)
+                    reconcile, *due_steps = _due_probe(self.engine.sessions, compiled, steps, now)
                 except SQLAlchemyError as exc:
-                    self._database_failed(drive, "reconciling open intents", exc)
-                if pool is not None:
-                    pool.join()
-            for step, has_due in zip(steps, due_steps, strict=True):
-                started_work = started_work or has_due
-                if not started_work:
-                    continue
-                done_total = self._step(
-                    step, drive, pool, limit, processed, orders_seen, progress
-                )
-                if pool is not None:
-                    pool.join()  # one step's calls settle before the next step looks
-                processed += done_total
-                if step.name == "timeouts":
-                    timeouts_fired += done_total
-                if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
-                    log.error("tick stopped: the database failed %d batches in a row",
-                              self._db_failures)
-                    break
+                    # The probe is only a shortcut: without it every step looks for itself.
+                    self._database_failed(drive, "looking for due work", exc)
+                    reconcile, due_steps = True, [True] * len(steps)
+                # Skip what the probe found empty up to the first part with work; from there on
+                # every later step runs as before, since earlier ones make work for later ones.
+                started_work = reconcile
+                if started_work or any(due_steps):
+                    pool = CallPool(drive, self.concurrency) if self.concurrency > 1 else None
+                # First settle gateway calls whose answer was lost: their items wait on them.
+                if reconcile:
+                    try:
+                        self._reconcile_open(drive, pool)
+                    except SQLAlchemyError as exc:
+                        self._database_failed(drive, "reconciling open intents", exc)
+                    if pool is not None:
+                        pool.join()
+                for step, has_due in zip(steps, due_steps, strict=True):
+                    started_work = started_work or has_due
+                    if not started_work:
+                        continue
+                    done_total = self._step(
+                        step, drive, pool, limit, processed, orders_seen, progress
+                    )
+                    if pool is not None:
+                        pool.join()  # one step's calls settle before the next step looks
+                    processed += done_total
+                    if step.name == "timeouts":
+                        timeouts_fired += done_total
+                    if self._db_failures >= MAX_DB_FAILURES_IN_A_ROW:
+                        log.error("tick stopped: the database failed %d batches in a row",
+                                  self._db_failures)
+                        break
         finally:
             if pool is not None:
                 pool.close()
@@ -1037,17 +1040,20 @@ class TickRunner:
                     runner.stats.items_moved += moved
                     fast = set(resting)
                     locked = [o for o in locked if o not in fast]
+            locked, later = _beyond_slots(batch, locked, slots, runner.leased)
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
             sizes: dict[int, int] = {}
             due = [d for d in step.due_items(session, locked, sizes) if d.intent_id is None]
             if limit is not None:
                 due = _whole_orders(due, limit - processed)
             if not due:
-                return moved, resting, []
+                return moved, resting, later
             plain, fired_items = self._split(due)
             if plain:
                 self._write_plain(runner, plain)
             leftover = self._fire(runner, fired_items, slots, sizes) if fired_items else []
+            if later:
+                leftover = sorted(later + leftover)
             put_back = set(leftover)
             done = [d for d in due if d.order_id not in put_back]
             orders = dict.fromkeys(resting)
@@ -1137,6 +1143,26 @@ class TickRunner:
         return leftover
 
 
+def _beyond_slots(
+    batch: Mapping[int, _Due], locked: list[int], slots: int, leased: Collection[int]
+) -> tuple[list[int], list[int]]:
+    """``locked`` without the orders the window says will call the gateway beyond the first
+    ``slots`` of them (those leased along with the lock first), and those: put back before
+    their items are read. A batch locks up to ``CANDIDATES_PER_SLOT`` such orders per slot
+    so that it finds free ones among those other workers hold, and fires one per slot; the
+    others' items were read, sorted and split only for :meth:`TickRunner._fire` to put them
+    back (with one slot, three orders of four: most of a batch's reading). Should a kept
+    order plan no call after all (the window's guess is stale), its slot stays free until
+    the next batch; :meth:`TickRunner._fire` still limits the calls by what is planned."""
+    calling = [o for o in locked if batch[o].calls]
+    if len(calling) <= slots:
+        return locked, []
+    if leased:
+        calling.sort(key=lambda o: o not in leased)  # stable: id order within each
+    later = set(calling[slots:])
+    return [o for o in locked if o not in later], sorted(later)
+
+
 def _whole_items(
     fired: Sequence[DueItem],
     items: Mapping[int, OrderItem],
@@ -1204,11 +1230,16 @@ class _Counts(RunStats):
     ``TickResult`` has no use for them."""
 
     def add(self, other: RunStats) -> None:
-        super().add(other)
-        self.moves.clear()
-        self.stayed.clear()
-        self.failed.clear()
-        self.held.clear()
+        # The counts by name (found once, below) instead of ``RunStats.add``'s walk over
+        # every field and the lists it would extend only to clear them: three transactions
+        # per order are added up.
+        for name in _COUNTED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.error_messages.extend(other.error_messages)
+
+
+_COUNTED = tuple(f.name for f in fields(RunStats) if f.default_factory is MISSING)
+"""The fields of :class:`RunStats` that are counts (the others are lists)."""
 
 
 class _OrderSet:
