@@ -42,6 +42,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    false,
     func,
     insert,
     literal,
@@ -51,13 +52,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.types import TypeEngine, UserDefinedType
 
 from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.ops import instruments
@@ -94,7 +94,7 @@ def id_in(
     module docstring)."""
     dialect = session.get_bind().dialect
     if dialect.name == "postgresql":
-        return column == any_(bindparam(None, list(ids), type_=ARRAY(Integer)))
+        return column == any_(bindparam(None, _ids_value(ids, "array"), type_=IntArrayText()))
     if dialect.name == "sqlite" and _sqlite_has_json(dialect):
         values = func.json_each(bindparam(None, json.dumps(list(ids)), type_=String))
         return column.in_(select(values.table_valued("value").c.value))
@@ -172,6 +172,15 @@ _CLEARED_RETRY: dict[str, Any] = {
     "attempts": 0,
     "last_error": None,
 }
+
+_CLEARED_RETRY_SQL: dict[str, Any] = {
+    "retry_event": null(),
+    "retry_at": null(),
+    "attempts": literal_column("0", Integer),
+    "last_error": null(),
+}
+""":data:`_CLEARED_RETRY` as SQL constants for the prebuilt statements: the same for every
+move, so written into the statement's text once, not sent as four parameters each time."""
 
 
 class StateWriter:
@@ -406,6 +415,7 @@ class StateWriter:
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
             forced = key.forced
+            plain = forced is None and history_data is None
             notify = definitions[key.process].notifies(key.target)
             instruments.note_moves(self.session, key.process, key.event, len(ids))
             for part in chunked(sorted(ids)):
@@ -420,18 +430,19 @@ class StateWriter:
                     "v_hostname": self.origin.hostname,
                     "v_argv": self.origin.argv,
                     "v_now": self.now,
-                    "v_forced": forced is not None,
-                    "v_actor": forced.actor if forced is not None else None,
-                    "v_reason": forced.reason if forced is not None else None,
-                    "v_data": history_data,
                 }
+                if not plain:
+                    shared["v_forced"] = forced is not None
+                    shared["v_actor"] = forced.actor if forced is not None else None
+                    shared["v_reason"] = forced.reason if forced is not None else None
+                    shared["v_data"] = history_data
                 if style == "array":
                     # PostgreSQL: the four as one statement (data-modifying CTEs).
-                    conn.execute(_move_statement("together", style), shared)
+                    conn.execute(_move_statement("together", style, plain), shared)
                 else:
                     conn.execute(_move_statement("update", style), shared)
-                    conn.execute(_move_statement("history", style), shared)
-                    conn.execute(_move_statement("log", style), shared)
+                    conn.execute(_move_statement("history", style, plain), shared)
+                    conn.execute(_move_statement("log", style, plain), shared)
                     conn.execute(_move_statement("untime", style), shared)
                 if notify:
                     self._notify(part, key.process, key.source, key.target, key.event)
@@ -661,7 +672,7 @@ def _committed_moves(items: Iterable[OrderItem], target: str, now: datetime) -> 
 
 # -- the statements of a move, built once ---------------------------------------------------
 
-_STATEMENTS: dict[tuple[str, str], Executable] = {}
+_STATEMENTS: dict[tuple[str, str, bool], Executable] = {}
 _PREBUILT: dict[tuple[str, str], Any] = {}
 
 
@@ -690,14 +701,31 @@ def ids_style(session: Session) -> str:
     return _ids_style(session.get_bind().dialect)
 
 
+class IntArrayText(UserDefinedType[str]):
+    """A PostgreSQL ``INTEGER[]`` parameter that travels as its text form (``{1,2,3}``,
+    :func:`ids_value`), rendered ``%(name)s::INTEGER[]``: psycopg dumps a ``str`` in C, a
+    Python list element by element in Python (its list dumper looks at every element to
+    choose the array's type), and SQLAlchemy's ``ARRAY`` copies the list on the way in. The
+    server parses the text as the array."""
+
+    cache_ok = True
+    render_bind_cast = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "INTEGER[]"
+
+
 def _ids_value(ids: Sequence[int], style: str) -> Any:
+    """The ``ids`` parameter of a statement built with :func:`ids_clause` in ``style``."""
+    if style == "array":
+        return "{" + ",".join(map(str, ids)) + "}"
     return json.dumps(list(ids)) if style == "json" else list(ids)
 
 
 def _ids_clause(column: InstrumentedAttribute[int], style: str) -> ColumnElement[bool]:
     """``column IN (:ids)`` in the given style, ``ids`` a named parameter."""
     if style == "array":
-        return column == any_(bindparam("ids", type_=ARRAY(Integer)))
+        return column == any_(bindparam("ids", type_=IntArrayText()))
     if style == "json":
         values = func.json_each(bindparam("ids", type_=String))
         return column.in_(select(values.table_valued("value").c.value))
@@ -710,6 +738,20 @@ ids_clause = _ids_clause
 
 def _param(table: Table, column: str, name: str) -> Any:
     return bindparam(name, type_=table.c[column].type)
+
+
+_UNFORCED: dict[str, Any] = {"v_forced": false(), "v_actor": null(), "v_reason": null(),
+                             "v_data": null()}
+"""What the parameters of a forced move or a move with event data are in every other move:
+a plain move's statement (``plain``) has them in its text instead of as four parameters."""
+
+
+def _shared(table: Table, column: str, name: str, plain: bool) -> Any:
+    """The value of ``column`` in a move's history or log row: parameter ``name``, or its
+    constant in a plain move's statement (:data:`_UNFORCED`)."""
+    if plain and name in _UNFORCED:
+        return _UNFORCED[name]
+    return _param(table, column, name)
 
 
 _HISTORY_PARAMS = {
@@ -725,7 +767,7 @@ _LOG_COLUMNS = [
 ]
 
 
-def _log_values(log: Table, item_id: Any, order_id: Any) -> list[Any]:
+def _log_values(log: Table, item_id: Any, order_id: Any, plain: bool) -> list[Any]:
     """The values of a move's transition-log row, in ``_LOG_COLUMNS`` order: the item's ids
     from ``item_id``/``order_id`` (the items table, or the rows an UPDATE returned), the
     rest shared parameters (no error: a failed move writes its log row elsewhere)."""
@@ -738,39 +780,43 @@ def _log_values(log: Table, item_id: Any, order_id: Any) -> list[Any]:
         _param(log, "target_state", "v_target"),
         _param(log, "command", "v_command"),
         _param(log, "condition", "v_condition"),
-        literal(False, log.c.is_error.type),
+        false(),
         null(),
         _param(log, "hostname", "v_hostname"),
         _param(log, "argv", "v_argv"),
         _param(log, "created_at", "v_now"),
-        _param(log, "forced", "v_forced"),
-        _param(log, "actor", "v_actor"),
-        _param(log, "reason", "v_reason"),
+        _shared(log, "forced", "v_forced", plain),
+        _shared(log, "actor", "v_actor", plain),
+        _shared(log, "reason", "v_reason", plain),
     ]
 
 
-def _from_items(table: Table, with_order: bool, style: str, **same: str) -> Executable:
+def _from_items(
+    table: Table, with_order: bool, style: str, plain: bool = False, **same: str
+) -> Executable:
     """``INSERT INTO table (item_id[, order_id], …) SELECT id[, order_id], :param… FROM
     oms_order_item WHERE id IN :ids ORDER BY id``: one row per item, ``same`` maps each
-    further column to the parameter that gives its (shared) value."""
+    further column to the parameter that gives its (shared) value (a constant for a
+    ``plain`` move, :func:`_shared`)."""
     columns = ["item_id", *(["order_id"] if with_order else []), *same]
     values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
-    values += [_param(table, column, name) for column, name in same.items()]
+    values += [_shared(table, column, name, plain) for column, name in same.items()]
     return insert(table).from_select(
         columns,
         select(*values).where(_ids_clause(OrderItem.id, style)).order_by(OrderItem.id),
     )
 
 
-def _move_statement(kind: str, style: str) -> Executable:
+def _move_statement(kind: str, style: str, plain: bool = False) -> Executable:
     """One of the five statements of a move group, with every value a named parameter
-    (``ids`` and ``v_…``), so one statement object serves every group and chunk."""
-    statement = _STATEMENTS.get((kind, style))
+    (``ids`` and ``v_…``), so one statement object serves every group and chunk; ``plain``:
+    for a move neither forced nor with event data (:data:`_UNFORCED`)."""
+    statement = _STATEMENTS.get((kind, style, plain))
     if statement is not None:
         return statement
     items = _table(OrderItem)
     if kind == "together":
-        statement = _together_statement(style)
+        statement = _together_statement(style, plain)
     elif kind == "update":
         statement = (
             update(items)
@@ -781,16 +827,16 @@ def _move_statement(kind: str, style: str) -> Executable:
                 # A moving item waits on no call: nothing moves an item with an open intent
                 # but the settling of that intent, whose unmark this is (one UPDATE fewer).
                 intent_id=null(),
-                **_CLEARED_RETRY,
+                **_CLEARED_RETRY_SQL,
             )
         )
     elif kind == "history":
-        statement = _from_items(_table(StateHistory), True, style, **_HISTORY_PARAMS)
+        statement = _from_items(_table(StateHistory), True, style, plain, **_HISTORY_PARAMS)
     elif kind == "log":
         log = _table(TransitionLog)
         statement = insert(log).from_select(
             _LOG_COLUMNS,
-            select(*_log_values(log, OrderItem.id, OrderItem.order_id))
+            select(*_log_values(log, OrderItem.id, OrderItem.order_id, plain))
             .where(_ids_clause(OrderItem.id, style))
             .order_by(OrderItem.id),
         )
@@ -803,7 +849,7 @@ def _move_statement(kind: str, style: str) -> Executable:
         )
     else:
         raise ValueError(f"no move statement {kind!r}")
-    _STATEMENTS[(kind, style)] = statement
+    _STATEMENTS[(kind, style, plain)] = statement
     return statement
 
 
@@ -899,7 +945,7 @@ def _resting_statement(kind: str, style: str) -> Executable:
             .values(
                 state=_param(items, "state", "v_target"),
                 state_entered_at=_param(items, "state_entered_at", "v_now"),
-                **_CLEARED_RETRY,
+                **_CLEARED_RETRY_SQL,
             )
         )
         if style == "range":  # the moved items' orders, for the tick's count of orders
@@ -944,7 +990,7 @@ def _resting_statement(kind: str, style: str) -> Executable:
         values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
         for column, name in same.items():
             if name in ("v_zero", "v_false"):  # the same for every move: not a parameter
-                values.append(literal(0 if name == "v_zero" else False, table.c[column].type))
+                values.append(literal_column("0", Integer) if name == "v_zero" else false())
             else:
                 values.append(_param(table, column, name))
         # SQLite: in (order, item) order, the order its ``order_id`` index gives the rows
@@ -1064,12 +1110,17 @@ def _forget_conditions_statement(style: str) -> Executable:
     )
 
 
-def _together_statement(style: str) -> Executable:
+def _together_statement(style: str, plain: bool) -> Executable:
     """``update``, ``history``, ``log`` and ``untime`` of a move group as one statement, for
     PostgreSQL: the UPDATE's RETURNING rows feed the two INSERTs, the DELETE rides along
     (data-modifying CTEs run once each, to completion, on one snapshot; they touch different
     tables, so none needs to see another's effect). A move costs one round trip and one
-    statement execution in the worker instead of four."""
+    statement execution in the worker instead of four.
+
+    The DELETE is the statement itself, the others its CTEs (which run to completion whether
+    or not anything reads them): a statement that returns no rows, so the driver describes
+    no result column and SQLAlchemy sets up no result for it (nothing read the count the
+    ``SELECT`` returned)."""
     items = _table(OrderItem)
     moved = (
         update(items)
@@ -1078,7 +1129,7 @@ def _together_statement(style: str) -> Executable:
             state=_param(items, "state", "v_target"),
             state_entered_at=_param(items, "state_entered_at", "v_now"),
             intent_id=null(),
-            **_CLEARED_RETRY,
+            **_CLEARED_RETRY_SQL,
         )
         .returning(items.c.id, items.c.order_id)
         .cte("moved")
@@ -1091,7 +1142,10 @@ def _together_statement(style: str) -> Executable:
             select(
                 moved.c.id,
                 moved.c.order_id,
-                *(_param(history, column, name) for column, name in _HISTORY_PARAMS.items()),
+                *(
+                    _shared(history, column, name, plain)
+                    for column, name in _HISTORY_PARAMS.items()
+                ),
             ).order_by(moved.c.id),
         )
         .cte("moved_history")
@@ -1101,16 +1155,15 @@ def _together_statement(style: str) -> Executable:
         insert(log)
         .from_select(
             _LOG_COLUMNS,
-            select(*_log_values(log, moved.c.id, moved.c.order_id)).order_by(moved.c.id),
+            select(*_log_values(log, moved.c.id, moved.c.order_id, plain)).order_by(moved.c.id),
         )
         .cte("moved_log")
     )
-    untimed = (
+    return (
         delete(_table(EventTimeout))
         .where(_ids_clause(EventTimeout.item_id, style))
-        .cte("moved_untime")
+        .add_cte(moved, history_rows, log_rows)
     )
-    return select(func.count()).select_from(moved).add_cte(history_rows, log_rows, untimed)
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:
