@@ -1079,15 +1079,19 @@ def _upsert_conditions() -> Executable:
         .table_valued("value", with_ordinality="n")
         .render_derived(name="r")
     )
+    # Each field as one literal piece of SQL, not a cast of an operator expression: the
+    # statement's cache key is hashed on every execution, and eight custom operators in it
+    # cost ~40 Python calls each time.
+    dialect = postgresql.dialect()
+    fields = [
+        literal_column(f"CAST(r.value ->> {index} AS {kind.compile(dialect=dialect)})", kind)
+        for index, kind in enumerate(_CONDITION_JSON_TYPES)
+    ]
     stmt = postgresql.insert(table).from_select(
         [*columns, "evaluated_at"],
-        select(
-            *(
-                sql_cast(rows.c.value.op("->>")(literal_column(str(index))), kind)
-                for index, kind in enumerate(_CONDITION_JSON_TYPES)
-            ),
-            _param(table, "evaluated_at", "v_now"),
-        ).order_by(rows.c.n),
+        select(*fields, _param(table, "evaluated_at", "v_now"))
+        .select_from(rows)
+        .order_by(rows.c.n),
     )
     return stmt.on_conflict_do_update(
         index_elements=keys,
