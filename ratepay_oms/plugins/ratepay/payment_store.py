@@ -35,7 +35,14 @@ from sqlalchemy.orm import Session, SessionTransaction, make_transient, make_tra
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
-from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
+from ratepay_oms.engine.persist import (
+    chunked,
+    execute_rowless,
+    ids_clause,
+    ids_style,
+    ids_value,
+    prebuilt,
+)
 from ratepay_oms.orders import OrderInput, parse_order
 from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from ratepay_oms.persistence.payment import (
@@ -413,7 +420,7 @@ def write_payment(session: Session, payment: RatepayPayment, values: dict[str, A
         statement = _PAYMENT_UPDATES.setdefault(tuple(values), _payment_update(tuple(values)))
     params = {f"v_{name}": value for name, value in values.items()}
     params["payment_id"] = payment.id
-    written = session.connection().execute(statement, params).rowcount
+    written = execute_rowless(session.connection(), statement, params).rowcount
     if written != 1:
         raise StaleDataError(
             f"ratepay_payment {payment.id} (order {payment.order_id}): {written} rows updated"
