@@ -24,7 +24,7 @@ import os
 import socket
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
@@ -86,9 +86,13 @@ MAX_DETAIL = 4000
 T = TypeVar("T")
 
 
-def chunked(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
+def chunked(values: Sequence[T], size: int = CHUNK) -> list[Sequence[T]]:
+    """``values`` in consecutive parts of at most ``size`` (none when empty). A list, not a
+    generator: nearly every call has one part (an order's items), and a generator costs a
+    call to start, one per part and one to end."""
+    if len(values) <= size:
+        return [values] if values else []
+    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 def id_in(

@@ -25,7 +25,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     literal_column,
     null,
     select,
@@ -132,7 +131,7 @@ def _without_statement(
         payment = known[order.id]
         if payment is None:
             return True, None  # asked before in this transaction: none (only we add one)
-        state = inspect(payment)
+        state = instance_state(payment)
         if state.persistent and state.session is session:
             return True, payment
     payment = _taken_up(session, order)
@@ -167,10 +166,10 @@ def _taken_up(session: Session, order: Order) -> RatepayPayment | None:
         payment = _LAST_WRITTEN.get(order)
     if payment is None:
         return None
-    order_state = inspect(order)
+    order_state = instance_state(order)
     if not order_state.persistent or order_state.session is not session:
         return None
-    state = inspect(payment)
+    state = instance_state(payment)
     if (
         not state.detached
         or state.expired_attributes
@@ -348,7 +347,7 @@ def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -
 def _forget(session: Session, order: Order, payment: RatepayPayment) -> None:
     """Without reading an attribute of ``order``: the rollback expired them, and reading one
     would begin a new transaction."""
-    if inspect(payment).session is session:
+    if instance_state(payment).session is session:
         session.expunge(payment)
     make_transient(payment)
     with _LAST_WRITTEN_LOCK:
@@ -551,7 +550,7 @@ def _insert_outcomes_from_items(
     assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
     rest = (order.id, *same.values())
     make = WrittenOutcome._make
-    for part in chunked(sorted(item.id for item in items), OUTCOME_CHUNK):
+    for part in chunked(sorted([item.id for item in items]), OUTCOME_CHUNK):
         result = conn.execute(statement, {**params, "ids": ids_value(part, style)})
         if returning:  # all rows at once: iterating the result fetches row by row
             written.extend([make((outcome_id, item_id, *rest)) for outcome_id, item_id
