@@ -721,8 +721,8 @@ def execute_rowless(
         text = texts[statement]
     else:
         text = texts[statement] = _driver_sql(statement, dialect, params)
-    if text is None:
-        return conn.execute(statement, params)
+    if text is None or conn.get_execution_options().get("schema_translate_map"):
+        return conn.execute(statement, params)  # (a translated schema: compiled per use)
     return conn.exec_driver_sql(text, params)
 
 
