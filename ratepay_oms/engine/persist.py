@@ -7,8 +7,9 @@ per row: one ``UPDATE … WHERE id IN (…)``, and the history, transition-log a
 (``id``, ``order_id``) or the same for the whole group, so the rows never travel through Python
 as parameters: no per-row dicts, no per-row bind processing, and on PostgreSQL no pipelined
 statement per row (psycopg's ``executemany``). The ids themselves travel as one parameter where
-the database can take that: an array on PostgreSQL (``= ANY(%s)``, so the statement text stays
-the same and the server keeps it prepared), a JSON array on SQLite (``IN (SELECT value FROM
+the database can take that: an array on PostgreSQL (``= ANY(%s::INTEGER[])``, so the statement
+text stays the same and the server keeps it prepared; sent as its text ``{1,2,3}``, see
+:class:`IntArrayText`), a JSON array on SQLite (``IN (SELECT value FROM
 json_each(?))``), instead of an ``IN`` list of a thousand placeholders that SQLAlchemy renders
 and the database parses anew for every statement. MariaDB gets the ``IN`` list.
 
@@ -23,15 +24,18 @@ import os
 import socket
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
+from weakref import WeakKeyDictionary
 
 from sqlalchemy import (
     JSON,
     Boolean,
     ColumnElement,
+    Connection,
+    CursorResult,
     Dialect,
     Executable,
     Integer,
@@ -42,6 +46,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    false,
     func,
     insert,
     literal,
@@ -51,13 +56,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.types import TypeEngine, UserDefinedType
 
 from ratepay_oms.engine.verdict import Verdict
 from ratepay_oms.ops import instruments
@@ -82,9 +86,13 @@ MAX_DETAIL = 4000
 T = TypeVar("T")
 
 
-def chunked(values: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
+def chunked(values: Sequence[T], size: int = CHUNK) -> list[Sequence[T]]:
+    """``values`` in consecutive parts of at most ``size`` (none when empty). A list, not a
+    generator: nearly every call has one part (an order's items), and a generator costs a
+    call to start, one per part and one to end."""
+    if len(values) <= size:
+        return [values] if values else []
+    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 def id_in(
@@ -94,7 +102,7 @@ def id_in(
     module docstring)."""
     dialect = session.get_bind().dialect
     if dialect.name == "postgresql":
-        return column == any_(bindparam(None, list(ids), type_=ARRAY(Integer)))
+        return column == any_(bindparam(None, _ids_value(ids, "array"), type_=IntArrayText()))
     if dialect.name == "sqlite" and _sqlite_has_json(dialect):
         values = func.json_each(bindparam(None, json.dumps(list(ids)), type_=String))
         return column.in_(select(values.table_valued("value").c.value))
@@ -172,6 +180,15 @@ _CLEARED_RETRY: dict[str, Any] = {
     "attempts": 0,
     "last_error": None,
 }
+
+_CLEARED_RETRY_SQL: dict[str, Any] = {
+    "retry_event": null(),
+    "retry_at": null(),
+    "attempts": literal_column("0", Integer),
+    "last_error": null(),
+}
+""":data:`_CLEARED_RETRY` as SQL constants for the prebuilt statements: the same for every
+move, so written into the statement's text once, not sent as four parameters each time."""
 
 
 class StateWriter:
@@ -287,7 +304,7 @@ class StateWriter:
         conn = self.session.connection()
         if conn.dialect.name == "postgresql":  # one statement replaces the older answers
             for rows_part in chunked(rows):
-                conn.execute(_UPSERT_CONDITIONS, self._condition_json(rows_part))
+                execute_rowless(conn, _UPSERT_CONDITIONS, self._condition_json(rows_part))
             return
         style = _ids_style(conn.dialect)
         forget = prebuilt("forget conditions", style, _forget_conditions_statement)
@@ -406,6 +423,7 @@ class StateWriter:
         for key, ids in groups.items():
             timeouts = definitions[key.process].timeout_events(key.target)
             forced = key.forced
+            plain = forced is None and history_data is None
             notify = definitions[key.process].notifies(key.target)
             instruments.note_moves(self.session, key.process, key.event, len(ids))
             for part in chunked(sorted(ids)):
@@ -420,18 +438,19 @@ class StateWriter:
                     "v_hostname": self.origin.hostname,
                     "v_argv": self.origin.argv,
                     "v_now": self.now,
-                    "v_forced": forced is not None,
-                    "v_actor": forced.actor if forced is not None else None,
-                    "v_reason": forced.reason if forced is not None else None,
-                    "v_data": history_data,
                 }
+                if not plain:
+                    shared["v_forced"] = forced is not None
+                    shared["v_actor"] = forced.actor if forced is not None else None
+                    shared["v_reason"] = forced.reason if forced is not None else None
+                    shared["v_data"] = history_data
                 if style == "array":
                     # PostgreSQL: the four as one statement (data-modifying CTEs).
-                    conn.execute(_move_statement("together", style), shared)
+                    execute_rowless(conn, _move_statement("together", style, plain), shared)
                 else:
                     conn.execute(_move_statement("update", style), shared)
-                    conn.execute(_move_statement("history", style), shared)
-                    conn.execute(_move_statement("log", style), shared)
+                    conn.execute(_move_statement("history", style, plain), shared)
+                    conn.execute(_move_statement("log", style, plain), shared)
                     conn.execute(_move_statement("untime", style), shared)
                 if notify:
                     self._notify(part, key.process, key.source, key.target, key.event)
@@ -661,7 +680,7 @@ def _committed_moves(items: Iterable[OrderItem], target: str, now: datetime) -> 
 
 # -- the statements of a move, built once ---------------------------------------------------
 
-_STATEMENTS: dict[tuple[str, str], Executable] = {}
+_STATEMENTS: dict[tuple[str, str, bool], Executable] = {}
 _PREBUILT: dict[tuple[str, str], Any] = {}
 
 
@@ -674,6 +693,64 @@ def prebuilt(name: str, style: str, build: Callable[[str], Any]) -> Any:
     if statement is None:
         statement = _PREBUILT[(name, style)] = build(style)
     return statement
+
+
+_DRIVER_SQL: WeakKeyDictionary[Dialect, dict[Executable, str | None]] = WeakKeyDictionary()
+"""Per dialect (engine), the SQL text of each prebuilt statement :func:`execute_rowless` sends
+as it is, or ``None`` for one it leaves to ``Connection.execute``. Bounded: one entry per
+prebuilt statement, gone with the engine's dialect."""
+
+
+def execute_rowless(
+    conn: Connection, statement: Executable, params: dict[str, Any]
+) -> CursorResult[Any]:
+    """Run a prebuilt statement that returns no rows, with ``params`` naming every value.
+
+    Where the driver takes named parameters (psycopg), its SQL text is compiled once per
+    dialect and sent with ``exec_driver_sql``: ``Connection.execute`` would hash the
+    statement's cache key, look the compiled form up and build its parameters anew on every
+    call (~20-40 Python calls and a quarter of the statement's client CPU). The text is the
+    one ``execute`` sends; only statements whose parameters need no processing by SQLAlchemy
+    and that return no rows qualify (:func:`_driver_sql`), every other one (and every other
+    driver) goes through ``execute``. Events, error wrapping and ``rowcount`` are the same."""
+    dialect = conn.dialect
+    texts = _DRIVER_SQL.get(dialect)
+    if texts is None:
+        texts = _DRIVER_SQL.setdefault(dialect, {})
+    if statement in texts:
+        text = texts[statement]
+    else:
+        text = texts[statement] = _driver_sql(statement, dialect, params)
+    if text is None or conn.get_execution_options().get("schema_translate_map"):
+        return conn.execute(statement, params)  # (a translated schema: compiled per use)
+    return conn.exec_driver_sql(text, params)
+
+
+def _driver_sql(
+    statement: Executable, dialect: Dialect, params: Mapping[str, Any]
+) -> str | None:
+    """The SQL text :func:`execute_rowless` may send for ``statement`` as it is, or ``None``:
+    an INSERT, UPDATE or DELETE without RETURNING, compiled for a driver with named
+    parameters, every parameter a plain named one whose value the driver takes unchanged (no
+    value or bind processing of SQLAlchemy's, nothing rendered per execution)."""
+    compiled = cast(Any, statement).compile(dialect=dialect, column_keys=list(params))
+    if (
+        dialect.positional
+        or compiled.positional
+        or not (compiled.isinsert or compiled.isupdate or compiled.isdelete)
+        or compiled.returning
+        or compiled.literal_execute_params
+        or compiled.post_compile_params
+    ):
+        return None
+    for bind in compiled.binds.values():
+        if (
+            bind.value is not None
+            or bind.callable is not None
+            or bind.type._cached_bind_processor(dialect) is not None
+        ):
+            return None
+    return str(compiled.string)
 
 
 def _ids_style(dialect: Dialect) -> str:
@@ -690,14 +767,31 @@ def ids_style(session: Session) -> str:
     return _ids_style(session.get_bind().dialect)
 
 
+class IntArrayText(UserDefinedType[str]):
+    """A PostgreSQL ``INTEGER[]`` parameter that travels as its text form (``{1,2,3}``,
+    :func:`ids_value`), rendered ``%(name)s::INTEGER[]``: psycopg dumps a ``str`` in C, a
+    Python list element by element in Python (its list dumper looks at every element to
+    choose the array's type), and SQLAlchemy's ``ARRAY`` copies the list on the way in. The
+    server parses the text as the array."""
+
+    cache_ok = True
+    render_bind_cast = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "INTEGER[]"
+
+
 def _ids_value(ids: Sequence[int], style: str) -> Any:
+    """The ``ids`` parameter of a statement built with :func:`ids_clause` in ``style``."""
+    if style == "array":
+        return "{" + ",".join(map(str, ids)) + "}"
     return json.dumps(list(ids)) if style == "json" else list(ids)
 
 
 def _ids_clause(column: InstrumentedAttribute[int], style: str) -> ColumnElement[bool]:
     """``column IN (:ids)`` in the given style, ``ids`` a named parameter."""
     if style == "array":
-        return column == any_(bindparam("ids", type_=ARRAY(Integer)))
+        return column == any_(bindparam("ids", type_=IntArrayText()))
     if style == "json":
         values = func.json_each(bindparam("ids", type_=String))
         return column.in_(select(values.table_valued("value").c.value))
@@ -710,6 +804,20 @@ ids_clause = _ids_clause
 
 def _param(table: Table, column: str, name: str) -> Any:
     return bindparam(name, type_=table.c[column].type)
+
+
+_UNFORCED: dict[str, Any] = {"v_forced": false(), "v_actor": null(), "v_reason": null(),
+                             "v_data": null()}
+"""What the parameters of a forced move or a move with event data are in every other move:
+a plain move's statement (``plain``) has them in its text instead of as four parameters."""
+
+
+def _shared(table: Table, column: str, name: str, plain: bool) -> Any:
+    """The value of ``column`` in a move's history or log row: parameter ``name``, or its
+    constant in a plain move's statement (:data:`_UNFORCED`)."""
+    if plain and name in _UNFORCED:
+        return _UNFORCED[name]
+    return _param(table, column, name)
 
 
 _HISTORY_PARAMS = {
@@ -725,7 +833,7 @@ _LOG_COLUMNS = [
 ]
 
 
-def _log_values(log: Table, item_id: Any, order_id: Any) -> list[Any]:
+def _log_values(log: Table, item_id: Any, order_id: Any, plain: bool) -> list[Any]:
     """The values of a move's transition-log row, in ``_LOG_COLUMNS`` order: the item's ids
     from ``item_id``/``order_id`` (the items table, or the rows an UPDATE returned), the
     rest shared parameters (no error: a failed move writes its log row elsewhere)."""
@@ -738,39 +846,43 @@ def _log_values(log: Table, item_id: Any, order_id: Any) -> list[Any]:
         _param(log, "target_state", "v_target"),
         _param(log, "command", "v_command"),
         _param(log, "condition", "v_condition"),
-        literal(False, log.c.is_error.type),
+        false(),
         null(),
         _param(log, "hostname", "v_hostname"),
         _param(log, "argv", "v_argv"),
         _param(log, "created_at", "v_now"),
-        _param(log, "forced", "v_forced"),
-        _param(log, "actor", "v_actor"),
-        _param(log, "reason", "v_reason"),
+        _shared(log, "forced", "v_forced", plain),
+        _shared(log, "actor", "v_actor", plain),
+        _shared(log, "reason", "v_reason", plain),
     ]
 
 
-def _from_items(table: Table, with_order: bool, style: str, **same: str) -> Executable:
+def _from_items(
+    table: Table, with_order: bool, style: str, plain: bool = False, **same: str
+) -> Executable:
     """``INSERT INTO table (item_id[, order_id], …) SELECT id[, order_id], :param… FROM
     oms_order_item WHERE id IN :ids ORDER BY id``: one row per item, ``same`` maps each
-    further column to the parameter that gives its (shared) value."""
+    further column to the parameter that gives its (shared) value (a constant for a
+    ``plain`` move, :func:`_shared`)."""
     columns = ["item_id", *(["order_id"] if with_order else []), *same]
     values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
-    values += [_param(table, column, name) for column, name in same.items()]
+    values += [_shared(table, column, name, plain) for column, name in same.items()]
     return insert(table).from_select(
         columns,
         select(*values).where(_ids_clause(OrderItem.id, style)).order_by(OrderItem.id),
     )
 
 
-def _move_statement(kind: str, style: str) -> Executable:
+def _move_statement(kind: str, style: str, plain: bool = False) -> Executable:
     """One of the five statements of a move group, with every value a named parameter
-    (``ids`` and ``v_…``), so one statement object serves every group and chunk."""
-    statement = _STATEMENTS.get((kind, style))
+    (``ids`` and ``v_…``), so one statement object serves every group and chunk; ``plain``:
+    for a move neither forced nor with event data (:data:`_UNFORCED`)."""
+    statement = _STATEMENTS.get((kind, style, plain))
     if statement is not None:
         return statement
     items = _table(OrderItem)
     if kind == "together":
-        statement = _together_statement(style)
+        statement = _together_statement(style, plain)
     elif kind == "update":
         statement = (
             update(items)
@@ -781,16 +893,16 @@ def _move_statement(kind: str, style: str) -> Executable:
                 # A moving item waits on no call: nothing moves an item with an open intent
                 # but the settling of that intent, whose unmark this is (one UPDATE fewer).
                 intent_id=null(),
-                **_CLEARED_RETRY,
+                **_CLEARED_RETRY_SQL,
             )
         )
     elif kind == "history":
-        statement = _from_items(_table(StateHistory), True, style, **_HISTORY_PARAMS)
+        statement = _from_items(_table(StateHistory), True, style, plain, **_HISTORY_PARAMS)
     elif kind == "log":
         log = _table(TransitionLog)
         statement = insert(log).from_select(
             _LOG_COLUMNS,
-            select(*_log_values(log, OrderItem.id, OrderItem.order_id))
+            select(*_log_values(log, OrderItem.id, OrderItem.order_id, plain))
             .where(_ids_clause(OrderItem.id, style))
             .order_by(OrderItem.id),
         )
@@ -803,7 +915,7 @@ def _move_statement(kind: str, style: str) -> Executable:
         )
     else:
         raise ValueError(f"no move statement {kind!r}")
-    _STATEMENTS[(kind, style)] = statement
+    _STATEMENTS[(kind, style, plain)] = statement
     return statement
 
 
@@ -899,7 +1011,7 @@ def _resting_statement(kind: str, style: str) -> Executable:
             .values(
                 state=_param(items, "state", "v_target"),
                 state_entered_at=_param(items, "state_entered_at", "v_now"),
-                **_CLEARED_RETRY,
+                **_CLEARED_RETRY_SQL,
             )
         )
         if style == "range":  # the moved items' orders, for the tick's count of orders
@@ -944,7 +1056,7 @@ def _resting_statement(kind: str, style: str) -> Executable:
         values: list[Any] = [OrderItem.id, *([OrderItem.order_id] if with_order else [])]
         for column, name in same.items():
             if name in ("v_zero", "v_false"):  # the same for every move: not a parameter
-                values.append(literal(0 if name == "v_zero" else False, table.c[column].type))
+                values.append(literal_column("0", Integer) if name == "v_zero" else false())
             else:
                 values.append(_param(table, column, name))
         # SQLite: in (order, item) order, the order its ``order_id`` index gives the rows
@@ -1033,15 +1145,19 @@ def _upsert_conditions() -> Executable:
         .table_valued("value", with_ordinality="n")
         .render_derived(name="r")
     )
+    # Each field as one literal piece of SQL, not a cast of an operator expression: the
+    # statement's cache key is hashed on every execution, and eight custom operators in it
+    # cost ~40 Python calls each time.
+    dialect = cast(Dialect, postgresql.dialect())  # type: ignore[no-untyped-call]
+    fields = [
+        literal_column(f"CAST(r.value ->> {index} AS {kind.compile(dialect=dialect)})", kind)
+        for index, kind in enumerate(_CONDITION_JSON_TYPES)
+    ]
     stmt = postgresql.insert(table).from_select(
         [*columns, "evaluated_at"],
-        select(
-            *(
-                sql_cast(rows.c.value.op("->>")(literal_column(str(index))), kind)
-                for index, kind in enumerate(_CONDITION_JSON_TYPES)
-            ),
-            _param(table, "evaluated_at", "v_now"),
-        ).order_by(rows.c.n),
+        select(*fields, _param(table, "evaluated_at", "v_now"))
+        .select_from(rows)
+        .order_by(rows.c.n),
     )
     return stmt.on_conflict_do_update(
         index_elements=keys,
@@ -1064,12 +1180,17 @@ def _forget_conditions_statement(style: str) -> Executable:
     )
 
 
-def _together_statement(style: str) -> Executable:
+def _together_statement(style: str, plain: bool) -> Executable:
     """``update``, ``history``, ``log`` and ``untime`` of a move group as one statement, for
     PostgreSQL: the UPDATE's RETURNING rows feed the two INSERTs, the DELETE rides along
     (data-modifying CTEs run once each, to completion, on one snapshot; they touch different
     tables, so none needs to see another's effect). A move costs one round trip and one
-    statement execution in the worker instead of four."""
+    statement execution in the worker instead of four.
+
+    The DELETE is the statement itself, the others its CTEs (which run to completion whether
+    or not anything reads them): a statement that returns no rows, so the driver describes
+    no result column and SQLAlchemy sets up no result for it (nothing read the count the
+    ``SELECT`` returned)."""
     items = _table(OrderItem)
     moved = (
         update(items)
@@ -1078,7 +1199,7 @@ def _together_statement(style: str) -> Executable:
             state=_param(items, "state", "v_target"),
             state_entered_at=_param(items, "state_entered_at", "v_now"),
             intent_id=null(),
-            **_CLEARED_RETRY,
+            **_CLEARED_RETRY_SQL,
         )
         .returning(items.c.id, items.c.order_id)
         .cte("moved")
@@ -1091,7 +1212,10 @@ def _together_statement(style: str) -> Executable:
             select(
                 moved.c.id,
                 moved.c.order_id,
-                *(_param(history, column, name) for column, name in _HISTORY_PARAMS.items()),
+                *(
+                    _shared(history, column, name, plain)
+                    for column, name in _HISTORY_PARAMS.items()
+                ),
             ).order_by(moved.c.id),
         )
         .cte("moved_history")
@@ -1101,16 +1225,15 @@ def _together_statement(style: str) -> Executable:
         insert(log)
         .from_select(
             _LOG_COLUMNS,
-            select(*_log_values(log, moved.c.id, moved.c.order_id)).order_by(moved.c.id),
+            select(*_log_values(log, moved.c.id, moved.c.order_id, plain)).order_by(moved.c.id),
         )
         .cte("moved_log")
     )
-    untimed = (
+    return (
         delete(_table(EventTimeout))
         .where(_ids_clause(EventTimeout.item_id, style))
-        .cte("moved_untime")
+        .add_cte(moved, history_rows, log_rows)
     )
-    return select(func.count()).select_from(moved).add_cte(history_rows, log_rows, untimed)
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:

@@ -915,7 +915,8 @@ def insert_intent(
         ids = [i.id for i in marking]
         first, rest = ids[:CHUNK], marking[CHUNK:]
         values = {f"v_{k}": v for k, v in row.items()}
-        intent_id = int(conn.execute(_INSERT_INTENT_MARKING, {**values, "ids": first}).scalar_one())
+        values["ids"] = ids_value(first, "array")
+        intent_id = int(conn.execute(_INSERT_INTENT_MARKING, values).scalar_one())
         _marked(marking[:CHUNK], intent_id)
         mark_items(session, rest, intent_id)
         return intent_id

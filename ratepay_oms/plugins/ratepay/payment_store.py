@@ -25,15 +25,23 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
+    literal_column,
+    null,
     select,
     update,
 )
 from sqlalchemy.orm import Session, SessionTransaction, make_transient, make_transient_to_detached
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
-from ratepay_oms.engine.persist import chunked, ids_clause, ids_style, ids_value, prebuilt
+from ratepay_oms.engine.persist import (
+    chunked,
+    execute_rowless,
+    ids_clause,
+    ids_style,
+    ids_value,
+    prebuilt,
+)
 from ratepay_oms.orders import OrderInput, parse_order
 from ratepay_oms.persistence.models import Order, OrderItem, StateHistory
 from ratepay_oms.persistence.payment import (
@@ -123,7 +131,7 @@ def _without_statement(
         payment = known[order.id]
         if payment is None:
             return True, None  # asked before in this transaction: none (only we add one)
-        state = inspect(payment)
+        state = instance_state(payment)
         if state.persistent and state.session is session:
             return True, payment
     payment = _taken_up(session, order)
@@ -158,10 +166,10 @@ def _taken_up(session: Session, order: Order) -> RatepayPayment | None:
         payment = _LAST_WRITTEN.get(order)
     if payment is None:
         return None
-    order_state = inspect(order)
+    order_state = instance_state(order)
     if not order_state.persistent or order_state.session is not session:
         return None
-    state = inspect(payment)
+    state = instance_state(payment)
     if (
         not state.detached
         or state.expired_attributes
@@ -215,28 +223,14 @@ def claim_payment(
     _answered, payment = _without_statement(session, order, known)
     if payment is not None:
         return payment, False
-    values: dict[str, Any] = {
-        "order_id": order.id,
-        "method": method,
-        "transaction_id": None,
-        "transaction_short_id": None,
-        "descriptor": None,
-        "result_code": None,
-        "reason_code": None,
-        "customer_message": None,
-        "installment_plan": None,
-        "profile": profile,
-        "voucher_rule": voucher_rule,
-        "shipping_status": OPEN,
-        "discount_status": OPEN,
-        "created_at": now,
-        "updated_at": now,
-    }
+    order_id = order.id
+    params = {"v_order_id": order_id, "v_method": method, "v_profile": profile,
+              "v_voucher_rule": voucher_rule, "v_now": now}
     conn = session.connection()
     if conn.dialect.insert_returning:
-        new_id = conn.execute(_CLAIM_RETURNING, _claim_params(values)).scalar()
+        new_id = conn.execute(_CLAIM_RETURNING, params).scalar()
     else:
-        written = conn.execute(_CLAIM, _claim_params(values))
+        written = conn.execute(_CLAIM, params)
         new_id = written.lastrowid if written.rowcount == 1 else None
     if new_id is None:  # it has one (a retry): read it
         payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
@@ -244,8 +238,10 @@ def claim_payment(
         known[order.id] = payment
         _remember(order, payment)
         return payment, False
-    payment = RatepayPayment(id=new_id, **values)
-    make_transient_to_detached(payment)  # as if loaded: persistent once added, no INSERT
+    payment = _loaded_payment({
+        "id": new_id, "order_id": order_id, "method": method, **_CLAIM_CONSTANTS,
+        "profile": profile, "voucher_rule": voucher_rule, "created_at": now, "updated_at": now,
+    })
     session.add(payment)
     root = session.get_transaction()
     written_in = session.get_nested_transaction() or root
@@ -256,8 +252,37 @@ def claim_payment(
     return payment, True
 
 
-def _claim_params(values: dict[str, Any]) -> dict[str, Any]:
-    return {f"v_{name}": value for name, value in values.items()}
+_CLAIM_CONSTANTS: dict[str, Any] = {
+    "transaction_id": None,
+    "transaction_short_id": None,
+    "descriptor": None,
+    "result_code": None,
+    "reason_code": None,
+    "customer_message": None,
+    "installment_plan": None,
+    "shipping_status": OPEN,
+    "discount_status": OPEN,
+}
+"""The columns of a new payment row that are the same for every order: in the text of
+:data:`_CLAIM` as constants, not sent as parameters with every claim."""
+
+_CLAIM_PARAMS = {"order_id": "v_order_id", "method": "v_method", "profile": "v_profile",
+                 "voucher_rule": "v_voucher_rule", "created_at": "v_now", "updated_at": "v_now"}
+"""The other columns of a new payment row and the parameters that give them."""
+
+
+def _loaded_payment(values: dict[str, Any]) -> RatepayPayment:
+    """A payment object holding ``values`` (every column) as loaded from its row, not yet in
+    a session: the values go straight into the object's state, as the ORM's loader puts them
+    (the constructor sends every attribute through the attribute events, ~150 calls for
+    what is a dozen dictionary items here)."""
+    payment: RatepayPayment = _PAYMENT_MANAGER.new_instance()
+    instance_state(payment).dict.update(values)
+    make_transient_to_detached(payment)  # as if loaded: persistent once added, no INSERT
+    return payment
+
+
+_PAYMENT_MANAGER = cast(Any, RatepayPayment).__mapper__.class_manager
 
 
 def _claim_statement() -> Any:
@@ -266,13 +291,23 @@ def _claim_statement() -> Any:
     call."""
     table = cast(Table, RatepayPayment.__table__)
     columns = [c.name for c in table.columns if c.name != "id"]
+    assert set(columns) == set(_CLAIM_CONSTANTS) | set(_CLAIM_PARAMS), "a column unaccounted"
     order_id = bindparam("v_order_id", type_=table.c.order_id.type)
     values = [
-        order_id if name == "order_id" else bindparam(f"v_{name}", type_=table.c[name].type)
+        bindparam(_CLAIM_PARAMS[name], type_=table.c[name].type) if name in _CLAIM_PARAMS
+        else _constant(_CLAIM_CONSTANTS[name], table.c[name].type)
         for name in columns
     ]
     has_one = select(table.c.id).where(table.c.order_id == order_id).exists()
     return insert(table).from_select(columns, select(*values).where(~has_one))
+
+
+def _constant(value: str | None, type_: Any) -> Any:
+    """``value`` written into a statement's text (a fixed word of this module, never data)."""
+    if value is None:
+        return null()
+    assert value.isidentifier(), value
+    return literal_column(f"'{value}'", type_)
 
 
 _CLAIM = _claim_statement()
@@ -312,7 +347,7 @@ def _within(transaction: SessionTransaction | None, outer: SessionTransaction) -
 def _forget(session: Session, order: Order, payment: RatepayPayment) -> None:
     """Without reading an attribute of ``order``: the rollback expired them, and reading one
     would begin a new transaction."""
-    if inspect(payment).session is session:
+    if instance_state(payment).session is session:
         session.expunge(payment)
     make_transient(payment)
     with _LAST_WRITTEN_LOCK:
@@ -384,13 +419,17 @@ def write_payment(session: Session, payment: RatepayPayment, values: dict[str, A
         statement = _PAYMENT_UPDATES.setdefault(tuple(values), _payment_update(tuple(values)))
     params = {f"v_{name}": value for name, value in values.items()}
     params["payment_id"] = payment.id
-    written = session.connection().execute(statement, params).rowcount
+    written = execute_rowless(session.connection(), statement, params).rowcount
     if written != 1:
         raise StaleDataError(
             f"ratepay_payment {payment.id} (order {payment.order_id}): {written} rows updated"
         )
-    for name, value in values.items():
-        set_committed_value(payment, name, value)
+    state = instance_state(payment)
+    if state.committed_state or state.expired_attributes:
+        for name, value in values.items():
+            set_committed_value(payment, name, value)
+    else:  # nothing pending or expired: what set_committed_value does, minus its machinery
+        state.dict.update(values)
 
 
 _PAYMENT_UPDATES: dict[tuple[str, ...], Any] = {}
@@ -511,11 +550,11 @@ def _insert_outcomes_from_items(
     assert tuple(same) == WrittenOutcome._fields[3:], "outcome values out of field order"
     rest = (order.id, *same.values())
     make = WrittenOutcome._make
-    for part in chunked(sorted(item.id for item in items), OUTCOME_CHUNK):
+    for part in chunked(sorted([item.id for item in items]), OUTCOME_CHUNK):
         result = conn.execute(statement, {**params, "ids": ids_value(part, style)})
-        if returning:
+        if returning:  # all rows at once: iterating the result fetches row by row
             written.extend([make((outcome_id, item_id, *rest)) for outcome_id, item_id
-                            in result])
+                            in result.all()])
     return written if returning else None
 
 
