@@ -9,7 +9,7 @@ exporter to see them. Attributes carry names and counts only, never order data o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 try:  # the extra
@@ -24,15 +24,35 @@ def enabled() -> bool:
     return _trace is not None
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    """A span named ``name`` (current span as parent); yields it, or ``None`` without OTel.
+_tracer: tuple[Any, Any] = (None, None)
+"""(the ``trace`` module it came from, our tracer): ``get_tracer`` looks the tracer provider up
+(reading the environment) and builds a tracer on every call, for the same tracer each time. A
+provider the host installs later is still used: before one is set OpenTelemetry hands out a
+proxy tracer that switches over to it."""
 
-    An exception leaving the block is recorded on the span and re-raised unchanged.
+
+def _get_tracer() -> Any:
+    global _tracer
+    source, tracer = _tracer
+    if source is not _trace:  # first use, or the module replaced (a test's stand-in)
+        tracer = _trace.get_tracer(TRACER_NAME)
+        _tracer = (_trace, tracer)
+    return tracer
+
+
+def span(
+    name: str, attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """A span named ``name`` (current span as parent) as a context manager that yields it, or
+    ``None`` without OTel.
+
+    An exception leaving the block is recorded on the span and re-raised unchanged (what
+    ``start_as_current_span`` does by default). Its context manager is handed out as it is,
+    not wrapped in a generator of ours: a span opens around every gateway call.
     """
     if _trace is None:
-        yield None
-        return
-    tracer = _trace.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(name, attributes=dict(attributes or {})) as current:
-        yield current
+        return contextlib.nullcontext()
+    manager: contextlib.AbstractContextManager[Any] = _get_tracer().start_as_current_span(
+        name, attributes=dict(attributes or {})
+    )
+    return manager
