@@ -145,6 +145,16 @@ class CompiledProcess:
                     assert check is None or isinstance(check, _ConditionCheck)
                     steps.append((record.transition, check))
                 self._walk[(state, event)] = tuple(steps)
+        # Per (state, event): whether a condition decides (the runner puts a savepoint around
+        # asking); per state: the on-enter event fired for items that land there. Asked for
+        # every group and every move, answered here once.
+        self._conditional: dict[tuple[str, str | None], bool] = {
+            key: any(check is not None for _, check in steps) for key, steps in self._walk.items()
+        }
+        self._on_enter: dict[str, str | None] = {}
+        for state in states:
+            found = definition.on_enter_event(state)
+            self._on_enter[state] = found.name if found is not None else None
         # Where the first candidate has no condition, the machine's answer is fixed (conditional
         # transitions come first, so there are none): skip the machine for those, which is
         # most of a bulk tick.
@@ -205,6 +215,19 @@ class CompiledProcess:
         """The transition ``event`` takes from ``state`` if that needs nothing but the
         database (see ``__init__``), else ``None`` (the runner has to fire it)."""
         return self._plain.get((state, event))
+
+    def conditional(self, state: str, event: str | None) -> bool:
+        """Whether a condition takes part in choosing ``event``'s transition from ``state``
+        (``any(t.condition for t in definition.transitions_from(state, event))``)."""
+        return self._conditional.get((state, event), False)
+
+    def on_enter(self, state: str) -> str | None:
+        """The name of the on-enter event of ``state`` (``definition.on_enter_event``)."""
+        try:
+            return self._on_enter[state]
+        except KeyError:  # not a state of the process: as the definition answers
+            found = self.definition.on_enter_event(state)
+            return found.name if found is not None else None
 
     def fixed(self, state: str, event: str | None) -> TransitionDef | None:
         """The transition ``event`` takes from ``state`` whatever the item (no condition

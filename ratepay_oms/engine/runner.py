@@ -355,16 +355,13 @@ class Runner:
         """The next round: the moved items grouped by (order, process, state, on-enter event)
         as :func:`group_items` groups them, but a run at a time (its items share all four)."""
         groups: dict[tuple[int, str, str, str], Group] = {}
-        events: dict[tuple[str, str], str | None] = {}
+        compiled = self.engine.compiled
         for run in moves:
-            where = (run.key.process, run.key.target)
-            if where not in events:
-                found = self.engine.definitions[run.key.process].on_enter_event(run.key.target)
-                events[where] = found.name if found is not None else None
-            event = events[where]
+            move = run.key
+            event = compiled[move.process].on_enter(move.target)
             if event is None:
                 continue
-            key = (run.order.id, run.key.process, run.key.target, event)
+            key = (run.order.id, move.process, move.target, event)
             group = groups.get(key)
             if group is None:
                 group = groups[key] = Group(run.order, key[1], key[2], event, [])
@@ -574,10 +571,9 @@ class Runner:
         fixed = compiled.fixed(group.state, group.event)
         if fixed is not None:
             return [Moves(key_of(fixed), group.order, items)] if items else []
-        candidates = compiled.definition.transitions_from(group.state, group.event)
         moves: list[Moves] = []
         stayed: list[OrderItem] = []
-        has_conditions = any(t.condition for t in candidates)
+        has_conditions = compiled.conditional(group.state, group.event)
         last: TransitionDef | None = None
 
         def place(item: OrderItem, chosen: TransitionDef | None) -> None:
@@ -771,9 +767,10 @@ class Runner:
         command.apply(ctx, order, items, summary, answer)
         self.stats.commands_run += 1
         moves = self.choose(group, list(items), intent.command, ctx, record_stays)
-        # Items that move are unmarked by their move's UPDATE; the others here.
-        moving = {i.id for run in moves for i in run.items}
-        mark_items(self.session, [i for i in items if i.id not in moving], None)
+        # Items that move are unmarked by their move's UPDATE; the others here. (The moves hold
+        # these very objects: told apart by identity, no ORM attribute read per item.)
+        moving = {i for run in moves for i in run.items}
+        mark_items(self.session, [i for i in items if i not in moving], None)
         if isinstance(summary.get(EVENT_DATA_KEY), dict):
             self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
