@@ -153,8 +153,8 @@ class CompiledProcess:
         }
         self._on_enter: dict[str, str | None] = {}
         for state in states:
-            found = definition.on_enter_event(state)
-            self._on_enter[state] = found.name if found is not None else None
+            on_enter = definition.on_enter_event(state)
+            self._on_enter[state] = on_enter.name if on_enter is not None else None
         # Where the first candidate has no condition, the machine's answer is fixed (conditional
         # transitions come first, so there are none): skip the machine for those, which is
         # most of a bulk tick.
