@@ -75,6 +75,14 @@ class _ConditionCheck:
             )
         return [verdict_of(answer) for answer in answers]
 
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        """``Condition.reads_database``; an unknown condition (or one whose answer raises)
+        counts as reading: asking it then fails inside the savepoint, as always."""
+        try:
+            return self.registry.condition(self.name).reads_database(ctx, order)
+        except Exception:
+            return True
+
     def ask(self, subject: Subject) -> bool:
         condition = self.registry.condition(self.name)
         verdict = verdict_of(condition.check(subject.ctx, subject.order, subject.item))
@@ -220,6 +228,16 @@ class CompiledProcess:
         """Whether a condition takes part in choosing ``event``'s transition from ``state``
         (``any(t.condition for t in definition.transitions_from(state, event))``)."""
         return self._conditional.get((state, event), False)
+
+    def reads_database(
+        self, state: str, event: str | None, ctx: CommandContext, order: Order
+    ) -> bool:
+        """Whether any condition :meth:`choose_many` may ask for ``event`` from ``state``
+        may run SQL for ``order`` now (``Condition.reads_database``)."""
+        for _, check in self._walk.get((state, event), ()):
+            if check is not None and check.reads_database(ctx, order):
+                return True
+        return False
 
     def on_enter(self, state: str) -> str | None:
         """The name of the on-enter event of ``state`` (``definition.on_enter_event``)."""

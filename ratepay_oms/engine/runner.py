@@ -588,9 +588,14 @@ class Runner:
 
         # The whole group at once, a condition at a time (``CompiledProcess.choose_many``).
         # Conditions should only read; a savepoint still protects the transaction from one
-        # that fails inside the database (PostgreSQL aborts the whole transaction then).
+        # that fails inside the database (PostgreSQL aborts the whole transaction then),
+        # unless none of them reads it now (``Condition.reads_database``: answers the
+        # command just recorded, as after a gateway call).
+        guarded = has_conditions and compiled.reads_database(
+            group.state, group.event, ctx, group.order
+        )
         try:
-            with self.session.begin_nested() if has_conditions else nullcontext():
+            with self.session.begin_nested() if guarded else nullcontext():
                 answers, asked = compiled.choose_many(
                     group.state, group.event, group.order, items, ctx
                 )

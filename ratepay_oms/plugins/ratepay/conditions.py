@@ -111,6 +111,9 @@ class OutcomeSucceeded(Condition):
             verdicts.append(_verdict(ctx, holds, action, outcome))
         return verdicts
 
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        return not outcomes_at_hand(ctx, order, self.action)
+
 
 @dataclass(frozen=True)
 class PaymentRequestDeclined(Condition):
@@ -126,6 +129,15 @@ class PaymentRequestDeclined(Condition):
             and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
         return _verdict(ctx, holds, PAYMENT_REQUEST, outcome)
+
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        return not outcomes_at_hand(ctx, order, PAYMENT_REQUEST)
+
+
+def outcomes_at_hand(ctx: CommandContext, order: Order, action: str) -> bool:
+    """Whether :func:`newest_outcomes` answers from ``ctx.memo`` (read before, or primed by
+    the command's ``apply``) instead of reading the database."""
+    return (OUTCOMES_MEMO, order.id, action) in ctx.memo
 
 
 def newest_outcome(
