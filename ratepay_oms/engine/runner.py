@@ -782,15 +782,32 @@ class Runner:
         return True
 
     def _take_up(self, loaded: Loaded) -> tuple[Order, list[OrderItem]]:
-        """``loaded``'s objects in this session, without a statement.
+        """``loaded``'s objects in this session, without a statement: the ones
+        ``session.add(order)`` would attach (the order and the items of its loaded
+        collection) and the intent's items.
 
-        Adding the order cascades to the items it has loaded; only the others are added one
-        by one (each ``add`` walks the object's cascades again: for a 10,000-unit order,
-        adding every item after the order cost more than reading them anew)."""
+        Attached one by one, as ``add`` attaches each object its cascade reaches
+        (``Session._update_impl``), without the cascade walk itself: that visits every mapped
+        attribute of every object to find the two relationships (28 attributes for an order
+        of one unit; three quarters of the calls of taking up an order of two units, and
+        more than reading a 10,000-unit order anew)."""
         session = self.session
-        session.add(loaded.order)
-        session.add_all([item for item in loaded.items if item not in session])
-        return loaded.order, list(loaded.items)
+        order = loaded.order
+        objects: list[object] = [order]
+        collection = instance_state(order).dict.get("items")
+        if collection:
+            objects.extend(collection)
+        objects.extend(loaded.items)
+        mine = session.hash_key
+        for obj in objects:
+            state = instance_state(obj)
+            if state.session_id == mine:
+                continue  # attached already (an item of the collection and of the intent)
+            if state.key is None:
+                session.add(obj)  # not persisted (never expected): as add made of it
+            else:
+                session._update_impl(state)  # raises as add did for another session's
+        return order, list(loaded.items)
 
     def leave_open(self, intent_id: int, message: str) -> None:
         """The call may have been booked (no usable answer): the intent stays open for
