@@ -15,6 +15,7 @@ from decimal import Decimal
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, SessionTransaction
 
 from ratepay_oms import Engine
 from ratepay_oms.engine.errors import (
@@ -23,6 +24,7 @@ from ratepay_oms.engine.errors import (
     OrderNotFoundError,
     UnknownProcessError,
 )
+from ratepay_oms.engine.plugins import CommandContext, Condition
 from ratepay_oms.engine.runner import MAX_EVENT_REPEATS
 from ratepay_oms.orders import OrderInputError
 from ratepay_oms.persistence.models import (
@@ -189,6 +191,82 @@ def test_eventless_condition_is_polled_by_the_tick(engine: Engine) -> None:
     second = engine.tick(now=T0)
     assert engine.order(r).states() == {"authorized": 1}
     assert second.items_moved == 1
+
+
+class _Flagged(Condition):
+    """``Test/IsFlagged`` as a class that says whether it reads the database (``reads``; an
+    exception: raised by ``reads_database``) and can fail its check (``fails``)."""
+
+    def __init__(self, reads: bool | Exception, fails: bool = False) -> None:
+        self.reads = reads
+        self.fails = fails
+
+    def check(self, ctx: CommandContext, order: Order, item: OrderItem) -> bool:
+        if self.fails:
+            raise ValueError("condition broke (test)")
+        return item.sku in ctx.services.get("flagged", ())
+
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        if isinstance(self.reads, Exception):
+            raise self.reads
+        return self.reads
+
+
+def _place_flagged(
+    url: str, monkeypatch: pytest.MonkeyPatch, condition: _Flagged
+) -> tuple[dict[str, str], int, list[str | None]]:
+    """Place an order whose ``authorize`` asks ``condition``: (states by SKU, savepoints
+    begun, the errors of its transition log)."""
+    registry = make_registry()
+    registry.register_condition("Test/IsFlagged", condition)
+    begun: list[int] = []
+    begin_nested = Session.begin_nested
+
+    def counting(self: Session) -> SessionTransaction:
+        begun.append(1)
+        return begin_nested(self)
+
+    eng = Engine(url, process_dir=PROCESS_DIR, registry=registry, worker_id="test-worker")
+    try:
+        eng.services["flagged"] = {"SKU-B"}
+        r = ref()
+        monkeypatch.setattr(Session, "begin_nested", counting)
+        view = eng.place_order(order_doc(r, lines=(("SKU-A", 1), ("SKU-B", 1))), now=T0)
+        monkeypatch.undo()
+        errors = [e.error_message for e in eng.transition_log(r)]
+    finally:
+        eng.close()
+    return {i.sku: i.state for i in view.items}, len(begun), errors
+
+
+def test_conditions_that_read_nothing_are_asked_without_a_savepoint(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Condition.reads_database`` false: the same choice, one savepoint fewer; a
+    ``reads_database`` that raises counts as reading (the savepoint stays)."""
+    chosen = {"SKU-A": "authorized", "SKU-B": "flagged"}
+    states, guarded, errors = _place_flagged(url, monkeypatch, _Flagged(True))
+    assert states == chosen and not any(errors)
+    states, bare, errors = _place_flagged(url, monkeypatch, _Flagged(False))
+    assert states == chosen and not any(errors)
+    assert bare == guarded - 1
+    states, unsure, _ = _place_flagged(url, monkeypatch, _Flagged(RuntimeError("unsure")))
+    assert states == chosen and unsure == guarded
+
+
+def test_a_condition_that_reads_nothing_and_fails_leaves_its_items_waiting(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the savepoint a failing condition still fails only its own items, each with
+    the error logged, as with one."""
+    results = [
+        _place_flagged(url, monkeypatch, _Flagged(reads, fails=True)) for reads in (True, False)
+    ]
+    (states, _, errors), (bare_states, _, bare_errors) = results
+    assert states == bare_states
+    assert not {"authorized", "flagged"} & set(states.values())
+    assert sorted(map(str, errors)) == sorted(map(str, bare_errors))
+    assert any("condition broke (test)" in (e or "") for e in bare_errors)
 
 
 # -- timeouts --------------------------------------------------------------------------------

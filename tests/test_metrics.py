@@ -327,6 +327,33 @@ def test_spans_go_to_a_tracer_provider_set_after_the_first_span() -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_spans_ask_for_the_tracer_once_and_pass_exceptions_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``span`` keeps the tracer of the ``trace`` module it got it from (one lookup of the
+    provider, not one per gateway call) and takes a new one when the module is replaced."""
+    asked: list[str] = []
+
+    class _Counting(_Recorder):
+        def get_tracer(self, name: str) -> _Recorder:
+            asked.append(name)
+            return self
+
+    first, second = _Counting(), _Counting()
+    monkeypatch.setattr(tracing, "_trace", first)
+    for n in range(3):
+        with tracing.span(f"s{n}", {"n": n}) as current:
+            assert current is first
+    with pytest.raises(KeyError, match="boom"), tracing.span("failing"):
+        raise KeyError("boom")
+    assert asked == [tracing.TRACER_NAME]
+    assert [name for name, _ in first.spans] == ["s0", "s1", "s2", "failing"]
+    monkeypatch.setattr(tracing, "_trace", second)
+    with tracing.span("other"):
+        pass
+    assert asked == [tracing.TRACER_NAME] * 2 and [n for n, _ in second.spans] == ["other"]
+
+
 def test_everything_works_without_opentelemetry(tmp_sqlite_url: str, pdir: Path) -> None:
     script = (
         "import sys; sys.modules['opentelemetry'] = None\n"

@@ -73,7 +73,17 @@ class _ConditionCheck:
             raise ValueError(
                 f"condition {self.name}: {len(answers)} answers for {len(items)} items"
             )
-        return [verdict_of(answer) for answer in answers]
+        # Verdicts as they are (what the RatePAY conditions return), the rest through
+        # verdict_of: a call per item fewer.
+        return [a if type(a) is Verdict else verdict_of(a) for a in answers]
+
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        """``Condition.reads_database``; an unknown condition (or one whose answer raises)
+        counts as reading: asking it then fails inside the savepoint, as always."""
+        try:
+            return self.registry.condition(self.name).reads_database(ctx, order)
+        except Exception:
+            return True
 
     def ask(self, subject: Subject) -> bool:
         condition = self.registry.condition(self.name)
@@ -145,6 +155,16 @@ class CompiledProcess:
                     assert check is None or isinstance(check, _ConditionCheck)
                     steps.append((record.transition, check))
                 self._walk[(state, event)] = tuple(steps)
+        # Per (state, event): whether a condition decides (the runner puts a savepoint around
+        # asking); per state: the on-enter event fired for items that land there. Asked for
+        # every group and every move, answered here once.
+        self._conditional: dict[tuple[str, str | None], bool] = {
+            key: any(check is not None for _, check in steps) for key, steps in self._walk.items()
+        }
+        self._on_enter: dict[str, str | None] = {}
+        for state in states:
+            on_enter = definition.on_enter_event(state)
+            self._on_enter[state] = on_enter.name if on_enter is not None else None
         # Where the first candidate has no condition, the machine's answer is fixed (conditional
         # transitions come first, so there are none): skip the machine for those, which is
         # most of a bulk tick.
@@ -205,6 +225,29 @@ class CompiledProcess:
         """The transition ``event`` takes from ``state`` if that needs nothing but the
         database (see ``__init__``), else ``None`` (the runner has to fire it)."""
         return self._plain.get((state, event))
+
+    def conditional(self, state: str, event: str | None) -> bool:
+        """Whether a condition takes part in choosing ``event``'s transition from ``state``
+        (``any(t.condition for t in definition.transitions_from(state, event))``)."""
+        return self._conditional.get((state, event), False)
+
+    def reads_database(
+        self, state: str, event: str | None, ctx: CommandContext, order: Order
+    ) -> bool:
+        """Whether any condition :meth:`choose_many` may ask for ``event`` from ``state``
+        may run SQL for ``order`` now (``Condition.reads_database``)."""
+        for _, check in self._walk.get((state, event), ()):
+            if check is not None and check.reads_database(ctx, order):
+                return True
+        return False
+
+    def on_enter(self, state: str) -> str | None:
+        """The name of the on-enter event of ``state`` (``definition.on_enter_event``)."""
+        try:
+            return self._on_enter[state]
+        except KeyError:  # not a state of the process: as the definition answers
+            found = self.definition.on_enter_event(state)
+            return found.name if found is not None else None
 
     def fixed(self, state: str, event: str | None) -> TransitionDef | None:
         """The transition ``event`` takes from ``state`` whatever the item (no condition

@@ -204,6 +204,16 @@ class Condition(ABC):
         it raises, the engine asks item by item to find the one that fails."""
         return [self.check(ctx, order, item) for item in items]
 
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        """Whether asking this condition about ``order``'s items now may run SQL. ``True``
+        (the default) has the engine ask inside a savepoint, so that a statement failing
+        inside the database (PostgreSQL then refuses the rest of the transaction) fails only
+        these items. A condition that answers from what it already has (``ctx.memo``, filled
+        by the command that just ran) says ``False`` and is asked without one: the
+        savepoint's bookkeeping cost more than such an answer. When it is wrong and a
+        statement fails, the whole transaction rolls back instead of only these items."""
+        return True
+
 
 ConditionFunction: TypeAlias = "Callable[[CommandContext, Order, OrderItem], bool | Verdict]"
 AnyCommand: TypeAlias = "ByItemCommand | ByOrderCommand | ExternalCommand[Any, Any]"

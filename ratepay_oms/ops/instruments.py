@@ -16,7 +16,6 @@ Names follow Prometheus conventions: ``ratepay_oms_`` prefix, ``_total`` for cou
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -79,66 +78,73 @@ NOTIFICATIONS = Counter(
 
 _PENDING_KEY = "ratepay_oms.metrics.pending"
 
+_MOVES = "moves"
+_ERRORS = "errors"
+_TAKEOVERS = "takeovers"
 
-def _pending(session: Session) -> dict[str, defaultdict[tuple[str, str], int]]:
-    """The tallies of ``session``'s open transaction (``defaultdict(int)``: a ``Counter``
-    makes its every new key and its own construction Python calls)."""
-    found: dict[str, defaultdict[tuple[str, str], int]] | None = session.info.get(_PENDING_KEY)
+_Pending = dict[tuple[str, str, str], int]
+"""What a session's open transaction counted: (kind, process, event) to a count. One plain
+dict per transaction: it is made for nearly every transaction of every order, so three
+``Counter`` objects (each through its ``__init__`` and ``update``) cost more than the
+counting."""
+
+_CHILDREN: dict[tuple[Counter, str, str], Any] = {}
+"""Labelled children of :data:`TRANSITIONS` / :data:`TRANSITION_ERRORS` by (metric, process,
+event). ``labels`` checks and looks the labels up under a lock on every call; a child lives
+as long as its metric (nothing here removes one), and the keys are bounded by the processes'
+events, so it is looked up once per process and event."""
+
+
+def _pending(session: Session) -> _Pending:
+    found: _Pending | None = session.info.get(_PENDING_KEY)
     if found is None:
-        found = session.info[_PENDING_KEY] = {
-            "moves": defaultdict(int), "errors": defaultdict(int), "takeovers": defaultdict(int)
-        }
+        found = session.info[_PENDING_KEY] = {}
     return found
+
+
+def _note(session: Session, key: tuple[str, str, str], count: int) -> None:
+    pending = _pending(session)
+    pending[key] = pending.get(key, 0) + count
 
 
 def note_moves(session: Session, process: str, event_name: str | None, count: int) -> None:
     """``count`` items moved by ``event_name`` in ``session``'s open transaction."""
     if count:
-        _pending(session)["moves"][(process, event_name or "")] += count
+        _note(session, (_MOVES, process, event_name or ""), count)
 
 
 def note_error(session: Session, process: str, event_name: str | None, count: int = 1) -> None:
     """A failed event recorded in ``session``'s open transaction."""
     if count:
-        _pending(session)["errors"][(process, event_name or "")] += count
+        _note(session, (_ERRORS, process, event_name or ""), count)
 
 
 def note_takeovers(session: Session, count: int) -> None:
     """Expired leases of other workers cleared in ``session``'s open transaction."""
     if count:
-        _pending(session)["takeovers"][("", "")] += count
+        _note(session, (_TAKEOVERS, "", ""), count)
+
+
+def _child(metric: Counter, process: str, name: str) -> Any:
+    key = (metric, process, name)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(process, name)
+    return child
 
 
 @event.listens_for(Session, "after_commit")
 def _after_commit(session: Session) -> None:
-    pending = session.info.pop(_PENDING_KEY, None)
+    pending: _Pending | None = session.info.pop(_PENDING_KEY, None)
     if not pending:
         return
-    for key, count in pending["moves"].items():
-        _child(_TRANSITION_CHILDREN, TRANSITIONS, key).inc(count)
-    for key, count in pending["errors"].items():
-        _child(_TRANSITION_ERROR_CHILDREN, TRANSITION_ERRORS, key).inc(count)
-    for count in pending["takeovers"].values():
-        LEASE_TAKEOVERS.inc(count)
-
-
-_CHILDREN_MAX = 4096
-"""Labelled children kept at hand per metric: (process, event) pairs come from the loaded
-process definitions, a bounded set; the bound only guards a worker that loads new ones
-for ever."""
-_TRANSITION_CHILDREN: dict[tuple[str, ...], Any] = {}
-_TRANSITION_ERROR_CHILDREN: dict[tuple[str, ...], Any] = {}
-
-
-def _child(children: dict[tuple[str, ...], Any], metric: Any, key: tuple[str, ...]) -> Any:
-    """``metric.labels(*key)``, looked up once per key (``labels()`` takes a lock and
-    validates its arguments on every call); nothing removes children from these metrics."""
-    child = children.get(key)
-    if child is None:
-        if len(children) >= _CHILDREN_MAX:
-            children.clear()
-        child = children[key] = metric.labels(*key)
-    return child
+    for (kind, process, name), count in pending.items():
+        if kind == _TAKEOVERS:
+            LEASE_TAKEOVERS.inc(count)
+        else:
+            _child(TRANSITIONS if kind == _MOVES else TRANSITION_ERRORS, process, name).inc(
+                count
+            )
 
 
 @event.listens_for(Session, "after_rollback")

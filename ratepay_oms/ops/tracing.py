@@ -9,7 +9,7 @@ exporter to see them. Attributes carry names and counts only, never order data o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 try:  # the extra
@@ -53,8 +53,28 @@ def span(
     return _started(name, attributes)
 
 
-@contextlib.contextmanager
-def _started(name: str, attributes: Mapping[str, Any] | None) -> Iterator[Any]:
-    tracer = _trace.get_tracer(TRACER_NAME)
-    with tracer.start_as_current_span(name, attributes=dict(attributes or {})) as current:
-        yield current
+_tracer: tuple[Any, Any] = (None, None)
+"""(the ``trace`` module it came from, our tracer): ``get_tracer`` looks the tracer provider up
+(reading the environment) and builds a tracer on every call, for the same tracer each time. A
+provider the host installs later is still used: before one is set OpenTelemetry hands out a
+proxy tracer that switches over to it."""
+
+
+def _get_tracer() -> Any:
+    global _tracer
+    source, tracer = _tracer
+    if source is not _trace:  # first use, or the module replaced (a test's stand-in)
+        tracer = _trace.get_tracer(TRACER_NAME)
+        _tracer = (_trace, tracer)
+    return tracer
+
+
+def _started(
+    name: str, attributes: Mapping[str, Any] | None
+) -> contextlib.AbstractContextManager[Any]:
+    """OpenTelemetry's own context manager, handed out as it is (not wrapped in a generator of
+    ours): a span opens around every gateway call."""
+    manager: contextlib.AbstractContextManager[Any] = _get_tracer().start_as_current_span(
+        name, attributes=dict(attributes or {})
+    )
+    return manager

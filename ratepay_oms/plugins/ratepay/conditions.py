@@ -65,10 +65,23 @@ def _verdict(ctx: CommandContext, holds: bool, action: str, outcome: Outcome | N
     per item."""
     if outcome is None or type(outcome.id) is not int:
         return Verdict(holds, _read(action, outcome))
-    templates: dict[tuple[Any, ...], tuple[tuple[str, str] | None, dict[str, Any]]] = (
-        ctx.memo.setdefault(DETAIL_MEMO, {})
-    )
-    key = (action, bool(outcome.success), outcome.operation, outcome.subtype,
+    return _templated(_templates(ctx), holds, action, outcome, bool(outcome.success))
+
+
+_Templates = dict[tuple[Any, ...], tuple[tuple[str, str] | None, dict[str, Any]]]
+
+
+def _templates(ctx: CommandContext) -> _Templates:
+    found: _Templates = ctx.memo.setdefault(DETAIL_MEMO, {})
+    return found
+
+
+def _templated(
+    templates: _Templates, holds: bool, action: str, outcome: Outcome, success: bool
+) -> Verdict:
+    """:func:`_verdict` of an outcome with an ``int`` id (``success``: ``bool(outcome.success)``),
+    its group's ``templates`` at hand."""
+    key = (action, success, outcome.operation, outcome.subtype,
            outcome.result_code, outcome.reason_code, outcome.message, outcome.created_at)
     found = templates.get(key)
     if found is None:
@@ -104,12 +117,20 @@ class OutcomeSucceeded(Condition):
         per distinct outcome but its id (the items of one call share all the rest)."""
         outcomes = newest_outcomes(ctx, order, self.action)
         action = self.action
+        templates = _templates(ctx)
         verdicts = []
         for item in items:
             outcome = outcomes.get(item.id)
-            holds = outcome is not None and bool(outcome.success)
-            verdicts.append(_verdict(ctx, holds, action, outcome))
+            if outcome is None or type(outcome.id) is not int:
+                holds = outcome is not None and bool(outcome.success)
+                verdicts.append(_verdict(ctx, holds, action, outcome))
+            else:
+                success = bool(outcome.success)
+                verdicts.append(_templated(templates, success, action, outcome, success))
         return verdicts
+
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        return not outcomes_at_hand(ctx, order, self.action)
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,15 @@ class PaymentRequestDeclined(Condition):
             and is_decline(_code(outcome.result_code), _code(outcome.reason_code))
         )
         return _verdict(ctx, holds, PAYMENT_REQUEST, outcome)
+
+    def reads_database(self, ctx: CommandContext, order: Order) -> bool:
+        return not outcomes_at_hand(ctx, order, PAYMENT_REQUEST)
+
+
+def outcomes_at_hand(ctx: CommandContext, order: Order, action: str) -> bool:
+    """Whether :func:`newest_outcomes` answers from ``ctx.memo`` (read before, or primed by
+    the command's ``apply``) instead of reading the database."""
+    return (OUTCOMES_MEMO, order.id, action) in ctx.memo
 
 
 def newest_outcome(
