@@ -291,13 +291,49 @@ def _kill_idle(engine: sa.Engine, url: str) -> list[int]:
     return victims
 
 
+def _track_ids(engine: sa.Engine) -> list[int]:
+    """The server's id of every connection ``engine``'s pool opens from now on (whether it
+    is idle in the pool or checked out: the tick keeps one between its transactions)."""
+    ids: list[int] = []
+
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_connection: Any, _record: Any) -> None:
+        query = "SELECT pg_backend_pid()" if engine.dialect.name == "postgresql" else (
+            "SELECT CONNECTION_ID()"
+        )
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(query)
+            ids.append(int(cursor.fetchone()[0]))
+        finally:
+            cursor.close()
+        dbapi_connection.rollback()  # no transaction left open by the look
+
+    return ids
+
+
+def _kill_all(engine: sa.Engine, url: str, ids: list[int]) -> list[int]:
+    """Drop every connection of ``engine``: those idle in its pool and those of ``ids``
+    still open (checked out, as the one a tick keeps between its transactions)."""
+    victims = _kill_idle(engine, url)
+    for victim in ids:
+        if victim not in victims:
+            try:
+                _kill(url, victim)
+            except DBAPIError:  # MariaDB: closed already (the pool let it go)
+                continue
+            victims.append(victim)
+    return victims
+
+
 def test_a_settle_on_a_connection_killed_during_the_call_leaves_the_intent_open(
     server_only_db_url: str, tmp_path: Path
 ) -> None:
     """The gateway call succeeds, and while it is in flight (well within the ping threshold)
-    every idle connection of the worker's pool is dropped. The settle meets one: the chain
-    counts a database error and leaves the intent open (nothing lost, nothing half-written),
-    the next tick reconciles it, and the call went out once."""
+    every connection of the worker is dropped: those idle in its pool and the one the tick
+    keeps between its transactions (no transaction open on it). The settle meets one: the
+    chain counts a database error and leaves the intent open (nothing lost, nothing
+    half-written), the next tick reconciles it, and the call went out once."""
     upgrade(server_only_db_url)
     pdir = tmp_path / "processes"
     pdir.mkdir()
@@ -310,7 +346,9 @@ def test_a_settle_on_a_connection_killed_during_the_call_leaves_the_intent_open(
     ref = f"D-{uuid.uuid4().hex[:8]}"
     engine.place_order(order_doc(ref, process="Drive01", lines=(("SKU-A", 1),)), fire=False)
     killed: list[int] = []
-    command.during = lambda: killed.extend(_kill_idle(engine.db, server_only_db_url))
+    engine.db.dispose()  # every connection from here on is tracked
+    ids = _track_ids(engine.db)
+    command.during = lambda: killed.extend(_kill_all(engine.db, server_only_db_url, ids))
 
     first = engine.tick()
     assert killed, "the worker had no idle connection to kill"
