@@ -113,8 +113,14 @@ class Watch:
             self.outside.append(statement)
             return
         txn.statements.append(statement)
-        compiled = getattr(args[1], "compiled_parameters", None) if len(args) > 1 else None
-        txn.params.append(dict(compiled[0]) if compiled else {})
+        parameters, context = args[0], args[1]
+        compiled = getattr(context, "compiled_parameters", None)
+        if compiled:  # Connection.execute
+            txn.params.append(dict(compiled[0]))
+        elif isinstance(parameters, dict):  # a prebuilt statement's text, sent as it is
+            txn.params.append(dict(parameters))
+        else:
+            txn.params.append({})
 
     def _checkout(self, *args: Any) -> None:
         self.checkouts += 1

@@ -40,6 +40,7 @@ from ratepay_oms.engine.persist import chunked, id_in, ids_clause, ids_style, id
 from ratepay_oms.errors import OmsError
 from ratepay_oms.ops import instruments
 from ratepay_oms.persistence.models import Intent, Order, intent_open
+from ratepay_oms.persistence.statements import execute_rowless
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,8 @@ class Claims:
         statement = prebuilt("lease", style, _lease_statement)
         conn = session.connection()
         for part in chunked(sorted(order_ids)):
-            conn.execute(
+            execute_rowless(
+                conn,
                 statement,
                 {"ids": ids_value(part, style), "worker": self.worker_id, "until": until},
             )
@@ -255,7 +257,9 @@ class Claims:
         statement = prebuilt("unlease", style, _release_statement)
         conn = session.connection()
         for part in chunked(sorted(order_ids)):
-            conn.execute(statement, {"ids": ids_value(part, style), "worker": self.worker_id})
+            execute_rowless(
+                conn, statement, {"ids": ids_value(part, style), "worker": self.worker_id}
+            )
 
     def renew(self, order_ids: Sequence[int]) -> None:
         """Push our leases on ``order_ids`` a full lease ahead (own short transaction)."""

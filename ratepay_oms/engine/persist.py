@@ -28,14 +28,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar, cast
-from weakref import WeakKeyDictionary
 
 from sqlalchemy import (
     JSON,
     Boolean,
     ColumnElement,
-    Connection,
-    CursorResult,
     Dialect,
     Executable,
     Integer,
@@ -75,6 +72,7 @@ from ratepay_oms.persistence.models import (
     StateHistory,
     TransitionLog,
 )
+from ratepay_oms.persistence.statements import execute_rowless
 from ratepay_oms.process.model import ProcessDefinition
 
 CHUNK = 1000
@@ -329,6 +327,15 @@ class StateWriter:
             })
             start = end
 
+    def _conditions_riding(self) -> dict[str, Any] | None:
+        """The recorded condition answers as the parameters of a move that carries them
+        (``"together conditions"``, PostgreSQL), now taken; ``None`` when there are none or
+        more than one chunk (those go the usual way, :meth:`_flush_conditions`)."""
+        if not self._condition_rows or len(self._condition_rows) > CHUNK:
+            return None
+        rows, self._condition_rows = list(self._condition_rows.values()), {}
+        return self._condition_json(rows)
+
     def _condition_json(self, rows: Sequence[_ConditionRow]) -> dict[str, Any]:
         """The parameters of ``_UPSERT_CONDITIONS``: the rows as one JSON array."""
         return {
@@ -392,7 +399,7 @@ class StateWriter:
             if ids is None:
                 ids = groups[run.key] = []
             ids.extend([item.id for item in run.items])
-        self.write_grouped_moves(groups, definitions, data=data)
+        self.write_grouped_moves(groups, definitions, data=data, with_conditions=True)
         for run in moves:
             _committed_moves(run.items, run.key.target, self.now)
         self.flush_log()
@@ -403,11 +410,14 @@ class StateWriter:
         definitions: Mapping[str, ProcessDefinition],
         *,
         data: Mapping[str, Any] | None = None,
+        with_conditions: bool = False,
     ) -> None:
         """Move the items ``groups`` names by id, all set-based: state, cleared retry and
         intent mark, history, transition log, old timeouts dropped and the target's armed.
         Holds no ORM objects, so the tick can call it for rows it never loaded; the caller
-        updates any it holds.
+        updates any it holds. ``with_conditions``: the condition answers recorded so far may
+        go with the first move (on PostgreSQL, as one more CTE of its statement: the settle
+        of a call writes both, and this is one statement fewer for each).
 
         The statements are built once per process (:func:`_move_statement`, every value a
         named parameter) and go to the session's connection as Core statements, after one
@@ -446,7 +456,15 @@ class StateWriter:
                     shared["v_data"] = history_data
                 if style == "array":
                     # PostgreSQL: the four as one statement (data-modifying CTEs).
-                    execute_rowless(conn, _move_statement("together", style, plain), shared)
+                    riding = self._conditions_riding() if with_conditions else None
+                    with_conditions = False
+                    if riding is None:
+                        execute_rowless(conn, _move_statement("together", style, plain), shared)
+                    else:
+                        execute_rowless(
+                            conn, _move_statement("together conditions", style, plain),
+                            {**shared, **riding},
+                        )
                 else:
                     conn.execute(_move_statement("update", style), shared)
                     conn.execute(_move_statement("history", style, plain), shared)
@@ -695,64 +713,6 @@ def prebuilt(name: str, style: str, build: Callable[[str], Any]) -> Any:
     return statement
 
 
-_DRIVER_SQL: WeakKeyDictionary[Dialect, dict[Executable, str | None]] = WeakKeyDictionary()
-"""Per dialect (engine), the SQL text of each prebuilt statement :func:`execute_rowless` sends
-as it is, or ``None`` for one it leaves to ``Connection.execute``. Bounded: one entry per
-prebuilt statement, gone with the engine's dialect."""
-
-
-def execute_rowless(
-    conn: Connection, statement: Executable, params: dict[str, Any]
-) -> CursorResult[Any]:
-    """Run a prebuilt statement that returns no rows, with ``params`` naming every value.
-
-    Where the driver takes named parameters (psycopg), its SQL text is compiled once per
-    dialect and sent with ``exec_driver_sql``: ``Connection.execute`` would hash the
-    statement's cache key, look the compiled form up and build its parameters anew on every
-    call (~20-40 Python calls and a quarter of the statement's client CPU). The text is the
-    one ``execute`` sends; only statements whose parameters need no processing by SQLAlchemy
-    and that return no rows qualify (:func:`_driver_sql`), every other one (and every other
-    driver) goes through ``execute``. Events, error wrapping and ``rowcount`` are the same."""
-    dialect = conn.dialect
-    texts = _DRIVER_SQL.get(dialect)
-    if texts is None:
-        texts = _DRIVER_SQL.setdefault(dialect, {})
-    if statement in texts:
-        text = texts[statement]
-    else:
-        text = texts[statement] = _driver_sql(statement, dialect, params)
-    if text is None or conn.get_execution_options().get("schema_translate_map"):
-        return conn.execute(statement, params)  # (a translated schema: compiled per use)
-    return conn.exec_driver_sql(text, params)
-
-
-def _driver_sql(
-    statement: Executable, dialect: Dialect, params: Mapping[str, Any]
-) -> str | None:
-    """The SQL text :func:`execute_rowless` may send for ``statement`` as it is, or ``None``:
-    an INSERT, UPDATE or DELETE without RETURNING, compiled for a driver with named
-    parameters, every parameter a plain named one whose value the driver takes unchanged (no
-    value or bind processing of SQLAlchemy's, nothing rendered per execution)."""
-    compiled = cast(Any, statement).compile(dialect=dialect, column_keys=list(params))
-    if (
-        dialect.positional
-        or compiled.positional
-        or not (compiled.isinsert or compiled.isupdate or compiled.isdelete)
-        or compiled.returning
-        or compiled.literal_execute_params
-        or compiled.post_compile_params
-    ):
-        return None
-    for bind in compiled.binds.values():
-        if (
-            bind.value is not None
-            or bind.callable is not None
-            or bind.type._cached_bind_processor(dialect) is not None
-        ):
-            return None
-    return str(compiled.string)
-
-
 def _ids_style(dialect: Dialect) -> str:
     """How ids travel as the one ``ids`` parameter (see the module docstring)."""
     if dialect.name == "postgresql":
@@ -883,6 +843,8 @@ def _move_statement(kind: str, style: str, plain: bool = False) -> Executable:
     items = _table(OrderItem)
     if kind == "together":
         statement = _together_statement(style, plain)
+    elif kind == "together conditions":
+        statement = _together_statement(style, plain, with_conditions=True)
     elif kind == "update":
         statement = (
             update(items)
@@ -1180,7 +1142,7 @@ def _forget_conditions_statement(style: str) -> Executable:
     )
 
 
-def _together_statement(style: str, plain: bool) -> Executable:
+def _together_statement(style: str, plain: bool, with_conditions: bool = False) -> Executable:
     """``update``, ``history``, ``log`` and ``untime`` of a move group as one statement, for
     PostgreSQL: the UPDATE's RETURNING rows feed the two INSERTs, the DELETE rides along
     (data-modifying CTEs run once each, to completion, on one snapshot; they touch different
@@ -1190,7 +1152,10 @@ def _together_statement(style: str, plain: bool) -> Executable:
     The DELETE is the statement itself, the others its CTEs (which run to completion whether
     or not anything reads them): a statement that returns no rows, so the driver describes
     no result column and SQLAlchemy sets up no result for it (nothing read the count the
-    ``SELECT`` returned)."""
+    ``SELECT`` returned).
+
+    ``with_conditions``: the upsert of condition answers (``_UPSERT_CONDITIONS``, its
+    ``:rows`` and the same ``:v_now``) as one more CTE; it touches a table of its own."""
     items = _table(OrderItem)
     moved = (
         update(items)
@@ -1229,10 +1194,13 @@ def _together_statement(style: str, plain: bool) -> Executable:
         )
         .cte("moved_log")
     )
+    ctes = [moved, history_rows, log_rows]
+    if with_conditions:
+        ctes.append(cast(Any, _UPSERT_CONDITIONS).cte("answers"))
     return (
         delete(_table(EventTimeout))
         .where(_ids_clause(EventTimeout.item_id, style))
-        .add_cte(moved, history_rows, log_rows)
+        .add_cte(*ctes)
     )
 
 

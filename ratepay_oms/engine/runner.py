@@ -70,6 +70,7 @@ from ratepay_oms.persistence.models import (
     OrderItem,
     intent_open,
 )
+from ratepay_oms.persistence.statements import execute_rowless
 
 if TYPE_CHECKING:
     from ratepay_oms.engine.context import EngineContext
@@ -718,11 +719,10 @@ class Runner:
             statement = prebuilt("settle returning", "", _settle_returning)
         else:
             statement = prebuilt("settle", "", _settle_statement)
-        won = conn.execute(
-            statement,
-            {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
-             "note": note},
-        )
+        params = {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
+                  "note": note}
+        won = (conn.execute(statement, params) if returning
+               else execute_rowless(conn, statement, params))
         # Plain columns, no ORM object: the intent is only read from here on. Where the
         # database can, the compare-and-set returns them (one statement fewer).
         if returning:
@@ -734,8 +734,7 @@ class Runner:
             log.warning("intent %s was settled by someone else; nothing applied", intent_id)
             return False
         if not returning:
-            intent = conn.execute(
-                prebuilt("settled intent", "", _settled_intent_statement),
+            intent = conn.execute(prebuilt("settled intent", "", _settled_intent_statement),
                 {"intent_id": intent_id},
             ).one()
         assert intent is not None

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from ratepay_oms.persistence.api_log import ApiLogEntry
 from ratepay_oms.persistence.db import one_statement
 from ratepay_oms.persistence.held import held_for
+from ratepay_oms.persistence.statements import execute_rowless
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def _insert_rows(dialect: Dialect, count: int) -> Any:
     built the first time each count is asked for. A multi-row INSERT on every database (an
     executemany runs a statement per row on PostgreSQL); as text with typed parameters
     because SQLAlchemy compiles a multi-values ``insert()`` again on every execution (it does
-    not cache them), which cost more CPU than the checkouts this saves."""
+    not cache them), which cost more CPU than the checkouts this saves; sent as its text
+    (:func:`~ratepay_oms.persistence.statements.execute_rowless`)."""
     key = (dialect.name, count)
     statement = _INSERT_ROWS.get(key)
     if statement is None:
@@ -126,7 +128,8 @@ def _insert_rows(dialect: Dialect, count: int) -> Any:
         statement = _INSERT_ROWS[key] = text(
             f"INSERT INTO {quote(_LOG_TABLE.name)} ({names}) VALUES {rows}"
         ).bindparams(*(
-            bindparam(f"{c.name}_{i}", type_=c.type) for i in range(count) for c in _ROW_COLUMNS
+            bindparam(f"{c.name}_{i}", type_=c.type)
+            for i in range(count) for c in _ROW_COLUMNS
         ))
     return statement
 
@@ -188,7 +191,8 @@ class SqlApiLogSink:
             _fill_order(conn, entry)
         for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
             chunk = rows[start:start + _MAX_ROWS_PER_INSERT]
-            conn.execute(
+            execute_rowless(
+                conn,
                 _insert_rows(conn.dialect, len(chunk)),
                 {f"{name}_{i}": value for i, row in enumerate(chunk)
                  for name, value in row.items()},

@@ -36,7 +36,6 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from ratepay_oms.engine.persist import (
     chunked,
-    execute_rowless,
     ids_clause,
     ids_style,
     ids_value,
@@ -53,6 +52,7 @@ from ratepay_oms.persistence.payment import (
     RatepayItemOutcome,
     RatepayPayment,
 )
+from ratepay_oms.persistence.statements import execute_rowless
 from ratepay_oms.plugins.ratepay.basket import PRORATA, OrderLedger, Unit, voucher_shares
 from ratepay_oms.ratepay import InstallmentPlan, Operation, RatepayResult
 
@@ -230,7 +230,7 @@ def claim_payment(
     if conn.dialect.insert_returning:
         new_id = conn.execute(_CLAIM_RETURNING, params).scalar()
     else:
-        written = conn.execute(_CLAIM, params)
+        written = execute_rowless(conn, _CLAIM, params)
         new_id = written.lastrowid if written.rowcount == 1 else None
     if new_id is None:  # it has one (a retry): read it
         payment = session.scalar(_PAYMENT_OF_ORDER, {"order_id": order.id})
