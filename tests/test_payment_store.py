@@ -111,3 +111,59 @@ def test_a_rolled_back_transaction_takes_the_row_and_its_object_along(engine) ->
     assert _rows(engine, order_id) == 1
     with engine.session() as s:
         assert s.get_one(RatepayPayment, kept.id).order_id == order_id
+
+
+def test_a_settle_writes_the_payment_and_its_outcomes_together_or_neither(engine) -> None:
+    """``record_outcomes(payment=…)``: the payment row's values and one outcome per item, on
+    PostgreSQL in one statement; a payment row that is gone writes no outcome either and
+    raises (the settle rolls back), on every dialect."""
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from ratepay_oms.persistence.models import OrderItem
+    from ratepay_oms.persistence.payment import RatepayItemOutcome
+
+    order_id = _order(engine)
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:
+        statements.append(" ".join(statement.split()[:2]).upper())
+
+    with engine.session() as s, s.begin():
+        order = s.get_one(Order, order_id)
+        payment, _ = store.claim_payment(s, order, "INVOICE", NOW)
+    event.listen(engine.db, "before_cursor_execute", count)
+    try:
+        with engine.session() as s, s.begin():
+            order = s.get_one(Order, order_id)
+            items = list(s.scalars(select(OrderItem).where(OrderItem.order_id == order_id)))
+            payment = store.get_payment(s, order)
+            statements.clear()
+            written = store.record_outcomes(
+                s, order, items, "payment_request", NOW, success=True, message="ok",
+                payment=(payment, {"transaction_id": "tx-1", "updated_at": NOW}),
+            )
+            expected = 1 if engine.db.dialect.name == "postgresql" else 2
+            assert len(statements) == expected, statements
+            assert payment.transaction_id == "tx-1" and not s.dirty
+    finally:
+        event.remove(engine.db, "before_cursor_execute", count)
+    with engine.session() as s:
+        assert s.scalar(select(RatepayPayment.transaction_id).where(
+            RatepayPayment.order_id == order_id)) == "tx-1"
+        outcomes = s.scalars(select(RatepayItemOutcome.item_id).where(
+            RatepayItemOutcome.order_id == order_id).order_by(RatepayItemOutcome.item_id)).all()
+        assert outcomes == sorted(i.id for i in items)
+        if written is not None:
+            assert sorted(w.item_id for w in written) == outcomes
+    with engine.session() as s, s.begin():
+        order = s.get_one(Order, order_id)
+        items = list(s.scalars(select(OrderItem).where(OrderItem.order_id == order_id)))
+        payment = store.get_payment(s, order)
+        s.execute(RatepayPayment.__table__.delete().where(RatepayPayment.id == payment.id))
+        with pytest.raises(StaleDataError):
+            store.record_outcomes(
+                s, order, items, "payment_confirm", NOW, success=True,
+                payment=(payment, {"updated_at": NOW}),
+            )
+        assert s.scalar(select(func.count()).select_from(RatepayItemOutcome).where(
+            RatepayItemOutcome.action == "payment_confirm")) == 0

@@ -476,11 +476,11 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         values["result_code"] = None if result.result_code is None else str(result.result_code)
         values["reason_code"] = None if result.reason_code is None else str(result.reason_code)
         values["customer_message"] = result.customer_message
-        store.write_payment(ctx.session, payment, values)
         store.prime_outcomes(
             ctx.memo, order, PAYMENT_REQUEST,
             store.record_outcomes(
-                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result
+                ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result,
+                payment=(payment, values),
             ),
         )
 
@@ -504,9 +504,9 @@ class PaymentRequestCommand(_External[PaymentPayload, PaymentAnswer]):
         values["result_code"] = None if result.result_code is None else str(result.result_code)
         values["reason_code"] = None if result.reason_code is None else str(result.reason_code)
         values["customer_message"] = result.customer_message
-        store.write_payment(ctx.session, payment, values)
         store.record_outcomes(
-            ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result, success=False
+            ctx.session, order, items, PAYMENT_REQUEST, ctx.now, result=result, success=False,
+            payment=(payment, values),
         )
 
 
@@ -680,6 +680,7 @@ class _BookingCommand(_External[BookingPayload, RatepayResult]):
         answer: RatepayResult | Reconciled,
     ) -> None:
         booked = answer.booked if isinstance(answer, Reconciled) else answer.success
+        paying: tuple[RatepayPayment, dict[str, Any]] | None = None
         if booked:
             payment = store.get_payment(ctx.session, order)
             assert payment is not None
@@ -689,13 +690,17 @@ class _BookingCommand(_External[BookingPayload, RatepayResult]):
             if summary.get("discount"):
                 values["discount_status"] = self.settles_as
             values["updated_at"] = ctx.now
-            store.write_payment(ctx.session, payment, values)
+            paying = (payment, values)
         if isinstance(answer, Reconciled):
+            if paying is not None:
+                store.write_payment(ctx.session, *paying)
             self._record_reconciled(ctx, order, items, summary, answer)
             return
         store.prime_outcomes(
             ctx.memo, order, self.action,
-            store.record_outcomes(ctx.session, order, items, self.action, ctx.now, result=answer),
+            store.record_outcomes(
+                ctx.session, order, items, self.action, ctx.now, result=answer, payment=paying
+            ),
         )
 
 

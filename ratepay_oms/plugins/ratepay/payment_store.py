@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, NoReturn, cast
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import (
@@ -25,9 +25,11 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    join,
     literal_column,
     null,
     select,
+    true,
     update,
 )
 from sqlalchemy.orm import Session, SessionTransaction, make_transient, make_transient_to_detached
@@ -421,9 +423,18 @@ def write_payment(session: Session, payment: RatepayPayment, values: dict[str, A
     params["payment_id"] = payment.id
     written = execute_rowless(session.connection(), statement, params).rowcount
     if written != 1:
-        raise StaleDataError(
-            f"ratepay_payment {payment.id} (order {payment.order_id}): {written} rows updated"
-        )
+        _stale_payment(payment, written)
+    _payment_written(payment, values)
+
+
+def _stale_payment(payment: RatepayPayment, written: int) -> NoReturn:
+    raise StaleDataError(
+        f"ratepay_payment {payment.id} (order {payment.order_id}): {written} rows updated"
+    )
+
+
+def _payment_written(payment: RatepayPayment, values: dict[str, Any]) -> None:
+    """``payment`` holds ``values`` as what the database holds (see :func:`write_payment`)."""
     state = instance_state(payment)
     if state.committed_state or state.expired_attributes:
         for name, value in values.items():
@@ -465,9 +476,13 @@ def record_outcomes(
     transaction_id: str | None = None,
     result_code: str | None = None,
     reason_code: str | None = None,
+    payment: tuple[RatepayPayment, dict[str, Any]] | None = None,
 ) -> Sequence[WrittenOutcome] | None:
     """One outcome row per item; without ``result`` the call was not made (``message`` says
-    why) and the outcome is a failure.
+    why) and the outcome is a failure. ``payment``: the order's payment row and the values a
+    settle writes on it (:func:`write_payment`), written first; on PostgreSQL by the same
+    statement as the outcomes (a data-modifying CTE: one round trip and one statement
+    execution fewer per settle), whose rows come only if the payment row was there to update.
 
     Every value but the item's id is the same for all rows, so they are written inside the
     database by ``INSERT … SELECT`` from the items (by chunks of ids), one prebuilt statement
@@ -500,6 +515,12 @@ def record_outcomes(
         or transaction_id,
         "created_at": now,
     }
+    if payment is not None and items and len(items) <= OUTCOME_CHUNK:
+        conn = session.connection()
+        if conn.dialect.name == "postgresql":
+            return _insert_outcomes_paying(session, order, items, same, *payment)
+    if payment is not None:
+        write_payment(session, *payment)
     if not items:
         return []
     return _insert_outcomes_from_items(session, order, items, same)
@@ -556,6 +577,72 @@ def _insert_outcomes_from_items(
             written.extend([make((outcome_id, item_id, *rest)) for outcome_id, item_id
                             in result.all()])
     return written if returning else None
+
+
+def _insert_outcomes_paying(
+    session: Session,
+    order: Order,
+    items: Sequence[OrderItem],
+    same: dict[str, Any],
+    payment: RatepayPayment,
+    values: dict[str, Any],
+) -> list[WrittenOutcome]:
+    """PostgreSQL: :func:`write_payment` and :func:`_insert_outcomes_from_items` (one chunk)
+    as one statement (:func:`_outcomes_paying`)."""
+    session.flush()
+    columns = tuple(values)
+    statement = _PAYING.get(columns)
+    if statement is None:
+        statement = _PAYING.setdefault(columns, _outcomes_paying(columns))
+    params = {f"v_{name}": value for name, value in same.items()}
+    params["v_order_id"] = order.id
+    params.update({f"p_{name}": value for name, value in values.items()})
+    params["payment_id"] = payment.id
+    params["ids"] = ids_value(sorted([item.id for item in items]), "array")
+    rows = session.connection().execute(statement, params).all()
+    if not rows:  # no payment row was updated, so no outcome was written either
+        _stale_payment(payment, 0)
+    _payment_written(payment, values)
+    rest = (order.id, *same.values())
+    make = WrittenOutcome._make
+    return [make((outcome_id, item_id, *rest)) for outcome_id, item_id in rows]
+
+
+_PAYING: dict[tuple[str, ...], Any] = {}
+""":func:`_outcomes_paying` per set of payment columns, built once."""
+
+
+def _outcomes_paying(columns: tuple[str, ...]) -> Any:
+    """``WITH paid AS (UPDATE ratepay_payment SET … WHERE id = :payment_id RETURNING id)
+    INSERT INTO ratepay_item_outcome (…) SELECT … FROM oms_order_item CROSS JOIN paid WHERE
+    id = ANY(:ids) ORDER BY id RETURNING id, item_id``: the payment's values as ``p_…``
+    (some share a name with an outcome's ``v_…``), the rows only when the payment row was
+    there. The two touch different tables; the CTE runs to completion either way."""
+    payments = cast(Table, RatepayPayment.__table__)
+    paid = (
+        update(payments)
+        .where(payments.c.id == bindparam("payment_id", type_=Integer))
+        .values({n: bindparam(f"p_{n}", type_=payments.c[n].type) for n in columns})
+        .returning(payments.c.id)
+        .cte("paid")
+    )
+    table = cast(Table, RatepayItemOutcome.__table__)
+    names = ["item_id", "order_id", *_OUTCOME_VALUES]
+    values = [
+        OrderItem.id,
+        *(bindparam(f"v_{name}", type_=table.c[name].type) for name in names[1:]),
+    ]
+    rows = (
+        select(*values)
+        .select_from(join(cast(Table, OrderItem.__table__), paid, true()))
+        .where(ids_clause(OrderItem.id, "array"))
+        .order_by(OrderItem.id)
+    )
+    return (
+        insert(table).from_select(names, rows)
+        .returning(table.c.id, table.c.item_id)
+        .add_cte(paid)
+    )
 
 
 _OUTCOME_VALUES = WrittenOutcome._fields[3:]
