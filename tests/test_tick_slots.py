@@ -55,3 +55,41 @@ def test_the_tick_adds_up_counts_and_error_messages_only() -> None:
             assert value == [], f.name
         else:
             assert value == 2 * getattr(one, f.name), f.name
+
+
+def test_a_batch_reads_the_items_of_an_order_it_calls_for_once(
+    sandbox: object, fresh_db_url: str
+) -> None:
+    """The batch that plans an order's gateway call reads the order's items once, as the
+    objects it fires (``_StateStep.loaded_due_items``), not as columns first and objects
+    after; the order still walks to ``ready for shipment`` and its payment request carries
+    every item, on every dialect."""
+    import uuid
+
+    from sqlalchemy import event
+
+    from ratepay_oms.demo import demo_engine, example_order
+
+    engine = demo_engine(fresh_db_url, sandbox.settings)  # type: ignore[attr-defined]
+    try:
+        ref = f"TS-{uuid.uuid4().hex[:8]}"
+        engine.place_order(example_order(ref), fire=False)
+        reads: list[str] = []
+
+        def seen(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+            if statement.startswith("SELECT") and "FROM oms_order_item" in statement:
+                reads.append(statement)
+
+        event.listen(engine.db, "before_cursor_execute", seen)
+        try:
+            result = engine.tick()
+        finally:
+            event.remove(engine.db, "before_cursor_execute", seen)
+        assert result.errors == 0
+        view = engine.order(ref)
+        assert view.states() == {"ready for shipment": len(view.items)}
+        item_reads = [s for s in reads if s.startswith("SELECT oms_order_item.id")]
+        assert len(item_reads) == 1, item_reads
+        assert "oms_order_item.order_id" in item_reads[0].split("WHERE", 1)[1]
+    finally:
+        engine.close()

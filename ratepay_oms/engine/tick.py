@@ -635,6 +635,31 @@ class _StateStep(_Step):
                 moved += runner.writer.move_resting(part, self.plain[key], definitions)
         return moved
 
+    def loaded_due_items(
+        self, session: Session, order_ids: Sequence[int], sizes: dict[int, int],
+        loaded: Loaded,
+    ) -> list[DueItem]:
+        """:meth:`due_items` of orders whose gateway call is next, read as the objects
+        :meth:`TickRunner._fire` fires (every item of the orders with its order, one
+        statement) instead of as columns first and objects after (two): the objects go into
+        ``loaded``, the count of each order's items into ``sizes``."""
+        events = self.events
+        due: list[DueItem] = []
+        style = ids_style(session)
+        statement = prebuilt("order items", style, _order_items_statement)
+        for part in chunked(list(order_ids)):
+            for item, order in session.execute(statement, {"ids": ids_value(part, style)}):
+                loaded.items[item.id] = item
+                loaded.orders[order.id] = order
+                order_id = order.id
+                sizes[order_id] = sizes.get(order_id, 0) + 1
+                key = (item.process, item.state)
+                if item.retry_at is None and key in events:
+                    due.append(DueItem(item.id, order_id, item.process, item.state,
+                                       events[key], item.intent_id))
+        due.sort()
+        return due
+
     def due_items(
         self, session: Session, order_ids: Sequence[int], sizes: dict[int, int] | None = None
     ) -> list[DueItem]:
@@ -666,6 +691,24 @@ def _due_items_statement(style: str) -> Any:
         OrderItem.retry_at,
         OrderItem.intent_id,
     ).where(ids_clause(OrderItem.order_id, style))
+
+
+def _order_items_statement(style: str) -> Any:
+    """Every item of the orders ``:ids`` with its order, as objects
+    (:meth:`_StateStep.loaded_due_items`)."""
+    return (
+        select(OrderItem, Order)
+        .join(Order, OrderItem.order_id == Order.id)
+        .where(ids_clause(OrderItem.order_id, style))
+    )
+
+
+@dataclass(slots=True)
+class Loaded:
+    """Items and their orders a batch has read as objects already, by id."""
+
+    items: dict[int, OrderItem] = field(default_factory=dict)
+    orders: dict[int, Order] = field(default_factory=dict)
 
 
 def _items_statement(style: str) -> Any:
@@ -1043,15 +1086,31 @@ class TickRunner:
             locked, later = _beyond_slots(batch, locked, slots, runner.leased)
             # Items waiting on an open gateway-call intent are settled by reconciliation only.
             sizes: dict[int, int] = {}
-            due = [d for d in step.due_items(session, locked, sizes) if d.intent_id is None]
+            loaded = Loaded()
+            if isinstance(step, _StateStep) and any(batch[o].calls for o in locked):
+                # The orders whose call is next: read as the objects the runner fires.
+                calling = [o for o in locked if batch[o].calls]
+                found = step.loaded_due_items(session, calling, sizes, loaded)
+                others = [o for o in locked if not batch[o].calls]
+                if others:
+                    found = sorted(found + step.due_items(session, others, sizes))
+            else:
+                found = step.due_items(session, locked, sizes)
+            due = [d for d in found if d.intent_id is None]
             if limit is not None:
                 due = _whole_orders(due, limit - processed)
             if not due:
                 return moved, resting, later
             plain, fired_items = self._split(due)
             if plain:
+                for d, _ in plain:  # moved from its id: its object would hold the old state
+                    item = loaded.items.pop(d.id, None)
+                    if item is not None:
+                        session.expunge(item)
                 self._write_plain(runner, plain)
-            leftover = self._fire(runner, fired_items, slots, sizes) if fired_items else []
+            leftover = (
+                self._fire(runner, fired_items, slots, sizes, loaded) if fired_items else []
+            )
             if later:
                 leftover = sorted(later + leftover)
             put_back = set(leftover)
@@ -1093,14 +1152,15 @@ class TickRunner:
 
     def _fire(
         self, runner: Runner, fired: Sequence[DueItem], slots: int,
-        sizes: Mapping[int, int] | None = None,
+        sizes: Mapping[int, int] | None = None, loaded: Loaded | None = None,
     ) -> list[int]:
         """Let the runner fire ``fired``: the orders that cannot reach a gateway call all at
         once, then those that may, one by one, until ``slots`` orders have a call planned.
         Orders beyond the slots are put back before anything of them is loaded. Returns the
         orders not fired. ``sizes``: items per order, where known; an order whose items are
         all fired gets them as its loaded ``items`` (a command reading ``order.items``, the
-        payment request's basket, does not load them again)."""
+        payment request's basket, does not load them again). ``loaded``: what the batch read
+        as objects already (not read again)."""
         compiled = self.engine.compiled
         calling: list[int] = []
         for d in fired:
@@ -1115,9 +1175,9 @@ class TickRunner:
         session = runner.session
         style = ids_style(session)
         statement = prebuilt("fired items", style, _items_statement)
-        items: dict[int, OrderItem] = {}
-        orders: dict[int, Order] = {}
-        for part in chunked([d.id for d in fired]):
+        items: dict[int, OrderItem] = loaded.items if loaded is not None else {}
+        orders: dict[int, Order] = loaded.orders if loaded is not None else {}
+        for part in chunked([d.id for d in fired if d.id not in items]):
             for item, order in session.execute(statement, {"ids": ids_value(part, style)}):
                 items[item.id] = item
                 orders[order.id] = order
