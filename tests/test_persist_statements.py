@@ -33,17 +33,10 @@ NOW = datetime(2026, 3, 2, 12, 0, 0)
 
 
 @pytest.fixture
-def engine(server_db_url: str) -> Iterator[Engine]:
-    eng = Engine(server_db_url, process_dir=default_process_dir())
-    eng.upgrade_db()
-    yield eng
-    eng.close()
-
-
-@pytest.fixture
-def fresh_engine(fresh_db_url: str) -> Iterator[Engine]:
-    """For a test that leaves items in states no process has: other tests (a process
-    migration's) read every running item of the shared database."""
+def engine(fresh_db_url: str) -> Iterator[Engine]:
+    """A database of its own: the orders here wait in ``new`` or sit in states no process
+    has, which a tick or a process migration of another test on a shared database would
+    take up."""
     eng = Engine(fresh_db_url, process_dir=default_process_dir())
     eng.upgrade_db()
     yield eng
@@ -105,8 +98,7 @@ def _rows(engine: Engine, item_id: int) -> tuple[tuple, tuple, tuple]:  # type: 
     return tuple(history), tuple(log), tuple(item)
 
 
-def test_plain_and_forced_moves_write_their_values(fresh_engine: Engine) -> None:
-    engine = fresh_engine
+def test_plain_and_forced_moves_write_their_values(engine: Engine) -> None:
     items = _items(engine)
     first, second = items[0], items[1]
     process, source = first.process, first.state

@@ -10,6 +10,7 @@ With ``RATEPAY_OMS_WEB_SCREENSHOTS=docs/web`` the tests also save the README's s
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -168,7 +169,15 @@ def test_a_double_clicked_event_books_once_and_shows_the_refusal(browser, consol
     ActionChains(browser).double_click(
         browser.find_element(By.CSS_SELECTOR, "[data-testid='event-ship']")
     ).perform()
-    _wait_for(browser, "[data-testid=flash-ok]")
+    # Chromium mostly sends one POST for it; on a loaded machine both clicks can reach the
+    # server, and the page the browser ends on may then show only the second one's refusal
+    # (the first one's answer was a navigation the second cut short). Either way: one booking.
+    _wait_for(browser, ".flash")
+    shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".flash")]
+    assert any("'ship' done: 1 item moved" in t or "'ship' REFUSED" in t for t in shown), shown
+    until = time.monotonic() + 20  # a refused second click may answer before the first did
+    while _delivers(sandbox) == before and time.monotonic() < until:
+        time.sleep(0.05)
     assert _delivers(sandbox) == before + 1
     assert _db_states(engine, ref) == ["ready for refund"] + ["ready for shipment"] * 3
 
