@@ -627,19 +627,8 @@ def _outcomes_paying(columns: tuple[str, ...]) -> Any:
         .cte("paid")
     )
     table = cast(Table, RatepayItemOutcome.__table__)
-    names = ["item_id", "order_id", *_OUTCOME_VALUES]
-    values = [
-        OrderItem.id,
-        *(bindparam(f"v_{name}", type_=table.c[name].type) for name in names[1:]),
-    ]
-    rows = (
-        select(*values)
-        .select_from(join(cast(Table, OrderItem.__table__), paid, true()))
-        .where(ids_clause(OrderItem.id, "array"))
-        .order_by(OrderItem.id)
-    )
     return (
-        insert(table).from_select(names, rows)
+        _outcomes_statement("array", paid)
         .returning(table.c.id, table.c.item_id)
         .add_cte(paid)
     )
@@ -649,18 +638,21 @@ _OUTCOME_VALUES = WrittenOutcome._fields[3:]
 """The columns of an outcome row that are the same for a whole call (after its ids)."""
 
 
-def _outcomes_statement(style: str) -> Any:
+def _outcomes_statement(style: str, paid: Any = None) -> Any:
     """``INSERT INTO ratepay_item_outcome (item_id, order_id, …) SELECT id, :v_order_id, …
-    FROM oms_order_item WHERE id IN :ids ORDER BY id``."""
+    FROM oms_order_item WHERE id IN :ids ORDER BY id``; ``paid``: a CTE the items are
+    joined with (:func:`_outcomes_paying`), so that no row comes when it has none."""
     table = cast(Table, RatepayItemOutcome.__table__)
     columns = ["item_id", "order_id", *_OUTCOME_VALUES]
     values = [
         OrderItem.id,
         *(bindparam(f"v_{name}", type_=table.c[name].type) for name in columns[1:]),
     ]
+    rows = select(*values)
+    if paid is not None:
+        rows = rows.select_from(join(cast(Table, OrderItem.__table__), paid, true()))
     return insert(table).from_select(
-        columns,
-        select(*values).where(ids_clause(OrderItem.id, style)).order_by(OrderItem.id),
+        columns, rows.where(ids_clause(OrderItem.id, style)).order_by(OrderItem.id)
     )
 
 
