@@ -23,7 +23,7 @@ from sqlalchemy import event, text
 from ratepay_oms.demo import demo_engine, example_order
 from ratepay_oms.engine.plugins import ExternalCommand
 from ratepay_oms.persistence.api_log import ApiLogEntry
-from ratepay_oms.persistence.held import HeldRows, held_for, holding
+from ratepay_oms.persistence.held import HeldRows, Rider, held_for, holding
 from ratepay_oms.ratepay.api_log import ApiCallRecord, CallCollector, SqlApiLogSink, to_row
 
 LOG = ApiLogEntry.__table__
@@ -40,24 +40,39 @@ class Txn:
     end: str | None = None  # "commit" / "rollback"
 
     def logs(self) -> int:
-        return sum(s.startswith("INSERT INTO ratepay_api_log") for s in self.statements)
+        """Statements that insert API-log rows (alone, or carried by the settle's)."""
+        return sum(_logs(s) for s in self.statements)
+
+    def carried(self) -> int:
+        """Of those, the ones the settle's compare-and-set carried (PostgreSQL)."""
+        return sum(_logs(s) and _settles(s) for s in self.statements)
 
     def settled_intent(self) -> int:
         (intent_id,) = [p["intent_id"] for s, p in zip(self.statements, self.params, strict=True)
-                        if s.startswith("UPDATE oms_intent SET status")]
+                        if _settles(s)]
         return int(intent_id)
 
     def logged_orders(self) -> set[str]:
         """The order references of the API-log rows this transaction inserted."""
         return {
             v for s, p in zip(self.statements, self.params, strict=True)
-            if s.startswith("INSERT INTO ratepay_api_log")
+            if _logs(s)
             for k, v in p.items() if k.startswith("order_ref")
         }
 
     def settles(self) -> bool:
         """Whether the settle's compare-and-set on the intent's status ran in it."""
-        return any(s.startswith("UPDATE oms_intent SET status") for s in self.statements)
+        return any(_settles(s) for s in self.statements)
+
+
+def _logs(statement: str) -> bool:
+    return statement.startswith((
+        "INSERT INTO ratepay_api_log", "WITH held_rows AS (INSERT INTO ratepay_api_log"
+    ))
+
+
+def _settles(statement: str) -> bool:
+    return "UPDATE oms_intent SET status" in statement
 
 
 class Watch:
@@ -106,7 +121,7 @@ class Watch:
 
     def _execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         statement = " ".join(statement.split())
-        if statement.startswith("INSERT INTO ratepay_api_log") and self.collector is not None:
+        if _logs(statement) and self.collector is not None:
             self.collected_at_insert.append(len(self.collector.records))
         txn = self._open.get(id(conn))
         if txn is None:
@@ -179,10 +194,13 @@ def test_an_orders_rows_are_written_by_its_settles_one_insert_each(shared: Any) 
 
     # Two INSERTs (INIT + REQUEST with the first settle, CONFIRM with the second), each in a
     # settling transaction that committed; none anywhere else.
-    assert not any(s.startswith("INSERT INTO ratepay_api_log") for s in watch.outside)
+    assert not any(_logs(s) for s in watch.outside)
     written = watch.log_txns()
     assert [t.logs() for t in written] == [1, 1]
     assert all(t.settles() and t.end == "commit" for t in written)
+    # On PostgreSQL each rides on its settle's compare-and-set: no statement of its own.
+    carried = 1 if engine.db.dialect.name == "postgresql" else 0
+    assert [t.carried() for t in written] == [carried, carried]
     # The console's collector saw each call when it was made, before its row was written.
     assert watch.collected_at_insert == [2, 3]
     # The drive's three transactions (plan, two settles), one remember (INIT's transaction id
@@ -389,3 +407,67 @@ def test_rows_for_another_database_are_written_at_once(tmp_path: Any) -> None:
     finally:
         drive_db.dispose()
         log_db.dispose()
+
+
+class RefusedRider(SqlApiLogSink):
+    """The real sink, whose rows the database refuses when a settle carries them (their
+    INSERT names a table that does not exist); written apart, they go in as usual."""
+
+    def __init__(self, real: SqlApiLogSink) -> None:
+        super().__init__(real.session_factory)
+        self.riders = 0
+
+    def rider(self, conn: sa.Connection, rows: list[dict[str, Any]]) -> Rider | None:
+        self.riders += 1
+        return Rider(
+            text("INSERT INTO no_such_table (x) VALUES (:x_0)").bindparams(
+                sa.bindparam("x_0", type_=sa.Integer)
+            ),
+            {"x_0": 1},
+        )
+
+
+def test_held_rows_refused_while_riding_on_the_settle_do_not_cost_it(
+    sandbox: Any, fresh_db_url: str
+) -> None:
+    """PostgreSQL: the rows ride on the settle's compare-and-set; refused there, the whole
+    settle rolls back and runs again without them (committing once), and they are written
+    apart. Other databases never ask for a rider: the rows go first, on their own."""
+    engine = demo_engine(fresh_db_url, sandbox.settings)
+    try:
+        facade = engine.services["ratepay"]
+        sink = RefusedRider(facade.api_log)
+        facade.api_log = sink
+        collector = _collect(engine)
+        ref = f"LOGRIDE-{uuid.uuid4().hex[:8]}"
+        with Watch(engine.db) as watch:
+            view = engine.place_order(example_order(ref))
+        assert view.states() == {"ready for shipment": 4}
+        assert not engine.intents(ref)
+        records = collector.take()
+        assert [r.operation for r in records] == [
+            "PAYMENT_INIT", "PAYMENT_REQUEST", "PAYMENT_CONFIRM"
+        ]
+        _same_rows(_rows(engine, ref), records)
+        settles = [t for t in watch.txns if t.settles()]
+        if engine.db.dialect.name != "postgresql":
+            assert sink.riders == 0
+            assert [(t.end, t.logs()) for t in settles] == [("commit", 1), ("commit", 1)]
+            return
+        assert sink.riders == 2
+        # Each settle: tried carrying the refused INSERT, rolled back, settled again without
+        # it and committed; its rows then written apart (INIT and REQUEST, then CONFIRM).
+        assert [t.end for t in settles] == ["rollback", "commit", "rollback", "commit"]
+        assert all("no_such_table" in t.statements[0] for t in settles[0::2])
+        assert [t.logs() for t in settles[1::2]] == [0, 0]
+        assert [t.logs() for t in watch.log_txns()] == [1, 1, 1]
+        # One booking each: the rolled-back attempt left nothing behind.
+        with engine.db.connect() as conn:
+            outcomes = conn.execute(
+                text("SELECT action, count(*) FROM ratepay_item_outcome o "
+                     "JOIN oms_order d ON d.id = o.order_id WHERE d.order_ref = :ref "
+                     "GROUP BY action ORDER BY action"), {"ref": ref}
+            ).all()
+        assert [tuple(r) for r in outcomes] == [("payment_confirm", 4), ("payment_request", 4)]
+    finally:
+        engine.close()

@@ -50,6 +50,7 @@ from ratepay_oms.engine.runner import (
     RECONCILED_NOT_BOOKED,
     REPLANS,
     Call,
+    HeldRowsRefused,
     Loaded,
     LoopGuard,
     PlanKey,
@@ -59,7 +60,7 @@ from ratepay_oms.engine.runner import (
     describe_error,
 )
 from ratepay_oms.persistence.db import PING_AFTER_IDLE_SECONDS, one_statement
-from ratepay_oms.persistence.held import HeldRows, holding
+from ratepay_oms.persistence.held import HeldRows, Rider, holding
 from ratepay_oms.persistence.models import INTENT_PENDING, INTENT_UNKNOWN, Intent
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Drive:
         *,
         release: Collection[int] = (),
         held: HeldRows | None = None,
+        ride: bool = False,
         replan: bool = True,
     ) -> tuple[T, list[Call]]:
         """Run ``work`` in one transaction with a :class:`Runner`; lease the orders it
@@ -149,7 +151,10 @@ class Drive:
 
         ``held``: the API-log rows of the call this transaction settles, written first in it
         (one INSERT; see :func:`_begin`) and cleared once it committed. If it does not, they
-        stay held and the caller writes them apart.
+        stay held and the caller writes them apart. ``ride``: ``work`` is a settle (its first
+        statement the compare-and-set), which carries the rows where the database can
+        (:meth:`HeldRows.rider`) instead of a statement of their own; refused there, the
+        transaction is rolled back and ``work`` runs again without them (written apart).
 
         ``work`` must be database-only and may be run more than once: its plans run without
         a savepoint (``replan``, see ``Replan``), and when one raises the transaction is
@@ -158,7 +163,7 @@ class Drive:
         that commits counts: its stats, calls, leases, loop-guard counts and held rows.
         ``replan=False``: a savepoint around each plan, ``work`` runs once."""
         known: dict[PlanKey, Exception] = {}
-        start = guard.checkpoint() if replan else None
+        start = guard.checkpoint() if replan or ride else None
         attempt = 0
         while True:
             stats = RunStats()
@@ -166,13 +171,21 @@ class Drive:
             line: _Line | None = getattr(self._local, "line", None)
             try:
                 with line.session() if line is not None else self.engine.sessions() as session:
-                    transaction, taken = _begin(session, held)
+                    transaction, taken, rider = _begin(session, held, ride)
                     with transaction:
                         runner = Runner(self.engine, session, self.now, guard, stats)
                         runner.replan = planning
+                        runner.rider = rider
                         result = work(runner)
                         if planning is not None and planning.failed is not None:
                             raise planning.failed  # swallowed on the way: still roll back
+                        if rider is not None:
+                            # Not carried (the work wrote no compare-and-set): written now.
+                            if runner.rider is not None and not (
+                                held is not None and held.write_in(session.connection())
+                            ):
+                                raise HeldRowsRefused("the held rows were refused")
+                            taken = True
                         runner.finish()
                         calls = runner.calls
                         leased = {c.order_id for c in calls}
@@ -188,6 +201,15 @@ class Drive:
                         done.extend(sorted(ahead - leased))
                         if done:
                             self.engine.claims.release_in(session, done)
+            except HeldRowsRefused as refused:
+                if line is not None:
+                    line.drop()
+                log.warning("held API-log rows not written with the settle (%s); settling "
+                            "without them, writing them apart", refused)
+                assert start is not None
+                guard.restore(start)
+                held = None  # not tried again in this transaction: written apart after it
+                continue
             except Exception:
                 if line is not None:
                     line.drop()  # whatever the error did to the connection: a fresh one next
@@ -278,6 +300,7 @@ class Drive:
         release = (call.order_id,) if last else ()
         work: Callable[[Runner], object]
         held = self._held()
+        settles = False  # ``work`` is a settle: the held rows may ride on its compare-and-set
         try:
             with self.keeper.in_flight(call.order_id), holding(held):
                 if call.prepared is None:
@@ -287,7 +310,7 @@ class Drive:
                         answer = command.send(call.prepared, io)
                     except CallNotSentError as exc:
                         verdict = Reconciled(False, detail=describe_error(exc))
-                        work = _settle(call, verdict, NOT_SENT)
+                        work, settles = _settle(call, verdict, NOT_SENT), True
                     except Exception as exc:
                         message = describe_error(exc)
                         log.warning("intent %s left open after: %s", call.intent_id, message)
@@ -295,7 +318,8 @@ class Drive:
                     else:
                         work = _settle(call, answer, ANSWERED, record_stays=call.record_stays,
                                        loaded=call.loaded)
-            _, more = self.transact(work, guard, release=release, held=held)
+                        settles = True
+            _, more = self.transact(work, guard, release=release, held=held, ride=settles)
         finally:
             self._stored.pop(call.intent_id, None)
             if held is not None:
@@ -464,17 +488,29 @@ def _writing(sessions: sessionmaker[Session]) -> Iterator[Connection]:
         yield session.connection()
 
 
-def _begin(session: Session, held: HeldRows | None) -> tuple[SessionTransaction, bool]:
+def _begin(
+    session: Session, held: HeldRows | None, ride: bool
+) -> tuple[SessionTransaction, bool, Rider | None]:
     """Begin ``session``'s transaction with ``held``'s rows written first; whether they are
     in it. First, so that when the database refuses them nothing of the work is lost with the
-    rolled-back transaction: the work runs in a fresh one and the rows are written apart."""
+    rolled-back transaction: the work runs in a fresh one and the rows are written apart.
+    ``ride``: the rows as a :class:`Rider` for the work's first statement to carry, where
+    they can be (then not written here)."""
     transaction = session.begin()
     if not held:
-        return transaction, False
-    if held.write_in(session.connection()):
-        return transaction, True
+        return transaction, False, None
+    try:
+        rider = held.rider(session.connection()) if ride else None
+    except Exception:
+        log.warning("held API-log rows could not be prepared for the settle; writing them "
+                    "apart", exc_info=True)
+    else:
+        if rider is not None:
+            return transaction, False, rider
+        if held.write_in(session.connection()):
+            return transaction, True, None
     transaction.rollback()
-    return session.begin(), False
+    return session.begin(), False, None
 
 
 def _merged(summary: str, facts: Mapping[str, Any]) -> str:

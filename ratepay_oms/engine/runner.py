@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, bindparam, exists, insert, select, update
-from sqlalchemy.exc import InterfaceError, OperationalError, PendingRollbackError
+from sqlalchemy import Connection, Table, TextClause, bindparam, exists, insert, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
@@ -62,6 +62,7 @@ from ratepay_oms.engine.plugins import (
     PreparedCall,
     Reconciled,
 )
+from ratepay_oms.persistence.held import Rider
 from ratepay_oms.persistence.models import (
     INTENT_PENDING,
     INTENT_SETTLED,
@@ -277,6 +278,11 @@ def describe_error(exc: BaseException) -> str:
     return text[:MAX_ERROR_LENGTH]
 
 
+class HeldRowsRefused(Exception):
+    """The database refused the held rows a settle's compare-and-set carried
+    (:meth:`Runner.settle`): ``Drive.transact`` rolls back and settles again without them."""
+
+
 class Runner:
     """One unit of work over an open session (built by the drive loop, one per transaction)."""
 
@@ -307,6 +313,9 @@ class Runner:
         self.replan: Replan | None = None
         """Set by ``Drive.transact``: plans run without a savepoint (see :class:`Replan`).
         ``None`` (a runner built elsewhere): a savepoint around each plan."""
+        self.rider: Rider | None = None
+        """Set by ``Drive.transact``: held rows for the first settle's compare-and-set to
+        carry (then ``None`` again)."""
         self.open_intents: dict[int, bool] = {}
         """Whether an order has an open intent, where a statement of this transaction read it
         along (the tick's lock, a settle's compare-and-set) or this runner wrote one: a
@@ -721,8 +730,14 @@ class Runner:
             statement = prebuilt("settle", "", _settle_statement)
         params = {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
                   "note": note}
-        won = (conn.execute(statement, params) if returning
-               else execute_rowless(conn, statement, params))
+        rider = self.rider if others else None
+        if rider is not None:
+            self.rider = None
+            won = self._carrying(conn, statement, params, rider)
+        elif returning:
+            won = conn.execute(statement, params)
+        else:
+            won = execute_rowless(conn, statement, params)
         # Plain columns, no ORM object: the intent is only read from here on. Where the
         # database can, the compare-and-set returns them (one statement fewer).
         if returning:
@@ -779,6 +794,24 @@ class Runner:
             self.data = summary[EVENT_DATA_KEY]  # the moves of the event that carried it
         self._rounds([], moves, record_stays=False)
         return True
+
+    @staticmethod
+    def _carrying(conn: Connection, statement: Any, params: dict[str, Any], rider: Rider) -> Any:
+        """``statement`` (the compare-and-set) carrying ``rider``'s INSERT as a CTE: one
+        statement for both. PostgreSQL runs the INSERT to completion whether or not the
+        compare-and-set matches, as when the rows went first on their own. A refusal
+        (``HeldRowsRefused``) rolls the settle back, to run again without them."""
+        carrying = _CARRYING.get((statement, rider.statement))
+        if carrying is None:
+            carrying = _CARRYING[(statement, rider.statement)] = statement.add_cte(
+                rider.statement.columns().cte("held_rows")
+            )
+        try:
+            return conn.execute(carrying, {**params, **rider.params})
+        except DBAPIError as exc:
+            if database_lost(exc):
+                raise
+            raise HeldRowsRefused(describe_error(exc)) from exc
 
     def _take_up(self, loaded: Loaded) -> tuple[Order, list[OrderItem]]:
         """``loaded``'s objects in this session, without a statement: the ones
@@ -931,6 +964,10 @@ def _marked(items: Sequence[OrderItem], intent_id: int | None) -> None:
 
 _INTENTS = cast(Table, Intent.__table__)
 _INSERT_INTENT = insert(_INTENTS).returning(_INTENTS.c.id)
+
+_CARRYING: dict[tuple[Any, TextClause], Any] = {}
+"""The compare-and-set carrying held rows, per (compare-and-set, rows' INSERT): built once per
+shape of rows (a handful: one INSERT per number of rows)."""
 
 
 def insert_intent(

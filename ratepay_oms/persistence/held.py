@@ -11,6 +11,12 @@ own (:meth:`HeldRows.write_apart`).
 Per call, never shared: the drive sets a :class:`HeldRows` for the thread that sends the call
 (:func:`holding`, a context variable, so calls on the pool's other threads hold their own), and
 a writer asks :func:`held_for` whether the current call holds rows for its database.
+
+On PostgreSQL the rows need not even be a statement of their own: a writer that can give them
+as one INSERT (:meth:`RidingWriter.rider`) lets them ride on the settle's compare-and-set as a
+data-modifying CTE (:meth:`HeldRows.rider`), which PostgreSQL runs to completion whatever the
+statement around it returns. Should the database refuse them there, the settle is run again
+without them and they are written apart, as when they are refused on their own.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, TextClause
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,26 @@ class RowWriter(Protocol):
     def write_each(self, rows: list[dict[str, Any]]) -> None:
         """Each row in a transaction of its own; logs its own failures, never raises."""
         ...
+
+
+@runtime_checkable
+class RidingWriter(RowWriter, Protocol):
+    """A writer whose rows can ride on another statement (see the module docstring)."""
+
+    def rider(self, conn: Connection, rows: list[dict[str, Any]]) -> Rider | None:
+        """``rows`` as one INSERT and its parameters (named so that no table's column is
+        among them), or ``None`` when they do not fit one."""
+        ...
+
+
+@dataclass(frozen=True)
+class Rider:
+    """Held rows as one INSERT for another statement to carry (a CTE on PostgreSQL)."""
+
+    statement: TextClause
+    """The same object for the same shape of rows, so the carrying statement built around it
+    is built once (and its compiled form cached once)."""
+    params: dict[str, Any]
 
 
 class HeldRows:
@@ -72,6 +99,19 @@ class HeldRows:
                         exc_info=True)
             return False
         return True
+
+    def rider(self, conn: Connection) -> Rider | None:
+        """The rows as one :class:`Rider` for a statement on ``conn`` to carry: only on
+        PostgreSQL (its CTEs may insert), only when one writer holds them all and can give
+        them so; else ``None`` and :meth:`write_in` writes them. They count as written, as
+        there, once the carrying transaction committed (:meth:`clear`). Raises what the
+        writer raises (it may read the database to fill the rows in)."""
+        if conn.dialect.name != "postgresql" or len(self._rows) != 1:
+            return None
+        ((writer, rows),) = self._rows.items()
+        if not isinstance(writer, RidingWriter):
+            return None
+        return writer.rider(conn, rows)
 
     def clear(self) -> None:
         """The settling transaction committed with the rows in it."""

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from ratepay_oms.persistence.api_log import ApiLogEntry
 from ratepay_oms.persistence.db import one_statement
-from ratepay_oms.persistence.held import held_for
+from ratepay_oms.persistence.held import Rider, held_for
 from ratepay_oms.persistence.statements import execute_rowless
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,18 @@ class SqlApiLogSink:
                 {f"{name}_{i}": value for i, row in enumerate(chunk)
                  for name, value in row.items()},
             )
+
+    def rider(self, conn: Connection, rows: list[dict[str, Any]]) -> Rider | None:
+        """``rows`` as the one INSERT :meth:`write_rows` sends, for the settle's statement
+        to carry (:meth:`HeldRows.rider`); ``None`` when they take more than one."""
+        if len(rows) > _MAX_ROWS_PER_INSERT:
+            return None
+        for entry in rows:
+            _fill_order(conn, entry)
+        return Rider(
+            _insert_rows(conn.dialect, len(rows)),
+            {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()},
+        )
 
     def _write_one(self, entry: dict[str, Any]) -> None:
         try:
