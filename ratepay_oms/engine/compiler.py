@@ -185,6 +185,21 @@ class CompiledProcess:
             command = event_def.command if event_def is not None else None
             if command is None and definition.on_enter_event(t.target) is None:
                 self._plain[(state, event)] = t
+        # States an item only passes through: their on-enter event has no command and leads
+        # on without a condition, and entering them arms no timeout and notifies nobody. The
+        # runner writes a move into one and the move out as one (``Runner._passed_on``).
+        self._passes_on: dict[str, tuple[str, TransitionDef]] = {}
+        for state in states:
+            event = self._on_enter.get(state)
+            event_def = definition.events.get(event) if event is not None else None
+            onward = self._fixed.get((state, event))
+            if (
+                event is None or event_def is None or event_def.command is not None
+                or onward is None or onward.target == state
+                or definition.timeout_events(state) or definition.notifies(state)
+            ):
+                continue
+            self._passes_on[state] = (event, onward)
         self._calls_out = frozenset(
             name
             for name, e in definition.events.items()
@@ -248,6 +263,12 @@ class CompiledProcess:
         except KeyError:  # not a state of the process: as the definition answers
             found = self.definition.on_enter_event(state)
             return found.name if found is not None else None
+
+    def passes_on(self, state: str) -> tuple[str, TransitionDef] | None:
+        """Where an item that enters ``state`` goes on at once, whatever the item: the
+        on-enter event and its transition; ``None`` unless ``state`` is only passed through
+        (no command, no condition, no timeout, no notification)."""
+        return self._passes_on.get(state)
 
     def fixed(self, state: str, event: str | None) -> TransitionDef | None:
         """The transition ``event`` takes from ``state`` whatever the item (no condition

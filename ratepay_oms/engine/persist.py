@@ -33,6 +33,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     ColumnElement,
+    Connection,
     Dialect,
     Executable,
     Integer,
@@ -50,6 +51,7 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    union_all,
     update,
 )
 from sqlalchemy import cast as sql_cast
@@ -73,7 +75,7 @@ from ratepay_oms.persistence.models import (
     TransitionLog,
 )
 from ratepay_oms.persistence.statements import execute_rowless
-from ratepay_oms.process.model import ProcessDefinition
+from ratepay_oms.process.model import EventDef, ProcessDefinition
 
 CHUNK = 1000
 """Ids per ``IN (…)`` list: well under every dialect's bind-parameter limit."""
@@ -168,6 +170,10 @@ class Moves:
     key: MoveKey
     order: Order
     items: list[OrderItem]
+    then: MoveKey | None = None
+    """A second transition the run takes on at once (``key.target`` only passes it on:
+    ``Runner._passed_on``): written with the first as one statement, a history and a log row
+    for each."""
 
 
 _ConditionRow = tuple[int, int, tuple[str, str, str | None, str], bool, str | None]
@@ -394,15 +400,83 @@ class StateWriter:
             self.flush_log()
             return
         groups: dict[MoveKey, list[int]] = {}
+        two_hops: dict[tuple[MoveKey, MoveKey], list[int]] = {}
         for run in moves:
+            if run.then is not None:
+                two_hops.setdefault((run.key, run.then), []).extend([i.id for i in run.items])
+                continue
             ids = groups.get(run.key)
             if ids is None:
                 ids = groups[run.key] = []
             ids.extend([item.id for item in run.items])
+        for (first, then), ids in two_hops.items():
+            self._write_two_hops(first, then, ids, definitions)
         self.write_grouped_moves(groups, definitions, data=data, with_conditions=True)
         for run in moves:
-            _committed_moves(run.items, run.key.target, self.now)
+            _committed_moves(run.items, (run.then or run.key).target, self.now)
         self.flush_log()
+
+    def _write_two_hops(
+        self,
+        first: MoveKey,
+        then: MoveKey,
+        ids: Sequence[int],
+        definitions: Mapping[str, ProcessDefinition],
+    ) -> None:
+        """Items that take ``first`` and then ``then`` at once (``Moves.then``): one statement
+        on PostgreSQL, which writes the state ``then`` leads to and the history and log rows
+        of both transitions (each hop's rows in hop order, so ids and ``created_at`` read as
+        two moves). Only plain moves pass a state on (no forced move, no event data), and the
+        state passed on arms no timeout and notifies nobody (``Runner._passed_on``)."""
+        self.session.flush()
+        conn = self.session.connection()
+        style = _ids_style(conn.dialect)
+        assert style == "array", "only PostgreSQL moves two hops at once"
+        instruments.note_moves(self.session, first.process, first.event, len(ids))
+        instruments.note_moves(self.session, then.process, then.event, len(ids))
+        definition = definitions[then.process]
+        for part in chunked(sorted(ids)):
+            values = {
+                "ids": _ids_value(part, style),
+                "v_source": first.source,
+                "v_target": first.target,
+                "v_event": first.event,
+                "v_process": first.process,
+                "v_command": first.command,
+                "v_condition": first.condition,
+                "w_target": then.target,
+                "w_event": then.event,
+                "w_command": then.command,
+                "w_condition": then.condition,
+                "v_hostname": self.origin.hostname,
+                "v_argv": self.origin.argv,
+                "v_now": self.now,
+            }
+            riding = self._conditions_riding()
+            if riding is None:
+                execute_rowless(conn, _move_statement("two hops", style, True), values)
+            else:
+                execute_rowless(
+                    conn, _move_statement("two hops conditions", style, True),
+                    {**values, **riding},
+                )
+            if definition.notifies(then.target):
+                self._notify(part, then.process, then.source, then.target, then.event)
+            self._arm_timeouts(conn, values["ids"], then.target,
+                               definition.timeout_events(then.target))
+
+    def _arm_timeouts(
+        self, conn: Connection, ids: Any, target: str, timeouts: Sequence[EventDef]
+    ) -> None:
+        """The timeout rows of the items ``ids`` (one chunk) that entered ``target``."""
+        style = _ids_style(conn.dialect)
+        for event in timeouts:
+            assert event.timeout is not None
+            conn.execute(
+                _move_statement("timeout", style),
+                {"ids": ids, "v_target": target, "v_event": event.name,
+                 "v_due": self.now + event.timeout},
+            )
 
     def write_grouped_moves(
         self,
@@ -472,17 +546,7 @@ class StateWriter:
                     conn.execute(_move_statement("untime", style), shared)
                 if notify:
                     self._notify(part, key.process, key.source, key.target, key.event)
-                for event in timeouts:
-                    assert event.timeout is not None
-                    conn.execute(
-                        _move_statement("timeout", style),
-                        {
-                            "ids": shared["ids"],
-                            "v_target": key.target,
-                            "v_event": event.name,
-                            "v_due": self.now + event.timeout,
-                        },
-                    )
+                self._arm_timeouts(conn, shared["ids"], key.target, timeouts)
 
     def move_resting(
         self,
@@ -793,19 +857,23 @@ _LOG_COLUMNS = [
 ]
 
 
-def _log_values(log: Table, item_id: Any, order_id: Any, plain: bool) -> list[Any]:
+def _log_values(
+    log: Table, item_id: Any, order_id: Any, plain: bool, hop: Mapping[str, str] | None = None
+) -> list[Any]:
     """The values of a move's transition-log row, in ``_LOG_COLUMNS`` order: the item's ids
     from ``item_id``/``order_id`` (the items table, or the rows an UPDATE returned), the
-    rest shared parameters (no error: a failed move writes its log row elsewhere)."""
+    rest shared parameters (no error: a failed move writes its log row elsewhere). ``hop``:
+    other parameter names for some of them (the second of two hops, :data:`_SECOND_HOP`)."""
+    name = hop.get if hop is not None else (lambda n, default: default)
     return [
         item_id,
         order_id,
         _param(log, "process", "v_process"),
-        _param(log, "event", "v_event"),
-        _param(log, "source_state", "v_source"),
-        _param(log, "target_state", "v_target"),
-        _param(log, "command", "v_command"),
-        _param(log, "condition", "v_condition"),
+        _param(log, "event", name("v_event", "v_event")),
+        _param(log, "source_state", name("v_source", "v_source")),
+        _param(log, "target_state", name("v_target", "v_target")),
+        _param(log, "command", name("v_command", "v_command")),
+        _param(log, "condition", name("v_condition", "v_condition")),
         false(),
         null(),
         _param(log, "hostname", "v_hostname"),
@@ -845,6 +913,10 @@ def _move_statement(kind: str, style: str, plain: bool = False) -> Executable:
         statement = _together_statement(style, plain)
     elif kind == "together conditions":
         statement = _together_statement(style, plain, with_conditions=True)
+    elif kind == "two hops":
+        statement = _two_hops_statement(style)
+    elif kind == "two hops conditions":
+        statement = _two_hops_statement(style, with_conditions=True)
     elif kind == "update":
         statement = (
             update(items)
@@ -1195,6 +1267,72 @@ def _together_statement(style: str, plain: bool, with_conditions: bool = False) 
         .cte("moved_log")
     )
     ctes = [moved, history_rows, log_rows]
+    if with_conditions:
+        ctes.append(cast(Any, _UPSERT_CONDITIONS).cte("answers"))
+    return (
+        delete(_table(EventTimeout))
+        .where(_ids_clause(EventTimeout.item_id, style))
+        .add_cte(*ctes)
+    )
+
+
+_SECOND_HOP = {"v_source": "v_target", "v_target": "w_target", "v_event": "w_event",
+               "v_command": "w_command", "v_condition": "w_condition"}
+"""The parameters of the second of two hops (``_two_hops_statement``) in place of the first's:
+it starts where the first ended."""
+
+
+def _two_hops_statement(style: str, with_conditions: bool = False) -> Executable:
+    """Two plain moves of the same items as one statement (PostgreSQL, like
+    :func:`_together_statement`): the UPDATE writes where the second leads (``:w_target``),
+    and the history and log INSERTs write two rows per item from its RETURNING rows, the first
+    hop's (``v_…``) before the second's (``w_…``, :data:`_SECOND_HOP`), each in item order."""
+    items = _table(OrderItem)
+    moved = (
+        update(items)
+        .where(_ids_clause(OrderItem.id, style))
+        .values(
+            state=_param(items, "state", "w_target"),
+            state_entered_at=_param(items, "state_entered_at", "v_now"),
+            intent_id=null(),
+            **_CLEARED_RETRY_SQL,
+        )
+        .returning(items.c.id, items.c.order_id)
+        .cte("moved")
+    )
+
+    def hops(table: Table, columns: Sequence[str], values: Callable[[int], list[Any]]) -> Any:
+        """``INSERT INTO table (columns) SELECT …`` both hops' rows, ordered."""
+        both = union_all(*(
+            select(*(v.label(c) for v, c in zip(values(hop), columns, strict=True)),
+                   literal_column(str(hop), Integer).label("hop"))
+            for hop in (0, 1)
+        )).subquery("hops")
+        return insert(table).from_select(
+            list(columns),
+            select(*(both.c[c] for c in columns)).order_by(both.c.hop, both.c[columns[0]]),
+        )
+
+    history = _table(StateHistory)
+    history_columns = ["item_id", "order_id", *_HISTORY_PARAMS]
+
+    def history_values(hop: int) -> list[Any]:
+        names = _SECOND_HOP if hop else {}
+        return [moved.c.id, moved.c.order_id, *(
+            _shared(history, column, names.get(name, name), True)
+            for column, name in _HISTORY_PARAMS.items()
+        )]
+
+    log = _table(TransitionLog)
+    ctes = [
+        moved,
+        hops(history, history_columns, history_values).cte("moved_history"),
+        hops(
+            log, _LOG_COLUMNS,
+            lambda hop: _log_values(log, moved.c.id, moved.c.order_id, True,
+                                    _SECOND_HOP if hop else None),
+        ).cte("moved_log"),
+    ]
     if with_conditions:
         ctes.append(cast(Any, _UPSERT_CONDITIONS).cte("answers"))
     return (
