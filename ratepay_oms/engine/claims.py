@@ -460,6 +460,39 @@ def _release_statement(style: str) -> Any:
     )
 
 
+def riding_lease() -> Any:
+    """Our lease on one order (``:lease_order``) as a CTE for another statement to carry:
+    ``UPDATE oms_order SET claimed_by = :lease_worker, claim_expires_at = :lease_until``
+    (PostgreSQL; the planning of a call carries it on its intent's INSERT). Parameters named
+    after no column of another table, so the carrying UPDATE or INSERT takes none of them
+    for a value of its own."""
+    return (
+        update(_ORDERS)
+        .where(_ORDERS.c.id == bindparam("lease_order", type_=_ORDERS.c.id.type))
+        .values(
+            claimed_by=bindparam("lease_worker", type_=_ORDERS.c.claimed_by.type),
+            claim_expires_at=bindparam("lease_until", type_=_ORDERS.c.claim_expires_at.type),
+        )
+        .cte("leased")
+    )
+
+
+def riding_release() -> Any:
+    """Drop our lease on one order (``:release_order``, ``:release_worker``) as a CTE for
+    another statement to carry (the settle of an order's last call carries it on its
+    compare-and-set); named as in :func:`riding_lease`."""
+    return (
+        update(_ORDERS)
+        .where(
+            _ORDERS.c.id == bindparam("release_order", type_=_ORDERS.c.id.type),
+            _ORDERS.c.claimed_by
+            == bindparam("release_worker", type_=_ORDERS.c.claimed_by.type),
+        )
+        .values(claimed_by=None, claim_expires_at=None)
+        .cte("released")
+    )
+
+
 def _lock_statement(style: str) -> Any:
     """The free orders of ``:ids`` (no lease, or one expired before ``:now``), in id order."""
     return (

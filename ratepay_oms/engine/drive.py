@@ -176,6 +176,8 @@ class Drive:
                         runner = Runner(self.engine, session, self.now, guard, stats)
                         runner.replan = planning
                         runner.rider = rider
+                        if ride and len(release) == 1:
+                            (runner.release_with_settle,) = release
                         result = work(runner)
                         if planning is not None and planning.failed is not None:
                             raise planning.failed  # swallowed on the way: still roll back
@@ -190,17 +192,25 @@ class Drive:
                         calls = runner.calls
                         leased = {c.order_id for c in calls}
                         ahead = runner.leased
+                        # The lease of an order with a call: written by its intent's INSERT,
+                        # or here unless still fresh (but always when the settle dropped it).
+                        with_intent = runner.leased_with_intent
+                        dropped = runner.released
                         written = sorted(
-                            o for o in leased if o not in ahead and not self._lease_fresh(o)
+                            o for o in leased
+                            if o not in ahead and o not in with_intent
+                            and (o in dropped or not self._lease_fresh(o))
                         )
                         if written:
                             self.engine.claims.lease_in(session, written)
                         # Leased ahead but no call planned after all: dropped again before
-                        # commit.
-                        done = [o for o in release if o not in leased]
+                        # commit (the settle's compare-and-set may have dropped it already).
+                        done = [o for o in release if o not in leased and o not in dropped]
                         done.extend(sorted(ahead - leased))
                         if done:
                             self.engine.claims.release_in(session, done)
+                        done.extend(o for o in dropped if o not in leased)
+                        written.extend(o for o in with_intent if o not in ahead)
             except HeldRowsRefused as refused:
                 if line is not None:
                     line.drop()

@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, Pending
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
+from ratepay_oms.engine.claims import riding_lease, riding_release
 from ratepay_oms.engine.clock import retry_delay, wall_now
 from ratepay_oms.engine.compiler import Subject
 from ratepay_oms.engine.errors import BookingInDoubtError
@@ -316,6 +317,14 @@ class Runner:
         self.rider: Rider | None = None
         """Set by ``Drive.transact``: held rows for the first settle's compare-and-set to
         carry (then ``None`` again)."""
+        self.release_with_settle: int | None = None
+        """Set by ``Drive.transact``: the order whose lease the first settle's
+        compare-and-set drops where it can carry that (PostgreSQL), the order of a chain's last
+        call; it lands in :attr:`released` then."""
+        self.released: set[int] = set()
+        """Orders whose lease a statement of this transaction dropped already."""
+        self.leased_with_intent: set[int] = set()
+        """Orders whose lease a planned call's intent INSERT wrote (PostgreSQL)."""
         self.open_intents: dict[int, bool] = {}
         """Whether an order has an open intent, where a statement of this transaction read it
         along (the tick's lock, a settle's compare-and-set) or this runner wrote one: a
@@ -527,8 +536,16 @@ class Runner:
             # flight, and asking too early could read "not booked" and send it twice.
             "reconcile_at": wall_now() + self.engine.claims.lease,
         }
-        intent_id = insert_intent(self.session, row, marking=group.items)
-        self.open_intents[group.order.id] = True
+        order_id = group.order.id
+        # The call's lease goes with its intent where the INSERT can carry it (not for an
+        # order the tick's lock leased ahead).
+        lease = None if order_id in self.leased else (
+            self.engine.claims.worker_id, wall_now() + self.engine.claims.lease
+        )
+        intent_id, leased = insert_intent(self.session, row, marking=group.items, lease=lease)
+        if leased:
+            self.leased_with_intent.add(order_id)
+        self.open_intents[order_id] = True
         self.calls.append(
             Call(
                 intent_id=intent_id,
@@ -771,9 +788,10 @@ class Runner:
         params = {"intent_id": intent_id, "resolution": resolution, "settled_at": self.now,
                   "note": note}
         rider = self.rider if others else None
-        if rider is not None:
-            self.rider = None
-            won = self._carrying(conn, statement, params, rider)
+        release = self.release_with_settle if others else None
+        if rider is not None or release is not None:
+            self.rider = self.release_with_settle = None
+            won = self._carrying(conn, statement, params, rider, release)
         elif returning:
             won = conn.execute(statement, params)
         else:
@@ -835,23 +853,39 @@ class Runner:
         self._rounds([], moves, record_stays=False)
         return True
 
-    @staticmethod
-    def _carrying(conn: Connection, statement: Any, params: dict[str, Any], rider: Rider) -> Any:
-        """``statement`` (the compare-and-set) carrying ``rider``'s INSERT as a CTE: one
-        statement for both. PostgreSQL runs the INSERT to completion whether or not the
-        compare-and-set matches, as when the rows went first on their own. A refusal
+    def _carrying(
+        self,
+        conn: Connection,
+        statement: Any,
+        params: dict[str, Any],
+        rider: Rider | None,
+        release: int | None,
+    ) -> Any:
+        """``statement`` (the compare-and-set) carrying ``rider``'s INSERT and the drop of
+        our lease on ``release`` as CTEs: one statement for all. PostgreSQL runs both to
+        completion whether or not the compare-and-set matches, as when each went on its own
+        (the lease was dropped after a lost compare-and-set too). A refusal of the rows
         (``HeldRowsRefused``) rolls the settle back, to run again without them."""
-        carrying = _CARRYING.get((statement, rider.statement))
+        key = (statement, rider.statement if rider is not None else None, release is not None)
+        carrying = _CARRYING.get(key)
         if carrying is None:
-            carrying = _CARRYING[(statement, rider.statement)] = statement.add_cte(
-                rider.statement.columns().cte("held_rows")
-            )
+            ctes = [] if rider is None else [rider.statement.columns().cte("held_rows")]
+            if release is not None:
+                ctes.append(riding_release())
+            carrying = _CARRYING[key] = statement.add_cte(*ctes)
+        values = params if rider is None else {**params, **rider.params}
+        if release is not None:
+            values = {**values, "release_order": release,
+                      "release_worker": self.engine.claims.worker_id}
         try:
-            return conn.execute(carrying, {**params, **rider.params})
+            won = conn.execute(carrying, values)
         except DBAPIError as exc:
-            if database_lost(exc):
+            if rider is None or database_lost(exc):
                 raise
             raise HeldRowsRefused(describe_error(exc)) from exc
+        if release is not None:
+            self.released.add(release)
+        return won
 
     def _take_up(self, loaded: Loaded) -> tuple[Order, list[OrderItem]]:
         """``loaded``'s objects in this session, without a statement: the ones
@@ -1005,18 +1039,25 @@ def _marked(items: Sequence[OrderItem], intent_id: int | None) -> None:
 _INTENTS = cast(Table, Intent.__table__)
 _INSERT_INTENT = insert(_INTENTS).returning(_INTENTS.c.id)
 
-_CARRYING: dict[tuple[Any, TextClause], Any] = {}
-"""The compare-and-set carrying held rows, per (compare-and-set, rows' INSERT): built once per
-shape of rows (a handful: one INSERT per number of rows)."""
+_CARRYING: dict[tuple[Any, TextClause | None, bool], Any] = {}
+"""The compare-and-set carrying held rows and a lease's drop, per (compare-and-set, rows'
+INSERT, whether a lease is dropped): built once per shape of rows (a handful: one INSERT per
+number of rows)."""
 
 
 def insert_intent(
-    session: Session, row: dict[str, Any], *, marking: Sequence[OrderItem] = ()
-) -> int:
-    """Write an intent row and mark ``marking`` as waiting on it; the intent's id. One Core
-    ``INSERT … RETURNING`` where the database has it (the unit of work for one new object
-    costs more CPU than the row), else the ORM. On PostgreSQL the first chunk of items is
-    marked by the same statement (a data-modifying CTE): one round trip for both."""
+    session: Session,
+    row: dict[str, Any],
+    *,
+    marking: Sequence[OrderItem] = (),
+    lease: tuple[str, datetime] | None = None,
+) -> tuple[int, bool]:
+    """Write an intent row and mark ``marking`` as waiting on it; the intent's id and
+    whether ``lease`` (worker, until) went with it on its order. One Core ``INSERT …
+    RETURNING`` where the database has it (the unit of work for one new object costs more
+    CPU than the row), else the ORM. On PostgreSQL the first chunk of items is marked by the
+    same statement (a data-modifying CTE), and the lease written by one more: one round trip
+    for all three."""
     session.flush()  # what the session holds first (the intent refers to the order)
     conn = session.connection()
     if conn.dialect.name == "postgresql" and marking:
@@ -1024,10 +1065,15 @@ def insert_intent(
         first, rest = ids[:CHUNK], marking[CHUNK:]
         values = {f"v_{k}": v for k, v in row.items()}
         values["ids"] = ids_value(first, "array")
-        intent_id = int(conn.execute(_INSERT_INTENT_MARKING, values).scalar_one())
+        statement = _INSERT_INTENT_MARKING
+        if lease is not None:
+            statement = _INSERT_INTENT_MARKING_LEASING
+            values.update(lease_order=row["order_id"], lease_worker=lease[0],
+                          lease_until=lease[1])
+        intent_id = int(conn.execute(statement, values).scalar_one())
         _marked(marking[:CHUNK], intent_id)
         mark_items(session, rest, intent_id)
-        return intent_id
+        return intent_id, lease is not None
     if conn.dialect.insert_returning:
         intent_id = int(conn.execute(_INSERT_INTENT, row).scalar_one())
     else:
@@ -1036,7 +1082,7 @@ def insert_intent(
         session.flush()
         intent_id = intent.id
     mark_items(session, marking, intent_id)
-    return intent_id
+    return intent_id, False
 
 
 def _insert_intent_marking() -> Any:
@@ -1065,6 +1111,7 @@ def _insert_intent_marking() -> Any:
 
 
 _INSERT_INTENT_MARKING = _insert_intent_marking()
+_INSERT_INTENT_MARKING_LEASING = _INSERT_INTENT_MARKING.add_cte(riding_lease())
 
 
 def _mark_statement(style: str) -> Any:
