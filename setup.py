@@ -14,4 +14,15 @@ SHIPPED_DATA_PACKAGES = [
     "ratepay_oms.migrations.versions",
 ]
 
-setup(packages=[*find_packages(include=["ratepay_oms", "ratepay_oms.*"]), *SHIPPED_DATA_PACKAGES])
+WEB_DATA_PACKAGES = ["ratepay_oms.web.static", "ratepay_oms.web.templates"]
+"""The web console's templates and static files: folders without ``__init__.py``, which
+``find_packages`` leaves out and setuptools would stop shipping as package data of
+``ratepay_oms.web`` (its warning: "absent from the `packages` configuration")."""
+
+setup(
+    packages=[
+        *find_packages(include=["ratepay_oms", "ratepay_oms.*"]),
+        *SHIPPED_DATA_PACKAGES,
+        *WEB_DATA_PACKAGES,
+    ]
+)
