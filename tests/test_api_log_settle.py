@@ -87,6 +87,7 @@ class Watch:
         self._open: dict[int, Txn] = {}
         self.collected_at_insert: list[int] = []
         self.collector: CallCollector | None = None
+        self.ref = ""
 
     def __enter__(self) -> Watch:
         event.listen(self.db, "begin", self._begin)
@@ -170,6 +171,24 @@ def _same_rows(stored: list[dict[str, Any]], records: list[ApiCallRecord]) -> No
         got = {k: v for k, v in row.items() if k != "id"}
         assert abs(got.pop("created_at") - expected.pop("created_at")) < timedelta(seconds=1)
         assert got == expected
+
+
+def _placed_with_every_row(engine: Any, prefix: str) -> Watch:
+    """Place an invoice order under a :class:`Watch` (returned, ``ref`` set): it comes to rest
+    with no intent open and one API-log row per call, saying what the facade logged."""
+    collector = _collect(engine)
+    ref = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    with Watch(engine.db) as watch:
+        view = engine.place_order(example_order(ref))
+    watch.ref = ref
+    assert view.states() == {"ready for shipment": 4}
+    assert not engine.intents(ref)
+    records = collector.take()
+    assert [r.operation for r in records] == [
+        "PAYMENT_INIT", "PAYMENT_REQUEST", "PAYMENT_CONFIRM"
+    ]
+    _same_rows(_rows(engine, ref), records)
+    return watch
 
 
 @pytest.fixture
@@ -344,17 +363,7 @@ def test_held_rows_the_database_refuses_do_not_cost_the_settle(
     try:
         command = RefusedRowsToo(engine.registry.external(PAYMENT_REQUEST), engine.db)
         engine.registry.register_external(PAYMENT_REQUEST, command)
-        collector = _collect(engine)
-        ref = f"LOGREF-{uuid.uuid4().hex[:8]}"
-        with Watch(engine.db) as watch:
-            view = engine.place_order(example_order(ref))
-        assert view.states() == {"ready for shipment": 4}
-        assert not engine.intents(ref)
-        records = collector.take()
-        assert [r.operation for r in records] == [
-            "PAYMENT_INIT", "PAYMENT_REQUEST", "PAYMENT_CONFIRM"
-        ]
-        _same_rows(_rows(engine, ref), records)
+        watch = _placed_with_every_row(engine, "LOGREF")
         assert command.refused.apart == [{"x": 1}]
         # First settle: rows refused, that transaction rolled back before any work, settled in
         # a new one without them, committed; then INIT's and REQUEST's rows written apart.
@@ -438,17 +447,8 @@ def test_held_rows_refused_while_riding_on_the_settle_do_not_cost_it(
         facade = engine.services["ratepay"]
         sink = RefusedRider(facade.api_log)
         facade.api_log = sink
-        collector = _collect(engine)
-        ref = f"LOGRIDE-{uuid.uuid4().hex[:8]}"
-        with Watch(engine.db) as watch:
-            view = engine.place_order(example_order(ref))
-        assert view.states() == {"ready for shipment": 4}
-        assert not engine.intents(ref)
-        records = collector.take()
-        assert [r.operation for r in records] == [
-            "PAYMENT_INIT", "PAYMENT_REQUEST", "PAYMENT_CONFIRM"
-        ]
-        _same_rows(_rows(engine, ref), records)
+        watch = _placed_with_every_row(engine, "LOGRIDE")
+        ref = watch.ref
         settles = [t for t in watch.txns if t.settles()]
         if engine.db.dialect.name != "postgresql":
             assert sink.riders == 0

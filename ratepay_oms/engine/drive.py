@@ -209,6 +209,8 @@ class Drive:
                         done.extend(sorted(ahead - leased))
                         if done:
                             self.engine.claims.release_in(session, done)
+                        # From here on only the bookkeeping after the commit reads these:
+                        # every lease this transaction wrote, every one it dropped.
                         done.extend(o for o in dropped if o not in leased)
                         written.extend(o for o in with_intent if o not in ahead)
             except HeldRowsRefused as refused:

@@ -1214,6 +1214,36 @@ def _forget_conditions_statement(style: str) -> Executable:
     )
 
 
+def _moved_cte(style: str, target: str) -> Any:
+    """The UPDATE of a move's items to parameter ``target`` (intent mark and retry cleared),
+    returning their ids, as the CTE ``moved`` the history and log INSERTs read."""
+    items = _table(OrderItem)
+    return (
+        update(items)
+        .where(_ids_clause(OrderItem.id, style))
+        .values(
+            state=_param(items, "state", target),
+            state_entered_at=_param(items, "state_entered_at", "v_now"),
+            intent_id=null(),
+            **_CLEARED_RETRY_SQL,
+        )
+        .returning(items.c.id, items.c.order_id)
+        .cte("moved")
+    )
+
+
+def _untime_carrying(style: str, ctes: list[Any], with_conditions: bool) -> Executable:
+    """The moved items' timeout DELETE as the statement carrying ``ctes`` (and the condition
+    upsert, ``with_conditions``)."""
+    if with_conditions:
+        ctes.append(cast(Any, _UPSERT_CONDITIONS).cte("answers"))
+    return (
+        delete(_table(EventTimeout))
+        .where(_ids_clause(EventTimeout.item_id, style))
+        .add_cte(*ctes)
+    )
+
+
 def _together_statement(style: str, plain: bool, with_conditions: bool = False) -> Executable:
     """``update``, ``history``, ``log`` and ``untime`` of a move group as one statement, for
     PostgreSQL: the UPDATE's RETURNING rows feed the two INSERTs, the DELETE rides along
@@ -1228,19 +1258,7 @@ def _together_statement(style: str, plain: bool, with_conditions: bool = False) 
 
     ``with_conditions``: the upsert of condition answers (``_UPSERT_CONDITIONS``, its
     ``:rows`` and the same ``:v_now``) as one more CTE; it touches a table of its own."""
-    items = _table(OrderItem)
-    moved = (
-        update(items)
-        .where(_ids_clause(OrderItem.id, style))
-        .values(
-            state=_param(items, "state", "v_target"),
-            state_entered_at=_param(items, "state_entered_at", "v_now"),
-            intent_id=null(),
-            **_CLEARED_RETRY_SQL,
-        )
-        .returning(items.c.id, items.c.order_id)
-        .cte("moved")
-    )
+    moved = _moved_cte(style, "v_target")
     history = _table(StateHistory)
     history_rows = (
         insert(history)
@@ -1267,13 +1285,7 @@ def _together_statement(style: str, plain: bool, with_conditions: bool = False) 
         .cte("moved_log")
     )
     ctes = [moved, history_rows, log_rows]
-    if with_conditions:
-        ctes.append(cast(Any, _UPSERT_CONDITIONS).cte("answers"))
-    return (
-        delete(_table(EventTimeout))
-        .where(_ids_clause(EventTimeout.item_id, style))
-        .add_cte(*ctes)
-    )
+    return _untime_carrying(style, ctes, with_conditions)
 
 
 _SECOND_HOP = {"v_source": "v_target", "v_target": "w_target", "v_event": "w_event",
@@ -1287,19 +1299,7 @@ def _two_hops_statement(style: str, with_conditions: bool = False) -> Executable
     :func:`_together_statement`): the UPDATE writes where the second leads (``:w_target``),
     and the history and log INSERTs write two rows per item from its RETURNING rows, the first
     hop's (``v_…``) before the second's (``w_…``, :data:`_SECOND_HOP`), each in item order."""
-    items = _table(OrderItem)
-    moved = (
-        update(items)
-        .where(_ids_clause(OrderItem.id, style))
-        .values(
-            state=_param(items, "state", "w_target"),
-            state_entered_at=_param(items, "state_entered_at", "v_now"),
-            intent_id=null(),
-            **_CLEARED_RETRY_SQL,
-        )
-        .returning(items.c.id, items.c.order_id)
-        .cte("moved")
-    )
+    moved = _moved_cte(style, "w_target")
 
     def hops(table: Table, columns: Sequence[str], values: Callable[[int], list[Any]]) -> Any:
         """``INSERT INTO table (columns) SELECT …`` both hops' rows, ordered."""
@@ -1333,13 +1333,7 @@ def _two_hops_statement(style: str, with_conditions: bool = False) -> Executable
                                     _SECOND_HOP if hop else None),
         ).cte("moved_log"),
     ]
-    if with_conditions:
-        ctes.append(cast(Any, _UPSERT_CONDITIONS).cte("answers"))
-    return (
-        delete(_table(EventTimeout))
-        .where(_ids_clause(EventTimeout.item_id, style))
-        .add_cte(*ctes)
-    )
+    return _untime_carrying(style, ctes, with_conditions)
 
 
 def _data_json(data: Mapping[str, Any] | None) -> str | None:

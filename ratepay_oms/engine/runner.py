@@ -323,6 +323,7 @@ class Runner:
         call; it lands in :attr:`released` then."""
         self.released: set[int] = set()
         """Orders whose lease a statement of this transaction dropped already."""
+        self._two_hops_here: bool | None = None
         self.leased_with_intent: set[int] = set()
         """Orders whose lease a planned call's intent INSERT wrote (PostgreSQL)."""
         self.open_intents: dict[int, bool] = {}
@@ -377,7 +378,7 @@ class Runner:
     def _two_hops(self) -> bool:
         """Whether a move and the move on out of a state passed through are written as one
         (:meth:`_passed_on`): where the database writes both in one statement."""
-        found: bool | None = getattr(self, "_two_hops_here", None)
+        found = self._two_hops_here
         if found is None:
             found = self._two_hops_here = self.session.get_bind().dialect.name == "postgresql"
         return found
